@@ -1,0 +1,604 @@
+"""Hugging Face model dirs in and out: one rule table, strict both ways.
+
+A rule relates one module of our parameter tree to its PyTorch and HF-Flax
+names; the module kind says how its leaves are renamed and transformed
+(PyTorch Linear weights are [out, in], ours [in, out]). Vocabulary-indexed
+leaves are padded to `padded_vocab_size` on import and sliced on export.
+
+Import refuses surprises: a checkpoint key no rule claims, a parameter the
+model needs that no key provides, or a shape that disagrees with config.json
+is a `BistilError` listing the keys. The only keys dropped silently-but-logged
+are ones the model provably does not need (`KNOWN_UNUSED`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import logging
+import os
+import re
+import shutil
+import tempfile
+from typing import Any
+
+import flax.serialization
+import numpy as np
+from flax.traverse_util import flatten_dict, unflatten_dict
+
+from bistil_jax.errors import BistilError
+from bistil_jax.model.config import ModelConfig
+from bistil_jax.model.encoder import Model, abstract_params
+
+log = logging.getLogger(__name__)
+
+SAFETENSORS = "model.safetensors"
+SAFETENSORS_INDEX = "model.safetensors.index.json"
+TORCH_BIN = "pytorch_model.bin"
+FLAX_MSGPACK = "flax_model.msgpack"
+CONFIG = "config.json"
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab.txt",
+    "sentencepiece.bpe.model",
+)
+
+# Keys in published checkpoints that no supported class uses (BERT's NSP
+# head, position-id buffers). They are dropped with a log line.
+KNOWN_UNUSED = (
+    re.compile(r"^cls\.seq_relationship\."),
+    re.compile(r"(^|\.)embeddings\.position_ids$"),
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class Rule:
+  """One module: our path, PyTorch name, HF-Flax path (prefix-free)."""
+
+  ours: str  # "/"-joined, "{i}" = layer index
+  torch: str  # "."-joined
+  flax: str  # "/"-joined
+  kind: str  # dense | layernorm | embed | bias
+  vocab: bool = False  # has a vocabulary axis (padded / sliced)
+  body: bool = True  # lives under the bert./roberta. prefix
+
+
+# kind -> ((our leaf, torch leaf, flax leaf, transpose), ...)
+LEAVES = {
+    "dense": (("kernel", "weight", "kernel", True), ("bias", "bias", "bias", 0)),
+    "layernorm": (("scale", "weight", "scale", 0), ("bias", "bias", "bias", 0)),
+    "embed": (("embedding", "weight", "embedding", 0),),
+    "bias": (("bias", "bias", "bias", 0),),
+}
+# Old TF-converted checkpoints name LayerNorm leaves gamma/beta.
+LEGACY_LEAVES = {"gamma": "weight", "beta": "bias"}
+
+_L = "encoder/layer/{i}/"
+_T = "encoder.layer.{i}."
+BODY_RULES = (
+    Rule("embeddings/word_embeddings", "embeddings.word_embeddings",
+         "embeddings/word_embeddings", "embed", vocab=True),
+    Rule("embeddings/position_embeddings", "embeddings.position_embeddings",
+         "embeddings/position_embeddings", "embed"),
+    Rule("embeddings/token_type_embeddings",
+         "embeddings.token_type_embeddings",
+         "embeddings/token_type_embeddings", "embed"),
+    Rule("embeddings/LayerNorm", "embeddings.LayerNorm", "embeddings/LayerNorm",
+         "layernorm"),
+    Rule(_L + "attention/self/query", _T + "attention.self.query",
+         _L + "attention/self/query", "dense"),
+    Rule(_L + "attention/self/key", _T + "attention.self.key",
+         _L + "attention/self/key", "dense"),
+    Rule(_L + "attention/self/value", _T + "attention.self.value",
+         _L + "attention/self/value", "dense"),
+    Rule(_L + "attention/output/dense", _T + "attention.output.dense",
+         _L + "attention/output/dense", "dense"),
+    Rule(_L + "attention/output/LayerNorm", _T + "attention.output.LayerNorm",
+         _L + "attention/output/LayerNorm", "layernorm"),
+    Rule(_L + "intermediate/dense", _T + "intermediate.dense",
+         _L + "intermediate/dense", "dense"),
+    Rule(_L + "output/dense", _T + "output.dense", _L + "output/dense",
+         "dense"),
+    Rule(_L + "output/LayerNorm", _T + "output.LayerNorm",
+         _L + "output/LayerNorm", "layernorm"),
+    Rule("pooler/dense", "pooler.dense", "pooler/dense", "dense"),
+)  # fmt: skip
+
+_BERT_MLM = (
+    Rule("lm_head/dense", "cls.predictions.transform.dense",
+         "cls/predictions/transform/dense", "dense", body=False),
+    Rule("lm_head/layer_norm", "cls.predictions.transform.LayerNorm",
+         "cls/predictions/transform/LayerNorm", "layernorm", body=False),
+    Rule("lm_head", "cls.predictions", "cls/predictions", "bias", vocab=True,
+         body=False),
+    Rule("lm_head/decoder", "cls.predictions.decoder",
+         "cls/predictions/decoder", "dense", vocab=True, body=False),
+)  # fmt: skip
+_ROBERTA_MLM = (
+    Rule("lm_head/dense", "lm_head.dense", "lm_head/dense", "dense", body=False),
+    Rule("lm_head/layer_norm", "lm_head.layer_norm", "lm_head/layer_norm",
+         "layernorm", body=False),
+    Rule("lm_head", "lm_head", "lm_head", "bias", vocab=True, body=False),
+    Rule("lm_head/decoder", "lm_head.decoder", "lm_head/decoder", "dense",
+         vocab=True, body=False),
+)  # fmt: skip
+_LINEAR_CLS = (
+    Rule("classifier", "classifier", "classifier", "dense", body=False),
+)
+_ROBERTA_SEQ = (
+    Rule("classifier/dense", "classifier.dense", "classifier/dense", "dense",
+         body=False),
+    Rule("classifier/out_proj", "classifier.out_proj", "classifier/out_proj",
+         "dense", body=False),
+)  # fmt: skip
+
+# In HF the MLM decoder bias is the same tensor as the head bias; checkpoints
+# may store it under both names. alias -> canonical (prefix-free).
+BIAS_ALIASES = {
+    "cls.predictions.decoder.bias": "cls.predictions.bias",
+    "lm_head.decoder.bias": "lm_head.bias",
+}
+
+# HF classes that have a pooler.
+_POOLED = ("none", "sequence_classification")
+
+
+def head_rules(config: ModelConfig) -> tuple[Rule, ...]:
+  """The head's rules for this family."""
+  if config.head == "mlm":
+    return _ROBERTA_MLM if config.is_roberta else _BERT_MLM
+  if config.head == "token_classification":
+    return _LINEAR_CLS
+  if config.head == "sequence_classification":
+    return _ROBERTA_SEQ if config.is_roberta else _LINEAR_CLS
+  return ()
+
+
+def body_prefix(config: ModelConfig) -> str:
+  """"bert"/"roberta" for head classes, "" for the bare *Model classes."""
+  if config.head == "none":
+    return ""
+  return "roberta" if config.is_roberta else "bert"
+
+
+@functools.cache
+def _pattern(template: str) -> re.Pattern:
+  """Anchored regex for a name template; "{i}" matches a layer index."""
+  esc = re.escape(template).replace(r"\{i\}", r"(?P<i>\d+)")
+  return re.compile("^" + esc + "$")
+
+
+@dataclasses.dataclass(frozen=True)
+class _Leaf:
+  ours: str
+  torch: str
+  flax: str
+  transpose: bool
+  vocab_axis: int | None  # axis of our array that is the vocabulary
+
+
+def _leaf_table(config: ModelConfig) -> list[_Leaf]:
+  """All (our, torch, flax) leaf templates for this config, prefixed."""
+  prefix = body_prefix(config)
+  out = []
+  for rule in BODY_RULES + head_rules(config):
+    tp = f"{prefix}." if (rule.body and prefix) else ""
+    fp = f"{prefix}/" if (rule.body and prefix) else ""
+    for ours, torch, flax, transpose in LEAVES[rule.kind]:
+      vocab_axis = None
+      if rule.vocab:  # embedding [V, d], bias [V]: 0; decoder kernel [d, V]: 1
+        vocab_axis = 1 if ours == "kernel" else 0
+      out.append(
+          _Leaf(
+              ours=f"{rule.ours}/{ours}",
+              torch=f"{tp}{rule.torch}.{torch}",
+              flax=f"{fp}{rule.flax}/{flax}",
+              transpose=bool(transpose),
+              vocab_axis=vocab_axis,
+          )
+      )
+  return out
+
+
+def _match(table, attr, key) -> tuple[_Leaf, dict] | None:
+  for leaf in table:
+    m = _pattern(getattr(leaf, attr)).match(key)
+    if m:
+      return leaf, m.groupdict()
+  return None
+
+
+def _fill(template: str, groups: dict) -> str:
+  return template.format(**groups) if groups else template
+
+
+def _pad_vocab(x: np.ndarray, axis: int, config: ModelConfig) -> np.ndarray:
+  n = x.shape[axis]
+  if n != config.vocab_size:
+    raise BistilError(
+        f"vocab size mismatch: config.json says vocab_size="
+        f"{config.vocab_size} but the checkpoint has {n} vocabulary rows"
+    )
+  pad = [(0, 0)] * x.ndim
+  pad[axis] = (0, config.padded_vocab_size - n)
+  return np.pad(x, pad)
+
+
+def _slice_vocab(x: np.ndarray, axis: int, config: ModelConfig) -> np.ndarray:
+  return np.take(x, np.arange(config.vocab_size), axis=axis)
+
+
+def _expected(config: ModelConfig) -> dict[str, Any]:
+  return {
+      "/".join(k): v
+      for k, v in flatten_dict(abstract_params(config)).items()
+  }
+
+
+def _to_param(x: np.ndarray, config: ModelConfig) -> np.ndarray:
+  return np.asarray(x, dtype=np.dtype(config.param_dtype))
+
+
+def params_from_hf(
+    state: dict[str, np.ndarray], config: ModelConfig, fmt: str
+) -> dict[str, Any]:
+  """Converts a flat HF state dict into our nested params.
+
+  Args:
+    state: flat names -> arrays, PyTorch names ("a.b.weight") when
+      fmt == "torch", HF-Flax paths ("a/b/kernel") when fmt == "flax".
+    config: the target model config (head, pooler, vocab size decided).
+    fmt: "torch" or "flax".
+
+  Returns:
+    Nested dict of numpy arrays in `config.param_dtype`.
+
+  Raises:
+    BistilError: unmatched or missing keys, or mismatched shapes.
+  """
+  table = _leaf_table(config)
+  state = dict(state)
+  if fmt == "torch":
+    state = _canonical_torch_state(state, config)
+  flat, unmatched = {}, []
+  for key, value in state.items():
+    hit = _match(table, fmt, key)
+    if hit is None:
+      unmatched.append(key)
+      continue
+    leaf, groups = hit
+    x = np.asarray(value)
+    if fmt == "torch" and leaf.transpose:
+      x = x.T
+    if leaf.vocab_axis is not None:
+      x = _pad_vocab(x, leaf.vocab_axis, config)
+    flat[_fill(leaf.ours, groups)] = _to_param(x, config)
+  expected = _expected(config)
+  if unmatched:
+    raise BistilError(
+        f"checkpoint has {len(unmatched)} key(s) that {config.architecture} "
+        f"does not use: {sorted(unmatched)[:20]}"
+    )
+  missing = sorted(set(expected) - set(flat))
+  if missing:
+    raise BistilError(
+        f"checkpoint lacks {len(missing)} parameter(s) that "
+        f"{config.architecture} needs: {missing[:20]}"
+    )
+  extra = sorted(set(flat) - set(expected))
+  if extra:  # e.g. layer 7 in a 6-layer config
+    raise BistilError(
+        f"checkpoint has parameters outside config.json's architecture: "
+        f"{extra[:20]}"
+    )
+  for key, x in flat.items():
+    want = tuple(expected[key].value.shape)
+    if x.shape != want:
+      raise BistilError(
+          f"shape mismatch for {key}: checkpoint {x.shape}, config.json "
+          f"implies {want}"
+      )
+  return unflatten_dict({tuple(k.split("/")): v for k, v in flat.items()})
+
+
+def _canonical_torch_state(state, config):
+  """Drops known-unused keys, resolves bias aliases, legacy names, ties."""
+  out = {}
+  prefix = body_prefix(config)
+  for key, value in state.items():
+    if any(p.search(key) for p in KNOWN_UNUSED):
+      log.info("dropping unused checkpoint key %s", key)
+      continue
+    parts = key.rsplit(".", 1)
+    if len(parts) == 2 and parts[1] in LEGACY_LEAVES:
+      key = f"{parts[0]}.{LEGACY_LEAVES[parts[1]]}"
+    out[key] = value
+  for alias, canon in BIAS_ALIASES.items():
+    if alias in out:
+      value = out.pop(alias)
+      if canon in out and not np.array_equal(out[canon], value):
+        raise BistilError(f"{alias} differs from {canon}; expected one tensor")
+      out.setdefault(canon, value)
+  if config.head == "mlm" and config.tie_word_embeddings:
+    dec = "lm_head.decoder.weight" if config.is_roberta else (
+        "cls.predictions.decoder.weight"
+    )
+    if dec in out:
+      emb_key = (f"{prefix}." if prefix else "") + (
+          "embeddings.word_embeddings.weight"
+      )
+      dec_w = out.pop(dec)
+      if emb_key in out and not np.array_equal(out[emb_key], dec_w):
+        raise BistilError(
+            f"tie_word_embeddings is true but {dec} differs from the word "
+            "embeddings; set tie_word_embeddings=false in config.json"
+        )
+  return out
+
+
+def params_to_hf(
+    params: dict[str, Any], config: ModelConfig, fmt: str
+) -> dict[str, np.ndarray]:
+  """Our params -> flat HF names (fmt "torch" or "flax"), vocab sliced.
+
+  Leaves the target HF class cannot hold (a pooler on a class without one)
+  are dropped with a log line.
+  """
+  table = _leaf_table(config)
+  out = {}
+  for path, value in flatten_dict(params).items():
+    key = "/".join(path)
+    if key.startswith("pooler/") and config.head not in _POOLED:
+      log.info("%s has no pooler; not exporting %s", config.architecture, key)
+      continue
+    hit = _match(table, "ours", key)
+    if hit is None:
+      raise BistilError(f"no export rule for parameter {key}")
+    leaf, groups = hit
+    x = np.asarray(value, dtype=np.float32)
+    if leaf.vocab_axis is not None:
+      x = _slice_vocab(x, leaf.vocab_axis, config)
+    if fmt == "torch" and leaf.transpose:
+      x = x.T
+    out[_fill(getattr(leaf, fmt), groups)] = np.ascontiguousarray(x)
+  return out
+
+
+# --------------------------------------------------------------------- files
+def _read_json(path: str) -> dict[str, Any]:
+  try:
+    with open(path) as f:
+      return json.load(f)
+  except FileNotFoundError:
+    raise BistilError(f"missing {path}") from None
+  except (OSError, json.JSONDecodeError) as e:
+    raise BistilError(f"cannot read {path}: {e}") from None
+
+
+def _read_safetensors(path: str) -> dict[str, np.ndarray]:
+  from safetensors import SafetensorError
+  from safetensors.numpy import load_file
+
+  try:
+    return load_file(path)
+  except (SafetensorError, OSError, ValueError) as e:
+    raise BistilError(f"corrupt or unreadable {path}: {e}") from None
+
+
+def _read_torch_bin(path: str) -> dict[str, np.ndarray]:
+  try:
+    import torch
+  except ImportError:
+    raise BistilError(
+        f"reading {path} needs torch: pip install 'bistil_jax[torch]' "
+        "(or convert it to model.safetensors)"
+    ) from None
+  try:
+    state = torch.load(path, map_location="cpu", weights_only=True)
+  except Exception as e:  # torch raises many types for bad files
+    raise BistilError(f"corrupt or unreadable {path}: {e}") from None
+  out = {}
+  for k, v in state.items():
+    if v.dtype == torch.bfloat16:
+      v = v.float()
+    out[k] = v.numpy()
+  return out
+
+
+def _read_flax_msgpack(path: str) -> dict[str, np.ndarray]:
+  try:
+    with open(path, "rb") as f:
+      tree = flax.serialization.msgpack_restore(f.read())
+  except Exception as e:  # msgpack raises several unrelated types
+    raise BistilError(f"corrupt or unreadable {path}: {e}") from None
+  return {"/".join(k): np.asarray(v) for k, v in flatten_dict(tree).items()}
+
+
+def read_weights(path: str) -> tuple[dict[str, np.ndarray], str]:
+  """Reads the weights of an HF dir: (flat state, "torch" | "flax").
+
+  Preference order as in transformers: safetensors (single or sharded),
+  pytorch_model.bin, flax_model.msgpack.
+  """
+  if os.path.isfile(os.path.join(path, SAFETENSORS)):
+    return _read_safetensors(os.path.join(path, SAFETENSORS)), "torch"
+  index = os.path.join(path, SAFETENSORS_INDEX)
+  if os.path.isfile(index):
+    shards = sorted(set(_read_json(index).get("weight_map", {}).values()))
+    if not shards:
+      raise BistilError(f"{index} has an empty weight_map")
+    state = {}
+    for shard in shards:
+      state.update(_read_safetensors(os.path.join(path, shard)))
+    return state, "torch"
+  if os.path.isfile(os.path.join(path, TORCH_BIN)):
+    return _read_torch_bin(os.path.join(path, TORCH_BIN)), "torch"
+  if os.path.isfile(os.path.join(path, FLAX_MSGPACK)):
+    return _read_flax_msgpack(os.path.join(path, FLAX_MSGPACK)), "flax"
+  raise BistilError(
+      f"no weights in {path}: expected {SAFETENSORS}, {TORCH_BIN} or "
+      f"{FLAX_MSGPACK}"
+  )
+
+
+def _has_pooler(state: dict[str, Any], fmt: str) -> bool:
+  sep = "." if fmt == "torch" else "/"
+  return any(
+      k.startswith(f"pooler{sep}") or f"{sep}pooler{sep}" in k for k in state
+  )
+
+
+def _infer_head(state: dict[str, Any], fmt: str) -> str:
+  sep = "." if fmt == "torch" else "/"
+  if any(k.startswith((f"cls{sep}predictions", f"lm_head{sep}")) for k in state):
+    return "mlm"
+  if any(k.startswith(f"classifier{sep}") for k in state):
+    raise BistilError(
+        "config.json has no 'architectures' and the checkpoint has a "
+        "classifier: cannot tell token from sequence classification"
+    )
+  return "none"
+
+
+def load_hf(
+    path: str, dtype: str = "float32", param_dtype: str = "float32", **overrides
+) -> tuple[Model, dict[str, Any]]:
+  """Loads an HF model dir as (model, params).
+
+  Args:
+    path: dir with config.json and model.safetensors | pytorch_model.bin |
+      flax_model.msgpack.
+    dtype: compute dtype of the returned model.
+    param_dtype: dtype of the returned params (numpy arrays on the host).
+    **overrides: ModelConfig fields to set (e.g. dropout rates).
+
+  Returns:
+    (Model, params) with params a nested dict of numpy arrays.
+
+  Raises:
+    BistilError: missing files, unknown architecture, mismatched keys/shapes.
+  """
+  if not os.path.isdir(path):
+    raise BistilError(f"model dir {path} does not exist")
+  hf = _read_json(os.path.join(path, CONFIG))
+  state, fmt = read_weights(path)
+  kw = {"add_pooler": _has_pooler(state, fmt), "dtype": dtype}
+  kw["param_dtype"] = param_dtype
+  if not hf.get("architectures"):
+    kw["head"] = _infer_head(state, fmt)
+  kw.update(overrides)
+  config = ModelConfig.from_hf_dict(hf, **kw)
+  params = params_from_hf(state, config, fmt)
+  log.info(
+      "loaded %s from %s (%s weights, vocab %d)",
+      config.architecture,
+      path,
+      fmt,
+      config.vocab_size,
+  )
+  return Model(config), params
+
+
+def _target_dir(path: str, overwrite: bool) -> None:
+  if os.path.exists(path) and not os.path.isdir(path):
+    raise BistilError(f"{path} exists and is not a directory")
+  if os.path.isdir(path) and os.listdir(path) and not overwrite:
+    raise BistilError(
+        f"output dir {path} exists and is not empty (pass overwrite to replace)"
+    )
+
+
+def commit_dir(tmp: str, path: str) -> None:
+  """Moves a fully written temp dir to `path`, replacing it atomically-ish.
+
+  The old dir is moved aside first and deleted only after the rename, so an
+  interruption leaves either the old or the new output, never a mix.
+  """
+  old = None
+  if os.path.exists(path):
+    old = tempfile.mkdtemp(
+        prefix=".old-", dir=os.path.dirname(os.path.abspath(path))
+    )
+    os.rmdir(old)
+    os.rename(path, old)
+  os.rename(tmp, path)
+  if old:
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def staging_dir(path: str) -> str:
+  """A fresh temp dir beside `path` (same filesystem, so rename works)."""
+  parent = os.path.dirname(os.path.abspath(path))
+  os.makedirs(parent, exist_ok=True)
+  return tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.tmp-", dir=parent)
+
+
+def copy_tokenizer(src: str, dst: str) -> list[str]:
+  """Copies the tokenizer files found in src; returns their names."""
+  if not os.path.isdir(src):
+    raise BistilError(f"tokenizer dir {src} does not exist")
+  names = [n for n in TOKENIZER_FILES if os.path.isfile(os.path.join(src, n))]
+  if not names:
+    raise BistilError(f"no tokenizer files in {src}")
+  for n in names:
+    shutil.copyfile(os.path.join(src, n), os.path.join(dst, n))
+  return names
+
+
+def save_hf(
+    path: str,
+    model: Model | ModelConfig,
+    params: dict[str, Any],
+    tokenizer_dir: str | None = None,
+    overwrite: bool = False,
+    write_flax: bool = True,
+) -> None:
+  """Writes an HF model dir: config.json, model.safetensors, flax msgpack.
+
+  The dir is written in a temp sibling and renamed at the end; an existing
+  non-empty dir is refused unless `overwrite`.
+
+  Args:
+    path: output dir.
+    model: the Model (or its ModelConfig).
+    params: our nested params (numpy or fully addressable jax arrays).
+    tokenizer_dir: dir whose tokenizer files are copied in.
+    overwrite: replace an existing non-empty dir.
+    write_flax: also write flax_model.msgpack with HF-Flax names.
+  """
+  from safetensors.numpy import save_file
+
+  config = model.config if isinstance(model, Model) else model
+  _target_dir(path, overwrite)
+  params = _to_numpy(params)
+  tmp = staging_dir(path)
+  try:
+    with open(os.path.join(tmp, CONFIG), "w") as f:
+      json.dump(config.to_hf_dict(), f, indent=2, sort_keys=True)
+    save_file(
+        params_to_hf(params, config, "torch"),
+        os.path.join(tmp, SAFETENSORS),
+        metadata={"format": "pt"},
+    )
+    if write_flax:
+      flat = params_to_hf(params, config, "flax")
+      tree = unflatten_dict({tuple(k.split("/")): v for k, v in flat.items()})
+      with open(os.path.join(tmp, FLAX_MSGPACK), "wb") as f:
+        f.write(flax.serialization.msgpack_serialize(tree))
+    if tokenizer_dir is not None:
+      copy_tokenizer(tokenizer_dir, tmp)
+    commit_dir(tmp, path)
+  except BaseException:
+    shutil.rmtree(tmp, ignore_errors=True)
+    raise
+  log.info("wrote %s (%s) to %s", config.architecture, "safetensors", path)
+
+
+def _to_numpy(params):
+  import jax
+
+  return jax.tree.map(lambda x: np.asarray(jax.device_get(x)), params)

@@ -1,0 +1,280 @@
+"""Frozen model configuration, HF config.json mapping and size presets.
+
+One `ModelConfig` is passed whole to every module. It covers BERT (mBERT) and
+RoBERTa (XLM-R) encoders with an optional head. Derive variants with
+`config.replace(...)`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+from bistil_jax.errors import BistilError
+
+MODEL_TYPES = ("bert", "xlm-roberta", "roberta")
+HEADS = ("none", "mlm", "token_classification", "sequence_classification")
+ACTIVATIONS = ("gelu", "gelu_new", "gelu_pytorch_tanh", "relu", "tanh")
+DTYPES = ("float32", "bfloat16", "float16")
+
+# HF architecture name -> (model_type family, head).
+ARCHITECTURES = {
+    "BertModel": ("bert", "none"),
+    "BertForMaskedLM": ("bert", "mlm"),
+    "BertForTokenClassification": ("bert", "token_classification"),
+    "BertForSequenceClassification": ("bert", "sequence_classification"),
+    "XLMRobertaModel": ("xlm-roberta", "none"),
+    "XLMRobertaForMaskedLM": ("xlm-roberta", "mlm"),
+    "XLMRobertaForTokenClassification": ("xlm-roberta", "token_classification"),
+    "XLMRobertaForSequenceClassification": (
+        "xlm-roberta",
+        "sequence_classification",
+    ),
+    "RobertaModel": ("roberta", "none"),
+    "RobertaForMaskedLM": ("roberta", "mlm"),
+    "RobertaForTokenClassification": ("roberta", "token_classification"),
+    "RobertaForSequenceClassification": ("roberta", "sequence_classification"),
+}
+
+_ARCH_PREFIX = {"bert": "Bert", "xlm-roberta": "XLMRoberta", "roberta": "Roberta"}
+_ARCH_SUFFIX = {
+    "none": "Model",
+    "mlm": "ForMaskedLM",
+    "token_classification": "ForTokenClassification",
+    "sequence_classification": "ForSequenceClassification",
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+  """Architecture of a BERT/RoBERTa encoder and its head.
+
+  Attributes mirror HF `config.json` names where one exists.
+  """
+
+  model_type: str = "bert"  # bert | xlm-roberta | roberta
+  vocab_size: int = 119547  # real rows; params hold `padded_vocab_size`
+  hidden_size: int = 768
+  num_hidden_layers: int = 12
+  num_attention_heads: int = 12
+  intermediate_size: int = 3072
+  hidden_act: str = "gelu"  # exact (erf) GELU, as HF "gelu"
+  hidden_dropout_prob: float = 0.1
+  attention_probs_dropout_prob: float = 0.1
+  max_position_embeddings: int = 512
+  type_vocab_size: int = 2
+  layer_norm_eps: float = 1e-12
+  initializer_range: float = 0.02
+  pad_token_id: int = 0
+  bos_token_id: int | None = None
+  eos_token_id: int | None = None
+  tie_word_embeddings: bool = True
+  head: str = "mlm"  # none | mlm | token_classification | ...
+  add_pooler: bool = False  # BERT pooler (tanh dense on [CLS])
+  num_labels: int = 2
+  id2label: tuple[str, ...] = ()  # label names; empty = LABEL_i
+  classifier_dropout: float | None = None
+  # Embedding rows are padded to a multiple of this so the vocab axis shards
+  # evenly; padded logits are masked (see encoder.mask_padded_logits).
+  vocab_pad_multiple: int = 128
+  dtype: str = "float32"  # compute dtype
+  param_dtype: str = "float32"
+
+  def __post_init__(self):
+    def bad(msg):
+      raise BistilError(f"invalid model config: {msg}")
+
+    if self.model_type not in MODEL_TYPES:
+      bad(f"model_type {self.model_type!r} not in {MODEL_TYPES}")
+    if self.head not in HEADS:
+      bad(f"head {self.head!r} not in {HEADS}")
+    if self.hidden_act not in ACTIVATIONS:
+      bad(f"hidden_act {self.hidden_act!r} not in {ACTIVATIONS}")
+    for name in ("dtype", "param_dtype"):
+      if getattr(self, name) not in DTYPES:
+        bad(f"{name} {getattr(self, name)!r} not in {DTYPES}")
+    if self.vocab_size <= 0 or self.hidden_size <= 0:
+      bad("vocab_size and hidden_size must be positive")
+    if self.hidden_size % self.num_attention_heads:
+      bad(
+          f"hidden_size {self.hidden_size} is not a multiple of "
+          f"num_attention_heads {self.num_attention_heads}"
+      )
+    if self.vocab_pad_multiple < 1:
+      bad("vocab_pad_multiple must be >= 1")
+    if self.id2label and len(self.id2label) != self.num_labels:
+      bad(
+          f"{len(self.id2label)} label names for num_labels={self.num_labels}"
+      )
+    if self.max_position_embeddings <= self.position_offset:
+      bad("max_position_embeddings too small for the position offset")
+
+  def replace(self, **changes: Any) -> ModelConfig:
+    return dataclasses.replace(self, **changes)
+
+  @property
+  def is_roberta(self) -> bool:
+    return self.model_type in ("xlm-roberta", "roberta")
+
+  @property
+  def position_offset(self) -> int:
+    """First position id of a real token (RoBERTa counts from pad + 1)."""
+    return self.pad_token_id + 1 if self.is_roberta else 0
+
+  @property
+  def max_length(self) -> int:
+    """Longest input the position table allows."""
+    return self.max_position_embeddings - self.position_offset
+
+  @property
+  def padded_vocab_size(self) -> int:
+    m = self.vocab_pad_multiple
+    return int(math.ceil(self.vocab_size / m) * m)
+
+  @property
+  def head_dim(self) -> int:
+    return self.hidden_size // self.num_attention_heads
+
+  @property
+  def architecture(self) -> str:
+    """The HF class name this config exports as."""
+    return _ARCH_PREFIX[self.model_type] + _ARCH_SUFFIX[self.head]
+
+  @property
+  def label_names(self) -> tuple[str, ...]:
+    return self.id2label or tuple(f"LABEL_{i}" for i in range(self.num_labels))
+
+  # ---------------------------------------------------------------- HF json
+  @classmethod
+  def from_hf_dict(cls, d: dict[str, Any], **overrides: Any) -> ModelConfig:
+    """Builds a config from an HF `config.json` dict.
+
+    Args:
+      d: the parsed config.json.
+      **overrides: fields to set on top (e.g. head, add_pooler, dtype).
+
+    Raises:
+      BistilError: for architectures or options this encoder cannot run.
+    """
+    model_type = d.get("model_type")
+    archs = d.get("architectures") or []
+    if len(archs) > 1:
+      raise BistilError(f"config.json lists several architectures: {archs}")
+    head = None
+    if archs:
+      if archs[0] not in ARCHITECTURES:
+        raise BistilError(
+            f"unknown architecture {archs[0]!r}; supported: "
+            + ", ".join(sorted(ARCHITECTURES))
+        )
+      family, head = ARCHITECTURES[archs[0]]
+      model_type = model_type or family
+    if model_type not in MODEL_TYPES:
+      raise BistilError(
+          f"unsupported model_type {model_type!r}; supported: {MODEL_TYPES}"
+      )
+    if d.get("position_embedding_type", "absolute") != "absolute":
+      raise BistilError(
+          "only absolute position embeddings are supported, got "
+          f"{d['position_embedding_type']!r}"
+      )
+    if d.get("is_decoder") or d.get("add_cross_attention"):
+      raise BistilError("decoder / cross-attention configs are not supported")
+    labels: tuple[str, ...] = ()
+    if "id2label" in d:
+      id2label = {int(k): v for k, v in d["id2label"].items()}
+      labels = tuple(id2label[i] for i in range(len(id2label)))
+    fields = {f.name for f in dataclasses.fields(cls)}
+    kw = {k: d[k] for k in fields if k in d and k not in ("id2label",)}
+    kw["model_type"] = model_type
+    if head is not None:
+      kw["head"] = head
+    if labels:
+      kw["id2label"] = labels
+      kw["num_labels"] = len(labels)
+    # Default values that differ between families when config.json omits them.
+    if model_type != "bert":
+      kw.setdefault("layer_norm_eps", 1e-5)
+      kw.setdefault("pad_token_id", 1)
+      kw.setdefault("type_vocab_size", 1)
+    for k in ("dtype", "param_dtype"):
+      kw.pop(k, None)  # HF "dtype" is a storage dtype, not our compute dtype
+    kw.update(overrides)
+    return cls(**kw)
+
+  def to_hf_dict(self) -> dict[str, Any]:
+    """The `config.json` dict that transformers' classes load."""
+    d = {
+        "architectures": [self.architecture],
+        "model_type": self.model_type,
+        "vocab_size": self.vocab_size,
+        "hidden_size": self.hidden_size,
+        "num_hidden_layers": self.num_hidden_layers,
+        "num_attention_heads": self.num_attention_heads,
+        "intermediate_size": self.intermediate_size,
+        "hidden_act": self.hidden_act,
+        "hidden_dropout_prob": self.hidden_dropout_prob,
+        "attention_probs_dropout_prob": self.attention_probs_dropout_prob,
+        "max_position_embeddings": self.max_position_embeddings,
+        "type_vocab_size": self.type_vocab_size,
+        "layer_norm_eps": self.layer_norm_eps,
+        "initializer_range": self.initializer_range,
+        "pad_token_id": self.pad_token_id,
+        "position_embedding_type": "absolute",
+        "tie_word_embeddings": self.tie_word_embeddings,
+        "torch_dtype": "float32",
+    }
+    if self.bos_token_id is not None:
+      d["bos_token_id"] = self.bos_token_id
+    if self.eos_token_id is not None:
+      d["eos_token_id"] = self.eos_token_id
+    if self.classifier_dropout is not None:
+      d["classifier_dropout"] = self.classifier_dropout
+    if self.head in ("token_classification", "sequence_classification"):
+      names = self.label_names
+      d["id2label"] = {str(i): n for i, n in enumerate(names)}
+      d["label2id"] = {n: i for i, n in enumerate(names)}
+    return d
+
+
+def preset(name: str, **overrides: Any) -> ModelConfig:
+  """Named sizes: "mbert", "xlmr-base", "tiny" (tests), "tiny-xlmr"."""
+  presets = {
+      "mbert": ModelConfig(),
+      "xlmr-base": ModelConfig(
+          model_type="xlm-roberta",
+          vocab_size=250002,
+          max_position_embeddings=514,
+          type_vocab_size=1,
+          layer_norm_eps=1e-5,
+          pad_token_id=1,
+          bos_token_id=0,
+          eos_token_id=2,
+      ),
+      "tiny": ModelConfig(
+          vocab_size=300,
+          hidden_size=32,
+          num_hidden_layers=2,
+          num_attention_heads=4,
+          intermediate_size=64,
+          max_position_embeddings=64,
+      ),
+      "tiny-xlmr": ModelConfig(
+          model_type="xlm-roberta",
+          vocab_size=300,
+          hidden_size=32,
+          num_hidden_layers=2,
+          num_attention_heads=4,
+          intermediate_size=64,
+          max_position_embeddings=66,
+          type_vocab_size=1,
+          layer_norm_eps=1e-5,
+          pad_token_id=1,
+          bos_token_id=0,
+          eos_token_id=2,
+      ),
+  }
+  if name not in presets:
+    raise BistilError(f"unknown model preset {name!r}; have {sorted(presets)}")
+  return presets[name].replace(**overrides)
