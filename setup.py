@@ -8,47 +8,47 @@ a looser pin resolves a CUDA build with gigabytes of extra packages.
 import setuptools
 
 RUNTIME = [
-    "jax==0.10.2",
-    "jaxlib==0.10.2",
-    "flax==0.12.8",
-    "optax==0.2.8",
-    "orbax-checkpoint==0.12.8",
-    "ml-collections==1.1.0",
-    "tokenizers==0.22.2",
-    "safetensors==0.8.0",
-    # datasets 5.2 needs huggingface-hub>=1.31, which transformers 4.57.6
-    # (test extra) refuses; 5.0.1 + hub 0.36.2 satisfies both.
-    "datasets==5.0.1",
-    "huggingface-hub==0.36.2",
-    "numpy==2.4.6",
-    "msgpack==1.2.4",
-    "absl-py==2.5.1",
+  "jax==0.10.2",
+  "jaxlib==0.10.2",
+  "flax==0.12.8",
+  "optax==0.2.8",
+  "orbax-checkpoint==0.12.8",
+  "ml-collections==1.1.0",
+  "tokenizers==0.22.2",
+  "safetensors==0.8.0",
+  # datasets 5.2 needs huggingface-hub>=1.31, which transformers 4.57.6
+  # (test extra) refuses; 5.0.1 + hub 0.36.2 satisfies both.
+  "datasets==5.0.1",
+  "huggingface-hub==0.36.2",
+  "numpy==2.4.6",
+  "msgpack==1.2.4",
+  "absl-py==2.5.1",
 ]
 
 EXTRAS = {
-    "tpu": ["jax[tpu]==0.10.2"],
-    "cuda": ["jax[cuda12]==0.10.2"],
-    "torch": ["torch==2.13.0"],
-    "test": [
-        "pytest==9.2.0",
-        "chex==0.1.92",
-        "torch==2.13.0",
-        # Plain transformers: transformers[flax] pins an ancient jax.
-        "transformers==4.57.6",
-        "ruff==0.17.6",
-    ],
+  "tpu": ["jax[tpu]==0.10.2"],
+  "cuda": ["jax[cuda12]==0.10.2"],
+  "torch": ["torch==2.13.0"],
+  "test": [
+    "pytest==9.2.0",
+    "chex==0.1.92",
+    "torch==2.13.0",
+    # Plain transformers: transformers[flax] pins an ancient jax.
+    "transformers==4.57.6",
+    "ruff==0.17.6",
+  ],
 }
 
 setuptools.setup(
-    name="bistil_jax",
-    version="0.1.0",
-    description=(
-        "BiStil in JAX/Flax: distilling efficient bilingual students from "
-        "massively multilingual transformers."
-    ),
-    python_requires=">=3.11",
-    packages=setuptools.find_packages(include=["bistil_jax", "bistil_jax.*"]),
-    install_requires=RUNTIME,
-    extras_require=EXTRAS,
-    entry_points={"console_scripts": ["bistil=bistil_jax.cli:main"]},
+  name="bistil_jax",
+  version="0.1.0",
+  description=(
+    "BiStil in JAX/Flax: distilling efficient bilingual students from "
+    "massively multilingual transformers."
+  ),
+  python_requires=">=3.11",
+  packages=setuptools.find_packages(include=["bistil_jax", "bistil_jax.*"]),
+  install_requires=RUNTIME,
+  extras_require=EXTRAS,
+  entry_points={"console_scripts": ["bistil=bistil_jax.cli:main"]},
 )

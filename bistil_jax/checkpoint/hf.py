@@ -39,19 +39,19 @@ TORCH_BIN = "pytorch_model.bin"
 FLAX_MSGPACK = "flax_model.msgpack"
 CONFIG = "config.json"
 TOKENIZER_FILES = (
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "added_tokens.json",
-    "vocab.txt",
-    "sentencepiece.bpe.model",
+  "tokenizer.json",
+  "tokenizer_config.json",
+  "special_tokens_map.json",
+  "added_tokens.json",
+  "vocab.txt",
+  "sentencepiece.bpe.model",
 )
 
 # Keys in published checkpoints that no supported class uses (BERT's NSP
 # head, position-id buffers). They are dropped with a log line.
 KNOWN_UNUSED = (
-    re.compile(r"^cls\.seq_relationship\."),
-    re.compile(r"(^|\.)embeddings\.position_ids$"),
+  re.compile(r"^cls\.seq_relationship\."),
+  re.compile(r"(^|\.)embeddings\.position_ids$"),
 )
 
 
@@ -69,10 +69,10 @@ class Rule:
 
 # kind -> ((our leaf, torch leaf, flax leaf, transpose), ...)
 LEAVES = {
-    "dense": (("kernel", "weight", "kernel", True), ("bias", "bias", "bias", 0)),
-    "layernorm": (("scale", "weight", "scale", 0), ("bias", "bias", "bias", 0)),
-    "embed": (("embedding", "weight", "embedding", 0),),
-    "bias": (("bias", "bias", "bias", 0),),
+  "dense": (("kernel", "weight", "kernel", True), ("bias", "bias", "bias", 0)),
+  "layernorm": (("scale", "weight", "scale", 0), ("bias", "bias", "bias", 0)),
+  "embed": (("embedding", "weight", "embedding", 0),),
+  "bias": (("bias", "bias", "bias", 0),),
 }
 # Old TF-converted checkpoints name LayerNorm leaves gamma/beta.
 LEGACY_LEAVES = {"gamma": "weight", "beta": "bias"}
@@ -127,7 +127,7 @@ _ROBERTA_MLM = (
          vocab=True, body=False),
 )  # fmt: skip
 _LINEAR_CLS = (
-    Rule("classifier", "classifier", "classifier", "dense", body=False),
+  Rule("classifier", "classifier", "classifier", "dense", body=False),
 )
 _ROBERTA_SEQ = (
     Rule("classifier/dense", "classifier.dense", "classifier/dense", "dense",
@@ -139,8 +139,8 @@ _ROBERTA_SEQ = (
 # In HF the MLM decoder bias is the same tensor as the head bias; checkpoints
 # may store it under both names. alias -> canonical (prefix-free).
 BIAS_ALIASES = {
-    "cls.predictions.decoder.bias": "cls.predictions.bias",
-    "lm_head.decoder.bias": "lm_head.bias",
+  "cls.predictions.decoder.bias": "cls.predictions.bias",
+  "lm_head.decoder.bias": "lm_head.bias",
 }
 
 # HF classes that have a pooler.
@@ -159,7 +159,7 @@ def head_rules(config: ModelConfig) -> tuple[Rule, ...]:
 
 
 def body_prefix(config: ModelConfig) -> str:
-  """"bert"/"roberta" for head classes, "" for the bare *Model classes."""
+  """ "bert"/"roberta" for head classes, "" for the bare *Model classes."""
   if config.head == "none":
     return ""
   return "roberta" if config.is_roberta else "bert"
@@ -188,18 +188,18 @@ def _leaf_table(config: ModelConfig) -> list[_Leaf]:
   for rule in BODY_RULES + head_rules(config):
     tp = f"{prefix}." if (rule.body and prefix) else ""
     fp = f"{prefix}/" if (rule.body and prefix) else ""
-    for ours, torch, flax, transpose in LEAVES[rule.kind]:
+    for ours, torch, flax_leaf, transpose in LEAVES[rule.kind]:
       vocab_axis = None
       if rule.vocab:  # embedding [V, d], bias [V]: 0; decoder kernel [d, V]: 1
         vocab_axis = 1 if ours == "kernel" else 0
       out.append(
-          _Leaf(
-              ours=f"{rule.ours}/{ours}",
-              torch=f"{tp}{rule.torch}.{torch}",
-              flax=f"{fp}{rule.flax}/{flax}",
-              transpose=bool(transpose),
-              vocab_axis=vocab_axis,
-          )
+        _Leaf(
+          ours=f"{rule.ours}/{ours}",
+          torch=f"{tp}{rule.torch}.{torch}",
+          flax=f"{fp}{rule.flax}/{flax_leaf}",
+          transpose=bool(transpose),
+          vocab_axis=vocab_axis,
+        )
       )
   return out
 
@@ -220,8 +220,8 @@ def _pad_vocab(x: np.ndarray, axis: int, config: ModelConfig) -> np.ndarray:
   n = x.shape[axis]
   if n != config.vocab_size:
     raise BistilError(
-        f"vocab size mismatch: config.json says vocab_size="
-        f"{config.vocab_size} but the checkpoint has {n} vocabulary rows"
+      f"vocab size mismatch: config.json says vocab_size="
+      f"{config.vocab_size} but the checkpoint has {n} vocabulary rows"
     )
   pad = [(0, 0)] * x.ndim
   pad[axis] = (0, config.padded_vocab_size - n)
@@ -234,8 +234,7 @@ def _slice_vocab(x: np.ndarray, axis: int, config: ModelConfig) -> np.ndarray:
 
 def _expected(config: ModelConfig) -> dict[str, Any]:
   return {
-      "/".join(k): v
-      for k, v in flatten_dict(abstract_params(config)).items()
+    "/".join(k): v for k, v in flatten_dict(abstract_params(config)).items()
   }
 
 
@@ -244,7 +243,7 @@ def _to_param(x: np.ndarray, config: ModelConfig) -> np.ndarray:
 
 
 def params_from_hf(
-    state: dict[str, np.ndarray], config: ModelConfig, fmt: str
+  state: dict[str, np.ndarray], config: ModelConfig, fmt: str
 ) -> dict[str, Any]:
   """Converts a flat HF state dict into our nested params.
 
@@ -280,27 +279,27 @@ def params_from_hf(
   expected = _expected(config)
   if unmatched:
     raise BistilError(
-        f"checkpoint has {len(unmatched)} key(s) that {config.architecture} "
-        f"does not use: {sorted(unmatched)[:20]}"
+      f"checkpoint has {len(unmatched)} key(s) that {config.architecture} "
+      f"does not use: {sorted(unmatched)[:20]}"
     )
   missing = sorted(set(expected) - set(flat))
   if missing:
     raise BistilError(
-        f"checkpoint lacks {len(missing)} parameter(s) that "
-        f"{config.architecture} needs: {missing[:20]}"
+      f"checkpoint lacks {len(missing)} parameter(s) that "
+      f"{config.architecture} needs: {missing[:20]}"
     )
   extra = sorted(set(flat) - set(expected))
   if extra:  # e.g. layer 7 in a 6-layer config
     raise BistilError(
-        f"checkpoint has parameters outside config.json's architecture: "
-        f"{extra[:20]}"
+      f"checkpoint has parameters outside config.json's architecture: "
+      f"{extra[:20]}"
     )
   for key, x in flat.items():
     want = tuple(expected[key].value.shape)
     if x.shape != want:
       raise BistilError(
-          f"shape mismatch for {key}: checkpoint {x.shape}, config.json "
-          f"implies {want}"
+        f"shape mismatch for {key}: checkpoint {x.shape}, config.json "
+        f"implies {want}"
       )
   return unflatten_dict({tuple(k.split("/")): v for k, v in flat.items()})
 
@@ -324,24 +323,26 @@ def _canonical_torch_state(state, config):
         raise BistilError(f"{alias} differs from {canon}; expected one tensor")
       out.setdefault(canon, value)
   if config.head == "mlm" and config.tie_word_embeddings:
-    dec = "lm_head.decoder.weight" if config.is_roberta else (
-        "cls.predictions.decoder.weight"
+    dec = (
+      "lm_head.decoder.weight"
+      if config.is_roberta
+      else ("cls.predictions.decoder.weight")
     )
     if dec in out:
       emb_key = (f"{prefix}." if prefix else "") + (
-          "embeddings.word_embeddings.weight"
+        "embeddings.word_embeddings.weight"
       )
       dec_w = out.pop(dec)
       if emb_key in out and not np.array_equal(out[emb_key], dec_w):
         raise BistilError(
-            f"tie_word_embeddings is true but {dec} differs from the word "
-            "embeddings; set tie_word_embeddings=false in config.json"
+          f"tie_word_embeddings is true but {dec} differs from the word "
+          "embeddings; set tie_word_embeddings=false in config.json"
         )
   return out
 
 
 def params_to_hf(
-    params: dict[str, Any], config: ModelConfig, fmt: str
+  params: dict[str, Any], config: ModelConfig, fmt: str
 ) -> dict[str, np.ndarray]:
   """Our params -> flat HF names (fmt "torch" or "flax"), vocab sliced.
 
@@ -394,8 +395,8 @@ def _read_torch_bin(path: str) -> dict[str, np.ndarray]:
     import torch
   except ImportError:
     raise BistilError(
-        f"reading {path} needs torch: pip install 'bistil_jax[torch]' "
-        "(or convert it to model.safetensors)"
+      f"reading {path} needs torch: pip install 'bistil_jax[torch]' "
+      "(or convert it to model.safetensors)"
     ) from None
   try:
     state = torch.load(path, map_location="cpu", weights_only=True)
@@ -440,32 +441,34 @@ def read_weights(path: str) -> tuple[dict[str, np.ndarray], str]:
   if os.path.isfile(os.path.join(path, FLAX_MSGPACK)):
     return _read_flax_msgpack(os.path.join(path, FLAX_MSGPACK)), "flax"
   raise BistilError(
-      f"no weights in {path}: expected {SAFETENSORS}, {TORCH_BIN} or "
-      f"{FLAX_MSGPACK}"
+    f"no weights in {path}: expected {SAFETENSORS}, {TORCH_BIN} or "
+    f"{FLAX_MSGPACK}"
   )
 
 
 def _has_pooler(state: dict[str, Any], fmt: str) -> bool:
   sep = "." if fmt == "torch" else "/"
   return any(
-      k.startswith(f"pooler{sep}") or f"{sep}pooler{sep}" in k for k in state
+    k.startswith(f"pooler{sep}") or f"{sep}pooler{sep}" in k for k in state
   )
 
 
 def _infer_head(state: dict[str, Any], fmt: str) -> str:
   sep = "." if fmt == "torch" else "/"
-  if any(k.startswith((f"cls{sep}predictions", f"lm_head{sep}")) for k in state):
+  if any(
+    k.startswith((f"cls{sep}predictions", f"lm_head{sep}")) for k in state
+  ):
     return "mlm"
   if any(k.startswith(f"classifier{sep}") for k in state):
     raise BistilError(
-        "config.json has no 'architectures' and the checkpoint has a "
-        "classifier: cannot tell token from sequence classification"
+      "config.json has no 'architectures' and the checkpoint has a "
+      "classifier: cannot tell token from sequence classification"
     )
   return "none"
 
 
 def load_hf(
-    path: str, dtype: str = "float32", param_dtype: str = "float32", **overrides
+  path: str, dtype: str = "float32", param_dtype: str = "float32", **overrides
 ) -> tuple[Model, dict[str, Any]]:
   """Loads an HF model dir as (model, params).
 
@@ -494,11 +497,11 @@ def load_hf(
   config = ModelConfig.from_hf_dict(hf, **kw)
   params = params_from_hf(state, config, fmt)
   log.info(
-      "loaded %s from %s (%s weights, vocab %d)",
-      config.architecture,
-      path,
-      fmt,
-      config.vocab_size,
+    "loaded %s from %s (%s weights, vocab %d)",
+    config.architecture,
+    path,
+    fmt,
+    config.vocab_size,
   )
   return Model(config), params
 
@@ -508,7 +511,7 @@ def _target_dir(path: str, overwrite: bool) -> None:
     raise BistilError(f"{path} exists and is not a directory")
   if os.path.isdir(path) and os.listdir(path) and not overwrite:
     raise BistilError(
-        f"output dir {path} exists and is not empty (pass overwrite to replace)"
+      f"output dir {path} exists and is not empty (use --overwrite to replace it)"
     )
 
 
@@ -521,7 +524,7 @@ def commit_dir(tmp: str, path: str) -> None:
   old = None
   if os.path.exists(path):
     old = tempfile.mkdtemp(
-        prefix=".old-", dir=os.path.dirname(os.path.abspath(path))
+      prefix=".old-", dir=os.path.dirname(os.path.abspath(path))
     )
     os.rmdir(old)
     os.rename(path, old)
@@ -550,12 +553,12 @@ def copy_tokenizer(src: str, dst: str) -> list[str]:
 
 
 def save_hf(
-    path: str,
-    model: Model | ModelConfig,
-    params: dict[str, Any],
-    tokenizer_dir: str | None = None,
-    overwrite: bool = False,
-    write_flax: bool = True,
+  path: str,
+  model: Model | ModelConfig,
+  params: dict[str, Any],
+  tokenizer_dir: str | None = None,
+  overwrite: bool = False,
+  write_flax: bool = True,
 ) -> None:
   """Writes an HF model dir: config.json, model.safetensors, flax msgpack.
 
@@ -580,9 +583,9 @@ def save_hf(
     with open(os.path.join(tmp, CONFIG), "w") as f:
       json.dump(config.to_hf_dict(), f, indent=2, sort_keys=True)
     save_file(
-        params_to_hf(params, config, "torch"),
-        os.path.join(tmp, SAFETENSORS),
-        metadata={"format": "pt"},
+      params_to_hf(params, config, "torch"),
+      os.path.join(tmp, SAFETENSORS),
+      metadata={"format": "pt"},
     )
     if write_flax:
       flat = params_to_hf(params, config, "flax")

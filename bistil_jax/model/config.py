@@ -20,29 +20,33 @@ DTYPES = ("float32", "bfloat16", "float16")
 
 # HF architecture name -> (model_type family, head).
 ARCHITECTURES = {
-    "BertModel": ("bert", "none"),
-    "BertForMaskedLM": ("bert", "mlm"),
-    "BertForTokenClassification": ("bert", "token_classification"),
-    "BertForSequenceClassification": ("bert", "sequence_classification"),
-    "XLMRobertaModel": ("xlm-roberta", "none"),
-    "XLMRobertaForMaskedLM": ("xlm-roberta", "mlm"),
-    "XLMRobertaForTokenClassification": ("xlm-roberta", "token_classification"),
-    "XLMRobertaForSequenceClassification": (
-        "xlm-roberta",
-        "sequence_classification",
-    ),
-    "RobertaModel": ("roberta", "none"),
-    "RobertaForMaskedLM": ("roberta", "mlm"),
-    "RobertaForTokenClassification": ("roberta", "token_classification"),
-    "RobertaForSequenceClassification": ("roberta", "sequence_classification"),
+  "BertModel": ("bert", "none"),
+  "BertForMaskedLM": ("bert", "mlm"),
+  "BertForTokenClassification": ("bert", "token_classification"),
+  "BertForSequenceClassification": ("bert", "sequence_classification"),
+  "XLMRobertaModel": ("xlm-roberta", "none"),
+  "XLMRobertaForMaskedLM": ("xlm-roberta", "mlm"),
+  "XLMRobertaForTokenClassification": ("xlm-roberta", "token_classification"),
+  "XLMRobertaForSequenceClassification": (
+    "xlm-roberta",
+    "sequence_classification",
+  ),
+  "RobertaModel": ("roberta", "none"),
+  "RobertaForMaskedLM": ("roberta", "mlm"),
+  "RobertaForTokenClassification": ("roberta", "token_classification"),
+  "RobertaForSequenceClassification": ("roberta", "sequence_classification"),
 }
 
-_ARCH_PREFIX = {"bert": "Bert", "xlm-roberta": "XLMRoberta", "roberta": "Roberta"}
+_ARCH_PREFIX = {
+  "bert": "Bert",
+  "xlm-roberta": "XLMRoberta",
+  "roberta": "Roberta",
+}
 _ARCH_SUFFIX = {
-    "none": "Model",
-    "mlm": "ForMaskedLM",
-    "token_classification": "ForTokenClassification",
-    "sequence_classification": "ForSequenceClassification",
+  "none": "Model",
+  "mlm": "ForMaskedLM",
+  "token_classification": "ForTokenClassification",
+  "sequence_classification": "ForSequenceClassification",
 }
 
 
@@ -98,15 +102,13 @@ class ModelConfig:
       bad("vocab_size and hidden_size must be positive")
     if self.hidden_size % self.num_attention_heads:
       bad(
-          f"hidden_size {self.hidden_size} is not a multiple of "
-          f"num_attention_heads {self.num_attention_heads}"
+        f"hidden_size {self.hidden_size} is not a multiple of "
+        f"num_attention_heads {self.num_attention_heads}"
       )
     if self.vocab_pad_multiple < 1:
       bad("vocab_pad_multiple must be >= 1")
     if self.id2label and len(self.id2label) != self.num_labels:
-      bad(
-          f"{len(self.id2label)} label names for num_labels={self.num_labels}"
-      )
+      bad(f"{len(self.id2label)} label names for num_labels={self.num_labels}")
     if self.max_position_embeddings <= self.position_offset:
       bad("max_position_embeddings too small for the position offset")
 
@@ -165,19 +167,19 @@ class ModelConfig:
     if archs:
       if archs[0] not in ARCHITECTURES:
         raise BistilError(
-            f"unknown architecture {archs[0]!r}; supported: "
-            + ", ".join(sorted(ARCHITECTURES))
+          f"unknown architecture {archs[0]!r}; supported: "
+          + ", ".join(sorted(ARCHITECTURES))
         )
       family, head = ARCHITECTURES[archs[0]]
       model_type = model_type or family
     if model_type not in MODEL_TYPES:
       raise BistilError(
-          f"unsupported model_type {model_type!r}; supported: {MODEL_TYPES}"
+        f"unsupported model_type {model_type!r}; supported: {MODEL_TYPES}"
       )
     if d.get("position_embedding_type", "absolute") != "absolute":
       raise BistilError(
-          "only absolute position embeddings are supported, got "
-          f"{d['position_embedding_type']!r}"
+        "only absolute position embeddings are supported, got "
+        f"{d['position_embedding_type']!r}"
       )
     if d.get("is_decoder") or d.get("add_cross_attention"):
       raise BistilError("decoder / cross-attention configs are not supported")
@@ -206,24 +208,24 @@ class ModelConfig:
   def to_hf_dict(self) -> dict[str, Any]:
     """The `config.json` dict that transformers' classes load."""
     d = {
-        "architectures": [self.architecture],
-        "model_type": self.model_type,
-        "vocab_size": self.vocab_size,
-        "hidden_size": self.hidden_size,
-        "num_hidden_layers": self.num_hidden_layers,
-        "num_attention_heads": self.num_attention_heads,
-        "intermediate_size": self.intermediate_size,
-        "hidden_act": self.hidden_act,
-        "hidden_dropout_prob": self.hidden_dropout_prob,
-        "attention_probs_dropout_prob": self.attention_probs_dropout_prob,
-        "max_position_embeddings": self.max_position_embeddings,
-        "type_vocab_size": self.type_vocab_size,
-        "layer_norm_eps": self.layer_norm_eps,
-        "initializer_range": self.initializer_range,
-        "pad_token_id": self.pad_token_id,
-        "position_embedding_type": "absolute",
-        "tie_word_embeddings": self.tie_word_embeddings,
-        "torch_dtype": "float32",
+      "architectures": [self.architecture],
+      "model_type": self.model_type,
+      "vocab_size": self.vocab_size,
+      "hidden_size": self.hidden_size,
+      "num_hidden_layers": self.num_hidden_layers,
+      "num_attention_heads": self.num_attention_heads,
+      "intermediate_size": self.intermediate_size,
+      "hidden_act": self.hidden_act,
+      "hidden_dropout_prob": self.hidden_dropout_prob,
+      "attention_probs_dropout_prob": self.attention_probs_dropout_prob,
+      "max_position_embeddings": self.max_position_embeddings,
+      "type_vocab_size": self.type_vocab_size,
+      "layer_norm_eps": self.layer_norm_eps,
+      "initializer_range": self.initializer_range,
+      "pad_token_id": self.pad_token_id,
+      "position_embedding_type": "absolute",
+      "tie_word_embeddings": self.tie_word_embeddings,
+      "torch_dtype": "float32",
     }
     if self.bos_token_id is not None:
       d["bos_token_id"] = self.bos_token_id
@@ -231,7 +233,8 @@ class ModelConfig:
       d["eos_token_id"] = self.eos_token_id
     if self.classifier_dropout is not None:
       d["classifier_dropout"] = self.classifier_dropout
-    if self.head in ("token_classification", "sequence_classification"):
+    # Label names are kept even for heads that do not use them (nothing lost).
+    if self.id2label or self.head.endswith("classification"):
       names = self.label_names
       d["id2label"] = {str(i): n for i, n in enumerate(names)}
       d["label2id"] = {n: i for i, n in enumerate(names)}
@@ -241,39 +244,39 @@ class ModelConfig:
 def preset(name: str, **overrides: Any) -> ModelConfig:
   """Named sizes: "mbert", "xlmr-base", "tiny" (tests), "tiny-xlmr"."""
   presets = {
-      "mbert": ModelConfig(),
-      "xlmr-base": ModelConfig(
-          model_type="xlm-roberta",
-          vocab_size=250002,
-          max_position_embeddings=514,
-          type_vocab_size=1,
-          layer_norm_eps=1e-5,
-          pad_token_id=1,
-          bos_token_id=0,
-          eos_token_id=2,
-      ),
-      "tiny": ModelConfig(
-          vocab_size=300,
-          hidden_size=32,
-          num_hidden_layers=2,
-          num_attention_heads=4,
-          intermediate_size=64,
-          max_position_embeddings=64,
-      ),
-      "tiny-xlmr": ModelConfig(
-          model_type="xlm-roberta",
-          vocab_size=300,
-          hidden_size=32,
-          num_hidden_layers=2,
-          num_attention_heads=4,
-          intermediate_size=64,
-          max_position_embeddings=66,
-          type_vocab_size=1,
-          layer_norm_eps=1e-5,
-          pad_token_id=1,
-          bos_token_id=0,
-          eos_token_id=2,
-      ),
+    "mbert": ModelConfig(),
+    "xlmr-base": ModelConfig(
+      model_type="xlm-roberta",
+      vocab_size=250002,
+      max_position_embeddings=514,
+      type_vocab_size=1,
+      layer_norm_eps=1e-5,
+      pad_token_id=1,
+      bos_token_id=0,
+      eos_token_id=2,
+    ),
+    "tiny": ModelConfig(
+      vocab_size=300,
+      hidden_size=32,
+      num_hidden_layers=2,
+      num_attention_heads=4,
+      intermediate_size=64,
+      max_position_embeddings=64,
+    ),
+    "tiny-xlmr": ModelConfig(
+      model_type="xlm-roberta",
+      vocab_size=300,
+      hidden_size=32,
+      num_hidden_layers=2,
+      num_attention_heads=4,
+      intermediate_size=64,
+      max_position_embeddings=66,
+      type_vocab_size=1,
+      layer_norm_eps=1e-5,
+      pad_token_id=1,
+      bos_token_id=0,
+      eos_token_id=2,
+    ),
   }
   if name not in presets:
     raise BistilError(f"unknown model preset {name!r}; have {sorted(presets)}")

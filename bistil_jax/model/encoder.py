@@ -27,11 +27,11 @@ from bistil_jax.model.config import ModelConfig
 MASK_VALUE = -1e9
 
 _ACTIVATIONS = {
-    "gelu": lambda x: nn.gelu(x, approximate=False),
-    "gelu_new": lambda x: nn.gelu(x, approximate=True),
-    "gelu_pytorch_tanh": lambda x: nn.gelu(x, approximate=True),
-    "relu": nn.relu,
-    "tanh": jnp.tanh,
+  "gelu": lambda x: nn.gelu(x, approximate=False),
+  "gelu_new": lambda x: nn.gelu(x, approximate=True),
+  "gelu_pytorch_tanh": lambda x: nn.gelu(x, approximate=True),
+  "relu": nn.relu,
+  "tanh": jnp.tanh,
 }
 
 
@@ -71,30 +71,30 @@ def _init(config: ModelConfig):
 def _dense(config, features, axes, name, use_bias=True):
   """nn.Dense with logical axis names on kernel and bias."""
   return nn.Dense(
-      features,
-      use_bias=use_bias,
-      dtype=_dtype(config.dtype),
-      param_dtype=_dtype(config.param_dtype),
-      kernel_init=nn.with_logical_partitioning(_init(config), axes),
-      bias_init=nn.with_logical_partitioning(
-          nn.initializers.zeros_init(), axes[-1:]
-      ),
-      name=name,
+    features,
+    use_bias=use_bias,
+    dtype=_dtype(config.dtype),
+    param_dtype=_dtype(config.param_dtype),
+    kernel_init=nn.with_logical_partitioning(_init(config), axes),
+    bias_init=nn.with_logical_partitioning(
+      nn.initializers.zeros_init(), axes[-1:]
+    ),
+    name=name,
   )
 
 
 def _layer_norm(config, name):
   return nn.LayerNorm(
-      epsilon=config.layer_norm_eps,
-      dtype=_dtype(config.dtype),
-      param_dtype=_dtype(config.param_dtype),
-      scale_init=nn.with_logical_partitioning(
-          nn.initializers.ones_init(), ("embed",)
-      ),
-      bias_init=nn.with_logical_partitioning(
-          nn.initializers.zeros_init(), ("embed",)
-      ),
-      name=name,
+    epsilon=config.layer_norm_eps,
+    dtype=_dtype(config.dtype),
+    param_dtype=_dtype(config.param_dtype),
+    scale_init=nn.with_logical_partitioning(
+      nn.initializers.ones_init(), ("embed",)
+    ),
+    bias_init=nn.with_logical_partitioning(
+      nn.initializers.zeros_init(), ("embed",)
+    ),
+    name=name,
   )
 
 
@@ -138,21 +138,21 @@ class Embeddings(nn.Module):
 
     def embed(num, axes, name):
       return nn.Embed(
-          num,
-          cfg.hidden_size,
-          dtype=_dtype(cfg.dtype),
-          param_dtype=_dtype(cfg.param_dtype),
-          embedding_init=nn.with_logical_partitioning(_init(cfg), axes),
-          name=name,
+        num,
+        cfg.hidden_size,
+        dtype=_dtype(cfg.dtype),
+        param_dtype=_dtype(cfg.param_dtype),
+        embedding_init=nn.with_logical_partitioning(_init(cfg), axes),
+        name=name,
       )
 
     words = embed(cfg.padded_vocab_size, ("vocab", "embed"), "word_embeddings")
     x = words(input_ids)  # [b, l, d]
     x = x + embed(
-        cfg.max_position_embeddings, ("position", "embed"), "position_embeddings"
+      cfg.max_position_embeddings, ("position", "embed"), "position_embeddings"
     )(position_ids)
     x = x + embed(
-        cfg.type_vocab_size, ("token_type", "embed"), "token_type_embeddings"
+      cfg.type_vocab_size, ("token_type", "embed"), "token_type_embeddings"
     )(token_type_ids)
     x = _layer_norm(cfg, "LayerNorm")(x)
     x = nn.Dropout(cfg.hidden_dropout_prob)(x, deterministic=deterministic)
@@ -182,7 +182,7 @@ class SelfAttention(nn.Module):
     scores = scores.astype(jnp.float32) + bias
     probs = jax.nn.softmax(scores, axis=-1)
     dropped = nn.Dropout(cfg.attention_probs_dropout_prob)(
-        probs, deterministic=deterministic
+      probs, deterministic=deterministic
     )
     ctx = jnp.einsum("bhqk,bkhd->bqhd", dropped.astype(v.dtype), v)
     ctx = ctx.reshape(b, l, h * dh)  # [b, l, d]
@@ -210,7 +210,7 @@ class Attention(nn.Module):
   def __call__(self, x, bias, deterministic):
     ctx, probs = SelfAttention(self.config, name="self")(x, bias, deterministic)
     out = AttentionOutput(self.config, "joined_kv", name="output")(
-        ctx, x, deterministic
+      ctx, x, deterministic
     )
     return out, probs
 
@@ -233,9 +233,13 @@ class Layer(nn.Module):
 
   @nn.compact
   def __call__(self, x, bias, deterministic):
-    attn, probs = Attention(self.config, name="attention")(x, bias, deterministic)
+    attn, probs = Attention(self.config, name="attention")(
+      x, bias, deterministic
+    )
     y = Intermediate(self.config, name="intermediate")(attn)
-    y = AttentionOutput(self.config, "mlp", name="output")(y, attn, deterministic)
+    y = AttentionOutput(self.config, "mlp", name="output")(
+      y, attn, deterministic
+    )
     return _constrain(y, ("batch", "length", "act_embed")), probs
 
 
@@ -285,17 +289,17 @@ class MLMHead(nn.Module):
     x = _layer_norm(cfg, "layer_norm")(x)
     if cfg.tie_word_embeddings:
       logits = jnp.einsum(
-          "bld,vd->blv", x, word_embeddings.astype(_dtype(cfg.dtype))
+        "bld,vd->blv", x, word_embeddings.astype(_dtype(cfg.dtype))
       )
     else:
       logits = _dense(
-          cfg, cfg.padded_vocab_size, ("embed", "vocab"), "decoder", False
+        cfg, cfg.padded_vocab_size, ("embed", "vocab"), "decoder", False
       )(x)
     bias = self.param(
-        "bias",
-        nn.with_logical_partitioning(nn.initializers.zeros_init(), ("vocab",)),
-        (cfg.padded_vocab_size,),
-        _dtype(cfg.param_dtype),
+      "bias",
+      nn.with_logical_partitioning(nn.initializers.zeros_init(), ("vocab",)),
+      (cfg.padded_vocab_size,),
+      _dtype(cfg.param_dtype),
     )
     logits = logits.astype(jnp.float32) + bias.astype(jnp.float32)
     logits = jnp.where(vocab_logits_mask(cfg), logits, MASK_VALUE)
@@ -335,14 +339,14 @@ class Model(nn.Module):
 
   @nn.compact
   def __call__(
-      self,
-      input_ids: jax.Array,
-      attention_mask: jax.Array | None = None,
-      token_type_ids: jax.Array | None = None,
-      position_ids: jax.Array | None = None,
-      *,
-      deterministic: bool = True,
-      output_attentions: bool = False,
+    self,
+    input_ids: jax.Array,
+    attention_mask: jax.Array | None = None,
+    token_type_ids: jax.Array | None = None,
+    position_ids: jax.Array | None = None,
+    *,
+    deterministic: bool = True,
+    output_attentions: bool = False,
   ) -> EncoderOutput:
     """Runs the encoder and head.
 
@@ -378,29 +382,33 @@ class Model(nn.Module):
       table = embeddings.variables["params"]["word_embeddings"]["embedding"]
       logits = MLMHead(cfg, name="lm_head")(last, nn.unbox(table))
     elif cfg.head == "token_classification":
-      x = nn.Dropout(_classifier_dropout(cfg))(last, deterministic=deterministic)
+      x = nn.Dropout(_classifier_dropout(cfg))(
+        last, deterministic=deterministic
+      )
       logits = _dense(cfg, cfg.num_labels, ("embed", "classes"), "classifier")(
-          x
+        x
       )  # [b, l, labels]
     elif cfg.head == "sequence_classification" and cfg.is_roberta:
       logits = RobertaClassifier(cfg, name="classifier")(last, deterministic)
     elif cfg.head == "sequence_classification":
       if pooled is None:
         raise ValueError("BERT sequence classification needs add_pooler=True")
-      x = nn.Dropout(_classifier_dropout(cfg))(pooled, deterministic=deterministic)
+      x = nn.Dropout(_classifier_dropout(cfg))(
+        pooled, deterministic=deterministic
+      )
       logits = _dense(cfg, cfg.num_labels, ("embed", "classes"), "classifier")(
-          x
+        x
       )  # [b, labels]
     return EncoderOutput(
-        hidden_states=hidden_states,
-        logits=logits,
-        attentions=tuple(probs) if output_attentions else None,
-        pooled=pooled,
+      hidden_states=hidden_states,
+      logits=logits,
+      attentions=tuple(probs) if output_attentions else None,
+      pooled=pooled,
     )
 
 
 def init_params(
-    config: ModelConfig, rng: jax.Array, seq_len: int = 8
+  config: ModelConfig, rng: jax.Array, seq_len: int = 8
 ) -> dict[str, Any]:
   """Randomly initialised, unboxed parameters (HF-style init)."""
   model = Model(config)
@@ -414,5 +422,5 @@ def abstract_params(config: ModelConfig, seq_len: int = 8):
   model = Model(config)
   ids = jax.ShapeDtypeStruct((1, seq_len), jnp.int32)
   return jax.eval_shape(
-      lambda: model.init(jax.random.PRNGKey(0), jnp.zeros(ids.shape, ids.dtype))
+    lambda: model.init(jax.random.PRNGKey(0), jnp.zeros(ids.shape, ids.dtype))
   )["params"]

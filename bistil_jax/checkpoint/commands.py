@@ -1,0 +1,148 @@
+"""`bistil inspect` and `bistil export-hf`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from collections import defaultdict
+from typing import Any
+
+import numpy as np
+
+from bistil_jax.checkpoint import hf
+from bistil_jax.errors import BistilError
+
+
+def parameter_groups(state: dict[str, np.ndarray]) -> dict[str, int]:
+  """Parameter counts by group from HF (PyTorch-named) tensors.
+
+  Groups: word/position/type embeddings, embedding LayerNorm, one entry per
+  encoder layer, pooler, head. The word embeddings count real rows only.
+  """
+  groups: dict[str, int] = defaultdict(int)
+  for key, x in state.items():
+    parts = key.split(".")
+    if parts[0] in ("bert", "roberta"):
+      parts = parts[1:]
+    if parts[0] == "embeddings":
+      name = f"embeddings.{parts[1]}"
+    elif parts[0] == "encoder":
+      name = f"encoder.layer.{int(parts[2]):02d}"
+    elif parts[0] == "pooler":
+      name = "pooler"
+    else:
+      name = f"head.{parts[0]}"
+    groups[name] += int(np.prod(x.shape))
+  return dict(sorted(groups.items()))
+
+
+def inspect_dir(path: str) -> dict[str, Any]:
+  """Architecture, parameter counts by group, vocab size and stored dtype."""
+  model, params = hf.load_hf(path)
+  cfg = model.config
+  raw, fmt = hf.read_weights(path)
+  dtypes = sorted({str(np.asarray(v).dtype) for v in raw.values()})
+  groups = parameter_groups(hf.params_to_hf(params, cfg, "torch"))
+  layers = sum(v for k, v in groups.items() if k.startswith("encoder."))
+  total = sum(groups.values())
+  return {
+    "path": path,
+    "architecture": cfg.architecture,
+    "model_type": cfg.model_type,
+    "weights_format": fmt,
+    "stored_dtypes": dtypes,
+    "vocab_size": cfg.vocab_size,
+    "hidden_size": cfg.hidden_size,
+    "num_hidden_layers": cfg.num_hidden_layers,
+    "num_attention_heads": cfg.num_attention_heads,
+    "intermediate_size": cfg.intermediate_size,
+    "max_position_embeddings": cfg.max_position_embeddings,
+    "pooler": cfg.add_pooler,
+    "labels": list(cfg.label_names) if cfg.head not in ("none", "mlm") else [],
+    "parameters": {
+      "total": total,
+      "embeddings": sum(
+        v for k, v in groups.items() if k.startswith("embeddings.")
+      ),
+      "encoder_layers": layers,
+      "per_layer": layers // max(cfg.num_hidden_layers, 1),
+      "groups": groups,
+    },
+    "tokenizer_files": [
+      n for n in hf.TOKENIZER_FILES if os.path.isfile(os.path.join(path, n))
+    ],
+  }
+
+
+def format_inspect(info: dict[str, Any]) -> str:
+  p = info["parameters"]
+  lines = [
+    f"{info['path']}: {info['architecture']} ({info['weights_format']} "
+    f"weights, {', '.join(info['stored_dtypes'])})",
+    f"  layers {info['num_hidden_layers']}, hidden {info['hidden_size']}, "
+    f"heads {info['num_attention_heads']}, ffn {info['intermediate_size']}, "
+    f"positions {info['max_position_embeddings']}",
+    f"  vocab {info['vocab_size']:,}, pooler {info['pooler']}, "
+    f"tokenizer {', '.join(info['tokenizer_files']) or 'none'}",
+    f"  parameters {p['total']:,} (embeddings {p['embeddings']:,}, "
+    f"encoder {p['encoder_layers']:,} = {p['per_layer']:,} per layer)",
+  ]
+  for name, n in p["groups"].items():
+    if not name.startswith("encoder."):
+      lines.append(f"    {name:<36} {n:>14,}")
+  if info["labels"]:
+    lines.append(f"  labels {info['labels']}")
+  return "\n".join(lines)
+
+
+def _run_inspect(args: argparse.Namespace) -> int:
+  info = inspect_dir(args.model_dir)
+  print(json.dumps(info, indent=2) if args.json else format_inspect(info))
+  return 0
+
+
+def _run_export(args: argparse.Namespace) -> int:
+  if args.model is None:
+    raise BistilError("export-hf needs --model DIR")
+  model, params = hf.load_hf(args.model)
+  tok = args.tokenizer or args.model
+  has_tok = any(
+    os.path.isfile(os.path.join(tok, n)) for n in hf.TOKENIZER_FILES
+  )
+  if args.tokenizer and not has_tok:
+    raise BistilError(f"no tokenizer files in {args.tokenizer}")
+  hf.save_hf(
+    args.out,
+    model,
+    params,
+    tokenizer_dir=tok if has_tok else None,
+    overwrite=args.overwrite,
+    write_flax=not args.no_flax,
+  )
+  print(f"wrote {model.config.architecture} to {args.out}")
+  return 0
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+  p = sub.add_parser(
+    "inspect",
+    help="architecture, parameter counts and vocab of an HF model dir",
+  )
+  p.add_argument("model_dir")
+  p.add_argument("--json", action="store_true", help="print JSON")
+  p.set_defaults(func=_run_inspect)
+
+  p = sub.add_parser(
+    "export-hf",
+    help="write a plain HF model dir (safetensors + flax msgpack + "
+    "tokenizer) from a model dir",
+  )
+  p.add_argument("--model", help="input HF model dir (any supported weights)")
+  p.add_argument("--tokenizer", help="tokenizer dir (default: --model)")
+  p.add_argument("--out", required=True, help="output dir")
+  p.add_argument("--overwrite", action="store_true")
+  p.add_argument(
+    "--no-flax", action="store_true", help="skip flax_model.msgpack"
+  )
+  p.set_defaults(func=_run_export)

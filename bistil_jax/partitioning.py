@@ -1,0 +1,140 @@
+"""Device mesh, logical axis rules and shardings for any pytree.
+
+Model code names axes (`vocab`, `embed`, `joined_kv`, `mlp`, `batch`, ...);
+this module alone maps those names to the mesh axes `data`, `fsdp` and
+`tensor`. Configs may override the rules; model code never holds a
+PartitionSpec.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax
+import numpy as np
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
+
+from bistil_jax.errors import BistilError
+
+MESH_AXES = ("data", "fsdp", "tensor")
+
+Rules = Sequence[tuple[str, Any]]
+
+# Parameters: fully-sharded data parallel over `embed` and Megatron-style
+# tensor parallel over heads / MLP / vocabulary. Activations: batch over
+# data x fsdp, the per-head, MLP and vocab activations over tensor.
+DEFAULT_RULES: tuple[tuple[str, Any], ...] = (
+  ("batch", ("data", "fsdp")),
+  ("length", None),
+  ("vocab", "tensor"),
+  ("embed", "fsdp"),
+  ("joined_kv", "tensor"),
+  ("mlp", "tensor"),
+  ("kv", None),
+  ("classes", None),
+  ("embed_out", None),
+  ("position", None),
+  ("token_type", None),
+  ("act_embed", None),
+  ("act_heads", "tensor"),
+  ("act_mlp", "tensor"),
+  ("act_vocab", "tensor"),
+)
+
+
+def mesh_shape(shape: Sequence[int], num_devices: int) -> tuple[int, ...]:
+  """Resolves at most one -1 entry so the product equals num_devices."""
+  shape = tuple(int(s) for s in shape)
+  if len(shape) != len(MESH_AXES):
+    raise BistilError(f"mesh shape {shape} needs {len(MESH_AXES)} entries")
+  if shape.count(-1) > 1:
+    raise BistilError(f"mesh shape {shape} has more than one -1")
+  if any(s == 0 or s < -1 for s in shape):
+    raise BistilError(f"mesh shape {shape} has invalid entries")
+  known = math.prod(s for s in shape if s != -1)
+  if -1 in shape:
+    if num_devices % known:
+      raise BistilError(
+        f"mesh shape {shape} does not divide {num_devices} devices"
+      )
+    shape = tuple(num_devices // known if s == -1 else s for s in shape)
+  if math.prod(shape) != num_devices:
+    raise BistilError(
+      f"mesh shape {shape} needs {math.prod(shape)} devices, have {num_devices}"
+    )
+  return shape
+
+
+def make_mesh(
+  shape: Sequence[int] = (-1, 1, 1),
+  devices: Sequence[jax.Device] | None = None,
+) -> Mesh:
+  """A (data, fsdp, tensor) mesh over all (or the given) devices.
+
+  NOTE: jax.make_mesh defaults to Explicit axis types, under which optax's
+  integer-label losses fail inside jit; this mesh uses Auto axes.
+  """
+  devices = list(jax.devices() if devices is None else devices)
+  shape = mesh_shape(shape, len(devices))
+  try:
+    from jax.experimental import mesh_utils
+
+    grid = mesh_utils.create_device_mesh(shape, devices=devices)
+  except Exception:  # non-TPU topologies the helper does not know
+    grid = np.asarray(devices).reshape(shape)
+  return Mesh(grid, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))
+
+
+def logical_to_sharding(
+  logical_tree: Any, mesh: Mesh, rules: Rules = DEFAULT_RULES
+) -> Any:
+  """Maps a tree of logical PartitionSpecs (or boxed params) to shardings."""
+  if _has_boxes(logical_tree):
+    logical_tree = nn.get_partition_spec(logical_tree)
+  return nn.logical_to_mesh_sharding(logical_tree, mesh, list(rules))
+
+
+def _has_boxes(tree) -> bool:
+  leaves = jax.tree.leaves(
+    tree, is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned)
+  )
+  return any(isinstance(x, nn.LogicallyPartitioned) for x in leaves)
+
+
+def param_shardings(config, mesh: Mesh, rules: Rules = DEFAULT_RULES) -> Any:
+  """NamedShardings for the params of `Model(config)` (unboxed structure)."""
+  from bistil_jax.model.encoder import abstract_params
+
+  return logical_to_sharding(abstract_params(config), mesh, rules)
+
+
+def data_sharding(
+  mesh: Mesh, rules: Rules = DEFAULT_RULES, ndim: int = 2
+) -> NamedSharding:
+  """Sharding of a [batch, length, ...] input array."""
+  axes = ("batch", "length") + (None,) * (ndim - 2)
+  spec = nn.logical_to_mesh_axes(axes[:ndim], list(rules))
+  return NamedSharding(mesh, spec)
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+  return NamedSharding(mesh, PartitionSpec())
+
+
+@contextlib.contextmanager
+def activate(mesh: Mesh, rules: Rules = DEFAULT_RULES) -> Iterator[None]:
+  """Mesh and rules in scope, so activation constraints in the model apply.
+
+  Trace jitted model code inside this context.
+  """
+  with jax.set_mesh(mesh), nn.logical_axis_rules(list(rules)):
+    yield
+
+
+def shard(tree: Any, shardings: Any) -> Any:
+  """Places host arrays on devices with the given shardings."""
+  return jax.device_put(tree, shardings)

@@ -1,0 +1,122 @@
+"""Meshes, logical rules and sharded forward passes on 8 fake CPU devices."""
+
+import jax
+import numpy as np
+from absl.testing import absltest, parameterized
+from flax.traverse_util import flatten_dict
+from jax.sharding import PartitionSpec as P
+
+from bistil_jax import partitioning
+from bistil_jax.errors import BistilError
+from bistil_jax.model import Model, init_params, preset
+
+MESHES = ((1, 1, 1), (8, 1, 1), (2, 2, 2), (1, 1, 8), (1, 2, 4))
+
+
+def config(name, head):
+  # 8 heads and widths divisible by 8, so (1, 1, 8) shards every axis.
+  return preset(
+    name,
+    head=head,
+    hidden_size=64,
+    num_attention_heads=8,
+    intermediate_size=128,
+    add_pooler=head == "sequence_classification",
+  )
+
+
+class MeshTest(parameterized.TestCase):
+  def test_eight_devices(self):
+    self.assertLen(jax.devices(), 8)
+
+  @parameterized.parameters(
+    ((-1, 1, 1), (8, 1, 1)),
+    ((2, -1, 2), (2, 2, 2)),
+    ((1, 1, -1), (1, 1, 8)),
+    ((4, 2, 1), (4, 2, 1)),
+  )
+  def test_mesh_shape(self, shape, want):
+    self.assertEqual(partitioning.mesh_shape(shape, 8), want)
+    mesh = partitioning.make_mesh(shape)
+    self.assertEqual(tuple(mesh.shape.values()), want)
+    self.assertEqual(mesh.axis_names, ("data", "fsdp", "tensor"))
+
+  @parameterized.parameters(
+    ((-1, -1, 1), "more than one"),
+    ((3, -1, 1), "does not divide"),
+    ((2, 2, 1), "needs 4 devices"),
+    ((8, 1), "3 entries"),
+    ((0, 1, 8), "invalid"),
+  )
+  def test_bad_mesh_shapes(self, shape, needle):
+    with self.assertRaisesRegex(BistilError, needle):
+      partitioning.mesh_shape(shape, 8)
+
+  def test_rules_map_params_as_documented(self):
+    mesh = partitioning.make_mesh((2, 2, 2))
+    shard = flatten_dict(
+      partitioning.param_shardings(config("tiny", "mlm"), mesh), sep="/"
+    )
+    self.assertEqual(
+      shard["embeddings/word_embeddings/embedding"].spec, P("tensor", "fsdp")
+    )
+    self.assertEqual(
+      shard["encoder/layer/0/attention/self/query/kernel"].spec,
+      P("fsdp", "tensor"),
+    )
+    self.assertEqual(
+      shard["encoder/layer/1/output/dense/kernel"].spec, P("tensor", "fsdp")
+    )
+    self.assertEqual(shard["lm_head/bias"].spec, P("tensor"))
+    self.assertEqual(
+      shard["embeddings/position_embeddings/embedding"].spec, P(None, "fsdp")
+    )
+    self.assertEqual(
+      partitioning.data_sharding(mesh).spec, P(("data", "fsdp"), None)
+    )
+
+
+class ShardedForwardTest(parameterized.TestCase):
+  @parameterized.product(
+    mesh_shape=MESHES,
+    case=(("tiny", "mlm"), ("tiny-xlmr", "sequence_classification")),
+  )
+  def test_sharded_forward_equals_single_device(self, mesh_shape, case):
+    cfg = config(*case)
+    params = init_params(cfg, jax.random.PRNGKey(0))
+    rng = np.random.RandomState(0)
+    ids = rng.randint(3, cfg.vocab_size, (8, 16))
+    mask = np.ones_like(ids)
+    mask[3, 10:] = 0
+    mask[5, 2:] = 0
+    model = Model(cfg)
+
+    def fwd(p, ids, mask):
+      out = model.apply(
+        {"params": p}, ids, attention_mask=mask, output_attentions=True
+      )
+      return out.logits, out.hidden_states, out.attentions
+
+    single = jax.jit(fwd)(params, ids, mask)
+    n = int(np.prod(mesh_shape))
+    mesh = partitioning.make_mesh(mesh_shape, devices=jax.devices()[:n])
+    ps = partitioning.param_shardings(cfg, mesh)
+    ds = partitioning.data_sharding(mesh)
+    with partitioning.activate(mesh):
+      sharded = jax.jit(fwd, in_shardings=(ps, ds, ds))(
+        partitioning.shard(params, ps),
+        partitioning.shard(ids, ds),
+        partitioning.shard(mask, ds),
+      )
+    placed = partitioning.shard(params, ps)
+    q = placed["encoder"]["layer"]["0"]["attention"]["self"]["query"]["kernel"]
+    self.assertEqual(q.sharding, ps["encoder"]["layer"]["0"]["attention"][
+        "self"]["query"]["kernel"])  # fmt: skip
+    for a, b in zip(
+      jax.tree.leaves(sharded), jax.tree.leaves(single), strict=True
+    ):
+      np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5)
+
+
+if __name__ == "__main__":
+  absltest.main()
