@@ -347,6 +347,7 @@ class Model(nn.Module):
     *,
     deterministic: bool = True,
     output_attentions: bool = False,
+    logits_positions: jax.Array | None = None,
   ) -> EncoderOutput:
     """Runs the encoder and head.
 
@@ -357,6 +358,10 @@ class Model(nn.Module):
       position_ids: [b, l] (default: as HF derives them, see position_ids_for).
       deterministic: False enables dropout (needs a "dropout" rng).
       output_attentions: also return attention probabilities.
+      logits_positions: [b, p] int positions; per-token heads (MLM, token
+        classification) then run only there and logits are [b, p, ...]. The
+        MLM head over a 120k-250k vocabulary is most of a step's FLOPs, so
+        distillation evaluates it at masked positions only.
 
     Returns:
       EncoderOutput.
@@ -377,13 +382,18 @@ class Model(nn.Module):
     hidden_states = (x, *states)
     last = hidden_states[-1]  # [b, l, d]
     pooled = Pooler(cfg, name="pooler")(last) if cfg.add_pooler else None
+    per_token = last
+    if logits_positions is not None:
+      per_token = jnp.take_along_axis(
+        last, logits_positions[..., None].astype(jnp.int32), axis=1
+      )  # [b, p, d]
     logits = None
     if cfg.head == "mlm":
       table = embeddings.variables["params"]["word_embeddings"]["embedding"]
-      logits = MLMHead(cfg, name="lm_head")(last, nn.unbox(table))
+      logits = MLMHead(cfg, name="lm_head")(per_token, nn.unbox(table))
     elif cfg.head == "token_classification":
       x = nn.Dropout(_classifier_dropout(cfg))(
-        last, deterministic=deterministic
+        per_token, deterministic=deterministic
       )
       logits = _dense(cfg, cfg.num_labels, ("embed", "classes"), "classifier")(
         x

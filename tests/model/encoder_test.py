@@ -80,6 +80,19 @@ class EncoderTest(parameterized.TestCase):
     )
     self.assertIsNone(out2.attentions)
 
+  @parameterized.parameters("mlm", "token_classification")
+  def test_logits_positions_gather_per_token_heads(self, head):
+    cfg = config_for("tiny", head)
+    params = init_params(cfg, jax.random.PRNGKey(0))
+    ids = jnp.arange(16, dtype=jnp.int32).reshape(2, 8) + 5
+    model = Model(cfg)
+    full = model.apply({"params": params}, ids).logits
+    pos = jnp.array([[0, 3, 7], [2, 2, 5]])
+    part = model.apply({"params": params}, ids, logits_positions=pos).logits
+    self.assertEqual(part.shape, (2, 3, full.shape[-1]))
+    want = jnp.take_along_axis(full, pos[..., None], axis=1)
+    np.testing.assert_allclose(part, want, atol=1e-5)
+
   def test_roberta_position_ids(self):
     cfg = preset("tiny-xlmr")
     ids = jnp.array([[0, 5, 6, 2, 1, 1], [0, 5, 2, 1, 1, 1]])
