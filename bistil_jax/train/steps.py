@@ -1,0 +1,183 @@
+"""Pure training steps. Bind models and configs with functools.partial.
+
+`distil_step(state, teacher, batch, key, *, ...) -> (state, metrics)`:
+  teacher = {"params": frozen teacher params in the compute dtype (the
+  batch-language's tree: the loop passes the source or target teacher),
+  "projections": per teacher hidden index [d_T, d_S] or None}.
+  batch = the leaves of data.pipeline.BilingualBatches: input_ids,
+  attention_mask, token_type_ids [b, l]; masked_lm_positions,
+  masked_lm_ids, masked_lm_weights [b, p] (needed by the kl/mlm terms).
+  metrics hold sums plus denominators ("<term>/total", "<term>/count") so
+  host-side averaging is exact.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from bistil_jax import losses
+from bistil_jax.errors import BistilError
+from bistil_jax.model.encoder import Model, vocab_logits_mask
+from bistil_jax.train.state import TrainState
+
+DISTIL_TERMS = ("hidden", "attention", "kl", "mlm")
+
+
+@dataclasses.dataclass(frozen=True)
+class DistilLossConfig:
+  """Weights of the phase-1 loss terms (METHOD.md 2.4, project decisions).
+
+  Defaults follow the released code: hidden MSE + attention MSE, weight 1.
+  """
+
+  hidden: float = 1.0  # hidden-state MSE, student i <- teacher i*r
+  attention: float = 1.0  # attention-prob MSE, student i <- teacher (i+1)r-1
+  kl: float = 0.0  # KL on MLM logits at masked positions (teacher MLM head)
+  mlm: float = 0.0  # student MLM cross-entropy on the gold tokens
+  temperature: float = 2.0
+  # True: average hidden MSE over real tokens only; False: the released
+  # averaging over every position including padding.
+  mask_padding: bool = True
+
+  def __post_init__(self):
+    for name in DISTIL_TERMS:
+      if getattr(self, name) < 0:
+        raise BistilError(f"loss weight {name} must be >= 0")
+    if not any(getattr(self, n) > 0 for n in DISTIL_TERMS):
+      raise BistilError("every distillation loss weight is 0")
+    if self.temperature <= 0:
+      raise BistilError("temperature must be positive")
+
+  @property
+  def needs_logits(self) -> bool:
+    return self.kl > 0 or self.mlm > 0
+
+
+def check_pair(student: Model, teacher: Model, cfg: DistilLossConfig) -> None:
+  """Refuses teacher/student pairs the losses cannot compare."""
+  s, t = student.config, teacher.config
+  if s.vocab_size != t.vocab_size:
+    raise BistilError(
+      f"teacher vocab {t.vocab_size} != student vocab {s.vocab_size}"
+    )
+  losses.layer_maps(t.num_hidden_layers, s.num_hidden_layers)
+  if cfg.needs_logits and (s.head != "mlm" or t.head != "mlm"):
+    raise BistilError("kl/mlm loss terms need MLM heads on both models")
+  if cfg.attention > 0 and s.num_attention_heads != t.num_attention_heads:
+    raise BistilError("attention loss needs the same number of heads")
+
+
+def distil_losses(
+  params: Any,
+  teacher: dict[str, Any],
+  batch: dict[str, jax.Array],
+  key: jax.Array,
+  *,
+  student_model: Model,
+  teacher_model: Model,
+  loss_cfg: DistilLossConfig,
+) -> tuple[jax.Array, dict[str, losses.LossTerm]]:
+  """Weighted phase-1 loss and its terms for one monolingual batch."""
+  s_cfg, t_cfg = student_model.config, teacher_model.config
+  hidden_pairs, attn_pairs = losses.layer_maps(
+    t_cfg.num_hidden_layers, s_cfg.num_hidden_layers
+  )
+  mask = batch["attention_mask"]
+  want_attn = loss_cfg.attention > 0
+  positions = batch["masked_lm_positions"] if loss_cfg.needs_logits else None
+  common = dict(
+    attention_mask=mask,
+    token_type_ids=batch.get("token_type_ids"),
+    output_attentions=want_attn,
+    logits_positions=positions,
+  )
+  t_params = jax.lax.stop_gradient(teacher["params"])
+  t_out = teacher_model.apply(
+    {"params": t_params}, batch["input_ids"], **common
+  )
+  s_out = student_model.apply(
+    {"params": params},
+    batch["input_ids"],
+    deterministic=False,
+    rngs={"dropout": key},
+    **common,
+  )
+  terms = {}
+  real = mask > 0
+  if loss_cfg.hidden > 0:
+    terms["hidden"] = losses.hidden_mse_layers(
+      s_out.hidden_states,
+      t_out.hidden_states,
+      hidden_pairs,
+      mask=real if loss_cfg.mask_padding else None,
+      projections=teacher.get("projections"),
+    )
+  if want_attn:
+    terms["attention"] = losses.attention_mse_layers(
+      s_out.attentions, t_out.attentions, attn_pairs, key_mask=real
+    )
+  if loss_cfg.needs_logits:
+    selected = batch["masked_lm_weights"] > 0  # [b, p]
+    vocab_mask = vocab_logits_mask(s_cfg)
+    if loss_cfg.kl > 0:
+      terms["kl"] = losses.kl_divergence(
+        s_out.logits,
+        t_out.logits,
+        loss_cfg.temperature,
+        mask=selected,
+        logits_mask=vocab_mask,
+      )
+    if loss_cfg.mlm > 0:
+      gold = jnp.where(selected, batch["masked_lm_ids"], -100)  # [b, p]
+      terms["mlm"] = losses.token_cross_entropy(
+        s_out.logits, gold, logits_mask=vocab_mask
+      )
+  total = sum(getattr(loss_cfg, name) * t.mean for name, t in terms.items())
+  return total, terms
+
+
+def distil_step(
+  state: TrainState,
+  teacher: dict[str, Any],
+  batch: dict[str, jax.Array],
+  key: jax.Array,
+  *,
+  student_model: Model,
+  teacher_model: Model,
+  tx: optax.GradientTransformation,
+  loss_cfg: DistilLossConfig,
+  lr_schedule: optax.Schedule | None = None,
+) -> tuple[TrainState, dict[str, jax.Array]]:
+  """One phase-1 update of the student; the teacher is a frozen argument."""
+  step_key = jax.random.fold_in(key, state.step)
+
+  def loss_fn(params):
+    return distil_losses(
+      params,
+      teacher,
+      batch,
+      step_key,
+      student_model=student_model,
+      teacher_model=teacher_model,
+      loss_cfg=loss_cfg,
+    )
+
+  (loss, terms), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+  updates, opt_state = tx.update(grads, state.opt_state, state.params)
+  params = optax.apply_updates(state.params, updates)
+  metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads)}
+  for name, term in terms.items():
+    metrics[f"{name}/total"] = term.total
+    metrics[f"{name}/count"] = term.count
+  metrics["tokens"] = jnp.sum(batch["attention_mask"], dtype=jnp.float32)
+  if lr_schedule is not None:
+    metrics["lr"] = lr_schedule(state.step)
+  new_state = state.replace(
+    step=state.step + 1, params=params, opt_state=opt_state
+  )
+  return new_state, metrics
