@@ -15,7 +15,10 @@ import sys
 from bistil_jax.errors import BistilError
 
 # Modules contributing subcommands, in help order.
-COMMAND_MODULES = ("bistil_jax.checkpoint.commands",)
+COMMAND_MODULES = (
+  "bistil_jax.checkpoint.commands",
+  "bistil_jax.synthetic.cli",
+)
 
 
 def build_parser() -> argparse.ArgumentParser:

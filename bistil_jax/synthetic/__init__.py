@@ -1,0 +1,42 @@
+"""Synthetic related languages with corpora and labelled tasks.
+
+A CPU-sized stand-in for real multilingual data, so the whole BiStil method
+runs, and its claims can be checked, without downloads:
+
+  from bistil_jax import synthetic
+  family = synthetic.make_family(seed=0, num_languages=8)
+  print(family.describe())           # groups, word orders, close/distant pairs
+  paths = synthetic.write_dataset("/tmp/synth", family, ["a1", "a2", "b1"])
+  paths.corpora["a1"]["train"], paths.pos["a2"]["test"], paths.nli["b1"]["dev"]
+
+Command line: `bistil synth --out DIR [--seed 0] [--languages a1 a2 b1]`.
+"""
+
+from bistil_jax.synthetic.languages import (
+  Family,
+  Language,
+  load_family,
+  make_family,
+)
+from bistil_jax.synthetic.tasks import DEPRELS, NER_TAGS, NLI_LABELS, UPOS_TAGS
+from bistil_jax.synthetic.writer import (
+  DatasetPaths,
+  Sizes,
+  read_dataset,
+  write_dataset,
+)
+
+__all__ = [
+  "DEPRELS",
+  "DatasetPaths",
+  "Family",
+  "Language",
+  "NER_TAGS",
+  "NLI_LABELS",
+  "Sizes",
+  "UPOS_TAGS",
+  "load_family",
+  "make_family",
+  "read_dataset",
+  "write_dataset",
+]
