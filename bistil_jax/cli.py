@@ -17,6 +17,7 @@ from bistil_jax.errors import BistilError
 # Modules contributing subcommands, in help order.
 COMMAND_MODULES = (
   "bistil_jax.checkpoint.commands",
+  "bistil_jax.data.trim_cli",
   "bistil_jax.synthetic.cli",
 )
 

@@ -1,0 +1,1 @@
+"""Data: corpora, tokenisation, vocabulary trimming, MLM batches."""

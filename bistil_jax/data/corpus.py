@@ -1,0 +1,265 @@
+"""Streaming readers for unlabeled text corpora.
+
+A CORPUS spec names one stream of documents (one document = one string):
+
+- `path/to/file.txt` or `path/to/file.txt.gz`: a local text file, one
+  document per line; blank lines are skipped.
+- `text:PATH`, `json:PATH[:COLUMN]`, `csv:PATH[:COLUMN]`,
+  `parquet:PATH[:COLUMN]`: local files read with the `datasets` builder of
+  that name (`load_dataset(builder, data_files=PATH, streaming=True)`);
+  PATH may be a glob. COLUMN defaults to `text`.
+- `hf:NAME:SPLIT`, `hf:NAME:CONFIG:SPLIT`, `hf:NAME:CONFIG:SPLIT:COLUMN`: a
+  dataset loaded by `load_dataset(NAME, CONFIG, split=SPLIT,
+  streaming=True)`; NAME may be a hub name or a local dataset directory.
+  Leave CONFIG empty to give a column without one (`hf:NAME::SPLIT:COLUMN`).
+
+A local path that exists is always read as a text file, even if it starts
+with one of the prefixes above. Everything streams: nothing holds more than
+one document (or one `datasets` shard buffer) in memory.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import gzip
+import io
+import os
+from collections.abc import Iterator
+
+from bistil_jax.errors import BistilError
+
+# `datasets` builders accepted as `BUILDER:PATH[:COLUMN]` specs.
+LOCAL_BUILDERS = ("text", "json", "csv", "parquet")
+DEFAULT_COLUMN = "text"
+
+
+@dataclasses.dataclass(frozen=True)
+class CorpusSpec:
+  """A parsed CORPUS spec.
+
+  Attributes:
+    kind: "file" (plain or gzipped text), "local" (a `datasets` builder over
+      local files) or "hf" (`load_dataset` by name or dataset directory).
+    path: the file path (file, local) or the dataset name (hf).
+    builder: the `datasets` builder for kind "local".
+    config: the dataset config name for kind "hf", or None.
+    split: the split for kind "hf" ("train" for kind "local").
+    column: the text column (kinds "local" and "hf").
+  """
+
+  kind: str
+  path: str
+  builder: str | None = None
+  config: str | None = None
+  split: str = "train"
+  column: str = DEFAULT_COLUMN
+
+
+def parse_spec(spec: str) -> CorpusSpec:
+  """Parses a CORPUS spec string (see the module docstring).
+
+  Args:
+    spec: the spec string.
+
+  Returns:
+    The parsed spec.
+
+  Raises:
+    BistilError: for an empty or malformed spec.
+  """
+  if not isinstance(spec, str) or not spec.strip():
+    raise BistilError(f"empty corpus spec {spec!r}")
+  if os.path.exists(spec):
+    return CorpusSpec(kind="file", path=spec)
+  prefix, sep, rest = spec.partition(":")
+  if sep and prefix == "hf":
+    parts = rest.split(":")
+    if len(parts) == 2:
+      name, split = parts
+      config, column = None, DEFAULT_COLUMN
+    elif len(parts) == 3:
+      name, config, split = parts
+      column = DEFAULT_COLUMN
+    elif len(parts) == 4:
+      name, config, split, column = parts
+    else:
+      raise BistilError(
+        f"bad corpus spec {spec!r}: expected hf:NAME[:CONFIG]:SPLIT"
+        "[:COLUMN] (empty CONFIG allowed: hf:NAME::SPLIT:COLUMN)"
+      )
+    if not name or not split or not column:
+      raise BistilError(
+        f"bad corpus spec {spec!r}: NAME, SPLIT and COLUMN must be non-empty"
+      )
+    return CorpusSpec(
+      kind="hf", path=name, config=config or None, split=split, column=column
+    )
+  if sep and prefix in LOCAL_BUILDERS:
+    path, column = rest, DEFAULT_COLUMN
+    if prefix != "text":
+      head, csep, tail = rest.rpartition(":")
+      # A trailing `:COLUMN` unless the whole rest is an existing path.
+      if csep and head and not os.path.exists(rest):
+        path, column = head, tail
+    if not path:
+      raise BistilError(f"bad corpus spec {spec!r}: no path after {prefix}:")
+    if not column:
+      raise BistilError(f"bad corpus spec {spec!r}: empty column name")
+    return CorpusSpec(kind="local", path=path, builder=prefix, column=column)
+  # Anything else is a local file that does not exist.
+  raise BistilError(f"corpus file not found: {spec}")
+
+
+def iter_lines(spec: str, max_lines: int | None = None) -> Iterator[str]:
+  """Streams the documents of a corpus.
+
+  Checks that the corpus can be opened before returning, so a missing file
+  fails at the call, not at the first `next()`.
+
+  Args:
+    spec: a CORPUS spec (see the module docstring).
+    max_lines: stop after this many non-empty documents; None reads all.
+
+  Returns:
+    An iterator over the non-empty documents, without their line ends.
+
+  Raises:
+    BistilError: for a malformed spec, a missing or unreadable file, an
+      unloadable dataset or a missing column; while iterating, for an
+      undecodable file or a corpus with no non-empty document.
+  """
+  if max_lines is not None and max_lines < 1:
+    raise BistilError(f"max_lines must be >= 1, got {max_lines}")
+  parsed = parse_spec(spec)
+  if parsed.kind == "file":
+    docs = _file_lines(parsed.path)
+  else:
+    docs = _dataset_lines(parsed, spec)
+  return _capped(docs, spec, max_lines)
+
+
+def _capped(
+  docs: Iterator[str], spec: str, max_lines: int | None
+) -> Iterator[str]:
+  n = 0
+  try:
+    for doc in docs:
+      if max_lines is not None and n >= max_lines:
+        break
+      n += 1
+      yield doc
+  finally:
+    close = getattr(docs, "close", None)
+    if close is not None:
+      close()
+  if n == 0:
+    raise BistilError(f"corpus {spec} is empty (no non-empty lines)")
+
+
+def _open_text(path: str) -> io.TextIOBase:
+  """Opens a plain or gzipped UTF-8 text file, failing with one line."""
+  try:
+    raw = open(path, "rb")  # noqa: SIM115 - closed by the caller
+  except FileNotFoundError:
+    raise BistilError(f"corpus file not found: {path}") from None
+  except IsADirectoryError:
+    raise BistilError(
+      f"corpus path is a directory, not a file: {path}"
+    ) from None
+  except OSError as e:
+    raise BistilError(f"cannot read corpus file {path}: {e.strerror}") from None
+  try:
+    magic = raw.peek(2)[:2]
+  except OSError as e:
+    raw.close()
+    raise BistilError(f"cannot read corpus file {path}: {e.strerror}") from None
+  if magic == b"\x1f\x8b":
+    stream = gzip.GzipFile(fileobj=raw, mode="rb")
+  elif path.endswith(".gz"):
+    raw.close()
+    raise BistilError(f"corpus file {path} ends in .gz but is not gzipped")
+  else:
+    stream = raw
+  return io.TextIOWrapper(stream, encoding="utf-8", newline=None)
+
+
+def _file_lines(path: str) -> Iterator[str]:
+  f = _open_text(path)
+  return _read_file(f, path)
+
+
+def _read_file(f: io.TextIOBase, path: str) -> Iterator[str]:
+  with f:
+    lineno = 0
+    try:
+      for lineno, line in enumerate(f, start=1):  # noqa: B007
+        line = line.rstrip("\r\n")
+        if line.strip():
+          yield line
+    except UnicodeDecodeError:
+      raise BistilError(
+        f"corpus file {path} is not valid UTF-8 (after line {lineno})"
+      ) from None
+    except (OSError, EOFError) as e:  # e.g. a truncated gzip stream
+      raise BistilError(f"cannot read corpus file {path}: {e}") from None
+
+
+def _dataset_lines(parsed: CorpusSpec, spec: str) -> Iterator[str]:
+  """Opens a `datasets` stream and yields its non-empty text column."""
+  import datasets  # noqa: PLC0415 - heavy import, only for dataset specs
+
+  if parsed.kind == "local":
+    _check_local_files(parsed.path)
+    args = (parsed.builder,)
+    kwargs = {"data_files": parsed.path, "split": "train"}
+  else:
+    args = (parsed.path,) + ((parsed.config,) if parsed.config else ())
+    kwargs = {"split": parsed.split}
+  try:
+    ds = datasets.load_dataset(*args, streaming=True, **kwargs)
+  except Exception as e:  # noqa: BLE001 - datasets raises many types
+    msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    raise BistilError(f"cannot load corpus {spec}: {msg}") from None
+  columns = ds.column_names
+  if columns is not None and parsed.column not in columns:
+    raise BistilError(
+      f"corpus {spec} has no column {parsed.column!r}; columns: {columns}"
+    )
+  return _read_dataset(ds, parsed.column, spec)
+
+
+def _read_dataset(ds, column: str, spec: str) -> Iterator[str]:
+  it = iter(ds)
+  while True:
+    try:
+      row = next(it)
+    except StopIteration:
+      return
+    except Exception as e:  # noqa: BLE001 - decoding errors of any builder
+      raise BistilError(f"cannot read corpus {spec}: {e}") from None
+    if column not in row:
+      raise BistilError(
+        f"corpus {spec} has no column {column!r}; columns: {sorted(row)}"
+      )
+    text = row[column]
+    if text is None:
+      continue
+    if not isinstance(text, str):
+      raise BistilError(
+        f"corpus {spec}: column {column!r} holds {type(text).__name__}, "
+        "not text"
+      )
+    if text.strip():
+      yield text
+
+
+def _check_local_files(path: str) -> None:
+  """Fails early for a missing or unreadable local data file (or glob)."""
+  import glob  # noqa: PLC0415
+
+  matches = glob.glob(path) if glob.has_magic(path) else [path]
+  if not matches or not os.path.exists(matches[0]):
+    raise BistilError(f"corpus file not found: {path}")
+  for m in matches:
+    if os.path.isfile(m) and not os.access(m, os.R_OK):
+      raise BistilError(f"cannot read corpus file {m}: permission denied")

@@ -1,0 +1,1242 @@
+"""Vocabulary trimming: counts -> keep ids -> old->new map -> trimmed model.
+
+METHOD.md section 1. The steps, each importable on its own:
+
+1. `count_tokens`: per-id token counts of a corpus under the original
+   tokenizer, without special tokens (`save_counts`/`load_counts` cache them,
+   tied to the tokenizer by a fingerprint).
+2. `select_keep_ids`: the ids to keep, from the counts of the two corpora
+   (max of per-corpus unigram probabilities >= threshold, specials forced),
+   in original id order.
+3. `trim_tokenizer_json` / `write_trimmed_tokenizer`: a tokenizer whose ids
+   are the compact ranks of the kept ids (WordPiece and Unigram models).
+4. `slice_vocab_params`: the matching rows of every vocabulary-indexed
+   parameter, re-padded to the new `padded_vocab_size`.
+5. `trim_model_dir`: all of the above for an HF model dir, written as a new
+   HF model dir with `vocab_map.json` and `trim_report.json`.
+
+New id of a kept token = its rank among the kept ids (order-preserving
+compaction), so `vocab_map.json` ({"old id": new id}) and `keep_ids` (old id
+of each new id) describe the same map.
+"""
+
+from __future__ import annotations
+
+import collections
+import hashlib
+import itertools
+import json
+import logging
+import os
+import shutil
+import sys
+import time
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import numpy as np
+from tokenizers import Tokenizer
+
+from bistil_jax.data import corpus
+from bistil_jax.errors import BistilError
+from bistil_jax.model.config import ModelConfig
+
+log = logging.getLogger(__name__)
+
+TOKENIZER_JSON = "tokenizer.json"
+TOKENIZER_CONFIG = "tokenizer_config.json"
+SPECIAL_TOKENS_MAP = "special_tokens_map.json"
+ADDED_TOKENS = "added_tokens.json"
+VOCAB_TXT = "vocab.txt"
+VOCAB_MAP = "vocab_map.json"
+TRIM_REPORT = "trim_report.json"
+SUPPORTED_MODELS = ("WordPiece", "Unigram")
+# Slow-tokenizer files that would still hold the untrimmed vocabulary. We do
+# not rewrite SentencePiece protobufs: they are left out of the output.
+SLOW_TOKENIZER_FILES = (
+  "sentencepiece.bpe.model",
+  "sentencepiece.model",
+  "spiece.model",
+  "tokenizer.model",
+  "sentencepiece.bpe.vocab",
+)
+# Warn when the original tokenizer maps more than this share of a corpus'
+# tokens to its unknown token (wrong script, wrong normaliser, binary data).
+UNK_WARN_RATE = 0.05
+# Vocabulary-indexed leaves of our parameter tree and their vocabulary axis.
+VOCAB_LEAVES = (
+  (("embeddings", "word_embeddings", "embedding"), 0),  # [V, d]
+  (("lm_head", "bias"), 0),  # [V]
+  (("lm_head", "decoder", "kernel"), 1),  # [d, V]
+)
+_COUNTS_FORMAT = 1
+
+
+# ------------------------------------------------------------------ tokenizer
+def load_tokenizer_dir(model_dir: str) -> tuple[Tokenizer, dict[str, Any]]:
+  """Loads `tokenizer.json` from a model dir.
+
+  Args:
+    model_dir: an HF model or tokenizer dir.
+
+  Returns:
+    (the tokenizer, its parsed JSON).
+
+  Raises:
+    BistilError: if the dir or its tokenizer.json is missing or unreadable.
+  """
+  if not os.path.isdir(model_dir):
+    raise BistilError(f"model dir {model_dir} does not exist")
+  path = os.path.join(model_dir, TOKENIZER_JSON)
+  if not os.path.isfile(path):
+    raise BistilError(
+      f"no {TOKENIZER_JSON} in {model_dir}: trimming needs a fast "
+      "(tokenizers) tokenizer"
+    )
+  try:
+    with open(path, encoding="utf-8") as f:
+      text = f.read()
+    tok_json = json.loads(text)
+    tokenizer = Tokenizer.from_str(text)
+  except Exception as e:  # noqa: BLE001 - OSError, JSON and Rust errors
+    raise BistilError(f"cannot load {path}: {e}") from None
+  return tokenizer, tok_json
+
+
+def tokenizer_fingerprint(tokenizer: Tokenizer) -> str:
+  """A hash of everything that decides which ids a text encodes to.
+
+  The post-processor, padding and truncation are left out: counting encodes
+  without special tokens, padding or truncation.
+
+  Args:
+    tokenizer: the tokenizer.
+
+  Returns:
+    16 hex digits.
+  """
+  d = json.loads(tokenizer.to_str())
+  key = {k: d.get(k) for k in ("normalizer", "pre_tokenizer", "model")}
+  key["added_tokens"] = [
+    (t["id"], t["content"], t.get("special")) for t in d["added_tokens"]
+  ]
+  blob = json.dumps(key, sort_keys=True, ensure_ascii=False).encode("utf-8")
+  return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def _json_vocab(tok_json: dict[str, Any]) -> dict[str, int]:
+  """Token -> id over the model vocab and the added tokens."""
+  model = tok_json["model"]
+  mtype = model.get("type")
+  if mtype == "Unigram":
+    vocab = {piece: i for i, (piece, _) in enumerate(model["vocab"])}
+  elif isinstance(model.get("vocab"), dict):
+    vocab = dict(model["vocab"])
+  else:
+    raise BistilError(_unsupported(mtype))
+  for t in tok_json.get("added_tokens") or ():
+    vocab[t["content"]] = t["id"]
+  return vocab
+
+
+def _unsupported(mtype: Any) -> str:
+  return (
+    f"unsupported tokenizer model {mtype!r}: only "
+    f"{' and '.join(SUPPORTED_MODELS)} tokenizers can be trimmed"
+  )
+
+
+def _check_supported(tok_json: dict[str, Any]) -> str:
+  mtype = (tok_json.get("model") or {}).get("type")
+  if mtype not in SUPPORTED_MODELS:
+    raise BistilError(_unsupported(mtype))
+  return mtype
+
+
+def _post_processor_ids(pp: dict[str, Any] | None) -> list[int]:
+  """Every token id a post-processor inserts."""
+  if not pp:
+    return []
+  kind = pp.get("type")
+  if kind in ("BertProcessing", "RobertaProcessing"):
+    return [int(pp["sep"][1]), int(pp["cls"][1])]
+  if kind == "TemplateProcessing":
+    return [
+      int(i)
+      for tok in pp.get("special_tokens", {}).values()
+      for i in tok["ids"]
+    ]
+  if kind == "Sequence":
+    return [i for p in pp.get("processors", ()) for i in _post_processor_ids(p)]
+  return []
+
+
+def _remap_post_processor(
+  pp: dict[str, Any] | None, old2new: np.ndarray
+) -> dict[str, Any] | None:
+  """The post-processor with its token ids mapped to the new vocab."""
+  if not pp:
+    return pp
+
+  def new_id(i: int) -> int:
+    j = int(old2new[i]) if 0 <= i < len(old2new) else -1
+    if j < 0:
+      raise BistilError(f"post-processor token id {i} is not kept")
+    return j
+
+  kind = pp.get("type")
+  pp = dict(pp)
+  if kind in ("BertProcessing", "RobertaProcessing"):
+    for key in ("sep", "cls"):
+      tok, i = pp[key]
+      pp[key] = [tok, new_id(int(i))]
+  elif kind == "TemplateProcessing":
+    pp["special_tokens"] = {
+      name: dict(tok, ids=[new_id(int(i)) for i in tok["ids"]])
+      for name, tok in pp.get("special_tokens", {}).items()
+    }
+  elif kind == "Sequence":
+    pp["processors"] = [
+      _remap_post_processor(p, old2new) for p in pp.get("processors", ())
+    ]
+  return pp
+
+
+def _special_strings(d: Mapping[str, Any]) -> list[str]:
+  """Token strings named in special_tokens_map / tokenizer_config dicts."""
+  out = []
+
+  def add(v):
+    if isinstance(v, str):
+      out.append(v)
+    elif isinstance(v, dict) and isinstance(v.get("content"), str):
+      out.append(v["content"])
+    elif isinstance(v, list):
+      for x in v:
+        add(x)
+
+  for k, v in d.items():
+    if k.endswith("_token") or k == "additional_special_tokens":
+      add(v)
+  for entry in (d.get("added_tokens_decoder") or {}).values():
+    if isinstance(entry, dict) and entry.get("special"):
+      add(entry)
+  return out
+
+
+def special_token_ids(
+  tok_json: dict[str, Any], extra_tokens: Iterable[str] = ()
+) -> np.ndarray:
+  """Ids that trimming must keep whatever their counts.
+
+  These are: added tokens marked special, the model's unknown token, every
+  id the post-processor inserts, the padding id, and `extra_tokens` (e.g.
+  from special_tokens_map.json) where they are in the vocabulary.
+
+  Args:
+    tok_json: a parsed tokenizer.json.
+    extra_tokens: more token strings to keep.
+
+  Returns:
+    Sorted unique int64 ids.
+  """
+  vocab = _json_vocab(tok_json)
+  model = tok_json["model"]
+  ids = [
+    t["id"] for t in tok_json.get("added_tokens") or () if t.get("special")
+  ]
+  if model.get("type") == "Unigram":
+    if model.get("unk_id") is not None:
+      ids.append(int(model["unk_id"]))
+  elif model.get("unk_token") in vocab:
+    ids.append(vocab[model["unk_token"]])
+  ids += _post_processor_ids(tok_json.get("post_processor"))
+  padding = tok_json.get("padding")
+  if padding and padding.get("pad_id") is not None:
+    ids.append(int(padding["pad_id"]))
+  ids += [vocab[t] for t in extra_tokens if t in vocab]
+  return np.unique(np.asarray(ids, dtype=np.int64))
+
+
+def unk_token_id(tokenizer: Tokenizer) -> int | None:
+  """The id of the model's unknown token, or None if it has none."""
+  model = json.loads(tokenizer.to_str())["model"]
+  if model.get("type") == "Unigram":
+    return model.get("unk_id")
+  unk = model.get("unk_token")
+  return tokenizer.token_to_id(unk) if unk is not None else None
+
+
+# ------------------------------------------------------------------- counting
+def _counting_copy(tokenizer: Tokenizer) -> Tokenizer:
+  """The tokenizer without truncation or padding (a copy if it had any)."""
+  if tokenizer.truncation is None and tokenizer.padding is None:
+    return tokenizer
+  tok = Tokenizer.from_str(tokenizer.to_str())
+  tok.no_truncation()
+  tok.no_padding()
+  return tok
+
+
+def _batches(lines: Iterable[str], size: int) -> Iterator[list[str]]:
+  it = iter(lines)
+  while batch := list(itertools.islice(it, size)):
+    yield batch
+
+
+class _Progress:
+  """A one-line progress report on stderr, refreshed about once a second."""
+
+  def __init__(self, desc: str, enabled: bool):
+    self.desc, self.enabled = desc, enabled
+    self.start = self.last = time.monotonic()
+
+  def update(self, lines: int, tokens: int, final: bool = False) -> None:
+    now = time.monotonic()
+    if not self.enabled or (not final and now - self.last < 1.0):
+      return
+    self.last = now
+    rate = tokens / max(now - self.start, 1e-9)
+    sys.stderr.write(
+      f"\r{self.desc}: {lines:,} lines, {tokens:,} tokens, "
+      f"{rate:,.0f} tokens/s" + ("\n" if final else "")
+    )
+    sys.stderr.flush()
+
+
+def count_tokens(
+  tokenizer: Tokenizer,
+  lines: Iterable[str],
+  batch_size: int = 1000,
+  num_threads: int | None = None,
+  progress: bool = False,
+  desc: str = "counting",
+) -> np.ndarray:
+  """Counts how often each id occurs when the lines are encoded.
+
+  Lines are encoded without special tokens, padding or truncation, in
+  batches with `encode_batch_fast` (`encode_batch` without offsets). HF
+  tokenizers releases the GIL while encoding, so `num_threads` Python threads
+  encode batches concurrently (each call may additionally use the tokenizers
+  Rust thread pool unless TOKENIZERS_PARALLELISM=false). Memory is flat: at
+  most `2 * num_threads` batches are in flight and the result is one
+  vocabulary-sized array.
+
+  Args:
+    tokenizer: the (original) tokenizer.
+    lines: the documents, e.g. `corpus.iter_lines(spec)`.
+    batch_size: lines per `encode_batch` call.
+    num_threads: concurrent encoding threads; None = `os.cpu_count()`.
+    progress: print a progress line to stderr.
+    desc: label of the progress line.
+
+  Returns:
+    int64 counts of shape [tokenizer.get_vocab_size(with_added_tokens=True)].
+
+  Raises:
+    BistilError: for a batch_size or num_threads below 1 (and whatever the
+      line iterator raises, e.g. for an empty corpus).
+  """
+  if batch_size < 1:
+    raise BistilError(f"batch_size must be >= 1, got {batch_size}")
+  if num_threads is not None and num_threads < 1:
+    raise BistilError(f"num_threads must be >= 1, got {num_threads}")
+  tok = _counting_copy(tokenizer)
+  counts = np.zeros(tok.get_vocab_size(with_added_tokens=True), np.int64)
+  encode = getattr(tok, "encode_batch_fast", tok.encode_batch)
+  workers = num_threads or os.cpu_count() or 1
+  meter = _Progress(desc, progress)
+  n_lines = n_tokens = 0
+
+  def work(batch: list[str]) -> tuple[np.ndarray, int, int]:
+    encodings = encode(batch, add_special_tokens=False)
+    ids = np.fromiter(
+      itertools.chain.from_iterable(e.ids for e in encodings), np.int64
+    )
+    return np.bincount(ids), len(batch), ids.size
+
+  def absorb(result: tuple[np.ndarray, int, int]) -> None:
+    nonlocal n_lines, n_tokens
+    bc, nl, nt = result
+    counts[: bc.size] += bc
+    n_lines += nl
+    n_tokens += nt
+    meter.update(n_lines, n_tokens)
+
+  if workers == 1:
+    for batch in _batches(lines, batch_size):
+      absorb(work(batch))
+  else:
+    with ThreadPoolExecutor(workers, thread_name_prefix="count") as pool:
+      pending = collections.deque()
+      for batch in _batches(lines, batch_size):
+        pending.append(pool.submit(work, batch))
+        while len(pending) >= 2 * workers:
+          absorb(pending.popleft().result())
+      while pending:
+        absorb(pending.popleft().result())
+  meter.update(n_lines, n_tokens, final=True)
+  return counts
+
+
+def save_counts(
+  path: str,
+  tokenizer: Tokenizer,
+  counts: Mapping[str, np.ndarray],
+  meta: Mapping[str, Any] | None = None,
+) -> None:
+  """Saves named count arrays as .npz, tied to the tokenizer's fingerprint.
+
+  Args:
+    path: output file (written as given, with no extension added).
+    tokenizer: the tokenizer the counts were made with.
+    counts: name (e.g. "source", "target") -> int64 counts.
+    meta: JSON-serialisable extras (corpus specs, line counts).
+
+  Raises:
+    BistilError: if an array does not match the tokenizer's vocab size.
+  """
+  size = tokenizer.get_vocab_size(with_added_tokens=True)
+  arrays = {}
+  for name, c in counts.items():
+    c = np.asarray(c)
+    if c.shape != (size,):
+      raise BistilError(
+        f"counts {name!r} have shape {c.shape}, tokenizer vocab is {size}"
+      )
+    arrays[f"counts/{name}"] = c.astype(np.int64)
+  header = {
+    "format": _COUNTS_FORMAT,
+    "fingerprint": tokenizer_fingerprint(tokenizer),
+    "vocab_size": size,
+    "meta": dict(meta or {}),
+  }
+  arrays["header"] = np.frombuffer(json.dumps(header).encode(), np.uint8)
+  tmp = f"{path}.tmp-{os.getpid()}"
+  try:
+    with open(tmp, "wb") as f:
+      np.savez_compressed(f, **arrays)
+    os.replace(tmp, path)
+  except OSError as e:
+    if os.path.exists(tmp):
+      os.remove(tmp)
+    raise BistilError(
+      f"cannot write counts file {path}: {e.strerror}"
+    ) from None
+
+
+def load_counts(
+  path: str, tokenizer: Tokenizer
+) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+  """Loads counts saved by `save_counts`, refusing another tokenizer's.
+
+  Args:
+    path: the .npz file.
+    tokenizer: the tokenizer the counts must belong to.
+
+  Returns:
+    (name -> int64 counts, the saved meta dict).
+
+  Raises:
+    BistilError: for a missing or malformed file, or counts made with a
+      different tokenizer.
+  """
+  if not os.path.isfile(path):
+    raise BistilError(f"counts file not found: {path}")
+  try:
+    with np.load(path, allow_pickle=False) as z:
+      header = json.loads(bytes(z["header"]).decode())
+      counts = {
+        k.split("/", 1)[1]: z[k] for k in z.files if k.startswith("counts/")
+      }
+  except Exception as e:  # noqa: BLE001 - zip, key and JSON errors alike
+    raise BistilError(f"{path} is not a counts file: {e}") from None
+  if header.get("format") != _COUNTS_FORMAT:
+    raise BistilError(f"{path}: unknown counts format {header.get('format')}")
+  want = tokenizer_fingerprint(tokenizer)
+  if header.get("fingerprint") != want:
+    raise BistilError(
+      f"counts in {path} were made with a different tokenizer "
+      f"(fingerprint {header.get('fingerprint')}, this tokenizer {want})"
+    )
+  size = tokenizer.get_vocab_size(with_added_tokens=True)
+  for name, c in counts.items():
+    if c.shape != (size,):
+      raise BistilError(f"{path}: counts {name!r} do not match vocab {size}")
+  return counts, header.get("meta", {})
+
+
+# ------------------------------------------------------------------ selection
+def _coverage_mask(counts: np.ndarray, coverage: float) -> np.ndarray:
+  """The smallest most-frequent-first id set with >= coverage of tokens.
+
+  Ties in count are broken by lower id first, so the set is deterministic.
+  """
+  order = np.argsort(-counts, kind="stable")
+  csum = np.cumsum(counts[order])
+  k = int(np.searchsorted(csum, coverage * csum[-1], side="left")) + 1
+  k = min(k, int(np.count_nonzero(counts)))
+  mask = np.zeros(counts.shape, bool)
+  mask[order[:k]] = True
+  return mask
+
+
+def check_selection_args(
+  threshold: float | None, min_count: int | None, coverage: float | None
+) -> None:
+  """Validates the arguments of `select_keep_ids`.
+
+  Raises:
+    BistilError: for a value out of range or no criterion at all.
+  """
+  if threshold is None and coverage is None and min_count is None:
+    raise BistilError("give at least one of threshold, min_count, coverage")
+  if threshold is not None and not 0.0 <= threshold <= 1.0:
+    raise BistilError(f"threshold must be in [0, 1], got {threshold}")
+  if coverage is not None and not 0.0 < coverage <= 1.0:
+    raise BistilError(f"coverage must be in (0, 1], got {coverage}")
+  if min_count is not None and (int(min_count) != min_count or min_count < 1):
+    raise BistilError(f"min_count must be an integer >= 1, got {min_count}")
+
+
+def select_keep_ids(
+  src_counts: np.ndarray,
+  tgt_counts: np.ndarray,
+  special_ids: Sequence[int] | np.ndarray,
+  threshold: float | None = 1e-6,
+  min_count: int | None = None,
+  coverage: float | None = None,
+) -> np.ndarray:
+  """The ids to keep, in original order.
+
+  With per-corpus unigram probabilities p = counts / counts.sum(), an id is
+  kept iff it is special, or
+
+      (FREQ) and (COUNT)
+
+  where FREQ is the union of the frequency criteria that are given:
+    - threshold: max(p_src, p_tgt) >= threshold (METHOD.md 1.1, default
+      1e-6);
+    - coverage: the id is in the smallest most-frequent-first set of the
+      source covering >= `coverage` of its tokens, or in that of the target
+      (so each corpus alone keeps at least that share of its tokens);
+  and FREQ is true for every id when neither is given; COUNT (only if
+  `min_count` is given) is counts_src >= min_count or counts_tgt >=
+  min_count, a noise floor applied to both frequency criteria. Specials are
+  kept even if never seen.
+
+  Args:
+    src_counts: int counts of the source corpus, [vocab].
+    tgt_counts: int counts of the target corpus, [vocab].
+    special_ids: ids always kept.
+    threshold: probability threshold in [0, 1], or None to disable.
+    min_count: minimum count in at least one corpus (>= 1), or None.
+    coverage: token share in (0, 1] each corpus must keep, or None.
+
+  Returns:
+    Sorted unique int64 ids; new id = position in this array.
+
+  Raises:
+    BistilError: for bad arguments, empty counts, or a selection that keeps
+      nothing but special tokens.
+  """
+  src = np.asarray(src_counts)
+  tgt = np.asarray(tgt_counts)
+  if src.ndim != 1 or src.shape != tgt.shape:
+    raise BistilError(
+      f"source and target counts must be 1-D of one size, got {src.shape} "
+      f"and {tgt.shape}"
+    )
+  for name, c in (("source", src), ("target", tgt)):
+    if not np.issubdtype(c.dtype, np.integer) or (c < 0).any():
+      raise BistilError(f"{name} counts must be non-negative integers")
+    if c.sum() == 0:
+      raise BistilError(f"{name} counts are all zero (empty corpus?)")
+  check_selection_args(threshold, min_count, coverage)
+  specials = np.asarray(special_ids, dtype=np.int64).reshape(-1)
+  if specials.size and (specials.min() < 0 or specials.max() >= src.size):
+    raise BistilError(f"special ids out of range [0, {src.size})")
+
+  if threshold is None and coverage is None:
+    keep = np.ones(src.shape, bool)
+  else:
+    keep = np.zeros(src.shape, bool)
+    if threshold is not None:
+      p = np.maximum(src / src.sum(), tgt / tgt.sum())
+      keep |= p >= threshold
+    if coverage is not None:
+      keep |= _coverage_mask(src, coverage) | _coverage_mask(tgt, coverage)
+  if min_count is not None:
+    keep &= (src >= min_count) | (tgt >= min_count)
+  n_selected = int(np.count_nonzero(np.delete(keep, specials)))
+  keep[specials] = True
+  if n_selected == 0:
+    raise BistilError(
+      "the selection keeps no token but the special ones: lower threshold "
+      "or min_count, or raise coverage"
+    )
+  return np.flatnonzero(keep).astype(np.int64)
+
+
+# ---------------------------------------------------------------- id mapping
+def _check_keep_ids(keep_ids: Any, size: int) -> np.ndarray:
+  keep = np.asarray(keep_ids)
+  if keep.ndim != 1 or keep.size == 0:
+    raise BistilError(
+      f"keep ids must be a non-empty 1-D array, got {keep.shape}"
+    )
+  if not np.issubdtype(keep.dtype, np.integer):
+    raise BistilError(f"keep ids must be integers, got {keep.dtype}")
+  keep = keep.astype(np.int64)
+  if keep.min() < 0 or keep.max() >= size:
+    raise BistilError(f"keep ids out of range [0, {size})")
+  if np.unique(keep).size != keep.size:
+    raise BistilError("keep ids contain duplicates")
+  return keep
+
+
+def old2new_array(
+  keep_ids: Sequence[int] | np.ndarray, size: int
+) -> np.ndarray:
+  """Dense old->new map: new id of each old id, -1 where dropped.
+
+  Args:
+    keep_ids: old id of each new id (position = new id).
+    size: the old vocabulary size.
+
+  Returns:
+    int64 [size].
+  """
+  keep = _check_keep_ids(keep_ids, size)
+  out = np.full(size, -1, np.int64)
+  out[keep] = np.arange(keep.size)
+  return out
+
+
+def vocab_map_from_keep_ids(
+  keep_ids: Sequence[int] | np.ndarray,
+) -> dict[int, int]:
+  """{old id: new id} for the kept ids."""
+  return {int(old): new for new, old in enumerate(np.asarray(keep_ids))}
+
+
+def keep_ids_from_vocab_map(vocab_map: Mapping[int, int]) -> np.ndarray:
+  """Old id of each new id from an {old: new} map with new ids 0..n-1.
+
+  Raises:
+    BistilError: if the new ids are not exactly 0..n-1.
+  """
+  keep = np.full(len(vocab_map), -1, np.int64)
+  for old, new in vocab_map.items():
+    if not 0 <= new < keep.size or keep[new] >= 0:
+      raise BistilError("vocab map new ids must be 0..n-1, each once")
+    keep[new] = old
+  return keep
+
+
+def write_vocab_map(path: str, keep_ids: Sequence[int] | np.ndarray) -> None:
+  """Writes `vocab_map.json`: {"old id": new id}, in old-id order."""
+  m = {str(k): v for k, v in vocab_map_from_keep_ids(keep_ids).items()}
+  with open(path, "w", encoding="utf-8") as f:
+    json.dump(m, f)
+
+
+def read_vocab_map(path: str) -> dict[int, int]:
+  """Reads `vocab_map.json` as {old id: new id}.
+
+  Raises:
+    BistilError: for a missing file or one that is not such a map.
+  """
+  if not os.path.isfile(path):
+    raise BistilError(f"vocab map not found: {path}")
+  try:
+    with open(path, encoding="utf-8") as f:
+      raw = json.load(f)
+    m = {int(k): int(v) for k, v in raw.items()}
+  except (ValueError, AttributeError, TypeError) as e:
+    raise BistilError(f"{path} is not a vocab map: {e}") from None
+  keep_ids_from_vocab_map(m)  # validates the new ids
+  return m
+
+
+def keep_mask_from_vocab(
+  old_vocab: Mapping[str, int], new_vocab: Mapping[str, int]
+) -> np.ndarray:
+  """Old id of every token of the new vocab, by string lookup.
+
+  The result is a `keep_ids` array (position = new id) for
+  `slice_vocab_params`, e.g. to map a full-vocab teacher or a language-SFT
+  embedding diff onto a trimmed vocab (METHOD.md 1.2).
+
+  Args:
+    old_vocab: token -> id of the original tokenizer (`get_vocab()`).
+    new_vocab: token -> id of the trimmed tokenizer.
+
+  Returns:
+    int64 [len(new_vocab)].
+
+  Raises:
+    BistilError: if new ids are not 0..n-1 or a new token is not in the old
+      vocab.
+  """
+  keep = np.full(len(new_vocab), -1, np.int64)
+  missing = []
+  for tok, new in new_vocab.items():
+    if not 0 <= new < keep.size or keep[new] >= 0:
+      raise BistilError("new vocab ids must be 0..n-1, each once")
+    if tok not in old_vocab:
+      missing.append(tok)
+      continue
+    keep[new] = old_vocab[tok]
+  if missing:
+    raise BistilError(
+      f"{len(missing)} tokens of the new vocab are not in the old one, "
+      f"e.g. {missing[:5]}"
+    )
+  return keep
+
+
+# ------------------------------------------------------------ tokenizer files
+def trim_tokenizer_json(
+  tok_json: dict[str, Any], keep_ids: Sequence[int] | np.ndarray
+) -> dict[str, Any]:
+  """A tokenizer.json whose ids are the ranks of `keep_ids`.
+
+  WordPiece: `model.vocab` holds the kept tokens with compact ids. Unigram:
+  `model.vocab` is the kept pieces in order, `unk_id` remapped. Both: added
+  tokens, post-processor ids and the padding id are remapped; dropped added
+  tokens are removed. Normaliser, pre-tokeniser and decoder are unchanged.
+
+  Args:
+    tok_json: the parsed original tokenizer.json.
+    keep_ids: sorted old ids to keep.
+
+  Returns:
+    The new tokenizer.json dict (shares unchanged sub-objects).
+
+  Raises:
+    BistilError: for an unsupported model type, unsorted keep ids, or a
+      dropped unknown / post-processor token.
+  """
+  mtype = _check_supported(tok_json)
+  vocab = _json_vocab(tok_json)
+  size = max(vocab.values()) + 1
+  keep = _check_keep_ids(keep_ids, size)
+  if (np.diff(keep) <= 0).any():
+    raise BistilError("keep ids must be sorted (order-preserving trimming)")
+  old2new = old2new_array(keep, size)
+  model = dict(tok_json["model"])
+  if mtype == "WordPiece":
+    unk = model.get("unk_token")
+    if unk not in model["vocab"]:
+      raise BistilError(f"WordPiece unk token {unk!r} is not in the vocab")
+    if old2new[model["vocab"][unk]] < 0:
+      raise BistilError(f"the unknown token {unk!r} must be kept")
+    items = sorted(model["vocab"].items(), key=lambda kv: kv[1])
+    model["vocab"] = {t: int(old2new[i]) for t, i in items if old2new[i] >= 0}
+  else:
+    pieces = model["vocab"]
+    model["vocab"] = [p for i, p in enumerate(pieces) if old2new[i] >= 0]
+    if model.get("unk_id") is not None:
+      unk = int(model["unk_id"])
+      if old2new[unk] < 0:
+        raise BistilError(f"the unknown piece (id {unk}) must be kept")
+      model["unk_id"] = int(old2new[unk])
+  new = dict(tok_json)
+  new["model"] = model
+  new["added_tokens"] = [
+    dict(t, id=int(old2new[t["id"]]))
+    for t in tok_json.get("added_tokens") or ()
+    if old2new[t["id"]] >= 0
+  ]
+  new["post_processor"] = _remap_post_processor(
+    tok_json.get("post_processor"), old2new
+  )
+  padding = tok_json.get("padding")
+  if padding and padding.get("pad_id") is not None:
+    pad = int(padding["pad_id"])
+    if old2new[pad] < 0:
+      raise BistilError(f"the padding token (id {pad}) must be kept")
+    new["padding"] = dict(padding, pad_id=int(old2new[pad]))
+  return new
+
+
+def _check_trimmed(
+  old_vocab: Mapping[str, int], new_tok: Tokenizer, old2new: np.ndarray
+) -> None:
+  """Every kept token has its compact id in the rewritten tokenizer."""
+  want = {t: int(old2new[i]) for t, i in old_vocab.items() if old2new[i] >= 0}
+  got = new_tok.get_vocab(with_added_tokens=True)
+  if got != want:
+    bad = [t for t in want if got.get(t) != want[t]][:5]
+    raise AssertionError(f"trimmed tokenizer ids disagree, e.g. for {bad}")
+
+
+def _read_json_file(path: str) -> Any:
+  try:
+    with open(path, encoding="utf-8") as f:
+      return json.load(f)
+  except (OSError, ValueError) as e:
+    raise BistilError(f"cannot read {path}: {e}") from None
+
+
+def _drop_file_refs(d: dict[str, Any], removed: Sequence[str]) -> list[str]:
+  """Removes top-level keys whose value names a removed file."""
+  gone = [
+    k
+    for k, v in d.items()
+    if isinstance(v, str) and os.path.basename(v) in removed
+  ]
+  for k in gone:
+    del d[k]
+  return gone
+
+
+def extra_special_tokens(src_dir: str) -> list[str]:
+  """Special token strings named by the transformers tokenizer files."""
+  out = []
+  for name in (SPECIAL_TOKENS_MAP, TOKENIZER_CONFIG):
+    path = os.path.join(src_dir, name)
+    if os.path.isfile(path):
+      d = _read_json_file(path)
+      if isinstance(d, dict):
+        out += _special_strings(d)
+  return out
+
+
+def write_trimmed_tokenizer(
+  src_dir: str, out_dir: str, keep_ids: Sequence[int] | np.ndarray
+) -> dict[str, Any]:
+  """Writes the trimmed tokenizer files of `src_dir` into `out_dir`.
+
+  Writes tokenizer.json (and vocab.txt for WordPiece), copies
+  tokenizer_config.json (with `added_tokens_decoder` remapped),
+  special_tokens_map.json and added_tokens.json (remapped). Slow
+  SentencePiece files are NOT copied: they would still hold the untrimmed
+  vocabulary and give wrong ids to any slow-tokenizer load; config keys that
+  name them are removed.
+
+  Args:
+    src_dir: dir with the original tokenizer.json.
+    out_dir: existing dir to write into.
+    keep_ids: sorted old ids to keep.
+
+  Returns:
+    {"model": "WordPiece" | "Unigram", "written": [files],
+     "removed": [files of src_dir left out], "removed_keys": [...]}.
+
+  Raises:
+    BistilError: as `trim_tokenizer_json`, or for unreadable files.
+  """
+  old_tok, tok_json = load_tokenizer_dir(src_dir)
+  mtype = _check_supported(tok_json)
+  old_vocab = old_tok.get_vocab(with_added_tokens=True)
+  size = old_tok.get_vocab_size(with_added_tokens=True)
+  keep = _check_keep_ids(keep_ids, size)
+  old2new = old2new_array(keep, size)
+  new_json = trim_tokenizer_json(tok_json, keep)
+  text = json.dumps(new_json, ensure_ascii=False, indent=2)
+  new_tok = Tokenizer.from_str(text)
+  _check_trimmed(old_vocab, new_tok, old2new)
+
+  written = [TOKENIZER_JSON]
+  with open(os.path.join(out_dir, TOKENIZER_JSON), "w", encoding="utf-8") as f:
+    f.write(text)
+  if mtype == "WordPiece":
+    items = sorted(new_json["model"]["vocab"].items(), key=lambda kv: kv[1])
+    with open(os.path.join(out_dir, VOCAB_TXT), "w", encoding="utf-8") as f:
+      f.writelines(t + "\n" for t, _ in items)
+    written.append(VOCAB_TXT)
+  present = set(os.listdir(src_dir))
+  removed = [n for n in SLOW_TOKENIZER_FILES if n in present]
+  if mtype == "Unigram" and VOCAB_TXT in present:
+    removed.append(VOCAB_TXT)
+  removed_keys = []
+
+  for name in (TOKENIZER_CONFIG, SPECIAL_TOKENS_MAP):
+    if name not in present:
+      continue
+    d = _read_json_file(os.path.join(src_dir, name))
+    if not isinstance(d, dict):
+      raise BistilError(f"{os.path.join(src_dir, name)} is not a JSON object")
+    removed_keys += [f"{name}:{k}" for k in _drop_file_refs(d, removed)]
+    if isinstance(d.get("added_tokens_decoder"), dict):
+      entries = [
+        (int(old2new[int(k)]), v)
+        for k, v in d["added_tokens_decoder"].items()
+        if 0 <= int(k) < size and old2new[int(k)] >= 0
+      ]
+      d["added_tokens_decoder"] = {str(i): v for i, v in sorted(entries)}
+    with open(os.path.join(out_dir, name), "w", encoding="utf-8") as f:
+      json.dump(d, f, ensure_ascii=False, indent=2)
+    written.append(name)
+  if ADDED_TOKENS in present:
+    d = _read_json_file(os.path.join(src_dir, ADDED_TOKENS))
+    d = {
+      t: int(old2new[i])
+      for t, i in d.items()
+      if 0 <= i < size and old2new[i] >= 0
+    }
+    with open(os.path.join(out_dir, ADDED_TOKENS), "w", encoding="utf-8") as f:
+      json.dump(d, f, ensure_ascii=False, indent=2)
+    written.append(ADDED_TOKENS)
+  return {
+    "model": mtype,
+    "written": written,
+    "removed": removed,
+    "removed_keys": removed_keys,
+  }
+
+
+# ----------------------------------------------------------------- parameters
+def _get(tree: Mapping[str, Any], path: tuple[str, ...]) -> Any:
+  for k in path:
+    if not isinstance(tree, Mapping) or k not in tree:
+      return None
+    tree = tree[k]
+  return tree
+
+
+def _set(tree: dict[str, Any], path: tuple[str, ...], value: Any) -> None:
+  """Sets a leaf, copying the dicts along the path (inputs stay intact)."""
+  for k in path[:-1]:
+    tree[k] = dict(tree[k])
+    tree = tree[k]
+  tree[path[-1]] = value
+
+
+def _take_pad(x: Any, keep: np.ndarray, axis: int, new_padded: int) -> Any:
+  """Takes `keep` along axis and zero-pads that axis to `new_padded`."""
+  if isinstance(x, np.ndarray):
+    xp = np
+  else:
+    import jax.numpy as xp  # noqa: PLC0415 - only for jax arrays
+
+  y = xp.take(x, keep, axis=axis)
+  pad = [(0, 0)] * y.ndim
+  pad[axis] = (0, new_padded - keep.size)
+  return xp.pad(y, pad)
+
+
+def _remap_token_id(name: str, old: int | None, keep: np.ndarray) -> int | None:
+  if old is None:
+    return None
+  hit = np.flatnonzero(keep == old)
+  if hit.size == 0:
+    raise BistilError(f"config {name}={old} is not among the kept ids")
+  return int(hit[0])
+
+
+def slice_vocab_params(
+  params: Mapping[str, Any],
+  config: ModelConfig,
+  keep_ids: Sequence[int] | np.ndarray,
+) -> tuple[dict[str, Any], ModelConfig]:
+  """Keeps the vocabulary rows `keep_ids` of every vocab-indexed leaf.
+
+  New row j = old row keep_ids[j] of the word embeddings, the MLM bias and an
+  untied MLM decoder (where present: partial trees such as embedding diffs
+  work too); padding rows up to `new_config.padded_vocab_size` are zero. The
+  config gets `vocab_size=len(keep_ids)` and its pad/bos/eos ids remapped.
+
+  Args:
+    params: our nested params (numpy or jax arrays), vocab axes padded to
+      `config.padded_vocab_size`.
+    config: the ModelConfig of `params`.
+    keep_ids: old id of each new id, all < config.vocab_size, unique (any
+      order; trimming passes them sorted).
+
+  Returns:
+    (new params, new config); leaves not indexed by vocab are shared.
+
+  Raises:
+    BistilError: for bad keep ids, a vocab leaf whose size disagrees with
+      the config, a dropped pad/bos/eos id, or a RoBERTa pad id that would
+      move (its position ids start after the pad id).
+  """
+  keep = _check_keep_ids(keep_ids, config.vocab_size)
+  ids = {
+    name: _remap_token_id(name, getattr(config, name), keep)
+    for name in ("pad_token_id", "bos_token_id", "eos_token_id")
+  }
+  if config.is_roberta and ids["pad_token_id"] != config.pad_token_id:
+    raise BistilError(
+      f"pad_token_id would move from {config.pad_token_id} to "
+      f"{ids['pad_token_id']}: RoBERTa position ids depend on it"
+    )
+  new_config = config.replace(vocab_size=int(keep.size), **ids)
+  new_params = dict(params)
+  for path, axis in VOCAB_LEAVES:
+    leaf = _get(params, path)
+    if leaf is None:
+      continue
+    if leaf.shape[axis] != config.padded_vocab_size:
+      raise BistilError(
+        f"params {'/'.join(path)} has {leaf.shape[axis]} vocab rows, config "
+        f"expects padded_vocab_size={config.padded_vocab_size}"
+      )
+    sliced = _take_pad(leaf, keep, axis, new_config.padded_vocab_size)
+    _set(new_params, path, sliced)
+  return new_params, new_config
+
+
+def count_params(params: Mapping[str, Any], config: ModelConfig) -> int:
+  """Parameters as exported: vocab leaves counted without padding rows."""
+  import jax  # noqa: PLC0415
+
+  total = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
+  for path, axis in VOCAB_LEAVES:
+    leaf = _get(params, path)
+    if leaf is not None:
+      pad = leaf.shape[axis] - config.vocab_size
+      total -= pad * int(np.prod(leaf.shape)) // leaf.shape[axis]
+  return total
+
+
+# ------------------------------------------------------------------ model dir
+def _counted(lines: Iterable[str], stats: dict[str, Any]) -> Iterator[str]:
+  for line in lines:
+    stats["lines"] += 1
+    yield line
+
+
+def _corpus_stats(
+  counts: np.ndarray, old2new: np.ndarray, unk_id: int | None
+) -> dict[str, Any]:
+  total = int(counts.sum())
+  dropped = int(counts[old2new < 0].sum())
+  unk = int(counts[unk_id]) if unk_id is not None else 0
+  return {
+    "tokens": total,
+    "distinct_ids": int(np.count_nonzero(counts)),
+    "unk_rate_original": unk / total,
+    # Share of tokens whose id was dropped: these get re-segmented by the
+    # trimmed tokenizer (into kept pieces or the unknown token).
+    "dropped_token_share": dropped / total,
+  }
+
+
+def format_summary(report: Mapping[str, Any]) -> str:
+  """A few human-readable lines from a trim report."""
+  sel = report["selection"]
+  crit = ", ".join(
+    f"{k}={sel[k]}"
+    for k in ("threshold", "min_count", "coverage")
+    if sel[k] is not None
+  )
+  lines = [
+    f"trimmed {report['model_dir']} -> {report['out_dir']} ({crit})",
+    f"  tokenizer: {report['tokenizer_model']}, vocab "
+    f"{report['vocab_size_before']:,} -> {report['vocab_size_after']:,} "
+    f"({report['vocab_size_after'] / report['vocab_size_before']:.1%})",
+    f"  parameters: {report['parameters_before']:,} -> "
+    f"{report['parameters_after']:,}",
+  ]
+  for name, c in report["corpora"].items():
+    lines.append(
+      f"  {name}: {c['lines'] if c['lines'] is not None else '?'} lines, "
+      f"{c['tokens']:,} tokens, unk (original) {c['unk_rate_original']:.3%}"
+      f", dropped-id tokens {c['dropped_token_share']:.4%}"
+    )
+  if report["removed_tokenizer_files"]:
+    lines.append(
+      "  not carried over (untrimmed slow-tokenizer files): "
+      + ", ".join(report["removed_tokenizer_files"])
+    )
+  return "\n".join(lines)
+
+
+def _check_out_dir(model_dir: str, out_dir: str, overwrite: bool) -> None:
+  if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+    raise BistilError(f"output {out_dir} exists and is not a directory")
+  if os.path.isdir(out_dir) and os.path.isdir(model_dir):
+    if os.path.samefile(out_dir, model_dir):
+      raise BistilError(f"output dir {out_dir} is the input model dir")
+  if os.path.isdir(out_dir) and os.listdir(out_dir) and not overwrite:
+    raise BistilError(
+      f"output dir {out_dir} exists and is not empty (pass overwrite to "
+      "replace it)"
+    )
+
+
+def trim_model_dir(
+  model_dir: str,
+  source: str | None,
+  target: str | None,
+  out_dir: str,
+  threshold: float | None = 1e-6,
+  min_count: int | None = None,
+  coverage: float | None = None,
+  counts_in: str | None = None,
+  counts_out: str | None = None,
+  max_lines: int | None = None,
+  overwrite: bool = False,
+  num_threads: int | None = None,
+  progress: bool = False,
+) -> dict[str, Any]:
+  """Trims an HF model dir to the vocabulary of a source and target corpus.
+
+  Counts both corpora with the original tokenizer (or loads `counts_in`),
+  selects the kept ids (`select_keep_ids`), rewrites the tokenizer, slices
+  the model (`slice_vocab_params`) and saves a new HF model dir with
+  `vocab_map.json` and `trim_report.json`. Everything is written in a temp
+  sibling of `out_dir` and renamed at the end: a failure leaves no partial
+  output and an existing `out_dir` untouched.
+
+  Args:
+    model_dir: HF model dir with tokenizer.json (WordPiece or Unigram).
+    source: source CORPUS spec (see `corpus`); ignored with counts_in.
+    target: target CORPUS spec; ignored with counts_in.
+    out_dir: output dir; must not exist or be empty unless `overwrite`.
+    threshold: see `select_keep_ids`.
+    min_count: see `select_keep_ids`.
+    coverage: see `select_keep_ids`.
+    counts_in: .npz from an earlier `counts_out` (same tokenizer): skip
+      counting.
+    counts_out: where to save the counts.
+    max_lines: read at most this many lines of each corpus.
+    overwrite: replace a non-empty `out_dir`.
+    num_threads: encoding threads (see `count_tokens`).
+    progress: progress lines on stderr while counting.
+
+  Returns:
+    The report written to trim_report.json, plus "summary": printable text.
+
+  Raises:
+    BistilError: for any bad input (missing files, unsupported tokenizer,
+      empty corpus, bad selection parameters, non-empty out_dir).
+  """
+  from bistil_jax.checkpoint import hf  # noqa: PLC0415 - pulls in flax
+
+  _check_out_dir(model_dir, out_dir, overwrite)
+  tokenizer, tok_json = load_tokenizer_dir(model_dir)
+  mtype = _check_supported(tok_json)
+  vocab_size = tokenizer.get_vocab_size(with_added_tokens=True)
+  if counts_in is None and (not source or not target):
+    raise BistilError("give both source and target corpora, or counts_in")
+  check_selection_args(threshold, min_count, coverage)  # before counting
+  if max_lines is not None and max_lines < 1:
+    raise BistilError(f"max_lines must be >= 1, got {max_lines}")
+  streams = {}
+  if counts_in is None:  # open both now: a bad target fails before counting
+    for name, spec in (("source", source), ("target", target)):
+      streams[name] = corpus.iter_lines(spec, max_lines=max_lines)
+  model, params = hf.load_hf(model_dir)
+  config = model.config
+  if vocab_size > config.vocab_size:
+    raise BistilError(
+      f"tokenizer has {vocab_size} ids but the model only "
+      f"{config.vocab_size} embedding rows"
+    )
+
+  # ------------------------------------------------------------ counting
+  stats = {"source": {"lines": None}, "target": {"lines": None}}
+  if counts_in is not None:
+    counts, meta = load_counts(counts_in, tokenizer)
+    for name in ("source", "target"):
+      if name not in counts:
+        raise BistilError(f"counts file {counts_in} has no {name!r} counts")
+      stats[name].update(meta.get(name, {}))
+      spec = {"source": source, "target": target}[name]
+      if spec and stats[name].get("spec") not in (None, spec):
+        log.warning(
+          "counts_in %s was made from %s corpus %s, not %s",
+          counts_in,
+          name,
+          stats[name]["spec"],
+          spec,
+        )
+  else:
+    counts = {}
+    for name, spec in (("source", source), ("target", target)):
+      stats[name] = {"spec": spec, "lines": 0, "max_lines": max_lines}
+      counts[name] = count_tokens(
+        tokenizer,
+        _counted(streams[name], stats[name]),
+        num_threads=num_threads,
+        progress=progress,
+        desc=f"counting {name}",
+      )
+  if counts_out is not None:
+    save_counts(counts_out, tokenizer, counts, meta=stats)
+  unk_id = unk_token_id(tokenizer)
+  for name in ("source", "target"):
+    c = counts[name]
+    if unk_id is not None and c.sum():
+      rate = c[unk_id] / c.sum()
+      if rate > UNK_WARN_RATE:
+        log.warning(
+          "%s corpus %s: %.1f%% of its tokens are unknown to the original "
+          "tokenizer (%s)",
+          name,
+          stats[name].get("spec"),
+          100 * rate,
+          model_dir,
+        )
+
+  # ----------------------------------------------------------- selection
+  specials = special_token_ids(tok_json, extra_special_tokens(model_dir))
+  keep = select_keep_ids(
+    counts["source"],
+    counts["target"],
+    specials,
+    threshold,
+    min_count,
+    coverage,
+  )
+  old2new = old2new_array(keep, vocab_size)
+
+  # --------------------------------------------------------------- write
+  staging = hf.staging_dir(out_dir)
+  try:
+    tok_dir = os.path.join(staging, "tokenizer")
+    os.mkdir(tok_dir)
+    tok_info = write_trimmed_tokenizer(model_dir, tok_dir, keep)
+    new_params, new_config = slice_vocab_params(params, config, keep)
+    new_dir = os.path.join(staging, "out")
+    hf.save_hf(new_dir, new_config, new_params, tokenizer_dir=tok_dir)
+    write_vocab_map(os.path.join(new_dir, VOCAB_MAP), keep)
+    report = {
+      "model_dir": model_dir,
+      "out_dir": out_dir,
+      "tokenizer_model": mtype,
+      "vocab_size_before": int(config.vocab_size),
+      "vocab_size_after": int(keep.size),
+      "tokenizer_vocab_size_before": int(vocab_size),
+      "parameters_before": count_params(params, config),
+      "parameters_after": count_params(new_params, new_config),
+      "selection": {
+        "threshold": threshold,
+        "min_count": min_count,
+        "coverage": coverage,
+        "num_special": int(specials.size),
+      },
+      "corpora": {
+        name: {
+          "spec": stats[name].get("spec"),
+          "lines": stats[name].get("lines"),
+          "max_lines": stats[name].get("max_lines"),
+          **_corpus_stats(counts[name], old2new, unk_id),
+        }
+        for name in ("source", "target")
+      },
+      "counts_in": counts_in,
+      "counts_out": counts_out,
+      "removed_tokenizer_files": tok_info["removed"],
+      "removed_tokenizer_config_keys": tok_info["removed_keys"],
+    }
+    with open(os.path.join(new_dir, TRIM_REPORT), "w") as f:
+      json.dump(report, f, indent=2)
+    hf.commit_dir(new_dir, out_dir)
+  finally:
+    shutil.rmtree(staging, ignore_errors=True)
+  if tok_info["removed"]:
+    log.warning(
+      "left out untrimmed slow-tokenizer files %s: load %s with the fast "
+      "tokenizer (tokenizer.json)",
+      tok_info["removed"],
+      out_dir,
+    )
+  report["summary"] = format_summary(report)
+  return report
