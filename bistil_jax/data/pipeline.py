@@ -43,7 +43,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from tokenizers import Tokenizer
 
 from bistil_jax import partitioning
-from bistil_jax.data import corpus, mlm
+from bistil_jax.data import corpus, mlm, tokenize
 from bistil_jax.errors import BistilError
 
 log = logging.getLogger(__name__)
@@ -59,24 +59,6 @@ Batch = dict[str, np.ndarray]
 
 
 # ------------------------------------------------------------------ packing
-def _packing_tokenizer(tokenizer: Tokenizer) -> Tokenizer:
-  """The tokenizer, copied without truncation or padding if it has them.
-
-  A tokenizer.json saved by transformers often enables truncation to the
-  model length, which would silently cut long lines before packing.
-  """
-  if tokenizer.truncation is None and tokenizer.padding is None:
-    return tokenizer
-  tokenizer = Tokenizer.from_str(tokenizer.to_str())
-  tokenizer.no_truncation()
-  tokenizer.no_padding()
-  return tokenizer
-
-
-def _groups(lines: Iterable[str], size: int) -> Iterator[list[str]]:
-  it = iter(lines)
-  while group := list(itertools.islice(it, size)):
-    yield group
 
 
 def pack_chunks(
@@ -103,10 +85,10 @@ def pack_chunks(
     raise BistilError(f"max_seq_len must be >= 1, got {max_seq_len}")
   if batch_lines < 1:
     raise BistilError(f"batch_lines must be >= 1, got {batch_lines}")
-  tok = _packing_tokenizer(tokenizer)
+  tok = tokenize.without_truncation(tokenizer)
   rest_ids = np.zeros(0, np.int32)
   rest_special = np.zeros(0, bool)
-  for group in _groups(lines, batch_lines):
+  for group in tokenize.batched(lines, batch_lines):
     encs = tok.encode_batch(group, add_special_tokens=True)
     n = sum(len(e.ids) for e in encs)
     ids = np.fromiter(

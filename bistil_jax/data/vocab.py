@@ -38,7 +38,7 @@ from typing import Any
 import numpy as np
 from tokenizers import Tokenizer
 
-from bistil_jax.data import corpus
+from bistil_jax.data import corpus, tokenize
 from bistil_jax.errors import BistilError
 from bistil_jax.model.config import ModelConfig
 
@@ -269,20 +269,6 @@ def unk_token_id(tokenizer: Tokenizer) -> int | None:
 
 
 # ------------------------------------------------------------------- counting
-def _counting_copy(tokenizer: Tokenizer) -> Tokenizer:
-  """The tokenizer without truncation or padding (a copy if it had any)."""
-  if tokenizer.truncation is None and tokenizer.padding is None:
-    return tokenizer
-  tok = Tokenizer.from_str(tokenizer.to_str())
-  tok.no_truncation()
-  tok.no_padding()
-  return tok
-
-
-def _batches(lines: Iterable[str], size: int) -> Iterator[list[str]]:
-  it = iter(lines)
-  while batch := list(itertools.islice(it, size)):
-    yield batch
 
 
 class _Progress:
@@ -342,7 +328,7 @@ def count_tokens(
     raise BistilError(f"batch_size must be >= 1, got {batch_size}")
   if num_threads is not None and num_threads < 1:
     raise BistilError(f"num_threads must be >= 1, got {num_threads}")
-  tok = _counting_copy(tokenizer)
+  tok = tokenize.without_truncation(tokenizer)
   counts = np.zeros(tok.get_vocab_size(with_added_tokens=True), np.int64)
   encode = getattr(tok, "encode_batch_fast", tok.encode_batch)
   workers = num_threads or os.cpu_count() or 1
@@ -365,12 +351,12 @@ def count_tokens(
     meter.update(n_lines, n_tokens)
 
   if workers == 1:
-    for batch in _batches(lines, batch_size):
+    for batch in tokenize.batched(lines, batch_size):
       absorb(work(batch))
   else:
     with ThreadPoolExecutor(workers, thread_name_prefix="count") as pool:
       pending = collections.deque()
-      for batch in _batches(lines, batch_size):
+      for batch in tokenize.batched(lines, batch_size):
         pending.append(pool.submit(work, batch))
         while len(pending) >= 2 * workers:
           absorb(pending.popleft().result())
