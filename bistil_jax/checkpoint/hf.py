@@ -24,6 +24,7 @@ import tempfile
 from typing import Any
 
 import flax.serialization
+import jax
 import numpy as np
 from flax.traverse_util import flatten_dict, unflatten_dict
 
@@ -489,8 +490,11 @@ def load_hf(
     raise BistilError(f"model dir {path} does not exist")
   hf = _read_json(os.path.join(path, CONFIG))
   state, fmt = read_weights(path)
-  kw = {"add_pooler": _has_pooler(state, fmt), "dtype": dtype}
-  kw["param_dtype"] = param_dtype
+  kw = {
+    "add_pooler": _has_pooler(state, fmt),
+    "dtype": dtype,
+    "param_dtype": param_dtype,
+  }
   if not hf.get("architectures"):
     kw["head"] = _infer_head(state, fmt)
   kw.update(overrides)
@@ -602,6 +606,4 @@ def save_hf(
 
 
 def _to_numpy(params):
-  import jax
-
   return jax.tree.map(lambda x: np.asarray(jax.device_get(x)), params)

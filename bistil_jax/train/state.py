@@ -65,6 +65,16 @@ def schedule(cfg: OptimConfig) -> optax.Schedule:
   return optax.join_schedules([warm, decay], [cfg.warmup_steps])
 
 
+def lr_at_step(cfg: OptimConfig) -> optax.Schedule:
+  """Learning rate per training step (micro-batch), for metrics.
+
+  With gradient accumulation the optimiser updates once every
+  `accumulate_steps` steps, so its schedule advances at that pace.
+  """
+  per_update = schedule(cfg)
+  return lambda step: per_update(step // cfg.accumulate_steps)
+
+
 def _decay_mask(params):
   """Weight decay on matrices only (not biases, LayerNorm or 1-d params)."""
   return jax.tree.map(lambda x: x.ndim > 1, params)

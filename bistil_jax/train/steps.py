@@ -153,7 +153,12 @@ def distil_step(
   loss_cfg: DistilLossConfig,
   lr_schedule: optax.Schedule | None = None,
 ) -> tuple[TrainState, dict[str, jax.Array]]:
-  """One phase-1 update of the student; the teacher is a frozen argument."""
+  """One phase-1 update of the student; the teacher is a frozen argument.
+
+  `lr_schedule`, if given, maps the training step to the learning rate for
+  the metrics; use `state.lr_at_step(optim_cfg)` so gradient accumulation
+  is accounted for.
+  """
   step_key = jax.random.fold_in(key, state.step)
 
   def loss_fn(params):
