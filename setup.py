@@ -23,6 +23,9 @@ RUNTIME = [
   "numpy==2.4.6",
   "msgpack==1.2.4",
   "absl-py==2.5.1",
+  # TensorBoard event files without TensorFlow.
+  "tensorboardX==2.6.5",
+  "protobuf==7.36.2",
 ]
 
 EXTRAS = {

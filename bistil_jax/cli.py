@@ -19,7 +19,11 @@ COMMAND_MODULES = (
   "bistil_jax.checkpoint.commands",
   "bistil_jax.data.trim_cli",
   "bistil_jax.synthetic.cli",
+  "bistil_jax.train.commands",
 )
+
+# Multi-process runs (TPU pods, multi-node GPU) set this; see launch/.
+DISTRIBUTED_ENV = "BISTIL_DISTRIBUTED"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -42,7 +46,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
   parser = build_parser()
-  args = parser.parse_args(argv)
+  args, rest = parser.parse_known_args(argv)
+  if rest and not getattr(args, "accepts_overrides", False):
+    parser.error(f"unrecognized arguments: {' '.join(rest)}")
   logging.basicConfig(
     level=logging.DEBUG if args.verbose else logging.INFO,
     format="%(levelname).1s %(name)s: %(message)s",
@@ -51,6 +57,11 @@ def main(argv: list[str] | None = None) -> int:
   # absl (pulled in by orbax/clu) installs its own handler; keep ours.
   logging.getLogger("absl").setLevel(logging.WARNING)
   try:
+    if getattr(args, "accepts_overrides", False):
+      from bistil_jax import configlib
+
+      args.overrides = configlib.parse_override_args(rest)
+      _maybe_initialize_distributed()
     return int(args.func(args) or 0)
   except BistilError as e:
     print(f"error: {e}", file=sys.stderr)
@@ -58,6 +69,36 @@ def main(argv: list[str] | None = None) -> int:
   except KeyboardInterrupt:
     print("error: interrupted", file=sys.stderr)
     return 130
+
+
+def _maybe_initialize_distributed() -> None:
+  """jax.distributed.initialize() when the launcher asks for it.
+
+  BISTIL_DISTRIBUTED=1: on Cloud TPU VMs JAX finds the coordinator itself;
+  multi-process GPU runs also set BISTIL_COORDINATOR (host:port),
+  BISTIL_NUM_PROCESSES and BISTIL_PROCESS_ID (see launch/local_gpu.sh).
+  """
+  import os
+
+  if os.environ.get(DISTRIBUTED_ENV, "") not in ("1", "true"):
+    return
+  import jax
+
+  kw = {}
+  if os.environ.get("BISTIL_COORDINATOR"):
+    kw = dict(
+      coordinator_address=os.environ["BISTIL_COORDINATOR"],
+      num_processes=int(os.environ["BISTIL_NUM_PROCESSES"]),
+      process_id=int(os.environ["BISTIL_PROCESS_ID"]),
+    )
+  jax.distributed.initialize(**kw)
+  logging.getLogger(__name__).info(
+    "process %d of %d, %d local / %d global devices",
+    jax.process_index(),
+    jax.process_count(),
+    jax.local_device_count(),
+    jax.device_count(),
+  )
 
 
 if __name__ == "__main__":

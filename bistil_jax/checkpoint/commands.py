@@ -102,11 +102,28 @@ def _run_inspect(args: argparse.Namespace) -> int:
   return 0
 
 
+def _model_from_workdir(workdir: str, step: int | None):
+  """(model, params, tokenizer dir) of a training workdir's checkpoint."""
+  from bistil_jax.checkpoint import manager
+
+  run = manager.read_run(workdir)
+  phase = run.get("phase")
+  if phase == "distil":
+    from bistil_jax.train import distil
+
+    return distil.model_from_workdir(workdir, run, step)
+  raise BistilError(f"cannot export a {phase!r} workdir")
+
+
 def _run_export(args: argparse.Namespace) -> int:
-  if args.model is None:
-    raise BistilError("export-hf needs --model DIR")
-  model, params = hf.load_hf(args.model)
-  tok = args.tokenizer or args.model
+  if (args.model is None) == (args.workdir is None):
+    raise BistilError("export-hf needs exactly one of --model or --workdir")
+  if args.workdir:
+    model, params, tok_dir = _model_from_workdir(args.workdir, args.step)
+  else:
+    model, params = hf.load_hf(args.model)
+    tok_dir = args.model
+  tok = args.tokenizer or tok_dir
   has_tok = any(
     os.path.isfile(os.path.join(tok, n)) for n in hf.TOKENIZER_FILES
   )
@@ -139,6 +156,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     "tokenizer) from a model dir",
   )
   p.add_argument("--model", help="input HF model dir (any supported weights)")
+  p.add_argument(
+    "--workdir",
+    help="a training workdir: export its latest (or --step) checkpoint",
+  )
+  p.add_argument("--step", type=int, help="checkpoint step for --workdir")
   p.add_argument("--tokenizer", help="tokenizer dir (default: --model)")
   p.add_argument("--out", required=True, help="output dir")
   p.add_argument("--overwrite", action="store_true")

@@ -623,26 +623,16 @@ class BilingualBatches:
     ids, special = stream.take(
       self.position(step, lang), self.per_host_batch, self.seed, lang
     )  # [b, l], [b, l]
-    masked, labels, _ = mlm.mask_tokens(
+    return mlm_batch(
       ids,
       special,
       mlm.mask_rng(self.seed, step, self.process_index, lang),
-      self.vocab_size,
-      self.mask_id,
-      self.mlm_probability,
+      lang,
+      vocab_size=self.vocab_size,
+      mask_id=self.mask_id,
+      mlm_probability=self.mlm_probability,
+      max_predictions=self.max_predictions,
     )
-    positions, weights = mlm.masked_positions(labels, self.max_predictions)
-    return {
-      "input_ids": masked,  # [b, l]
-      "attention_mask": np.ones_like(masked),  # [b, l]
-      "token_type_ids": np.zeros_like(masked),  # [b, l]
-      "labels": labels,  # [b, l]
-      "special_tokens_mask": special.astype(np.int32),  # [b, l]
-      "masked_lm_positions": positions,  # [b, P]
-      "masked_lm_ids": mlm.gather_labels(labels, positions, weights),
-      "masked_lm_weights": weights,  # [b, P]
-      "lang": np.asarray(lang, np.int32),  # []
-    }
 
   # -- iterator
   def __iter__(self) -> BilingualBatches:
@@ -711,6 +701,76 @@ class BilingualBatches:
     if step < 0:
       raise BistilError(f"data iterator state has step={step} < 0")
     self._step = step
+
+
+def mlm_batch(
+  ids: np.ndarray,
+  special: np.ndarray,
+  rng: np.random.Generator,
+  lang: int,
+  *,
+  vocab_size: int,
+  mask_id: int,
+  mlm_probability: float,
+  max_predictions: int,
+) -> Batch:
+  """Masks packed rows into a batch dict (leaves: see `BilingualBatches`)."""
+  masked, labels, _ = mlm.mask_tokens(
+    ids, special, rng, vocab_size, mask_id, mlm_probability
+  )
+  positions, weights = mlm.masked_positions(labels, max_predictions)
+  return {
+    "input_ids": masked,  # [b, l]
+    "attention_mask": np.ones_like(masked),  # [b, l]
+    "token_type_ids": np.zeros_like(masked),  # [b, l]
+    "labels": labels,  # [b, l]
+    "special_tokens_mask": special.astype(np.int32),  # [b, l]
+    "masked_lm_positions": positions,  # [b, P]
+    "masked_lm_ids": mlm.gather_labels(labels, positions, weights),
+    "masked_lm_weights": weights,  # [b, P]
+    "lang": np.asarray(lang, np.int32),  # []
+  }
+
+
+def eval_batches(
+  stream: LanguageStream,
+  lang: int,
+  per_host_batch: int,
+  num_batches: int,
+  seed: int,
+  *,
+  vocab_size: int,
+  mask_id: int,
+  mlm_probability: float = 0.15,
+  max_predictions: int | None = None,
+) -> list[Batch]:
+  """A fixed list of masked batches from the start of a (dev) stream.
+
+  The same rows and masks on every call, so evaluations are comparable
+  across steps and runs; at most one pass over the stream.
+  """
+  stream.check_batch(per_host_batch)
+  num_batches = max(1, min(num_batches, stream.num_rows // per_host_batch))
+  if max_predictions is None:
+    max_predictions = mlm.default_max_predictions(
+      stream.max_seq_len, mlm_probability
+    )
+  out = []
+  for k in range(num_batches):
+    ids, special = stream.take(k * per_host_batch, per_host_batch, seed, lang)
+    out.append(
+      mlm_batch(
+        ids,
+        special,
+        mlm.mask_rng(seed, k, stream.process_index, lang),
+        lang,
+        vocab_size=vocab_size,
+        mask_id=mask_id,
+        mlm_probability=mlm_probability,
+        max_predictions=max_predictions,
+      )
+    )
+  return out
 
 
 # ------------------------------------------------------------------ prefetch

@@ -1,0 +1,213 @@
+"""Experiment configs: `path.py[:arg]` files with `get_config(arg)`.
+
+A config file defines `get_config(arg: str | None) -> ConfigDict` (STYLE.md
+point 10). The command line picks it with `--config configs/distil.py:tiny`
+and overrides fields with `--config.optim.learning_rate=3e-4`. The returned
+config is locked, so reading or writing a key that does not exist is an
+error rather than a silently ignored typo.
+"""
+
+from __future__ import annotations
+
+import ast
+import difflib
+import importlib.util
+import json
+import os
+import pathlib
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+import ml_collections
+
+from bistil_jax.errors import BistilError
+
+ConfigDict = ml_collections.ConfigDict
+
+
+def repo_configs_dir() -> pathlib.Path:
+  """The `configs/` directory of a source checkout (editable install)."""
+  return pathlib.Path(__file__).resolve().parent.parent / "configs"
+
+
+def split_spec(spec: str) -> tuple[str, str | None]:
+  """ "configs/distil.py:tiny" -> ("configs/distil.py", "tiny")."""
+  path, sep, arg = spec.partition(":")
+  if path.endswith(".py") or not sep:
+    return path, (arg if sep else None)
+  # A ":" inside the path itself (rare): split at the last ".py:".
+  idx = spec.rfind(".py:")
+  if idx < 0:
+    return spec, None
+  return spec[: idx + 3], spec[idx + 4 :]
+
+
+def load_config(spec: str) -> ConfigDict:
+  """Imports a config file and calls its `get_config(arg)`.
+
+  A bare name such as "distil" resolves to the source checkout's
+  `configs/distil.py`.
+
+  Raises:
+    BistilError: missing file, no get_config, or an error inside it.
+  """
+  path, arg = split_spec(spec)
+  p = pathlib.Path(path)
+  if not p.suffix and not p.exists():
+    p = repo_configs_dir() / f"{path}.py"
+  if not p.is_file():
+    raise BistilError(f"config file not found: {path}")
+  mod_spec = importlib.util.spec_from_file_location(f"_bistil_cfg_{p.stem}", p)
+  module = importlib.util.module_from_spec(mod_spec)
+  try:
+    mod_spec.loader.exec_module(module)
+  except Exception as e:  # the user's file: report, do not trace
+    raise BistilError(f"config file {p} failed to import: {e!r}") from e
+  if not hasattr(module, "get_config"):
+    raise BistilError(f"config file {p} defines no get_config(arg)")
+  try:
+    config = module.get_config(arg)
+  except BistilError:
+    raise
+  except Exception as e:
+    raise BistilError(f"{p}: get_config({arg!r}) failed: {e!r}") from e
+  if not isinstance(config, ConfigDict):
+    raise BistilError(
+      f"{p}: get_config must return an ml_collections.ConfigDict"
+    )
+  return config
+
+
+def load_sibling(config_file: str, name: str):
+  """Imports `name.py` from the directory of a config file (e.g. common)."""
+  path = pathlib.Path(config_file).resolve().parent / f"{name}.py"
+  spec = importlib.util.spec_from_file_location(f"_bistil_cfg_{name}", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+def _keys(config: ConfigDict, prefix: str = "") -> list[str]:
+  out = []
+  for k, v in config.items():
+    name = f"{prefix}{k}"
+    if isinstance(v, ConfigDict):
+      out.extend(_keys(v, name + "."))
+    else:
+      out.append(name)
+  return out
+
+
+def _unknown(config: ConfigDict, key: str) -> BistilError:
+  close = difflib.get_close_matches(key, _keys(config), n=1)
+  hint = f" (did you mean {close[0]}?)" if close else ""
+  return BistilError(f"unknown config key {key}{hint}")
+
+
+def _parse_value(key: str, text: str, current: Any) -> Any:
+  """Parses an override string into the type of the current value."""
+  if isinstance(current, bool):
+    low = text.lower()
+    if low in ("1", "true", "yes", "on"):
+      return True
+    if low in ("0", "false", "no", "off"):
+      return False
+    raise BistilError(f"config.{key} is a bool, got {text!r}")
+  if isinstance(current, str) or current is None:
+    if current is None:
+      try:
+        return ast.literal_eval(text)
+      except (ValueError, SyntaxError):
+        return text
+    return text
+  try:
+    value = ast.literal_eval(text)
+  except (ValueError, SyntaxError):
+    raise BistilError(
+      f"config.{key} expects {type(current).__name__}, got {text!r}"
+    ) from None
+  if isinstance(current, float) and isinstance(value, int):
+    value = float(value)
+  if isinstance(current, tuple) and isinstance(value, list):
+    value = tuple(value)
+  if isinstance(current, tuple) and not isinstance(value, tuple):
+    value = (value,)
+  if not isinstance(value, type(current)):
+    raise BistilError(
+      f"config.{key} expects {type(current).__name__}, got {text!r}"
+    )
+  return value
+
+
+def apply_overrides(config: ConfigDict, overrides: Mapping[str, str]) -> None:
+  """Sets dotted keys from strings; unknown keys are errors."""
+  for key, text in overrides.items():
+    node = config
+    parts = key.split(".")
+    for part in parts[:-1]:
+      if part not in node or not isinstance(node[part], ConfigDict):
+        raise _unknown(config, key)
+      node = node[part]
+    if parts[-1] not in node:
+      raise _unknown(config, key)
+    node[parts[-1]] = _parse_value(key, text, node[parts[-1]])
+
+
+def parse_override_args(argv: Sequence[str]) -> dict[str, str]:
+  """Collects `--config.a.b=v` / `--config.a.b v` from leftover argv."""
+  out: dict[str, str] = {}
+  i = 0
+  while i < len(argv):
+    arg = argv[i]
+    if not arg.startswith("--config."):
+      raise BistilError(f"unrecognised argument: {arg}")
+    body = arg[len("--config.") :]
+    if "=" in body:
+      key, value = body.split("=", 1)
+    else:
+      if i + 1 >= len(argv):
+        raise BistilError(f"{arg} needs a value")
+      key, value = body, argv[i + 1]
+      i += 1
+    out[key] = value
+    i += 1
+  return out
+
+
+def build_config(spec: str, overrides: Mapping[str, str] | None = None):
+  """load_config + overrides, then locked (typos become errors)."""
+  config = load_config(spec)
+  config.lock()
+  apply_overrides(config, overrides or {})
+  return config
+
+
+def to_dict(config: ConfigDict) -> dict[str, Any]:
+  """A JSON-serialisable plain dict (tuples become lists)."""
+  return json.loads(config.to_json_best_effort())
+
+
+def diff_keys(a: Mapping[str, Any], b: Mapping[str, Any]) -> list[str]:
+  """Dotted keys whose values differ between two plain config dicts."""
+  out = []
+  for key in sorted(set(a) | set(b)):
+    va, vb = a.get(key, "<absent>"), b.get(key, "<absent>")
+    if isinstance(va, Mapping) and isinstance(vb, Mapping):
+      out.extend(f"{key}.{k}" for k in diff_keys(va, vb))
+    elif va != vb:
+      out.append(key)
+  return out
+
+
+def check_keys_set(config: ConfigDict, keys: Iterable[str]) -> None:
+  """Errors for required string fields left empty."""
+  for key in keys:
+    node = config
+    for part in key.split("."):
+      node = node[part]
+    if node in ("", None):
+      raise BistilError(f"config.{key} must be set (--config.{key}=...)")
+
+
+def expand(path: str) -> str:
+  return os.path.expanduser(path) if path else path

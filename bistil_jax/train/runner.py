@@ -1,0 +1,117 @@
+"""Pieces every phase driver shares: mesh, sharded state, restore, jit.
+
+A driver reads top-down (STYLE.md): mesh -> data -> models -> shard ->
+step -> restore -> loop -> export. The helpers here keep each of those
+sections a few lines long and identical across phases.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import numpy as np
+import optax
+
+from bistil_jax import partitioning
+from bistil_jax.checkpoint import manager as ckpt
+from bistil_jax.errors import BistilError
+from bistil_jax.model.config import ModelConfig
+from bistil_jax.train import state as state_lib
+
+log = logging.getLogger(__name__)
+
+
+def build_mesh(shape: Sequence[int]) -> jax.sharding.Mesh:
+  """The (data, fsdp, tensor) mesh over all devices."""
+  mesh = partitioning.make_mesh(tuple(shape))
+  log.info(
+    "mesh %s over %d %s device(s), %d process(es)",
+    dict(mesh.shape),
+    mesh.size,
+    jax.devices()[0].platform,
+    jax.process_count(),
+  )
+  return mesh
+
+
+def per_host_batch(global_batch: int, mesh: jax.sharding.Mesh) -> int:
+  """The rows each host feeds; checks the global batch splits evenly."""
+  hosts = jax.process_count()
+  if global_batch < 1 or global_batch % hosts:
+    raise BistilError(
+      f"batch_size {global_batch} does not split over {hosts} host(s)"
+    )
+  shards = mesh.shape["data"] * mesh.shape["fsdp"]
+  if global_batch % shards:
+    raise BistilError(
+      f"batch_size {global_batch} does not split over the {shards} batch "
+      f"shards of mesh {dict(mesh.shape)}"
+    )
+  return global_batch // hosts
+
+
+def cast(params: Any, dtype: str) -> Any:
+  """Floating leaves to `dtype` (host numpy)."""
+  dt = np.dtype(dtype) if dtype != "bfloat16" else jax.numpy.bfloat16
+  return jax.tree.map(
+    lambda x: (
+      np.asarray(x).astype(dt)
+      if np.issubdtype(np.asarray(x).dtype, np.floating)
+      else x
+    ),
+    params,
+  )
+
+
+def shard_params(
+  params: Any, config: ModelConfig, mesh: jax.sharding.Mesh
+) -> tuple[Any, Any]:
+  """Host params -> sharded device arrays, plus their shardings."""
+  shardings = partitioning.param_shardings(config, mesh)
+  return partitioning.shard(params, shardings), shardings
+
+
+def init_state(
+  params: Any,
+  config: ModelConfig,
+  tx: optax.GradientTransformation,
+  mesh: jax.sharding.Mesh,
+) -> tuple[state_lib.TrainState, Any]:
+  """A sharded TrainState (optimiser state sharded like the params)."""
+  sharded, _ = shard_params(params, config, mesh)
+  with partitioning.activate(mesh):
+    state = jax.jit(state_lib.create_state, static_argnums=1)(sharded, tx)
+  return state, jax.tree.map(lambda x: x.sharding, state)
+
+
+def restore_latest(
+  checkpointer: ckpt.Checkpointer, state: Any
+) -> tuple[Any, dict[str, Any] | None, int]:
+  """(state, data position, step) from the latest checkpoint, if any."""
+  step = checkpointer.latest_step()
+  if step is None:
+    return state, None, 0
+  log.info("resuming from %s step %d", checkpointer.directory, step)
+  restored, data = checkpointer.restore(step, ckpt.abstract_like(state))
+  if int(restored.step) != step:
+    raise BistilError(
+      f"checkpoint {step} in {checkpointer.directory} holds step "
+      f"{int(restored.step)}"
+    )
+  return restored, data, step
+
+
+def parameter_overview(params: Any, title: str) -> str:
+  """A one-line size summary for the log."""
+  leaves = jax.tree.leaves(params)
+  n = sum(int(np.prod(x.shape)) for x in leaves)
+  dtypes = sorted({str(x.dtype) for x in leaves})
+  return f"{title}: {n / 1e6:.2f}M parameters in {len(leaves)} arrays {dtypes}"
+
+
+def export_dir(workdir: str) -> str:
+  return os.path.join(workdir, ckpt.EXPORT)
