@@ -1,0 +1,1141 @@
+"""Phase-2 task data: readers, label sets, encoding and batches.
+
+METHOD.md 4.3, 4.4 and 5.1, host side, in NumPy. Three tasks:
+
+- `pos`: UPOS tagging (token task) read from UD CoNLL-U files.
+- `ner`: IOB1/IOB2 named entities (token task) read from CoNLL-style column
+  files (CoNLL-03, MasakhaNER).
+- `nli`: premise/hypothesis classification (pair task) read from JSON lines
+  or TSV/CSV files with a header (MultiNLI, XNLI, AmericasNLI).
+
+A task SPEC names one split:
+
+- `PATH`: a local file in the task's own format (`read_conllu`,
+  `read_conll_ner`, `read_nli`).
+- `json:PATH`, `csv:PATH`, `parquet:PATH`: local files in the column layout
+  of Hugging Face datasets, read with that `datasets` builder
+  (`load_dataset(builder, data_files=PATH, split="train")`); PATH may be a
+  glob. Token tasks want a `tokens` column and a tag column (`upos` for pos,
+  `ner_tags` for ner), NLI wants `premise`, `hypothesis` and `label`.
+- `hf:NAME:SPLIT`, `hf:NAME:CONFIG:SPLIT`: `load_dataset(NAME, CONFIG,
+  split=SPLIT)` from the hub (or a local dataset directory), same columns
+  (the layout of the UD, CoNLL-03, MasakhaNER and MultiNLI datasets); leave
+  CONFIG empty for none (`hf:NAME::SPLIT`).
+
+Integer tags map through the dataset's ClassLabel names when the features
+carry them, otherwise through `label_names` (default: the task's default
+label set). Datasets are streamed, so nothing is written to the HF cache.
+
+Encoding follows the released code (METHOD.md 4.3, 4.4): token tasks put the
+label id on the first sub-word of each word and -100 on every other position
+(continuation sub-words, special tokens, padding); examples longer than
+`max_seq_len` are dropped rather than truncated. NLI pairs are truncated
+longest-first, which loses no label. All arrays are padded to `max_seq_len`,
+so every batch has the same shape.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import glob
+import json
+import os
+import re
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+from tokenizers import Tokenizer
+
+from bistil_jax.data import tokenize, vocab
+from bistil_jax.data.mlm import IGNORE_LABEL
+from bistil_jax.errors import BistilError
+
+Batch = dict[str, np.ndarray]
+
+# The 17 Universal Dependencies v2 UPOS tags, alphabetical (= sorted, the
+# order the released code gives its token-classification heads).
+UPOS_LABELS = (
+  "ADJ",
+  "ADP",
+  "ADV",
+  "AUX",
+  "CCONJ",
+  "DET",
+  "INTJ",
+  "NOUN",
+  "NUM",
+  "PART",
+  "PRON",
+  "PROPN",
+  "PUNCT",
+  "SCONJ",
+  "SYM",
+  "VERB",
+  "X",
+)
+# CoNLL-03 without MISC (METHOD.md 5.1: MISC and DATE -> O), sorted as the
+# released code sorts label names.
+NER_LABELS = ("B-LOC", "B-ORG", "B-PER", "I-LOC", "I-ORG", "I-PER", "O")
+# MultiNLI / XNLI ClassLabel order, which the NLI teacher head uses.
+NLI_LABELS = ("entailment", "neutral", "contradiction")
+
+# Seed-stream domain tag for batch order (see mlm.TAG_MASK).
+TAG_TASK_SHUFFLE = 0x7461736B  # "task"
+# Builders of `BUILDER:PATH` specs (local files in HF column layout).
+LOCAL_BUILDERS = ("json", "csv", "parquet")
+# Column aliases of NLI files, first match wins (XNLI TSVs use sentence1/2).
+NLI_COLUMNS = {
+  "premise": ("premise", "sentence1"),
+  "hypothesis": ("hypothesis", "sentence2"),
+  "label": ("label", "gold_label"),
+}
+_NER_TAG = re.compile(r"^(O|[BI]-\S+)$")
+
+
+@dataclasses.dataclass(frozen=True)
+class TaskSpec:
+  """What kind of task a name stands for.
+
+  Attributes:
+    name: the task name ("pos", "ner", "nli").
+    kind: "token" (one label per word) or "pair" (one label per text pair).
+    default_labels: the label set used when the data's labels are a subset
+      of it, in head order.
+    hf_label_column: the tag or label column of Hugging Face datasets.
+  """
+
+  name: str
+  kind: str
+  default_labels: tuple[str, ...]
+  hf_label_column: str
+
+
+SPECS = {
+  "pos": TaskSpec("pos", "token", UPOS_LABELS, "upos"),
+  "ner": TaskSpec("ner", "token", NER_LABELS, "ner_tags"),
+  "nli": TaskSpec("nli", "pair", NLI_LABELS, "label"),
+}
+TASKS = tuple(SPECS)
+
+
+@dataclasses.dataclass(frozen=True)
+class TokenExample:
+  """One sentence of a token task.
+
+  Attributes:
+    words: the words (pre-tokenized, as in the file).
+    labels: one label per word.
+    source: where it came from, `path:line` or `spec row i`, for messages.
+  """
+
+  words: tuple[str, ...]
+  labels: tuple[str, ...]
+  source: str = dataclasses.field(default="", compare=False)
+
+
+@dataclasses.dataclass(frozen=True)
+class PairExample:
+  """One premise/hypothesis pair.
+
+  Attributes:
+    premise: the first text.
+    hypothesis: the second text.
+    label: the label name.
+    source: where it came from, `path:line` or `spec row i`, for messages.
+  """
+
+  premise: str
+  hypothesis: str
+  label: str
+  source: str = dataclasses.field(default="", compare=False)
+
+
+Example = TokenExample | PairExample
+
+
+def task_spec(task: str) -> TaskSpec:
+  """The spec of a task name.
+
+  Raises:
+    BistilError: an unknown task.
+  """
+  if task not in SPECS:
+    raise BistilError(f"unknown task {task!r}; known: {', '.join(TASKS)}")
+  return SPECS[task]
+
+
+# ------------------------------------------------------------------ readers
+def _open(path: str, what: str):
+  """Opens a UTF-8 text file (BOM tolerated), failing with one line."""
+  try:
+    return open(path, encoding="utf-8-sig", newline=None)  # noqa: SIM115
+  except FileNotFoundError:
+    raise BistilError(f"{what} file not found: {path}") from None
+  except IsADirectoryError:
+    raise BistilError(f"{what} path is a directory: {path}") from None
+  except OSError as e:
+    raise BistilError(f"cannot read {what} file {path}: {e.strerror}") from None
+
+
+def _lines(path: str, what: str) -> Iterator[tuple[int, str]]:
+  """(1-based line number, line without its end) of a text file."""
+  with _open(path, what) as f:
+    lineno = 0
+    try:
+      for lineno, line in enumerate(f, start=1):  # noqa: B007
+        yield lineno, line.rstrip("\r\n")
+    except UnicodeDecodeError:
+      raise BistilError(
+        f"{what} file {path} is not valid UTF-8 (after line {lineno})"
+      ) from None
+
+
+def _nonempty(examples: list[Any], path: str, what: str) -> list[Any]:
+  if not examples:
+    raise BistilError(f"{what} file {path} holds no examples")
+  return examples
+
+
+def read_conllu(path: str | os.PathLike[str]) -> list[TokenExample]:
+  """Reads UPOS-tagged sentences from a UD CoNLL-U file.
+
+  Comment lines (`#`), multiword-token ranges (`1-2`) and empty nodes
+  (`1.1`) are skipped: the words are the syntactic words, as UD scores them.
+
+  Args:
+    path: the .conllu file.
+
+  Returns:
+    One example per sentence: FORM (column 2) and UPOS (column 4); its
+    source is the line where the sentence's block (comments included)
+    starts.
+
+  Raises:
+    BistilError: a missing or undecodable file, a line without 10
+      tab-separated columns, a bad or out-of-order word id, an empty FORM or
+      UPOS (all with `path:line`), or a file without sentences.
+  """
+  path = os.fspath(path)
+  examples = []
+  words, tags, start = [], [], 0
+  for lineno, line in _lines(path, "CoNLL-U"):
+    if not line.strip():
+      if words:
+        examples.append(
+          TokenExample(tuple(words), tuple(tags), f"{path}:{start}")
+        )
+      words, tags, start = [], [], 0
+      continue
+    start = start or lineno  # The block's first line, comments included.
+    if line.startswith("#"):
+      continue
+    cols = line.split("\t")
+    if len(cols) != 10:
+      raise BistilError(
+        f"{path}:{lineno}: expected 10 tab-separated CoNLL-U columns, got "
+        f"{len(cols)}"
+      )
+    word_id = cols[0]
+    if "-" in word_id or "." in word_id:
+      continue  # Multiword range or empty node.
+    if not word_id.isdigit() or int(word_id) != len(words) + 1:
+      raise BistilError(
+        f"{path}:{lineno}: word id {word_id!r} where {len(words) + 1} was "
+        "expected (missing blank line between sentences?)"
+      )
+    form, upos = cols[1], cols[3]
+    if not form or not upos:
+      raise BistilError(f"{path}:{lineno}: empty FORM or UPOS column")
+    words.append(form)
+    tags.append(upos)
+  if words:
+    examples.append(TokenExample(tuple(words), tuple(tags), f"{path}:{start}"))
+  return _nonempty(examples, path, "CoNLL-U")
+
+
+def read_conll_ner(path: str | os.PathLike[str]) -> list[TokenExample]:
+  """Reads NER sentences from a CoNLL-style column file.
+
+  One word per line: the token in the first and its tag in the last
+  whitespace-separated column (CoNLL-03 has 4 columns, MasakhaNER 2).
+  Blank lines separate sentences; `-DOCSTART-` lines are skipped. Tags must
+  look like IOB1/IOB2 tags (`O`, `B-X`, `I-X`); IOB1 files need no
+  conversion since the metrics apply the conlleval rules.
+
+  Args:
+    path: the column file.
+
+  Returns:
+    One example per sentence.
+
+  Raises:
+    BistilError: a missing or undecodable file, a line with one column or a
+      malformed tag (with `path:line`), or a file without sentences.
+  """
+  path = os.fspath(path)
+  examples = []
+  words, tags, start = [], [], 0
+  for lineno, line in _lines(path, "NER"):
+    cols = line.split()
+    if not cols or cols[0] == "-DOCSTART-":
+      if words:
+        examples.append(
+          TokenExample(tuple(words), tuple(tags), f"{path}:{start}")
+        )
+      words, tags = [], []
+      continue
+    if len(cols) < 2:
+      raise BistilError(
+        f"{path}:{lineno}: expected a token and a tag, got {line.strip()!r}"
+      )
+    tag = cols[-1]
+    if not _NER_TAG.match(tag):
+      raise BistilError(
+        f"{path}:{lineno}: malformed NER tag {tag!r} (expected O, B-TYPE or "
+        "I-TYPE)"
+      )
+    if not words:
+      start = lineno
+    words.append(cols[0])
+    tags.append(tag)
+  if words:
+    examples.append(TokenExample(tuple(words), tuple(tags), f"{path}:{start}"))
+  return _nonempty(examples, path, "NER")
+
+
+def _label_name(value: Any, label_names: Sequence[str], where: str) -> str:
+  """A label name from a name, an int index or a digit string."""
+  if isinstance(value, bool) or value is None:
+    raise BistilError(f"{where}: bad label {value!r}")
+  if isinstance(value, str) and value.strip().lstrip("-").isdigit():
+    value = int(value)
+  if isinstance(value, int | np.integer):
+    if value < 0:
+      raise BistilError(f"{where}: label {value} (unlabelled example?)")
+    if value >= len(label_names):
+      raise BistilError(
+        f"{where}: label index {value} out of range for "
+        f"{len(label_names)} labels ({', '.join(label_names)})"
+      )
+    return label_names[value]
+  if isinstance(value, str) and value.strip():
+    return value.strip()
+  raise BistilError(f"{where}: bad label {value!r}")
+
+
+def _nli_keys(
+  names: Iterable[str], where: str, columns: Mapping[str, str] | None
+) -> dict[str, str]:
+  """Which column holds premise, hypothesis and label."""
+  names = list(names)
+  keys = {}
+  for field, aliases in NLI_COLUMNS.items():
+    wanted = (columns[field],) if columns and field in columns else aliases
+    found = [a for a in wanted if a in names]
+    if not found:
+      raise BistilError(
+        f"{where}: no {field} column ({' or '.join(wanted)}); columns: "
+        f"{', '.join(names)}"
+      )
+    keys[field] = found[0]
+  return keys
+
+
+def read_nli(
+  path: str | os.PathLike[str],
+  label_names: Sequence[str] = NLI_LABELS,
+  columns: Mapping[str, str] | None = None,
+) -> list[PairExample]:
+  """Reads NLI pairs from a JSON-lines, TSV or CSV file.
+
+  `.jsonl`/`.json`: one object per line with premise, hypothesis and label
+  keys. `.tsv` (unquoted, as XNLI and AmericasNLI ship them) and `.csv`
+  (quoted): a header row naming the columns; other columns are ignored.
+  `sentence1`, `sentence2` and `gold_label` are accepted as aliases.
+
+  Args:
+    path: the file.
+    label_names: names of integer labels (index i -> label_names[i]).
+    columns: optional {"premise"|"hypothesis"|"label": column name}
+      overrides.
+
+  Returns:
+    The pairs, labels as names (not yet checked against a label set).
+
+  Raises:
+    BistilError: a missing file, an unknown extension, a malformed line or
+      row, a missing column or key, a negative or out-of-range label index
+      (all with `path:line`), or a file without pairs.
+  """
+  path = os.fspath(path)
+  ext = os.path.splitext(path)[1].lower()
+  if ext in (".jsonl", ".json"):
+    examples = list(_read_nli_jsonl(path, label_names, columns))
+  elif ext in (".tsv", ".csv"):
+    examples = list(_read_nli_table(path, ext, label_names, columns))
+  else:
+    raise BistilError(
+      f"NLI file {path}: unknown extension {ext or '(none)'!r}; expected "
+      ".jsonl, .json, .tsv or .csv"
+    )
+  return _nonempty(examples, path, "NLI")
+
+
+def _read_nli_jsonl(
+  path: str, label_names: Sequence[str], columns: Mapping[str, str] | None
+) -> Iterator[PairExample]:
+  for lineno, line in _lines(path, "NLI"):
+    if not line.strip():
+      continue
+    where = f"{path}:{lineno}"
+    try:
+      row = json.loads(line)
+    except json.JSONDecodeError as e:
+      raise BistilError(f"{where}: invalid JSON ({e.msg})") from None
+    if not isinstance(row, dict):
+      raise BistilError(f"{where}: expected a JSON object per line")
+    keys = _nli_keys(row, where, columns)
+    yield _pair(row, keys, label_names, where)
+
+
+def _read_nli_table(
+  path: str,
+  ext: str,
+  label_names: Sequence[str],
+  columns: Mapping[str, str] | None,
+) -> Iterator[PairExample]:
+  kwargs = (
+    {"delimiter": "\t", "quoting": csv.QUOTE_NONE} if ext == ".tsv" else {}
+  )
+  with _open(path, "NLI") as f:
+    reader = csv.reader(f, **kwargs)
+    try:
+      header = next(reader, None)
+      if header is None:
+        raise BistilError(f"NLI file {path} holds no examples")
+      keys = _nli_keys(header, f"{path}:1", columns)
+      index = {field: header.index(col) for field, col in keys.items()}
+      for row in reader:
+        where = f"{path}:{reader.line_num}"
+        if not any(cell.strip() for cell in row):
+          continue
+        if len(row) != len(header):
+          raise BistilError(
+            f"{where}: {len(row)} columns where the header has {len(header)}"
+          )
+        values = {field: row[i] for field, i in index.items()}
+        yield _pair(values, {f: f for f in keys}, label_names, where)
+    except UnicodeDecodeError:
+      raise BistilError(f"NLI file {path} is not valid UTF-8") from None
+    except csv.Error as e:
+      raise BistilError(f"{path}:{reader.line_num}: {e}") from None
+
+
+def _pair(
+  row: Mapping[str, Any],
+  keys: Mapping[str, str],
+  label_names: Sequence[str],
+  where: str,
+) -> PairExample:
+  texts = []
+  for field in ("premise", "hypothesis"):
+    value = row[keys[field]]
+    if not isinstance(value, str):
+      raise BistilError(f"{where}: {field} is {type(value).__name__}, not text")
+    texts.append(value)
+  label = _label_name(row[keys["label"]], label_names, where)
+  return PairExample(texts[0], texts[1], label, where)
+
+
+# ------------------------------------------------------------------ specs
+@dataclasses.dataclass(frozen=True)
+class TaskSource:
+  """A parsed task SPEC (see the module docstring).
+
+  Attributes:
+    kind: "file" (the task's own format), "local" (a `datasets` builder over
+      local files) or "hf" (`load_dataset` by name).
+    path: the file path (file, local) or the dataset name (hf).
+    builder: the `datasets` builder for kind "local".
+    config: the dataset config for kind "hf", or None.
+    split: the split for kind "hf" ("train" otherwise).
+  """
+
+  kind: str
+  path: str
+  builder: str | None = None
+  config: str | None = None
+  split: str = "train"
+
+
+def parse_source(spec: str) -> TaskSource:
+  """Parses a task SPEC string.
+
+  Raises:
+    BistilError: an empty or malformed spec, or a local file that does not
+      exist.
+  """
+  if not isinstance(spec, str) or not spec.strip():
+    raise BistilError(f"empty task data spec {spec!r}")
+  if os.path.exists(spec):
+    return TaskSource(kind="file", path=spec)
+  prefix, sep, rest = spec.partition(":")
+  if sep and prefix == "hf":
+    parts = rest.split(":")
+    if len(parts) == 2:
+      (name, split), config = parts, None
+    elif len(parts) == 3:
+      name, config, split = parts
+    else:
+      raise BistilError(
+        f"bad task data spec {spec!r}: expected hf:NAME[:CONFIG]:SPLIT"
+      )
+    if not name or not split:
+      raise BistilError(
+        f"bad task data spec {spec!r}: NAME and SPLIT must be non-empty"
+      )
+    return TaskSource(kind="hf", path=name, config=config or None, split=split)
+  if sep and prefix in LOCAL_BUILDERS:
+    if not rest:
+      raise BistilError(f"bad task data spec {spec!r}: no path after {prefix}:")
+    matches = glob.glob(rest) if glob.has_magic(rest) else [rest]
+    if not matches or not os.path.isfile(matches[0]):
+      raise BistilError(f"task data file not found: {rest}")
+    return TaskSource(kind="local", path=rest, builder=prefix)
+  raise BistilError(f"task data file not found: {spec}")
+
+
+def read_task(
+  task: str,
+  spec: str,
+  *,
+  label_names: Sequence[str] | None = None,
+  columns: Mapping[str, str] | None = None,
+) -> list[Example]:
+  """Reads one split of a task from a SPEC (see the module docstring).
+
+  Args:
+    task: one of TASKS.
+    spec: a local file in the task's format, `BUILDER:PATH` or
+      `hf:NAME[:CONFIG]:SPLIT`.
+    label_names: names of integer labels that carry no ClassLabel names
+      (default: the task's default label set).
+    columns: column overrides: {"tokens", "labels"} for token tasks,
+      {"premise", "hypothesis", "label"} for nli.
+
+  Returns:
+    TokenExamples (pos, ner) or PairExamples (nli), at least one.
+
+  Raises:
+    BistilError: an unknown task, a bad spec, missing data or columns,
+      malformed rows, or an empty split.
+  """
+  spec_ = task_spec(task)
+  names = tuple(label_names or spec_.default_labels)
+  source = parse_source(spec)
+  if source.kind == "file":
+    if task == "pos":
+      return read_conllu(source.path)
+    if task == "ner":
+      return read_conll_ner(source.path)
+    return read_nli(source.path, names, columns)
+  ds = _load_dataset(source, spec)
+  if spec_.kind == "token":
+    examples = list(_token_rows(ds, spec_, spec, names, columns))
+  else:
+    examples = list(_pair_rows(ds, spec, names, columns))
+  if not examples:
+    raise BistilError(f"task data {spec} holds no examples")
+  return examples
+
+
+def _load_dataset(source: TaskSource, spec: str):
+  import datasets  # noqa: PLC0415 - heavy import, only for dataset specs
+
+  if source.kind == "local":
+    args = (source.builder,)
+    kwargs = {"data_files": source.path, "split": "train"}
+  else:
+    args = (source.path,) + ((source.config,) if source.config else ())
+    kwargs = {"split": source.split}
+  try:
+    return datasets.load_dataset(*args, streaming=True, **kwargs)
+  except Exception as e:  # noqa: BLE001 - datasets raises many types
+    msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    raise BistilError(f"cannot load task data {spec}: {msg}") from None
+
+
+def _class_names(ds, column: str) -> tuple[str, ...] | None:
+  """ClassLabel names of a column (or of its list items), if any."""
+  import datasets  # noqa: PLC0415
+
+  features = getattr(ds, "features", None)
+  if not features or column not in features:
+    return None
+  feature = features[column]
+  feature = getattr(feature, "feature", feature)  # List/Sequence items.
+  if isinstance(feature, datasets.ClassLabel):
+    return tuple(feature.names)
+  return None
+
+
+def _rows(ds, spec: str) -> Iterator[tuple[int, Mapping[str, Any]]]:
+  it = iter(ds)
+  i = 0
+  while True:
+    try:
+      row = next(it)
+    except StopIteration:
+      return
+    except Exception as e:  # noqa: BLE001 - decoding errors of any builder
+      msg = (
+        str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+      )
+      raise BistilError(f"cannot read task data {spec}: {msg}") from None
+    yield i, row
+    i += 1
+
+
+def _column(row: Mapping[str, Any], name: str, spec: str) -> Any:
+  if name not in row:
+    raise BistilError(
+      f"task data {spec} has no column {name!r}; columns: "
+      f"{', '.join(sorted(row))}"
+    )
+  return row[name]
+
+
+def _token_rows(
+  ds,
+  spec_: TaskSpec,
+  spec: str,
+  label_names: Sequence[str],
+  columns: Mapping[str, str] | None,
+) -> Iterator[TokenExample]:
+  columns = dict(columns or {})
+  tok_col = columns.get("tokens", "tokens")
+  tag_col = columns.get("labels", spec_.hf_label_column)
+  names = _class_names(ds, tag_col) or tuple(label_names)
+  for i, row in _rows(ds, spec):
+    where = f"{spec} row {i}"
+    words = _column(row, tok_col, spec)
+    tags = _column(row, tag_col, spec)
+    if not isinstance(words, list | tuple) or not isinstance(
+      tags, list | tuple
+    ):
+      raise BistilError(f"{where}: {tok_col!r} and {tag_col!r} must be lists")
+    if len(words) != len(tags):
+      raise BistilError(f"{where}: {len(words)} tokens but {len(tags)} tags")
+    if not words:
+      continue
+    if not all(isinstance(w, str) for w in words):
+      raise BistilError(f"{where}: tokens must be strings")
+    labels = tuple(_label_name(t, names, where) for t in tags)
+    if spec_.name == "ner":
+      bad = [t for t in labels if not _NER_TAG.match(t)]
+      if bad:
+        raise BistilError(f"{where}: malformed NER tag {bad[0]!r}")
+    yield TokenExample(tuple(words), labels, where)
+
+
+def _pair_rows(
+  ds,
+  spec: str,
+  label_names: Sequence[str],
+  columns: Mapping[str, str] | None,
+) -> Iterator[PairExample]:
+  keys = None
+  names = None
+  for i, row in _rows(ds, spec):
+    where = f"{spec} row {i}"
+    if keys is None:
+      keys = _nli_keys(row, spec, columns)
+      names = _class_names(ds, keys["label"]) or tuple(label_names)
+    yield _pair(row, keys, names, where)
+
+
+# ------------------------------------------------------------------ labels
+def relabel(
+  examples: Sequence[Example], mapping: Mapping[str, str]
+) -> list[Example]:
+  """Examples with some labels renamed, e.g. {"B-DATE": "O", "I-DATE": "O"}.
+
+  METHOD.md 5.1 maps MasakhaNER's DATE and CoNLL-03's MISC to O.
+  """
+  out = []
+  for ex in examples:
+    if isinstance(ex, TokenExample):
+      labels = tuple(mapping.get(t, t) for t in ex.labels)
+      out.append(dataclasses.replace(ex, labels=labels))
+    else:
+      out.append(dataclasses.replace(ex, label=mapping.get(ex.label, ex.label)))
+  return out
+
+
+def _example_labels(ex: Example) -> tuple[str, ...]:
+  return ex.labels if isinstance(ex, TokenExample) else (ex.label,)
+
+
+def label_set(
+  task: str,
+  examples: Sequence[Example],
+  given: Sequence[str] | None = None,
+) -> tuple[str, ...]:
+  """The label names of a task, in head order (label id = position).
+
+  Given labels win (e.g. the teacher head's labels, or those of the training
+  split when labelling dev and test). Otherwise, when the data's labels are
+  a subset of the task's default set, the whole default set in its order
+  (so splits and languages agree on ids); else the sorted labels of the
+  data, as the released code sorts them, for ner completed so that every
+  entity type has both its B- and I- tag, and O.
+
+  Args:
+    task: one of TASKS.
+    examples: the examples (e.g. the training split).
+    given: an explicit label list, or None to infer.
+
+  Returns:
+    The label names.
+
+  Raises:
+    BistilError: an unknown task, no examples, duplicate or empty given
+      labels, or a label of the data outside `given` (named with its file
+      and line).
+  """
+  spec = task_spec(task)
+  if not examples:
+    raise BistilError(f"no {task} examples to take labels from")
+  if given is not None:
+    labels = tuple(given)
+    if not labels or any(not isinstance(t, str) or not t for t in labels):
+      raise BistilError(f"given {task} labels must be non-empty strings")
+    dupes = sorted({t for t in labels if labels.count(t) > 1})
+    if dupes:
+      raise BistilError(f"{task} label(s) given twice: {', '.join(dupes)}")
+    known = set(labels)
+    for ex in examples:
+      for t in _example_labels(ex):
+        if t not in known:
+          raise BistilError(
+            f"unknown {task} label {t!r} at {ex.source or '?'}; known: "
+            f"{', '.join(labels)}"
+          )
+    return labels
+  seen = {t for ex in examples for t in _example_labels(ex)}
+  if seen <= set(spec.default_labels):
+    return spec.default_labels
+  if task == "ner":
+    types = {t[2:] for t in seen if t != "O"}
+    seen = {"O"} | {f"{p}-{x}" for x in types for p in "BI"}
+  return tuple(sorted(seen))
+
+
+def label_ids(labels: Sequence[str]) -> dict[str, int]:
+  """{label name: id} of a label list (id = position)."""
+  return {t: i for i, t in enumerate(labels)}
+
+
+# ------------------------------------------------------------------ encoding
+@dataclasses.dataclass(frozen=True, eq=False)
+class TaskData:
+  """Encoded examples of one split, padded to `max_seq_len`.
+
+  Attributes:
+    task: the task name, or None.
+    input_ids: [n, L] int32 token ids, padded with the pad id.
+    attention_mask: [n, L] int32, 1 on real tokens.
+    token_type_ids: [n, L] int32 segment ids (1 on the second segment of
+      BERT-style pairs, whatever the tokenizer's pair template gives).
+    labels: [n, L] int32 label ids on first sub-words and -100 elsewhere
+      (token tasks), or [n] int32 (pair tasks).
+    label_names: label names, id = position.
+    example_index: [n] int64, the position of each row in the examples that
+      were encoded (rows of dropped examples are missing).
+    num_dropped: examples dropped for being longer than `max_seq_len`.
+    num_truncated: examples truncated to `max_seq_len`.
+    num_unk_words: words that produced no sub-word and were encoded as the
+      unknown token (so their label is kept).
+  """
+
+  task: str | None
+  input_ids: np.ndarray
+  attention_mask: np.ndarray
+  token_type_ids: np.ndarray
+  labels: np.ndarray
+  label_names: tuple[str, ...]
+  example_index: np.ndarray
+  num_dropped: int = 0
+  num_truncated: int = 0
+  num_unk_words: int = 0
+
+  @property
+  def num_examples(self) -> int:
+    return int(self.input_ids.shape[0])
+
+  @property
+  def max_seq_len(self) -> int:
+    return int(self.input_ids.shape[1])
+
+  def num_batches(self, batch_size: int, *, drop_remainder: bool = True) -> int:
+    """Batches per epoch: full ones only, or with a padded last one."""
+    _check_batch_size(batch_size)
+    if drop_remainder:
+      return self.num_examples // batch_size
+    return -(-self.num_examples // batch_size)
+
+  def order(self, seed: int, epoch: int) -> np.ndarray:
+    """The shuffled row order of one epoch, a pure function of both."""
+    if seed < 0 or epoch < 0:
+      raise BistilError(
+        f"seed and epoch must be non-negative, got {seed}, {epoch}"
+      )
+    ss = np.random.SeedSequence([seed, TAG_TASK_SHUFFLE, epoch])
+    return np.random.default_rng(ss).permutation(self.num_examples)
+
+  def batches(
+    self,
+    batch_size: int,
+    seed: int = 0,
+    epoch: int = 0,
+    *,
+    shuffle: bool = True,
+    drop_remainder: bool = True,
+  ) -> Iterator[Batch]:
+    """The batches of one epoch, all of shape [batch_size, ...].
+
+    Training: `shuffle=True, drop_remainder=True` (order seeded by (seed,
+    epoch); the last partial batch is left out). Evaluation: `shuffle=False,
+    drop_remainder=False`: every row exactly once in file order, the last
+    batch filled up with copies of its first row whose `example_mask` is 0
+    and whose labels are all -100, so neither losses nor metrics see them.
+
+    Args:
+      batch_size: rows per batch.
+      seed: the shuffle seed (ignored without shuffle).
+      epoch: the epoch (ignored without shuffle).
+      shuffle: permute rows.
+      drop_remainder: leave out a last partial batch instead of padding it.
+
+    Yields:
+      {"input_ids", "attention_mask", "token_type_ids": [b, L] int32,
+       "labels": [b, L] or [b] int32, "example_mask": [b] int32}.
+
+    Raises:
+      BistilError: a bad batch size, seed or epoch, or a batch size larger
+        than the split with `drop_remainder` (which would yield nothing).
+    """
+    n = self.num_batches(batch_size, drop_remainder=drop_remainder)
+    if n == 0:
+      raise BistilError(
+        f"batch size {batch_size} exceeds the {self.num_examples} "
+        f"{self.task or 'task'} examples; lower it or keep the remainder"
+      )
+    order = self.order(seed, epoch) if shuffle else np.arange(self.num_examples)
+    return self._batches(order, batch_size, n)
+
+  def _batches(
+    self, order: np.ndarray, batch_size: int, n: int
+  ) -> Iterator[Batch]:
+    for k in range(n):
+      rows = order[k * batch_size : (k + 1) * batch_size]  # [r]
+      real = len(rows)
+      if real < batch_size:
+        rows = np.concatenate([rows, np.full(batch_size - real, rows[0])])
+      mask = np.arange(batch_size) < real  # [b]
+      labels = self.labels[rows].copy()  # [b, L] or [b]
+      labels[~mask] = IGNORE_LABEL
+      yield {
+        "input_ids": self.input_ids[rows],  # [b, L]
+        "attention_mask": self.attention_mask[rows],  # [b, L]
+        "token_type_ids": self.token_type_ids[rows],  # [b, L]
+        "labels": labels,
+        "example_mask": mask.astype(np.int32),  # [b]
+      }
+
+
+def _check_batch_size(batch_size: int) -> None:
+  if isinstance(batch_size, bool) or not isinstance(
+    batch_size, int | np.integer
+  ):
+    raise BistilError(f"batch size must be an integer, got {batch_size!r}")
+  if batch_size < 1:
+    raise BistilError(f"batch size must be >= 1, got {batch_size}")
+
+
+def pad_token_id(tokenizer: Tokenizer) -> int:
+  """The padding id: the tokenizer's padding setting, `[PAD]` or `<pad>`.
+
+  Raises:
+    BistilError: the tokenizer has none of them.
+  """
+  if tokenizer.padding and tokenizer.padding.get("pad_id") is not None:
+    return int(tokenizer.padding["pad_id"])
+  for token in ("[PAD]", "<pad>"):
+    i = tokenizer.token_to_id(token)
+    if i is not None:
+      return int(i)
+  raise BistilError("tokenizer has no padding token ([PAD] or <pad>)")
+
+
+def _check_labels(label_to_id: Mapping[str, int]) -> tuple[str, ...]:
+  """Label names by id; ids must be exactly 0..k-1."""
+  names = sorted(label_to_id, key=label_to_id.__getitem__)
+  if sorted(label_to_id.values()) != list(range(len(names))) or not names:
+    raise BistilError(
+      "label ids must be 0..k-1, one per label; got "
+      f"{dict(sorted(label_to_id.items(), key=lambda kv: kv[1]))}"
+    )
+  return tuple(names)
+
+
+def _label_id(label_to_id: Mapping[str, int], label: str, ex: Example) -> int:
+  if label not in label_to_id:
+    raise BistilError(
+      f"unknown label {label!r} at {ex.source or '?'}; known: "
+      f"{', '.join(label_to_id)}"
+    )
+  return label_to_id[label]
+
+
+def _check_max_seq_len(max_seq_len: int) -> None:
+  if isinstance(max_seq_len, bool) or not isinstance(max_seq_len, int):
+    raise BistilError(f"max_seq_len must be an integer, got {max_seq_len!r}")
+  if max_seq_len < 2:
+    raise BistilError(f"max_seq_len must be >= 2, got {max_seq_len}")
+
+
+def _truncating(tokenizer: Tokenizer, max_seq_len: int) -> Tokenizer:
+  tok = Tokenizer.from_str(tokenizer.to_str())
+  tok.no_padding()
+  tok.enable_truncation(max_seq_len, strategy="longest_first")
+  return tok
+
+
+def _lost_words(encoding, num_words: int) -> list[int]:
+  """Words that produced no sub-word."""
+  covered = {w for w in encoding.word_ids if w is not None}
+  return [w for w in range(num_words) if w not in covered]
+
+
+def encode_token_task(
+  examples: Sequence[TokenExample],
+  tokenizer: Tokenizer,
+  label_to_id: Mapping[str, int],
+  max_seq_len: int,
+  *,
+  drop_long: bool = True,
+  task: str | None = None,
+) -> TaskData:
+  """Encodes word-labelled sentences with labels on first sub-words.
+
+  Each sentence is encoded as pre-tokenized words with the tokenizer's
+  special tokens. The label id of a word goes on its first sub-word; every
+  other position (continuation sub-words, special tokens, padding) gets -100
+  (METHOD.md 4.3: distillation is masked to these positions).
+
+  NOTE: a word that the tokenizer turns into no sub-word at all (e.g. a
+  lone zero-width or control character, removed by the normaliser) would
+  silently lose its label and shift word-level metrics. Such words are
+  encoded as the unknown token instead (counted in `num_unk_words`), so
+  every word of a kept example has exactly one labelled position.
+
+  Args:
+    examples: the sentences.
+    tokenizer: the student's tokenizer; its own truncation and padding
+      settings are ignored.
+    label_to_id: {label name: id}, ids 0..k-1 (see `label_set`).
+    max_seq_len: L, the padded length including special tokens.
+    drop_long: drop examples with more than L tokens, as the released code
+      does (counted in `num_dropped`); if False, truncate them (the labels
+      of cut words are lost; counted in `num_truncated`).
+    task: the task name stored in the result (and used in messages).
+
+  Returns:
+    The encoded split.
+
+  Raises:
+    BistilError: bad label ids or max_seq_len, no examples, a label outside
+      `label_to_id`, a word without sub-words and no unknown token, or every
+      example dropped.
+  """
+  _check_max_seq_len(max_seq_len)
+  names = _check_labels(label_to_id)
+  if not examples:
+    raise BistilError(f"no {task or 'task'} examples to encode")
+  tok = tokenize.without_truncation(tokenizer)
+  pad_id = pad_token_id(tok)
+  encodings = tok.encode_batch(
+    [list(ex.words) for ex in examples], is_pretokenized=True
+  )
+  unk = _unk_token(tok)
+  truncating = None
+  rows, kept = [], []
+  num_dropped = num_truncated = num_unk = 0
+  for i, (ex, enc) in enumerate(zip(examples, encodings, strict=True)):
+    lost = _lost_words(enc, len(ex.words))
+    if lost:
+      if unk is None:
+        raise BistilError(
+          f"word {ex.words[lost[0]]!r} at {ex.source or '?'} produces no "
+          "sub-word and the tokenizer has no unknown token"
+        )
+      words = [unk if w in lost else x for w, x in enumerate(ex.words)]
+      enc = tok.encode(words, is_pretokenized=True)
+      if _lost_words(enc, len(words)):
+        raise BistilError(
+          f"word {ex.words[lost[0]]!r} at {ex.source or '?'} produces no "
+          f"sub-word, not even as {unk!r}"
+        )
+      num_unk += len(lost)
+    else:
+      words = list(ex.words)
+    if len(enc.ids) > max_seq_len:
+      if drop_long:
+        num_dropped += 1
+        continue
+      truncating = truncating or _truncating(tok, max_seq_len)
+      enc = truncating.encode(words, is_pretokenized=True)
+      num_truncated += 1
+    labels = np.full(len(enc.ids), IGNORE_LABEL, np.int32)
+    prev = None
+    for pos, w in enumerate(enc.word_ids):
+      if w is not None and w != prev:
+        labels[pos] = _label_id(label_to_id, ex.labels[w], ex)
+      prev = w
+    rows.append((enc.ids, enc.type_ids, labels))
+    kept.append(i)
+  if not rows:
+    raise BistilError(
+      f"all {len(examples)} {task or 'task'} examples are longer than "
+      f"max_seq_len={max_seq_len} tokens (first at "
+      f"{examples[0].source or '?'})"
+    )
+  ids, mask, types = _pad([(r[0], r[1]) for r in rows], max_seq_len, pad_id)
+  labels = np.full((len(rows), max_seq_len), IGNORE_LABEL, np.int32)  # [n, L]
+  for j, (_, _, lab) in enumerate(rows):
+    labels[j, : len(lab)] = lab
+  return TaskData(
+    task=task,
+    input_ids=ids,
+    attention_mask=mask,
+    token_type_ids=types,
+    labels=labels,
+    label_names=names,
+    example_index=np.asarray(kept, np.int64),
+    num_dropped=num_dropped,
+    num_truncated=num_truncated,
+    num_unk_words=num_unk,
+  )
+
+
+def _unk_token(tokenizer: Tokenizer) -> str | None:
+  unk_id = vocab.unk_token_id(tokenizer)
+  return None if unk_id is None else tokenizer.id_to_token(unk_id)
+
+
+def _pad(
+  rows: Sequence[tuple[Sequence[int], Sequence[int]]],
+  max_seq_len: int,
+  pad_id: int,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+  """(ids, type ids) rows -> padded input_ids, attention_mask, token types."""
+  n = len(rows)
+  ids = np.full((n, max_seq_len), pad_id, np.int32)  # [n, L]
+  mask = np.zeros((n, max_seq_len), np.int32)  # [n, L]
+  types = np.zeros((n, max_seq_len), np.int32)  # [n, L]
+  for j, (row_ids, row_types) in enumerate(rows):
+    k = len(row_ids)
+    ids[j, :k] = row_ids
+    mask[j, :k] = 1
+    types[j, :k] = row_types
+  return ids, mask, types
+
+
+def encode_pair_task(
+  examples: Sequence[PairExample],
+  tokenizer: Tokenizer,
+  label_to_id: Mapping[str, int],
+  max_seq_len: int,
+  *,
+  task: str | None = None,
+) -> TaskData:
+  """Encodes premise/hypothesis pairs for sequence classification.
+
+  Pairs are encoded with the tokenizer's pair template (e.g. `[CLS] A [SEP]
+  B [SEP]` with segment 1 on B, or `<s> A </s></s> B </s>`) and truncated
+  longest-first to `max_seq_len`: a classification label survives
+  truncation, so nothing is dropped.
+
+  Args:
+    examples: the pairs.
+    tokenizer: the student's tokenizer; its own truncation and padding
+      settings are ignored.
+    label_to_id: {label name: id}, ids 0..k-1.
+    max_seq_len: L, the padded length including special tokens.
+    task: the task name stored in the result (and used in messages).
+
+  Returns:
+    The encoded split, labels [n].
+
+  Raises:
+    BistilError: bad label ids or max_seq_len, no examples, or a label
+      outside `label_to_id`.
+  """
+  _check_max_seq_len(max_seq_len)
+  names = _check_labels(label_to_id)
+  if not examples:
+    raise BistilError(f"no {task or 'task'} examples to encode")
+  tok = _truncating(tokenizer, max_seq_len)
+  pad_id = pad_token_id(tok)
+  labels = np.asarray(
+    [_label_id(label_to_id, ex.label, ex) for ex in examples], np.int32
+  )  # [n]
+  try:
+    encodings = tok.encode_batch(
+      [(ex.premise, ex.hypothesis) for ex in examples]
+    )
+  except Exception as e:  # noqa: BLE001 - tokenizers raises plain Exception
+    raise BistilError(
+      f"cannot encode {task or 'nli'} pairs with max_seq_len={max_seq_len}: {e}"
+    ) from None
+  num_truncated = sum(1 for enc in encodings if enc.overflowing)
+  ids, mask, types = _pad(
+    [(enc.ids, enc.type_ids) for enc in encodings], max_seq_len, pad_id
+  )
+  return TaskData(
+    task=task,
+    input_ids=ids,
+    attention_mask=mask,
+    token_type_ids=types,
+    labels=labels,
+    label_names=names,
+    example_index=np.arange(len(examples), dtype=np.int64),
+    num_truncated=num_truncated,
+  )
+
+
+def encode_task(
+  task: str,
+  examples: Sequence[Example],
+  tokenizer: Tokenizer,
+  label_to_id: Mapping[str, int],
+  max_seq_len: int,
+  *,
+  drop_long: bool = True,
+) -> TaskData:
+  """`encode_token_task` or `encode_pair_task`, by the task's kind."""
+  if task_spec(task).kind == "token":
+    return encode_token_task(
+      examples,
+      tokenizer,
+      label_to_id,
+      max_seq_len,
+      drop_long=drop_long,
+      task=task,
+    )
+  return encode_pair_task(
+    examples, tokenizer, label_to_id, max_seq_len, task=task
+  )

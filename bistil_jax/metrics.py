@@ -1,0 +1,263 @@
+"""Evaluation metrics of the phase-2 tasks, in NumPy (METHOD.md 5.1).
+
+- pos: word accuracy over positions whose gold label is not -100 (the first
+  sub-word of each word).
+- ner: entity-level micro precision, recall and F1 with the conlleval rules
+  that seqeval applies by default (not its strict mode).
+- nli: accuracy.
+
+`task_metrics` turns a split's predicted label ids into a flat dict whose
+headline metric sits under `HEADLINE[task]`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+
+IGNORE_LABEL = -100
+HEADLINE = {"pos": "accuracy", "ner": "f1", "nli": "accuracy"}
+
+Span = tuple[str, int, int]
+
+
+def _check_shapes(pred: np.ndarray, gold: np.ndarray) -> None:
+  if pred.shape != gold.shape:
+    raise ValueError(
+      f"predictions {pred.shape} and gold labels {gold.shape} differ in shape"
+    )
+
+
+def token_accuracy(
+  pred_ids: np.ndarray | Sequence, gold_ids: np.ndarray | Sequence
+) -> float:
+  """Share of labelled positions whose prediction equals the gold label.
+
+  Args:
+    pred_ids: [n, L] predicted label ids (any values where gold is -100).
+    gold_ids: [n, L] gold label ids, -100 where there is no label.
+
+  Returns:
+    The accuracy; 0.0 if no position is labelled.
+  """
+  pred = np.asarray(pred_ids)
+  gold = np.asarray(gold_ids)
+  _check_shapes(pred, gold)
+  labelled = gold != IGNORE_LABEL  # [n, L]
+  total = int(labelled.sum())
+  if total == 0:
+    return 0.0
+  return float(np.sum((pred == gold) & labelled)) / total
+
+
+def accuracy(pred: np.ndarray | Sequence, gold: np.ndarray | Sequence) -> float:
+  """Share of examples predicted correctly.
+
+  Args:
+    pred: [n] predicted label ids.
+    gold: [n] gold label ids.
+
+  Returns:
+    The accuracy; 0.0 for no examples.
+  """
+  pred = np.asarray(pred)
+  gold = np.asarray(gold)
+  _check_shapes(pred, gold)
+  if gold.size == 0:
+    return 0.0
+  return float(np.mean(pred == gold))
+
+
+def _split_tag(tag: str) -> tuple[str, str]:
+  """("O", "") or (prefix, type) of an IOB tag."""
+  if tag == "O":
+    return "O", ""
+  prefix, sep, kind = tag.partition("-")
+  if not sep or prefix not in ("B", "I") or not kind:
+    raise ValueError(f"malformed IOB tag {tag!r} (expected O, B-X or I-X)")
+  return prefix, kind
+
+
+def ner_spans(tags: Sequence[str]) -> set[Span]:
+  """Entities of one tag sequence, by the conlleval rules.
+
+  An entity starts at B-X, and at I-X unless the previous tag is B-X or I-X
+  of the same type (so IOB1 and malformed IOB2 sequences are read as
+  conlleval and seqeval's default mode read them). It ends before O, before
+  B-anything, and before a tag of another type.
+
+  Args:
+    tags: IOB1/IOB2 tags (O, B-X, I-X).
+
+  Returns:
+    {(type, start, end)} with `end` exclusive.
+
+  Raises:
+    ValueError: a malformed tag.
+  """
+  spans = set()
+  kind, start = None, 0
+  for i, tag in enumerate(tags):
+    prefix, this = _split_tag(tag)
+    continues = prefix == "I" and this == kind
+    if kind is not None and not continues:
+      spans.add((kind, start, i))
+      kind = None
+    if prefix != "O" and not continues:
+      kind, start = this, i
+  if kind is not None:
+    spans.add((kind, start, len(tags)))
+  return spans
+
+
+def _prf(correct: int, num_pred: int, num_gold: int) -> dict[str, float]:
+  precision = correct / num_pred if num_pred else 0.0
+  recall = correct / num_gold if num_gold else 0.0
+  total = precision + recall
+  f1 = 2 * precision * recall / total if total else 0.0
+  return {"precision": precision, "recall": recall, "f1": f1}
+
+
+def ner_f1(
+  pred_tag_seqs: Sequence[Sequence[str]],
+  gold_tag_seqs: Sequence[Sequence[str]],
+) -> dict:
+  """Entity-level precision, recall and F1, micro-averaged over entities.
+
+  An entity counts as correct when type, start and end all match. Ratios
+  with a zero denominator are 0 (no entities predicted: precision 0, F1 0).
+
+  Args:
+    pred_tag_seqs: predicted tags, one sequence per sentence.
+    gold_tag_seqs: gold tags, same lengths.
+
+  Returns:
+    {"precision", "recall", "f1": float, "num_pred", "num_gold",
+     "num_correct": int, "per_type": {type: {"precision", "recall", "f1",
+     "support"}}} where support is the number of gold entities of the type.
+
+  Raises:
+    ValueError: different numbers or lengths of sequences, or a malformed
+      tag.
+  """
+  if len(pred_tag_seqs) != len(gold_tag_seqs):
+    raise ValueError(
+      f"{len(pred_tag_seqs)} predicted and {len(gold_tag_seqs)} gold sentences"
+    )
+  pred_spans, gold_spans = set(), set()
+  for s, (pred, gold) in enumerate(
+    zip(pred_tag_seqs, gold_tag_seqs, strict=True)
+  ):
+    if len(pred) != len(gold):
+      raise ValueError(
+        f"sentence {s}: {len(pred)} predicted and {len(gold)} gold tags"
+      )
+    pred_spans |= {(s, *span) for span in ner_spans(pred)}
+    gold_spans |= {(s, *span) for span in ner_spans(gold)}
+  correct = pred_spans & gold_spans
+  out = _prf(len(correct), len(pred_spans), len(gold_spans))
+  per_type = {}
+  for kind in sorted({span[1] for span in pred_spans | gold_spans}):
+    n_pred = sum(1 for span in pred_spans if span[1] == kind)
+    n_gold = sum(1 for span in gold_spans if span[1] == kind)
+    n_correct = sum(1 for span in correct if span[1] == kind)
+    per_type[kind] = {**_prf(n_correct, n_pred, n_gold), "support": n_gold}
+  return {
+    **out,
+    "num_pred": len(pred_spans),
+    "num_gold": len(gold_spans),
+    "num_correct": len(correct),
+    "per_type": per_type,
+  }
+
+
+def word_tags(
+  pred_ids: np.ndarray,
+  gold_ids: np.ndarray,
+  label_names: Sequence[str],
+) -> tuple[list[list[str]], list[list[str]]]:
+  """Per-sentence predicted and gold tag names at the labelled positions.
+
+  Args:
+    pred_ids: [n, L] predicted label ids.
+    gold_ids: [n, L] gold label ids, -100 off the first sub-words.
+    label_names: names by id.
+
+  Returns:
+    (predicted, gold) tag lists, one per row, one tag per labelled position.
+
+  Raises:
+    ValueError: shapes differ or an id is outside the label names.
+  """
+  pred = np.asarray(pred_ids)
+  gold = np.asarray(gold_ids)
+  _check_shapes(pred, gold)
+  names = np.asarray(label_names, dtype=object)
+  labelled = gold != IGNORE_LABEL  # [n, L]
+  for what, ids in (("predicted", pred[labelled]), ("gold", gold[labelled])):
+    if ids.size and (ids.min() < 0 or ids.max() >= len(names)):
+      raise ValueError(f"{what} label id outside 0..{len(names) - 1}")
+  preds, golds = [], []
+  for p, g, m in zip(pred, gold, labelled, strict=True):
+    preds.append(list(names[p[m]]))
+    golds.append(list(names[g[m]]))
+  return preds, golds
+
+
+def task_metrics(
+  task: str,
+  predictions: np.ndarray,
+  golds: np.ndarray,
+  label_names: Sequence[str],
+  example_mask: np.ndarray | None = None,
+) -> dict[str, float | int]:
+  """The metrics of one evaluated split, as a flat dict.
+
+  Args:
+    task: "pos", "ner" or "nli".
+    predictions: predicted label ids, [n, L] (pos, ner) or [n] (nli), e.g.
+      the argmax of the logits of every eval batch, concatenated.
+    golds: the batches' gold labels, same shape, -100 off the labelled
+      positions for token tasks.
+    label_names: names by id (used by ner).
+    example_mask: optional [n]; rows where it is 0 (padding rows of the last
+      eval batch) are left out.
+
+  Returns:
+    pos: {"accuracy", "num_tokens"}; ner: {"f1", "precision", "recall",
+    "num_pred", "num_gold", "num_correct", "f1/TYPE" per entity type};
+    nli: {"accuracy", "num_examples"}. `HEADLINE[task]` is always a key.
+
+  Raises:
+    ValueError: an unknown task, or shapes that do not fit.
+  """
+  if task not in HEADLINE:
+    raise ValueError(f"unknown task {task!r}; known: {', '.join(HEADLINE)}")
+  pred = np.asarray(predictions)
+  gold = np.asarray(golds)
+  _check_shapes(pred, gold)
+  if example_mask is not None:
+    keep = np.asarray(example_mask).astype(bool)  # [n]
+    if keep.shape != gold.shape[:1]:
+      raise ValueError(
+        f"example_mask {keep.shape} does not match {gold.shape[0]} rows"
+      )
+    pred, gold = pred[keep], gold[keep]
+  if task == "nli":
+    return {"accuracy": accuracy(pred, gold), "num_examples": int(gold.size)}
+  if gold.ndim != 2:
+    raise ValueError(f"{task} labels must be [n, L], got shape {gold.shape}")
+  if task == "pos":
+    return {
+      "accuracy": token_accuracy(pred, gold),
+      "num_tokens": int(np.sum(gold != IGNORE_LABEL)),
+    }
+  result = ner_f1(*word_tags(pred, gold, label_names))
+  out: dict[str, float | int] = {
+    k: v for k, v in result.items() if k != "per_type"
+  }
+  per_type: Mapping[str, Mapping[str, float]] = result["per_type"]
+  for kind, scores in per_type.items():
+    out[f"f1/{kind}"] = scores["f1"]
+  return out

@@ -1,0 +1,657 @@
+"""Phase-2 task data: readers, label sets, alignment, encoding, batches."""
+
+import json
+import os
+import re
+import tempfile
+
+import numpy as np
+from absl.testing import absltest, parameterized
+from tokenizers import (
+  Tokenizer,
+  models,
+  normalizers,
+  pre_tokenizers,
+  processors,
+  trainers,
+)
+
+from bistil_jax import synthetic
+from bistil_jax.data import tasks
+from bistil_jax.errors import BistilError
+
+SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+LANG = "a1"
+SIZES = {
+  "corpus_train": 300,
+  "corpus_dev": 10,
+  "task_train": 40,
+  "task_dev": 12,
+  "task_test": 10,
+}
+
+
+def _post_process(tok: Tokenizer) -> Tokenizer:
+  cls, sep = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
+  tok.post_processor = processors.TemplateProcessing(
+    single="[CLS] $A [SEP]",
+    pair="[CLS] $A [SEP] $B:1 [SEP]:1",
+    special_tokens=[("[CLS]", cls), ("[SEP]", sep)],
+  )
+  return tok
+
+
+def hand_tokenizer() -> Tokenizer:
+  """A WordPiece tokenizer with a known vocabulary."""
+  pieces = ["the", "cat", "sat", "un", "##believ", "##able", "##s", "a", "b"]
+  vocab = {t: i for i, t in enumerate(SPECIALS + pieces)}
+  tok = Tokenizer(models.WordPiece(vocab, unk_token="[UNK]"))
+  tok.normalizer = normalizers.BertNormalizer(lowercase=True)
+  tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+  tok.add_special_tokens(SPECIALS)
+  return _post_process(tok)
+
+
+def trained_tokenizer(corpus_path: str) -> Tokenizer:
+  tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+  tok.normalizer = normalizers.BertNormalizer(lowercase=True)
+  tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+  with open(corpus_path, encoding="utf-8") as f:
+    lines = f.read().splitlines()
+  tok.train_from_iterator(
+    lines, trainers.WordPieceTrainer(vocab_size=200, special_tokens=SPECIALS)
+  )
+  return _post_process(tok)
+
+
+HAND = hand_tokenizer()
+PAD, UNK, CLS, SEP = 0, 1, 2, 3
+
+
+def setUpModule():
+  global TMP, PATHS, TOK
+  TMP = tempfile.TemporaryDirectory()
+  family = synthetic.make_family(0)
+  PATHS = synthetic.write_dataset(TMP.name, family, [LANG], sizes=SIZES)
+  TOK = trained_tokenizer(str(PATHS.corpora[LANG]["train"]))
+
+
+def tearDownModule():
+  TMP.cleanup()
+
+
+def path(task, split):
+  return str(getattr(PATHS, task)[LANG][split])
+
+
+class TmpDirTest(parameterized.TestCase):
+  def setUp(self):
+    super().setUp()
+    tmp = tempfile.TemporaryDirectory()
+    self.addCleanup(tmp.cleanup)
+    self.tmp = tmp.name
+
+  def write(self, name, text):
+    p = os.path.join(self.tmp, name)
+    with open(p, "w", encoding="utf-8") as f:
+      f.write(text)
+    return p
+
+
+# ------------------------------------------------------------------ readers
+class SyntheticRoundTripTest(parameterized.TestCase):
+  @parameterized.parameters("train", "dev", "test")
+  def test_pos_and_ner_read_the_same_sentences(self, split):
+    pos = tasks.read_conllu(path("pos", split))
+    ner = tasks.read_conll_ner(path("ner", split))
+    self.assertLen(pos, SIZES[f"task_{split}"])
+    self.assertEqual([e.words for e in pos], [e.words for e in ner])
+    for e in pos + ner:
+      self.assertLen(e.labels, len(e.words))
+    self.assertLessEqual(
+      {t for e in pos for t in e.labels}, set(synthetic.UPOS_TAGS)
+    )
+    self.assertLessEqual(
+      {t for e in ner for t in e.labels}, set(synthetic.NER_TAGS)
+    )
+
+  def test_conllu_matches_the_file(self):
+    with open(path("pos", "train"), encoding="utf-8") as f:
+      block = f.read().split("\n\n")[0].splitlines()
+    rows = [line.split("\t") for line in block if not line.startswith("#")]
+    first = tasks.read_conllu(path("pos", "train"))[0]
+    self.assertEqual(first.words, tuple(r[1] for r in rows))
+    self.assertEqual(first.labels, tuple(r[3] for r in rows))
+    self.assertEqual(first.source, path("pos", "train") + ":1")
+
+  def test_nli_matches_the_file(self):
+    examples = tasks.read_nli(path("nli", "dev"))
+    with open(path("nli", "dev"), encoding="utf-8") as f:
+      rows = [json.loads(line) for line in f]
+    self.assertEqual(
+      [(e.premise, e.hypothesis, e.label) for e in examples],
+      [(r["premise"], r["hypothesis"], r["label"]) for r in rows],
+    )
+    self.assertEqual(examples[2].source, path("nli", "dev") + ":3")
+
+  @parameterized.parameters("pos", "ner", "nli")
+  def test_read_task_dispatches_on_local_files(self, task):
+    examples = tasks.read_task(task, path(task, "test"))
+    self.assertLen(examples, SIZES["task_test"])
+    kind = tasks.TokenExample if task != "nli" else tasks.PairExample
+    self.assertIsInstance(examples[0], kind)
+
+
+class ReadersTest(TmpDirTest):
+  def test_conllu_skips_comments_ranges_and_empty_nodes(self):
+    p = self.write(
+      "x.conllu",
+      "# sent_id = 1\n"
+      "1-2\tdon't\t_\t_\t_\t_\t_\t_\t_\t_\n"
+      "1\tdo\tdo\tAUX\t_\t_\t0\troot\t_\t_\n"
+      "2\tn't\tnot\tPART\t_\t_\t1\tadvmod\t_\t_\n"
+      "2.1\tgo\tgo\tVERB\t_\t_\t_\t_\t1:x\t_\n"
+      "3\tgo\tgo\tVERB\t_\t_\t1\txcomp\t_\t_\n"
+      "\n\n"
+      "1\tHi\thi\tINTJ\t_\t_\t0\troot\t_\t_\n",
+    )
+    examples = tasks.read_conllu(p)
+    self.assertEqual(
+      examples,
+      [
+        tasks.TokenExample(("do", "n't", "go"), ("AUX", "PART", "VERB")),
+        tasks.TokenExample(("Hi",), ("INTJ",)),
+      ],
+    )
+    self.assertEqual(examples[1].source, f"{p}:9")  # After 2 blanks.
+
+  def test_ner_reads_conll03_columns_and_skips_docstart(self):
+    p = self.write(
+      "x.txt",
+      "-DOCSTART- -X- -X- O\n\n"
+      "EU NNP B-NP I-ORG\nrejects VBZ B-VP O\n\n\n"
+      "Peter NNP B-NP B-PER\r\nBlackburn NNP I-NP I-PER\n",
+    )
+    examples = tasks.read_conll_ner(p)
+    self.assertEqual(
+      examples,
+      [
+        tasks.TokenExample(("EU", "rejects"), ("I-ORG", "O")),
+        tasks.TokenExample(("Peter", "Blackburn"), ("B-PER", "I-PER")),
+      ],
+    )
+    self.assertEqual(examples[1].source, f"{p}:7")
+
+  def test_nli_tsv_with_header_names_and_indices(self):
+    p = self.write(
+      "test.tsv",
+      "premise\thypothesis\tlabel\tlanguage\n"
+      'A "quoted" man.\tA man.\tentailment\taym\n'
+      "\n"
+      "P2\tH2\t2\taym\n",
+    )
+    examples = tasks.read_nli(p)
+    self.assertEqual(
+      examples,
+      [
+        tasks.PairExample('A "quoted" man.', "A man.", "entailment"),
+        tasks.PairExample("P2", "H2", "contradiction"),
+      ],
+    )
+    self.assertEqual(examples[1].source, f"{p}:4")
+
+  def test_nli_csv_and_xnli_aliases(self):
+    p = self.write(
+      "x.csv",
+      'sentence1,sentence2,gold_label\n"A, b",c,neutral\nd,e,1\n',
+    )
+    examples = tasks.read_nli(p)
+    self.assertEqual(
+      [(e.premise, e.hypothesis, e.label) for e in examples],
+      [("A, b", "c", "neutral"), ("d", "e", "neutral")],
+    )
+
+  def test_nli_jsonl_int_labels_map_through_label_names(self):
+    p = self.write(
+      "x.jsonl",
+      '{"premise": "p", "hypothesis": "h", "label": 1}\n\n'
+      '{"premise": "p", "hypothesis": "h", "label": 0}\n',
+    )
+    self.assertEqual(
+      [e.label for e in tasks.read_nli(p, label_names=("yes", "no"))],
+      ["no", "yes"],
+    )
+
+  @parameterized.named_parameters(
+    (
+      "conllu_columns",
+      "x.conllu",
+      "1\ta\ta\tDET\t_\t_\t0\troot\t_\t_\n2\tb\tNOUN\n",
+      r":2: expected 10 tab-separated",
+    ),
+    (
+      "conllu_word_id",
+      "x.conllu",
+      "1\ta\ta\tDET\t_\t_\t0\troot\t_\t_\n"
+      "# c\n"
+      "3\tb\tb\tNOUN\t_\t_\t1\tx\t_\t_\n",
+      r":3: word id '3' where 2",
+    ),
+    (
+      "conllu_empty_upos",
+      "x.conllu",
+      "\n1\ta\ta\t\t_\t_\t0\troot\t_\t_\n",
+      r":2: empty FORM or UPOS",
+    ),
+    ("ner_one_column", "x.txt", "a O\n\nb O\nc\n", r":4: expected a token"),
+    ("ner_bad_tag", "x.txt", "a O\nb B_PER\n", r":2: malformed NER tag"),
+    ("ner_bare_prefix", "x.txt", "a B-\n", r":1: malformed NER tag 'B-'"),
+    (
+      "nli_json",
+      "x.jsonl",
+      '{"premise": "p", "hypothesis": "h", "label": 0}\n{oops\n',
+      r":2: invalid JSON",
+    ),
+    (
+      "nli_key",
+      "x.jsonl",
+      '{"premise": "p", "label": 0}\n',
+      r":1: no hypothesis column",
+    ),
+    (
+      "nli_index",
+      "x.jsonl",
+      '{"premise": "p", "hypothesis": "h", "label": 3}\n',
+      r":1: label index 3 out of range",
+    ),
+    (
+      "nli_unlabelled",
+      "x.jsonl",
+      '{"premise": "p", "hypothesis": "h", "label": -1}\n',
+      r":1: label -1 \(unlabelled",
+    ),
+    (
+      "nli_text",
+      "x.jsonl",
+      '{"premise": 3, "hypothesis": "h", "label": 0}\n',
+      r":1: premise is int",
+    ),
+    (
+      "tsv_row",
+      "x.tsv",
+      "premise\thypothesis\tlabel\np\th\tneutral\np\tneutral\n",
+      r":3: 2 columns where the header has 3",
+    ),
+    ("tsv_header", "x.tsv", "a\tb\tlabel\n", r":1: no premise column"),
+  )
+  def test_malformed_lines_name_file_and_line(self, name, text, pattern):
+    p = self.write(name, text)
+    reader = {
+      ".conllu": tasks.read_conllu,
+      ".txt": tasks.read_conll_ner,
+    }.get(os.path.splitext(p)[1], tasks.read_nli)
+    with self.assertRaisesRegex(BistilError, "^" + re.escape(p) + pattern):
+      reader(p)
+
+  @parameterized.parameters(
+    ("x.conllu", "# only a comment\n\n", tasks.read_conllu),
+    ("x.txt", "-DOCSTART- O\n\n\n", tasks.read_conll_ner),
+    ("x.jsonl", "\n", tasks.read_nli),
+    ("x.tsv", "", tasks.read_nli),
+    ("x.tsv", "premise\thypothesis\tlabel\n", tasks.read_nli),
+  )
+  def test_empty_split_names_the_file(self, name, text, reader):
+    p = self.write(name, text)
+    with self.assertRaisesRegex(BistilError, f"file {re.escape(p)} holds no"):
+      reader(p)
+
+  def test_missing_file_bad_extension_and_undecodable(self):
+    with self.assertRaisesRegex(BistilError, "file not found: /nope.conllu"):
+      tasks.read_conllu("/nope.conllu")
+    p = self.write("x.xml", "<a/>")
+    with self.assertRaisesRegex(BistilError, "unknown extension '.xml'"):
+      tasks.read_nli(p)
+    p = self.write("y.txt", "")
+    with open(p, "wb") as f:
+      f.write(b"a O\n\xff\xfe O\n")
+    with self.assertRaisesRegex(BistilError, f"{p} is not valid UTF-8"):
+      tasks.read_conll_ner(p)
+
+  def test_read_task_rejects_unknown_task_and_bad_specs(self):
+    with self.assertRaisesRegex(BistilError, "unknown task 'dp'"):
+      tasks.read_task("dp", path("pos", "dev"))
+    with self.assertRaisesRegex(BistilError, "not found: /no/such"):
+      tasks.read_task("ner", "/no/such")
+    with self.assertRaisesRegex(BistilError, "not found: /no/such.json"):
+      tasks.read_task("ner", "json:/no/such.json")
+    with self.assertRaisesRegex(BistilError, "expected hf:NAME"):
+      tasks.read_task("ner", "hf:conll2003")
+    with self.assertRaisesRegex(BistilError, "empty task data spec"):
+      tasks.read_task("ner", " ")
+
+
+class DatasetsSpecTest(TmpDirTest):
+  def test_json_token_task_with_string_tags(self):
+    p = self.write(
+      "x.jsonl",
+      '{"tokens": ["Ann", "ran"], "ner_tags": ["B-PER", "O"]}\n'
+      '{"tokens": [], "ner_tags": []}\n'
+      '{"tokens": ["Bo"], "ner_tags": ["B-LOC"]}\n',
+    )
+    spec = f"json:{p}"
+    self.assertEqual(
+      tasks.read_task("ner", spec),
+      [
+        tasks.TokenExample(("Ann", "ran"), ("B-PER", "O")),
+        tasks.TokenExample(("Bo",), ("B-LOC",)),
+      ],
+    )
+
+  def test_parquet_class_label_ints_use_feature_names(self):
+    import datasets  # noqa: PLC0415
+
+    names = ["O", "B-PER", "I-PER"]  # Not the task's default order.
+    features = datasets.Features(
+      {
+        "tokens": datasets.List(datasets.Value("string")),
+        "ner_tags": datasets.List(datasets.ClassLabel(names=names)),
+      }
+    )
+    ds = datasets.Dataset.from_dict(
+      {"tokens": [["Ann", "Lee", "ran"]], "ner_tags": [[1, 2, 0]]},
+      features=features,
+    )
+    p = os.path.join(self.tmp, "x.parquet")
+    ds.to_parquet(p)
+    (ex,) = tasks.read_task("ner", f"parquet:{p}")
+    self.assertEqual(ex.labels, ("B-PER", "I-PER", "O"))
+    self.assertEqual(ex.source, f"parquet:{p} row 0")
+
+  def test_json_int_tags_without_names_use_label_names(self):
+    p = self.write("x.jsonl", '{"words": ["a", "b"], "upos": [1, 0]}\n')
+    (ex,) = tasks.read_task(
+      "pos", f"json:{p}", columns={"tokens": "words"}, label_names=("X", "Y")
+    )
+    self.assertEqual(ex.labels, ("Y", "X"))
+
+  def test_json_nli(self):
+    p = self.write(
+      "x.jsonl",
+      '{"premise": "p", "hypothesis": "h", "label": 2, "idx": 0}\n',
+    )
+    (ex,) = tasks.read_task("nli", f"json:{p}")
+    self.assertEqual(ex, tasks.PairExample("p", "h", "contradiction"))
+
+  def test_dataset_errors(self):
+    p = self.write("x.jsonl", '{"tokens": ["a"], "tags": ["O"]}\n')
+    with self.assertRaisesRegex(BistilError, "no column 'ner_tags'"):
+      tasks.read_task("ner", f"json:{p}")
+    p = self.write("y.jsonl", '{"tokens": ["a", "b"], "ner_tags": ["O"]}\n')
+    with self.assertRaisesRegex(BistilError, "row 0: 2 tokens but 1 tags"):
+      tasks.read_task("ner", f"json:{p}")
+    p = self.write("z.jsonl", '{"tokens": ["a"], "ner_tags": ["PER"]}\n')
+    with self.assertRaisesRegex(BistilError, "row 0: malformed NER tag"):
+      tasks.read_task("ner", f"json:{p}")
+    p = self.write("e.jsonl", '{"tokens": [], "ner_tags": []}\n')
+    with self.assertRaisesRegex(BistilError, f"json:{p} holds no examples"):
+      tasks.read_task("ner", f"json:{p}")
+
+
+# ------------------------------------------------------------------ labels
+def tok_ex(labels, source="f.txt:1"):
+  return tasks.TokenExample(tuple("w" * len(labels)), tuple(labels), source)
+
+
+class LabelSetTest(parameterized.TestCase):
+  def test_subset_of_default_gives_the_whole_default(self):
+    pos = tasks.read_conllu(path("pos", "train"))
+    self.assertEqual(tasks.label_set("pos", pos), tasks.UPOS_LABELS)
+    ner = tasks.read_conll_ner(path("ner", "train"))
+    self.assertEqual(tasks.label_set("ner", ner), tasks.NER_LABELS)
+    nli = tasks.read_nli(path("nli", "train"))
+    self.assertEqual(
+      tasks.label_set("nli", nli), ("entailment", "neutral", "contradiction")
+    )
+
+  def test_other_labels_are_sorted_and_ner_types_completed(self):
+    examples = [tok_ex(["O", "B-DATE", "B-PER"]), tok_ex(["I-PER"])]
+    self.assertEqual(
+      tasks.label_set("ner", examples),
+      ("B-DATE", "B-PER", "I-DATE", "I-PER", "O"),
+    )
+    self.assertEqual(
+      tasks.label_set("pos", [tok_ex(["NOUN", "_", "ADJ"])]),
+      ("ADJ", "NOUN", "_"),
+    )
+
+  def test_given_labels_win_and_unknown_labels_fail(self):
+    examples = [tok_ex(["B", "A"]), tok_ex(["C"], "data/test.txt:7")]
+    self.assertEqual(
+      tasks.label_set("pos", examples[:1], given=["B", "A"]), ("B", "A")
+    )
+    with self.assertRaisesRegex(
+      BistilError, r"unknown pos label 'C' at data/test.txt:7"
+    ):
+      tasks.label_set("pos", examples, given=["A", "B"])
+    with self.assertRaisesRegex(BistilError, "given twice: A"):
+      tasks.label_set("pos", examples, given=["A", "A", "B", "C"])
+    with self.assertRaisesRegex(BistilError, "no pos examples"):
+      tasks.label_set("pos", [])
+
+  def test_relabel(self):
+    examples = tasks.relabel(
+      [tok_ex(["B-DATE", "I-DATE", "B-PER"])],
+      {"B-DATE": "O", "I-DATE": "O"},
+    )
+    self.assertEqual(examples[0].labels, ("O", "O", "B-PER"))
+
+
+# ------------------------------------------------------------------ encoding
+class EncodeTokenTest(parameterized.TestCase):
+  def test_labels_on_first_sub_words_only(self):
+    ex = tasks.TokenExample(("The", "unbelievable", "cats"), ("D", "A", "N"))
+    data = tasks.encode_token_task([ex], HAND, {"A": 0, "D": 1, "N": 2}, 12)
+    # [CLS] the un ##believ ##able cat ##s [SEP] [PAD]*4
+    np.testing.assert_array_equal(
+      data.input_ids[0], [CLS, 5, 8, 9, 10, 6, 11, SEP, PAD, PAD, PAD, PAD]
+    )
+    np.testing.assert_array_equal(
+      data.labels[0],
+      [-100, 1, 0, -100, -100, 2, -100, -100, -100, -100, -100, -100],
+    )
+    np.testing.assert_array_equal(data.attention_mask[0], [1] * 8 + [0] * 4)
+    np.testing.assert_array_equal(data.token_type_ids[0], [0] * 12)
+    self.assertEqual(data.label_names, ("A", "D", "N"))
+    for a in (data.input_ids, data.attention_mask, data.labels):
+      self.assertEqual(a.dtype, np.int32)
+
+  def test_word_without_sub_words_becomes_unk(self):
+    ex = tasks.TokenExample(("a", "\u200b", "b"), ("X", "Y", "X"))
+    data = tasks.encode_token_task([ex], HAND, {"X": 0, "Y": 1}, 8)
+    np.testing.assert_array_equal(
+      data.input_ids[0], [CLS, 12, UNK, 13, SEP, PAD, PAD, PAD]
+    )
+    np.testing.assert_array_equal(data.labels[0, :5], [-100, 0, 1, 0, -100])
+    self.assertEqual(data.num_unk_words, 1)
+
+  def test_synthetic_alignment_invariants(self):
+    examples = tasks.read_conll_ner(path("ner", "train"))
+    labels = tasks.label_set("ner", examples)
+    ids = tasks.label_ids(labels)
+    data = tasks.encode_token_task(examples, TOK, ids, 128, task="ner")
+    self.assertEqual(data.num_examples + data.num_dropped, len(examples))
+    self.assertEqual(data.num_dropped, 0)
+    for row, i in enumerate(data.example_index):
+      ex = examples[i]
+      enc = TOK.encode(list(ex.words), is_pretokenized=True)
+      word_ids = enc.word_ids
+      first = [
+        p
+        for p, w in enumerate(word_ids)
+        if w is not None and (p == 0 or word_ids[p - 1] != w)
+      ]
+      labelled = np.flatnonzero(data.labels[row] != -100)
+      np.testing.assert_array_equal(labelled, first)
+      self.assertEqual(
+        tuple(labels[j] for j in data.labels[row, labelled]), ex.labels
+      )
+      np.testing.assert_array_equal(
+        data.input_ids[row, : len(enc.ids)], enc.ids
+      )
+    # Some word is split, else the test would not test alignment.
+    self.assertGreater(
+      int(data.attention_mask.sum()) - 2 * data.num_examples,
+      int((data.labels != -100).sum()),
+    )
+
+  def test_long_examples_are_dropped_or_truncated(self):
+    examples = [
+      tasks.TokenExample(("a",), ("X",)),
+      tasks.TokenExample(("the", "unbelievable", "a"), ("X", "X", "X")),
+      tasks.TokenExample(("b", "b"), ("X", "X")),
+    ]
+    # Lengths with specials: 3, 7, 4.
+    data = tasks.encode_token_task(examples, HAND, {"X": 0}, 5)
+    self.assertEqual(data.num_dropped, 1)
+    np.testing.assert_array_equal(data.example_index, [0, 2])
+    data = tasks.encode_token_task(examples, HAND, {"X": 0}, 5, drop_long=False)
+    self.assertEqual((data.num_dropped, data.num_truncated), (0, 1))
+    # [CLS] the un ##believ [SEP]: the cut word "a" loses its label.
+    np.testing.assert_array_equal(data.input_ids[1], [CLS, 5, 8, 9, SEP])
+    np.testing.assert_array_equal(data.labels[1], [-100, 0, 0, -100, -100])
+    with self.assertRaisesRegex(BistilError, "all 1 pos examples are longer"):
+      tasks.encode_token_task(examples[1:2], HAND, {"X": 0}, 5, task="pos")
+
+  def test_bad_inputs(self):
+    ex = tasks.TokenExample(("a",), ("X",), "f.txt:3")
+    with self.assertRaisesRegex(BistilError, "unknown label 'X' at f.txt:3"):
+      tasks.encode_token_task([ex], HAND, {"Y": 0}, 8)
+    with self.assertRaisesRegex(BistilError, "label ids must be 0..k-1"):
+      tasks.encode_token_task([ex], HAND, {"X": 1}, 8)
+    with self.assertRaisesRegex(BistilError, "max_seq_len must be >= 2"):
+      tasks.encode_token_task([ex], HAND, {"X": 0}, 1)
+    with self.assertRaisesRegex(BistilError, "no task examples"):
+      tasks.encode_token_task([], HAND, {"X": 0}, 8)
+
+  def test_tokenizer_settings_are_ignored_and_kept(self):
+    tok = Tokenizer.from_str(HAND.to_str())
+    tok.enable_truncation(3)
+    tok.enable_padding(pad_id=PAD, length=20)
+    ex = tasks.TokenExample(("the", "cat", "sat"), ("X", "X", "X"))
+    data = tasks.encode_token_task([ex], tok, {"X": 0}, 6)
+    np.testing.assert_array_equal(data.input_ids[0], [CLS, 5, 6, 7, SEP, PAD])
+    self.assertEqual(tok.truncation["max_length"], 3)
+
+
+class EncodePairTest(parameterized.TestCase):
+  def test_segments_labels_and_truncation(self):
+    examples = [
+      tasks.PairExample("the cat", "a", "neutral"),
+      tasks.PairExample("the cat sat a b", "a b", "entailment"),
+    ]
+    ids = tasks.label_ids(tasks.NLI_LABELS)
+    data = tasks.encode_pair_task(examples, HAND, ids, 8)
+    np.testing.assert_array_equal(
+      data.input_ids[0], [CLS, 5, 6, SEP, 12, SEP, PAD, PAD]
+    )
+    np.testing.assert_array_equal(
+      data.token_type_ids[0], [0] * 4 + [1, 1, 0, 0]
+    )
+    np.testing.assert_array_equal(data.attention_mask[0], [1] * 6 + [0, 0])
+    # Longest first: 5 + 2 pieces -> 3 + 2 within 8 - 3 specials.
+    np.testing.assert_array_equal(
+      data.input_ids[1], [CLS, 5, 6, 7, SEP, 12, 13, SEP]
+    )
+    np.testing.assert_array_equal(data.labels, [1, 0])
+    self.assertEqual(data.labels.shape, (2,))
+    self.assertEqual(data.num_truncated, 1)
+
+  def test_synthetic_nli(self):
+    examples = tasks.read_task("nli", path("nli", "dev"))
+    labels = tasks.label_set("nli", examples)
+    data = tasks.encode_task("nli", examples, TOK, tasks.label_ids(labels), 16)
+    self.assertEqual(data.input_ids.shape, (len(examples), 16))
+    self.assertEqual(
+      [labels[i] for i in data.labels], [e.label for e in examples]
+    )
+    self.assertGreater(data.num_truncated, 0)
+    self.assertTrue(np.all(data.token_type_ids.max(axis=1) == 1))
+
+  def test_unknown_label(self):
+    ex = tasks.PairExample("a", "b", "maybe", "x.tsv:4")
+    with self.assertRaisesRegex(
+      BistilError, "unknown label 'maybe' at x.tsv:4"
+    ):
+      tasks.encode_pair_task([ex], HAND, tasks.label_ids(tasks.NLI_LABELS), 8)
+
+
+# ------------------------------------------------------------------ batches
+def small_data(n=10, length=6):
+  examples = [
+    tasks.TokenExample(("a",) * (1 + i % 3), ("X",) * (1 + i % 3))
+    for i in range(n)
+  ]
+  data = tasks.encode_token_task(examples, HAND, {"X": 0}, length, task="pos")
+  # Tag each row by its index so tests can tell rows apart.
+  data.input_ids[:, 0] = np.arange(n)
+  return data
+
+
+class BatchesTest(parameterized.TestCase):
+  @parameterized.parameters(1, 3, 4, 10, 16)
+  def test_eval_covers_every_example_once_in_order(self, batch_size):
+    data = small_data()
+    batches = list(
+      data.batches(batch_size, shuffle=False, drop_remainder=False)
+    )
+    self.assertLen(batches, data.num_batches(batch_size, drop_remainder=False))
+    seen = []
+    for b in batches:
+      self.assertEqual(b["input_ids"].shape, (batch_size, 6))
+      self.assertEqual(b["labels"].shape, (batch_size, 6))
+      self.assertEqual(b["example_mask"].shape, (batch_size,))
+      real = b["example_mask"].astype(bool)
+      seen += list(b["input_ids"][real, 0])
+      self.assertTrue(np.all(b["labels"][~real] == -100))
+    self.assertEqual(seen, list(range(10)))
+    pad = batches[-1]["example_mask"]
+    self.assertEqual(int(pad.sum()), 10 - batch_size * (len(batches) - 1))
+
+  def test_eval_padding_rows_of_pair_task(self):
+    examples = [tasks.PairExample("a", "b", "neutral")] * 3
+    data = tasks.encode_pair_task(
+      examples, HAND, tasks.label_ids(tasks.NLI_LABELS), 8
+    )
+    (b,) = data.batches(4, shuffle=False, drop_remainder=False)
+    np.testing.assert_array_equal(b["labels"], [1, 1, 1, -100])
+    np.testing.assert_array_equal(b["example_mask"], [1, 1, 1, 0])
+
+  def test_train_is_deterministic_per_seed_and_epoch(self):
+    data = small_data()
+
+    def rows(seed, epoch):
+      return [list(b["input_ids"][:, 0]) for b in data.batches(3, seed, epoch)]
+
+    self.assertEqual(rows(0, 1), rows(0, 1))
+    self.assertNotEqual(rows(0, 1), rows(0, 2))
+    self.assertNotEqual(rows(0, 1), rows(1, 1))
+    epoch = rows(5, 0)
+    self.assertLen(epoch, data.num_batches(3))
+    flat = sum(epoch, [])
+    self.assertLen(flat, 9)
+    self.assertLen(set(flat), 9)  # No row twice, one left out.
+    for b in data.batches(3, 5, 0):
+      np.testing.assert_array_equal(b["example_mask"], [1, 1, 1])
+
+  def test_bad_batch_arguments(self):
+    data = small_data()
+    with self.assertRaisesRegex(BistilError, "batch size 11 exceeds the 10"):
+      data.batches(11)
+    with self.assertRaisesRegex(BistilError, "batch size must be >= 1"):
+      data.batches(0)
+    with self.assertRaisesRegex(BistilError, "must be non-negative"):
+      data.batches(2, seed=-1)
+
+
+if __name__ == "__main__":
+  absltest.main()
