@@ -607,3 +607,36 @@ def save_hf(
 
 def _to_numpy(params):
   return jax.tree.map(lambda x: np.asarray(jax.device_get(x)), params)
+
+
+# -------------------------------------------------------------- single names
+def torch_name_to_ours(
+  name: str, config: ModelConfig
+) -> tuple[str, bool, int | None] | None:
+  """Maps one PyTorch parameter name to (our path, transpose, vocab axis).
+
+  For files that name parameters one by one (composable-sft diffs). The body
+  prefix ("bert."/"roberta.", whichever is this config's family) may be
+  present or not whatever the head; legacy gamma/beta leaf names and the
+  MLM decoder-bias alias are accepted.
+
+  Returns:
+    (our "/"-joined path, whether the PyTorch tensor is the transpose of
+    ours, the vocabulary axis of OUR array or None), or None when no rule of
+    this config claims the name.
+  """
+  stem, _, leaf = name.rpartition(".")
+  if stem and leaf in LEGACY_LEAVES:
+    name = f"{stem}.{LEGACY_LEAVES[leaf]}"
+  family = "roberta" if config.is_roberta else "bert"
+  bare = name.removeprefix(f"{family}.")
+  bare = BIAS_ALIASES.get(bare, bare)
+  prefix = body_prefix(config)
+  table = _leaf_table(config)
+  for candidate in (f"{prefix}.{bare}" if prefix else bare, bare):
+    hit = _match(table, "torch", candidate)
+    if hit is not None:
+      leaf_rule, groups = hit
+      ours = _fill(leaf_rule.ours, groups)
+      return ours, leaf_rule.transpose, leaf_rule.vocab_axis
+  return None
