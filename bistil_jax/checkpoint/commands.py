@@ -120,6 +120,11 @@ def _run_export(args: argparse.Namespace) -> int:
     raise BistilError("export-hf needs exactly one of --model or --workdir")
   if args.workdir:
     model, params, tok_dir = _model_from_workdir(args.workdir, args.step)
+  elif args.sft:
+    from bistil_jax.train import task
+
+    model, params = task.merged_model(args.model, args.sft)
+    tok_dir = args.model
   else:
     model, params = hf.load_hf(args.model)
     tok_dir = args.model
@@ -161,6 +166,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     help="a training workdir: export its latest (or --step) checkpoint",
   )
   p.add_argument("--step", type=int, help="checkpoint step for --workdir")
+  p.add_argument(
+    "--sft",
+    action="append",
+    default=[],
+    help="SFT dir(s) merged into --model (a task SFT brings its head)",
+  )
   p.add_argument("--tokenizer", help="tokenizer dir (default: --model)")
   p.add_argument("--out", required=True, help="output dir")
   p.add_argument("--overwrite", action="store_true")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import logging
 
 from bistil_jax import configlib
@@ -39,6 +40,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
   )
   add_config_args(p, "configs/distil.py:tiny")
   p.set_defaults(func=run_distil)
+  register_task(subparsers)
+  register_evaluate(subparsers)
 
 
 def run_distil(args: argparse.Namespace) -> int:
@@ -48,4 +51,115 @@ def run_distil(args: argparse.Namespace) -> int:
   out = distil.run(config, args.workdir, overwrite=args.overwrite)
   if out:
     print(f"student: {out}")
+  return 0
+
+
+def register_task(subparsers: argparse._SubParsersAction) -> None:
+  p = subparsers.add_parser(
+    "finetune",
+    help="task-tune a model (the teacher) on gold labels, dense or LT-SFT",
+    description=(
+      "Task-tunes --config.model on --config.data.train (gold labels); "
+      "exports an HF dir (dense) or an SFT dir (sparse.enabled)."
+    ),
+  )
+  add_config_args(p, "configs/sft.py:pos")
+  p.set_defaults(func=functools.partial(run_task, phase="finetune"))
+
+  p = subparsers.add_parser(
+    "sft",
+    help="phase 2: LT-SFT of the student against a task teacher",
+    description=(
+      "Phase 2 (METHOD.md 4): LT-SFT of --config.model (the phase-1 student) "
+      "against --config.teacher; exports a task SFT dir to WORKDIR/export."
+    ),
+  )
+  add_config_args(p, "configs/sft.py:pos")
+  p.set_defaults(func=functools.partial(run_task, phase="sft"))
+
+
+def run_task(args: argparse.Namespace, phase: str) -> int:
+  from bistil_jax.train import task
+
+  config = configlib.build_config(args.config, args.overrides)
+  if phase == "finetune" and not any(
+    k.startswith("loss.") for k in args.overrides
+  ):
+    # Fine-tuning defaults: gold labels only, dense.
+    config.loss.gold = 1.0
+    config.loss.kl = config.loss.hidden = config.loss.attention = 0.0
+    if "sparse.enabled" not in args.overrides:
+      config.sparse.enabled = False
+  out = task.run(config, args.workdir, phase=phase, overwrite=args.overwrite)
+  print(f"{phase}: {out}")
+  return 0
+
+
+def register_evaluate(subparsers: argparse._SubParsersAction) -> None:
+  p = subparsers.add_parser(
+    "evaluate",
+    help="zero-shot task metrics of a model (+ SFTs) on labelled data",
+    description=(
+      "Loads --model, applies each --sft in order (a task SFT brings its "
+      "head), predicts on each --data split and prints a table; --out "
+      "writes the metrics as JSON."
+    ),
+  )
+  p.add_argument("--model", required=True, help="HF model dir")
+  p.add_argument("--sft", action="append", default=[], help="SFT dir(s)")
+  p.add_argument("--task", required=True, help="pos, ner or nli")
+  p.add_argument(
+    "--data",
+    action="append",
+    required=True,
+    help="NAME=SPEC (or SPEC) of a labelled split; repeatable",
+  )
+  p.add_argument("--out", help="write metrics JSON here")
+  p.add_argument("--batch-size", type=int, default=32)
+  p.add_argument("--max-seq-len", type=int, default=256)
+  p.set_defaults(func=run_evaluate)
+
+
+def run_evaluate(args: argparse.Namespace) -> int:
+  import json
+  import os
+
+  from bistil_jax import metrics
+  from bistil_jax.data import tasks, vocab
+  from bistil_jax.errors import BistilError
+  from bistil_jax.train import task as task_lib
+
+  if args.task not in tasks.TASKS:
+    raise BistilError(f"--task must be one of {tasks.TASKS}")
+  model, params = task_lib.merged_model(args.model, args.sft)
+  cfg = model.config
+  want = task_lib.HEAD_OF_KIND[tasks.task_spec(args.task).kind]
+  if cfg.head != want:
+    raise BistilError(
+      f"the model has a {cfg.head} head; {args.task} needs {want} (pass the "
+      "task SFT with --sft, or a task-tuned model)"
+    )
+  tokenizer, _ = vocab.load_tokenizer_dir(args.model)
+  labels = tuple(cfg.label_names)
+  max_len = min(args.max_seq_len, cfg.max_length)
+  results = {}
+  for item in args.data:
+    for name, spec in task_lib.parse_tests(item):
+      data = task_lib.encode_split(args.task, spec, tokenizer, labels, max_len)
+      results[name if "=" in item else spec] = task_lib.evaluate_data(
+        model, params, data, args.batch_size
+      )
+  head = metrics.HEADLINE[args.task]
+  print(f"{'split':<24} {head:>10} {'examples':>9}")
+  for name, m in results.items():
+    n = m.get("num_examples", m.get("num_tokens", m.get("num_gold", "")))
+    print(f"{name:<24} {m[head]:>10.4f} {n!s:>9}")
+  if args.out:
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    with open(args.out, "w") as f:
+      json.dump(
+        {"model": args.model, "sfts": args.sft, "task": args.task, **results},
+        f,
+        indent=2,
+      )
   return 0

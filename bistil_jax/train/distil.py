@@ -267,6 +267,7 @@ def run(
   student_model = Model(scfg)
   loss_cfg = loss_config(config)
   steps.check_pair(student_model, teacher_model, loss_cfg)
+  runner.check_seq_len(tcfg, config.data.max_seq_len, "teacher")
   tokenizer_dir = configlib.expand(config.data.tokenizer) or teacher_dir
   tokenizer, _ = vocab.load_tokenizer_dir(tokenizer_dir)
   vocab_size, mask_id = _check_tokenizer(tokenizer, tcfg)

@@ -54,6 +54,15 @@ def per_host_batch(global_batch: int, mesh: jax.sharding.Mesh) -> int:
   return global_batch // hosts
 
 
+def check_seq_len(config: ModelConfig, max_seq_len: int, what: str) -> None:
+  """Rows longer than the position table would read garbage positions."""
+  if max_seq_len > config.max_length:
+    raise BistilError(
+      f"data.max_seq_len {max_seq_len} exceeds the {what}'s "
+      f"{config.max_length} positions (max_position_embeddings)"
+    )
+
+
 def cast(params: Any, dtype: str) -> Any:
   """Floating leaves to `dtype` (host numpy)."""
   dt = np.dtype(dtype) if dtype != "bfloat16" else jax.numpy.bfloat16
