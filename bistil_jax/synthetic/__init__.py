@@ -9,7 +9,11 @@ runs, and its claims can be checked, without downloads:
   paths = synthetic.write_dataset("/tmp/synth", family, ["a1", "a2", "b1"])
   paths.corpora["a1"]["train"], paths.pos["a2"]["test"], paths.nli["b1"]["dev"]
 
-Command line: `bistil synth --out DIR [--seed 0] [--languages a1 a2 b1]`.
+  synthetic.train_wordpiece(                 # mBERT-style tokenizer
+    [p["train"] for p in paths.corpora.values()], "/tmp/synth/tokenizer")
+
+Command line: `bistil synth --out DIR [--seed 0] [--languages a1 a2 b1]
+[--tokenizer-vocab 4000]`.
 """
 
 from bistil_jax.synthetic.languages import (
@@ -19,6 +23,7 @@ from bistil_jax.synthetic.languages import (
   make_family,
 )
 from bistil_jax.synthetic.tasks import DEPRELS, NER_TAGS, NLI_LABELS, UPOS_TAGS
+from bistil_jax.synthetic.tokenizer import init_model_dir, train_wordpiece
 from bistil_jax.synthetic.writer import (
   DatasetPaths,
   Sizes,
@@ -35,8 +40,10 @@ __all__ = [
   "NLI_LABELS",
   "Sizes",
   "UPOS_TAGS",
+  "init_model_dir",
   "load_family",
   "make_family",
   "read_dataset",
+  "train_wordpiece",
   "write_dataset",
 ]

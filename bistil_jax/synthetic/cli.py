@@ -6,7 +6,7 @@ import argparse
 import time
 
 from bistil_jax.synthetic import languages as lang_lib
-from bistil_jax.synthetic import writer
+from bistil_jax.synthetic import tokenizer, writer
 
 
 def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -63,6 +63,14 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     help=f"dev and test sentences/pairs each (default {defaults.task_test})",
   )
   p.add_argument(
+    "--tokenizer-vocab",
+    type=int,
+    default=None,
+    metavar="N",
+    help="also train an N-token WordPiece tokenizer on all training corpora "
+    "(balanced per language) into OUT/tokenizer (default: no tokenizer)",
+  )
+  p.add_argument(
     "--overwrite",
     action="store_true",
     help="replace a dataset in a non-empty output directory",
@@ -80,6 +88,8 @@ def run(args: argparse.Namespace) -> int:
   languages = None
   if args.languages:
     languages = [c for arg in args.languages for c in arg.split(",") if c]
+  if args.tokenizer_vocab is not None:  # checked before anything is written
+    tokenizer.check_vocab_size(args.tokenizer_vocab)
   sizes = writer.Sizes.coerce(
     {
       "corpus_train": args.corpus_sentences,
@@ -93,6 +103,14 @@ def run(args: argparse.Namespace) -> int:
     args.out, family, languages, sizes, overwrite=args.overwrite
   )
   codes = list(paths.corpora)
+  tok = None
+  if args.tokenizer_vocab is not None:
+    tok = tokenizer.train_wordpiece(
+      [paths.corpora[c]["train"] for c in codes],
+      paths.root / "tokenizer",
+      vocab_size=args.tokenizer_vocab,
+      overwrite=args.overwrite,
+    )
   elapsed = time.perf_counter() - start
   print(f"Wrote a synthetic dataset to {paths.root} in {elapsed:.1f} s")
   print(
@@ -108,6 +126,11 @@ def run(args: argparse.Namespace) -> int:
     f"{sizes.corpus_dev} dev lines; POS/NER/NLI {sizes.task_train} train, "
     f"{sizes.task_dev} dev, {sizes.task_test} test"
   )
+  if tok is not None:
+    print(
+      f"  tokenizer: WordPiece, {tok.get_vocab_size()} tokens, "
+      f"{paths.root / 'tokenizer'}"
+    )
   chosen = set(codes)
   close = [f"{a}-{b}" for a, b in family.close_pairs() if {a, b} <= chosen]
   distant = [f"{a}-{b}" for a, b in family.distant_pairs() if {a, b} <= chosen]
