@@ -55,6 +55,9 @@ def load_config(spec: str) -> ConfigDict:
   p = pathlib.Path(path)
   if not p.suffix and not p.exists():
     p = repo_configs_dir() / f"{path}.py"
+  elif not p.exists() and not p.is_absolute():
+    # "configs/distil.py" from any working directory of a source checkout.
+    p = repo_configs_dir().parent / path
   if not p.is_file():
     raise BistilError(f"config file not found: {path}")
   mod_spec = importlib.util.spec_from_file_location(f"_bistil_cfg_{p.stem}", p)

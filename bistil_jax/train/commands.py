@@ -40,17 +40,27 @@ def register(subparsers: argparse._SubParsersAction) -> None:
   )
   add_config_args(p, "configs/distil.py:tiny")
   p.set_defaults(func=run_distil)
+  p = subparsers.add_parser(
+    "pretrain",
+    help="MLM-train a model dir on two corpora (no teacher)",
+    description=(
+      "MLM training of --config.teacher.model itself (configs/pretrain.py): "
+      "the demo's teacher and the scratch baseline."
+    ),
+  )
+  add_config_args(p, "configs/pretrain.py:tiny")
+  p.set_defaults(func=functools.partial(run_distil, phase="pretrain"))
   register_task(subparsers)
   register_evaluate(subparsers)
 
 
-def run_distil(args: argparse.Namespace) -> int:
+def run_distil(args: argparse.Namespace, phase: str = "distil") -> int:
   from bistil_jax.train import distil
 
   config = configlib.build_config(args.config, args.overrides)
-  out = distil.run(config, args.workdir, overwrite=args.overwrite)
+  out = distil.run(config, args.workdir, overwrite=args.overwrite, phase=phase)
   if out:
-    print(f"student: {out}")
+    print(f"{'student' if phase == 'distil' else 'model'}: {out}")
   return 0
 
 

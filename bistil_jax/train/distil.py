@@ -145,10 +145,11 @@ def eval_step(
   batch,
   *,
   student_model: Model,
-  teacher_model: Model,
+  teacher_model: Model | None,
   loss_cfg: steps.DistilLossConfig,
 ):
-  """Per-language eval sums: the loss terms and masked-token agreement."""
+  """Per-language eval sums: the loss terms, masked-token accuracy and
+  (with a teacher) student/teacher agreement at masked positions."""
   _, terms = steps.distil_losses(
     params,
     teacher,
@@ -162,26 +163,26 @@ def eval_step(
   for name, term in terms.items():
     out[f"{name}/total"] = term.total
     out[f"{name}/count"] = term.count
-  scfg, tcfg = student_model.config, teacher_model.config
-  if scfg.head == "mlm" and tcfg.head == "mlm":
-    kw = dict(
-      attention_mask=batch["attention_mask"],
-      logits_positions=batch["masked_lm_positions"],
-    )
-    s = student_model.apply({"params": params}, batch["input_ids"], **kw)
+  scfg = student_model.config
+  if scfg.head != "mlm":
+    return out
+  kw = dict(
+    attention_mask=batch["attention_mask"],
+    logits_positions=batch["masked_lm_positions"],
+  )
+  vmask = vocab_logits_mask(scfg)
+  s = student_model.apply({"params": params}, batch["input_ids"], **kw)
+  s_pred = jnp.argmax(jnp.where(vmask, s.logits, -jnp.inf), -1)  # [b, p]
+  w = batch["masked_lm_weights"]
+  if teacher_model is not None and teacher_model.config.head == "mlm":
     t = teacher_model.apply(
       {"params": teacher["params"]}, batch["input_ids"], **kw
     )
-    vmask = vocab_logits_mask(scfg)
-    s_pred = jnp.argmax(jnp.where(vmask, s.logits, -jnp.inf), -1)  # [b, p]
     t_pred = jnp.argmax(jnp.where(vmask, t.logits, -jnp.inf), -1)
-    w = batch["masked_lm_weights"]
     out["agreement/total"] = jnp.sum((s_pred == t_pred) * w)
     out["agreement/count"] = jnp.sum(w)
-    out["student_mlm_acc/total"] = jnp.sum(
-      (s_pred == batch["masked_lm_ids"]) * w
-    )
-    out["student_mlm_acc/count"] = jnp.sum(w)
+  out["mlm_acc/total"] = jnp.sum((s_pred == batch["masked_lm_ids"]) * w)
+  out["mlm_acc/count"] = jnp.sum(w)
   return out
 
 
@@ -243,7 +244,11 @@ def validate(config: ml_collections.ConfigDict) -> None:
 
 
 def run(
-  config: ml_collections.ConfigDict, workdir: str, *, overwrite: bool = False
+  config: ml_collections.ConfigDict,
+  workdir: str,
+  *,
+  overwrite: bool = False,
+  phase: str = PHASE,
 ) -> str:
   """Runs (or resumes) phase 1 and returns the export dir.
 
@@ -251,6 +256,9 @@ def run(
     config: a `configs/distil.py` config.
     workdir: the run's directory (created, resumed or refused).
     overwrite: replace a different run in `workdir`.
+    phase: "distil", or "pretrain": MLM training of the model in
+      config.teacher.model itself, no teacher (the demo's teacher and the
+      scratch baseline); same data, loop, checkpoints and export.
 
   Returns:
     The exported student's HF model dir (workdir/export), or "" when
@@ -263,22 +271,37 @@ def run(
   teacher_dir = configlib.expand(config.teacher.model)
   teacher_model, t_params = load_teacher(teacher_dir, config.teacher.dtype)
   tcfg = teacher_model.config
-  scfg = student_model_config(config, tcfg)
-  student_model = Model(scfg)
   loss_cfg = loss_config(config)
-  steps.check_pair(student_model, teacher_model, loss_cfg)
+  pretrain = phase == "pretrain"
+  if pretrain:
+    if tcfg.head != "mlm":
+      raise BistilError(
+        f"pretrain needs an MLM model dir, {teacher_dir} has a {tcfg.head} head"
+      )
+    scfg = tcfg.replace(
+      dtype=config.student.dtype, param_dtype=config.student.param_dtype
+    )
+    student_model = Model(scfg)
+  else:
+    scfg = student_model_config(config, tcfg)
+    student_model = Model(scfg)
+    steps.check_pair(student_model, teacher_model, loss_cfg)
   runner.check_seq_len(tcfg, config.data.max_seq_len, "teacher")
   tokenizer_dir = configlib.expand(config.data.tokenizer) or teacher_dir
   tokenizer, _ = vocab.load_tokenizer_dir(tokenizer_dir)
   vocab_size, mask_id = _check_tokenizer(tokenizer, tcfg)
-  teachers_host = language_teachers(
-    t_params,
-    tcfg,
-    teacher_dir,
-    (
-      configlib.expand(config.teacher.source_sft),
-      configlib.expand(config.teacher.target_sft),
-    ),
+  teachers_host = (
+    [None, None]
+    if pretrain
+    else language_teachers(
+      t_params,
+      tcfg,
+      teacher_dir,
+      (
+        configlib.expand(config.teacher.source_sft),
+        configlib.expand(config.teacher.target_sft),
+      ),
+    )
   )
 
   # --- data
@@ -313,7 +336,7 @@ def run(
 
   # --- workdir (only now: bad input above leaves no trace)
   resumed = ckpt.prepare_workdir(
-    workdir, PHASE, plain, overwrite=overwrite, resume_safe=RESUME_SAFE
+    workdir, phase, plain, overwrite=overwrite, resume_safe=RESUME_SAFE
   )
   if jax.process_index() == 0:
     with open(os.path.join(workdir, STUDENT_CONFIG), "w") as f:
@@ -321,9 +344,12 @@ def run(
 
   # --- student params and projections (deterministic from the seed)
   rng = jax.random.PRNGKey(config.seed)
-  s_params = student_init.init_student(
-    t_params, tcfg, scfg, config.student.init, jax.random.fold_in(rng, 1)
-  )
+  if pretrain:
+    s_params = t_params
+  else:
+    s_params = student_init.init_student(
+      t_params, tcfg, scfg, config.student.init, jax.random.fold_in(rng, 1)
+    )
   s_params = runner.cast(s_params, scfg.param_dtype)
   log.info("%s", runner.parameter_overview(t_params, "teacher"))
   log.info("%s", runner.parameter_overview(s_params, "student"))
@@ -343,6 +369,9 @@ def run(
   t_shard = partitioning.param_shardings(tcfg, mesh)
   teachers = []
   for tree in teachers_host:
+    if tree is None:
+      teachers.append(None)
+      continue
     if teachers and tree is teachers_host[0]:
       teachers.append(teachers[0])
       continue
@@ -351,7 +380,9 @@ def run(
   proj = None
   if projections is not None:
     proj = [jax.device_put(p, repl) for p in projections]
-  teacher_trees = [{"params": t, "projections": proj} for t in teachers]
+  teacher_trees = [
+    None if t is None else {"params": t, "projections": proj} for t in teachers
+  ]
   optim = optim_config(config)
   tx = state_lib.make_optimizer(optim)
   state, state_sh = runner.init_state(s_params, scfg, tx, mesh)
@@ -362,6 +393,8 @@ def run(
     "params": t_shard,
     "projections": None if proj is None else [repl] * len(proj),
   }
+  if pretrain:
+    teacher_sh, teacher_model = None, None
   step_fn = functools.partial(
     steps.distil_step,
     student_model=student_model,

@@ -79,13 +79,23 @@ def distil_losses(
   key: jax.Array,
   *,
   student_model: Model,
-  teacher_model: Model,
+  teacher_model: Model | None,
   loss_cfg: DistilLossConfig,
 ) -> tuple[jax.Array, dict[str, losses.LossTerm]]:
-  """Weighted phase-1 loss and its terms for one monolingual batch."""
-  s_cfg, t_cfg = student_model.config, teacher_model.config
+  """Weighted phase-1 loss and its terms for one monolingual batch.
+
+  With teacher_model None only the student MLM term is computed (MLM
+  pre-training of a teacher or of a scratch baseline).
+  """
+  s_cfg = student_model.config
+  if teacher_model is None:
+    if loss_cfg.hidden or loss_cfg.attention or loss_cfg.kl:
+      raise BistilError("without a teacher only the mlm loss term applies")
+    t_layers = s_cfg.num_hidden_layers
+  else:
+    t_layers = teacher_model.config.num_hidden_layers
   hidden_pairs, attn_pairs = losses.layer_maps(
-    t_cfg.num_hidden_layers, s_cfg.num_hidden_layers
+    t_layers, s_cfg.num_hidden_layers
   )
   mask = batch["attention_mask"]
   want_attn = loss_cfg.attention > 0
@@ -96,10 +106,12 @@ def distil_losses(
     output_attentions=want_attn,
     logits_positions=positions,
   )
-  t_params = jax.lax.stop_gradient(teacher["params"])
-  t_out = teacher_model.apply(
-    {"params": t_params}, batch["input_ids"], **common
-  )
+  t_out = None
+  if teacher_model is not None:  # None: MLM pre-training, no teacher
+    t_params = jax.lax.stop_gradient(teacher["params"])
+    t_out = teacher_model.apply(
+      {"params": t_params}, batch["input_ids"], **common
+    )
   s_out = student_model.apply(
     {"params": params},
     batch["input_ids"],
@@ -148,7 +160,7 @@ def distil_step(
   key: jax.Array,
   *,
   student_model: Model,
-  teacher_model: Model,
+  teacher_model: Model | None,
   tx: optax.GradientTransformation,
   loss_cfg: DistilLossConfig,
   lr_schedule: optax.Schedule | None = None,
