@@ -26,6 +26,8 @@ RUNTIME = [
   # TensorBoard event files without TensorFlow.
   "tensorboardX==2.6.5",
   "protobuf==7.36.2",
+  # PNG plots of `bistil demo`.
+  "matplotlib==3.11.2",
 ]
 
 EXTRAS = {

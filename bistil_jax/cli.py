@@ -20,6 +20,7 @@ COMMAND_MODULES = (
   "bistil_jax.data.trim_cli",
   "bistil_jax.synthetic.cli",
   "bistil_jax.train.commands",
+  "bistil_jax.demo",
 )
 
 # Multi-process runs (TPU pods, multi-node GPU) set this; see launch/.
