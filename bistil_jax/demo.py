@@ -523,6 +523,46 @@ def write_report(out: str, all_results, budget: Budget, quick: bool) -> str:
   return text
 
 
+def check_report(out: str) -> None:
+  """Checks the structure (not the numbers) of a demo output directory.
+
+  Raises:
+    BistilError: a missing file, key, model row or non-finite score.
+  """
+  import math
+
+  for name in (
+    "report.md",
+    "results.json",
+    "training_curves.png",
+    "tradeoff.png",
+  ):
+    if not os.path.isfile(os.path.join(out, name)):
+      raise BistilError(f"demo output {out} lacks {name}")
+  with open(os.path.join(out, "results.json")) as f:
+    res = json.load(f)
+  for key in ("budget", "seeds", "table"):
+    if key not in res:
+      raise BistilError(f"results.json lacks {key!r}")
+  want = {(k, m) for k in ("close", "distant") for m in MODELS}
+  got = {(r["target"].split()[0], r["model"]) for r in res["table"]}
+  if got != want:
+    raise BistilError(f"results table rows {sorted(got)} != {sorted(want)}")
+  for r in res["table"]:
+    for key in ("params", "macs"):
+      if not r[key] > 0:
+        raise BistilError(f"{r['model']}/{r['target']}: {key} = {r[key]}")
+    for key in ("source", "target_score", "latency_ms"):
+      mean = r[key][0]
+      if not math.isfinite(mean) or mean < 0:
+        raise BistilError(f"{r['model']}/{r['target']}: {key} = {mean}")
+  with open(os.path.join(out, "report.md")) as f:
+    text = f.read()
+  rows_md = [line for line in text.splitlines() if line.startswith("| ")]
+  if len(rows_md) != 1 + len(want):
+    raise BistilError(f"report.md has {len(rows_md) - 1} table rows")
+
+
 # ------------------------------------------------------------------ cli
 def register(subparsers: argparse._SubParsersAction) -> None:
   p = subparsers.add_parser(
@@ -552,6 +592,7 @@ def run(args: argparse.Namespace) -> int:
     res["seed"] = seed
     all_results.append(res)
   table = write_report(args.out, all_results, budget, args.quick)
+  check_report(args.out)
   print(table)
   print(
     f"\nwrote {args.out}/report.md, results.json and plots in "

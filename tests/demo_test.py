@@ -1,0 +1,82 @@
+"""The demo report: per-model statistics over seeds and the structure check
+that CI applies to a real `bistil demo --quick` run."""
+
+import json
+import os
+import tempfile
+
+from absl.testing import absltest
+
+from bistil_jax import demo
+from bistil_jax.errors import BistilError
+
+LANGS = {"source": "a1", "close": "a2", "distant": "b1"}
+
+
+def fake_seed(seed, shift):
+  def model(params, src, tgt_scores):
+    return {
+      "params": params,
+      "macs": 1e6,
+      "latency_ms": 2.0 + shift,
+      "scores": {"a1": src, **tgt_scores},
+    }
+
+  return {
+    "seed": seed,
+    "languages": LANGS,
+    "models": {
+      "teacher": model(300e3, 0.9, {"a2": 0.8, "b1": 0.5}),
+      "multi": model(180e3, 0.8, {"a2": 0.6 + shift, "b1": 0.4}),
+      "bistil_close": model(150e3, 0.85, {"a2": 0.7 + shift}),
+      "scratch_close": model(150e3, 0.6, {"a2": 0.3}),
+      "bistil_distant": model(155e3, 0.85, {"b1": 0.45}),
+      "scratch_distant": model(155e3, 0.6, {"b1": 0.2}),
+    },
+  }
+
+
+class ReportTest(absltest.TestCase):
+  def setUp(self):
+    super().setUp()
+    tmp = tempfile.TemporaryDirectory()
+    self.addCleanup(tmp.cleanup)
+    self.out = tmp.name
+    self.results = [fake_seed(0, 0.0), fake_seed(1, 0.1)]
+    demo.write_report(self.out, self.results, demo.QUICK, quick=True)
+
+  def test_statistics_over_seeds(self):
+    table = {
+      (r["target"].split()[0], r["model"]): r for r in demo.rows(self.results)
+    }
+    row = table[("close", "bistil")]
+    self.assertAlmostEqual(row["target_score"][0], 0.75)
+    self.assertAlmostEqual(row["target_score"][1], 0.0707107, places=6)
+    self.assertAlmostEqual(row["vs_teacher"], (0.7 / 0.8 + 0.8 / 0.8) / 2)
+    self.assertEqual(row["seeds"], 2)
+    self.assertAlmostEqual(table[("distant", "teacher")]["vs_teacher"], 1.0)
+    self.assertAlmostEqual(table[("distant", "multi")]["target_score"][0], 0.4)
+
+  def test_check_report_accepts_a_complete_run(self):
+    demo.check_report(self.out)
+    with open(os.path.join(self.out, "report.md")) as f:
+      self.assertIn("| close (a2) | BiStil student |", f.read())
+
+  def test_check_report_rejects_missing_pieces(self):
+    os.remove(os.path.join(self.out, "tradeoff.png"))
+    with self.assertRaisesRegex(BistilError, "lacks tradeoff.png"):
+      demo.check_report(self.out)
+
+  def test_check_report_rejects_a_missing_model(self):
+    path = os.path.join(self.out, "results.json")
+    with open(path) as f:
+      res = json.load(f)
+    res["table"] = [r for r in res["table"] if r["model"] != "scratch"]
+    with open(path, "w") as f:
+      json.dump(res, f)
+    with self.assertRaisesRegex(BistilError, "results table rows"):
+      demo.check_report(self.out)
+
+
+if __name__ == "__main__":
+  absltest.main()
