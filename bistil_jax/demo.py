@@ -355,6 +355,96 @@ def run_seed(out: str, seed: int, b: Budget) -> dict[str, Any]:
   return results
 
 
+ABLATION_INITS = ("teacher_layers", "svd_embeddings", "random")
+ABLATION_LOSSES = {
+  "hidden+attention": ["--config.loss.hidden=1", "--config.loss.attention=1"],
+  "kl+hidden": [
+    "--config.loss.kl=1",
+    "--config.loss.hidden=1",
+    "--config.loss.attention=0",
+  ],
+}
+
+
+def run_ablation(out: str, seed: int, b: Budget) -> list[dict[str, Any]]:
+  """Student init x phase-1 loss mix on the close target (after run_seed).
+
+  Reuses the seed's teacher, trimmed vocabulary and task teacher; each
+  variant gets the same phase-1 budget and the same phase 2.
+  """
+  from bistil_jax import synthetic
+
+  root = os.path.join(out, f"seed{seed}")
+  data = synthetic.read_dataset(os.path.join(root, "data"))
+  family = synthetic.make_family(0)
+  src, close, _ = family.transfer_languages()
+  trimmed = os.path.join(root, "trimmed_close")
+  teacher_pos = os.path.join(root, "teacher_pos", "export")
+  rows_ = []
+  for init in ABLATION_INITS:
+    for mix, flags in ABLATION_LOSSES.items():
+      tag = f"{init}_{mix.replace('+', '_')}"
+      dist = os.path.join(root, f"abl_distil_{tag}")
+      _run(
+        ["distil", "--config", _cfg("distil.py:tiny"), "--workdir", dist]
+        + _train_over(b, b.distil_steps, seed)
+        + [
+          f"--config.teacher.model={trimmed}",
+          f"--config.data.source={data.corpora[src]['train']}",
+          f"--config.data.target={data.corpora[close]['train']}",
+          f"--config.student.init={init}",
+          *flags,
+        ]
+      )
+      wd = os.path.join(root, f"abl_sft_{tag}")
+      _run(
+        [
+          "sft",
+          "--config",
+          _cfg("sft.py:pos,variant=tiny"),
+          "--workdir",
+          wd,
+          f"--config.model={os.path.join(dist, 'export')}",
+          f"--config.teacher={teacher_pos}",
+          f"--config.train.dense_epochs={b.dense_epochs}",
+          f"--config.train.sparse_epochs={b.sparse_epochs}",
+        ]
+        + _task_over(b, seed, data, src)
+      )
+      scores = _evaluate(
+        os.path.join(dist, "export"),
+        os.path.join(wd, "export"),
+        data,
+        [src, close],
+        os.path.join(root, "eval", f"abl_{tag}.json"),
+      )
+      rows_.append(
+        {
+          "seed": seed,
+          "init": init,
+          "loss": mix,
+          "source": scores[src],
+          "target": scores[close],
+        }
+      )
+  return rows_
+
+
+def format_ablation(rows_: list[dict[str, Any]]) -> str:
+  by = {}
+  for r in rows_:
+    by.setdefault((r["init"], r["loss"]), []).append(r)
+  lines = [
+    "| student init | phase-1 loss | seeds | source acc | close-target acc |",
+    "|---|---|---:|---:|---:|",
+  ]
+  for (init, loss), rs in by.items():
+    src = statistics.mean(r["source"] for r in rs)
+    tgt = statistics.mean(r["target"] for r in rs)
+    lines.append(f"| {init} | {loss} | {len(rs)} | {src:.3f} | {tgt:.3f} |")
+  return "\n".join(lines)
+
+
 def _scratch_init(student_dir: str, out: str, seed: int) -> None:
   """A random model with the student's config and tokenizer."""
   import jax
@@ -573,6 +663,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
   p.add_argument("--out", default="bistil_demo", help="output dir")
   p.add_argument("--quick", action="store_true", help="~3 minute version")
   p.add_argument("--seeds", default="0", help="comma-separated seeds")
+  p.add_argument(
+    "--ablation",
+    action="store_true",
+    help="also compare student inits x phase-1 loss mixes (close target, "
+    "first seed)",
+  )
   p.set_defaults(func=run)
 
 
@@ -594,6 +690,15 @@ def run(args: argparse.Namespace) -> int:
   table = write_report(args.out, all_results, budget, args.quick)
   check_report(args.out)
   print(table)
+  if args.ablation:
+    abl = run_ablation(args.out, seeds[0], budget)
+    text = format_ablation(abl)
+    with open(os.path.join(args.out, "ablation.json"), "w") as f:
+      json.dump(abl, f, indent=2)
+    with open(os.path.join(args.out, "report.md"), "a") as f:
+      f.write("\n## Student initialisation x phase-1 loss (close target)\n\n")
+      f.write(text + "\n")
+    print("\n" + text)
   print(
     f"\nwrote {args.out}/report.md, results.json and plots in "
     f"{time.perf_counter() - start:.0f} s"

@@ -477,12 +477,13 @@ def run(
     eval_every=config.train.eval_every,
   )
   log.info(
-    "phase 1: %d steps of %d x %d tokens, student %d layers <- teacher %d",
+    "%s: %d steps of %d x %d tokens, %d-layer model%s",
+    "MLM pre-training" if pretrain else "phase 1",
     settings.num_steps,
     config.data.batch_size,
     batches.max_seq_len,
     scfg.num_hidden_layers,
-    tcfg.num_hidden_layers,
+    "" if pretrain else f" <- {tcfg.num_hidden_layers}-layer teacher",
   )
   prefetched = pipeline.prefetch(batches, size=config.data.prefetch)
   try:
@@ -521,7 +522,7 @@ def export_student(
     hf.save_hf(
       out, scfg.replace(param_dtype="float32"), params, tokenizer_dir, True
     )
-    log.info("exported the student to %s", out)
+    log.info("exported the model to %s", out)
 
 
 def model_from_workdir(
