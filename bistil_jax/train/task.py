@@ -21,6 +21,7 @@ import json
 import logging
 import math
 import os
+import shutil
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -29,6 +30,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
+from flax.traverse_util import flatten_dict
 
 from bistil_jax import configlib, losses, metrics, partitioning, sparse
 from bistil_jax.checkpoint import hf
@@ -256,14 +258,18 @@ def load_task_model(
   keep_head=True requires the checkpoint's (or an SFT's) head to have these
   labels (a task teacher); otherwise a fresh head is created.
   """
+  model, params, _ = _load_task_model(
+    path, task, labels, rng, sft_paths, keep_head
+  )
+  return model, params
+
+
+def _load_task_model(path, task, labels, rng, sft_paths=(), keep_head=False):
+  """load_task_model, plus the top-level keys it created fresh."""
   model, params = hf.load_hf(path)
   cfg = model.config
   for sft_path in sft_paths:
-    sft = sparse.load_sft(sft_path, config=cfg)
-    if sft.dense:
-      cfg = config_for_sft(cfg, sft)
-      params = _ensure_head(params, cfg, rng)
-    params = sparse.apply_sft(params, sft)
+    params, cfg = _apply_sft(params, cfg, sft_path, rng)
   want = HEAD_OF_KIND[tasks.task_spec(task).kind]
   if keep_head:
     if cfg.head != want:
@@ -275,10 +281,34 @@ def load_task_model(
         f"label sets differ: teacher {path} has {list(cfg.label_names)}, "
         f"the data has {list(labels)}"
       )
-    return Model(cfg), params
+    return Model(cfg), params, []
   params, cfg, new = with_task_head(params, cfg, task, labels, rng)
   log.info("%s: new %s head (%s)", path, cfg.head, ", ".join(new))
-  return Model(cfg), params
+  return Model(cfg), params, new
+
+
+def _apply_sft(params, cfg: ModelConfig, path: str, rng):
+  """params + the SFT at `path`, and the config (a task SFT brings its head).
+
+  The base is checked against the SFT's fingerprint BEFORE missing head or
+  pooler leaves are added: those are random here and come dense from the
+  SFT, so they must not enter the comparison.
+  """
+  sft = sparse.load_sft(path, config=cfg)
+  want = sft.meta.get("base_fingerprint")
+  if want:
+    got = sparse.params_fingerprint(
+      params, vocab_size=sft.meta.get("vocab_size")
+    )
+    if got != want:
+      raise BistilError(
+        f"SFT {path} was made for base model {want[:23]}, this model is "
+        f"{got[:23]}"
+      )
+  if sft.dense:
+    cfg = config_for_sft(cfg, sft)
+    params = _ensure_head(params, cfg, rng)
+  return sparse.apply_sft(params, sft, check_fingerprint=False), cfg
 
 
 def config_for_sft(cfg: ModelConfig, sft: sparse.SFT) -> ModelConfig:
@@ -313,11 +343,7 @@ def merged_model(
   model, params = hf.load_hf(model_dir)
   cfg = model.config
   for path in sft_paths:
-    sft = sparse.load_sft(path, config=cfg)
-    if sft.dense:
-      cfg = config_for_sft(cfg, sft)
-      params = _ensure_head(params, cfg, jax.random.PRNGKey(0))
-    params = sparse.apply_sft(params, sft)
+    params, cfg = _apply_sft(params, cfg, path, jax.random.PRNGKey(0))
   if cfg.head not in ("none", "mlm") and "lm_head" in params:
     params = {k: v for k, v in params.items() if k != "lm_head"}
   return Model(cfg), params
@@ -477,10 +503,11 @@ def _optim(config, steps: int) -> state_lib.OptimConfig:
   o = config.optim
   return state_lib.OptimConfig(
     learning_rate=o.learning_rate,
-    warmup_steps=min(o.warmup_steps, steps),
-    total_steps=max(steps, 1),
+    warmup_steps=min(o.warmup_steps, max(steps // o.accumulate_steps, 1)),
+    total_steps=max(steps // o.accumulate_steps, 1),
     weight_decay=o.weight_decay,
     clip_norm=o.clip_norm or None,
+    accumulate_steps=o.accumulate_steps,
   )
 
 
@@ -529,8 +556,21 @@ def run(
     t_dir = configlib.expand(config.teacher)
     t_sfts = [configlib.expand(p) for p in config.teacher_sfts.split(",") if p]
     tm, tp = merged_model(t_dir, t_sfts)
+    want = HEAD_OF_KIND[tasks.task_spec(task).kind]
+    if tm.config.head != want:
+      raise BistilError(
+        f"teacher {t_dir} has a {tm.config.head} head; task {task} needs a "
+        f"task-tuned teacher with a {want} head"
+      )
     if given is None:
       given = list(tm.config.label_names)
+      try:
+        tasks.label_set(task, train_examples, given)
+      except BistilError as e:
+        raise BistilError(
+          f"label sets differ: the data does not fit the teacher's head "
+          f"{given} ({e})"
+        ) from None
   labels = tasks.label_set(task, train_examples, given)
   train = tasks.encode_task(
     task,
@@ -554,7 +594,7 @@ def run(
 
   # --- models
   base_sfts = [configlib.expand(p) for p in config.model_sfts.split(",") if p]
-  model, params0 = load_task_model(
+  model, params0, fresh = _load_task_model(
     model_dir, task, labels, jax.random.fold_in(rng, 1), base_sfts
   )
   cfg = model.config
@@ -584,14 +624,23 @@ def run(
   loss_cfg = loss_config(config)
   kind = tasks.task_spec(task).kind
 
-  # --- workdir
-  ckpt.prepare_workdir(
-    workdir, phase, plain, overwrite=overwrite, resume_safe=RESUME_SAFE
-  )
   mesh = runner.build_mesh(config.mesh.shape)
   runner.per_host_batch(config.data.batch_size, mesh)
   if jax.process_count() > 1:
     raise BistilError("task training runs on one host (multi-host: TODO)")
+  per_epoch = TaskBatches(train, config.data.batch_size, config.seed).per_epoch
+
+  # --- workdir
+  resumed = ckpt.prepare_workdir(
+    workdir, phase, plain, overwrite=overwrite, resume_safe=RESUME_SAFE
+  )
+  if not resumed:  # stage checkpoints of a replaced (--overwrite) run
+    for name in ("dense", "sparse", RESULTS):
+      path = os.path.join(workdir, name)
+      if os.path.isdir(path):
+        shutil.rmtree(path)
+      elif os.path.exists(path):
+        os.remove(path)
   repl = partitioning.replicated(mesh)
   p_shard = partitioning.param_shardings(cfg, mesh)
   origin = partitioning.shard(params0, p_shard)
@@ -621,7 +670,6 @@ def run(
       m = evaluate_data(model, state.params, dev, eval_bs, mesh, jpredict)
     return {f"dev/{k}": v for k, v in m.items() if isinstance(v, float)}
 
-  per_epoch = TaskBatches(train, config.data.batch_size, config.seed).per_epoch
   dense_steps = max(1, math.ceil(config.train.dense_epochs * per_epoch))
   sparse_steps = (
     max(1, math.ceil(config.train.sparse_epochs * per_epoch))
@@ -711,17 +759,22 @@ def run(
       layer_norm=config.sparse.layer_norm,
       vocab_size=cfg.vocab_size,
     )
+    for key_ in fresh:  # no base values to select against: trained densely
+      eligible[key_] = jax.tree.map(
+        lambda x: np.zeros(np.shape(x), bool), eligible[key_]
+      )
     n_eligible = sum(int(np.sum(x)) for x in jax.tree.leaves(eligible))
     k = sparse.k_from_density(eligible, config.sparse.density)
     delta = jax.tree.map(lambda a, b: jnp.abs(a - b), state.params, origin)
     body_mask = sparse.select_top_k(
       delta, eligible, k, vocab_size=cfg.vocab_size
     )
-    # Head leaves train densely in the sparse phase.
+    # Head leaves, and body parts the base lacked (a fresh pooler), train
+    # densely in the sparse phase and are stored whole.
     mask = {
       key_: (
         jax.tree.map(lambda x: jnp.ones(x.shape, bool), sub)
-        if key_ in sparse.HEAD_KEYS
+        if key_ in sparse.HEAD_KEYS or key_ in fresh
         else body_mask[key_]
       )
       for key_, sub in params0.items()
@@ -776,6 +829,20 @@ def run(
         "base_model": model_dir,
       },
     )
+    # Body leaves the base model lacks (a pooler made for a pair task) have
+    # no base values to diff against: store them whole, like the head, and
+    # fingerprint the base as it is loaded.
+    body_fresh = [k for k in fresh if k not in sparse.HEAD_KEYS]
+    for key_ in body_fresh:
+      for path in [p for p in sft.diffs if p.split("/", 1)[0] == key_]:
+        del sft.diffs[path]
+      sft.dense.update(flatten_dict({key_: host_final[key_]}, sep="/").items())
+    if body_fresh:
+      sft.meta["base_fingerprint"] = sparse.params_fingerprint(
+        {k: v for k, v in params0.items() if k not in fresh},
+        vocab_size=cfg.vocab_size,
+      )
+      sft.meta["nnz"] = sft.nnz
     sparse.save_sft(out, sft, overwrite=True)
     log.info("wrote task SFT to %s", out)
   else:
