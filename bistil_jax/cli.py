@@ -85,6 +85,9 @@ def _maybe_initialize_distributed() -> None:
     return
   import jax
 
+  if os.environ.get("JAX_PLATFORMS", "") == "cpu":
+    # Several CPU processes (tests, debugging) need gloo collectives.
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
   kw = {}
   if os.environ.get("BISTIL_COORDINATOR"):
     kw = dict(
