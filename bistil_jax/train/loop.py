@@ -85,10 +85,11 @@ class MetricWriter:
     os.makedirs(logdir, exist_ok=True)
     path = os.path.join(logdir, "metrics.jsonl")
     if start_step > 0 and os.path.exists(path):
-      # A resumed run replays steps after its checkpoint: drop their rows.
+      # A resumed run replays the steps after its checkpoint: drop the rows
+      # logged after it (a row at step s covers steps <= s).
       with open(path) as f:
         rows = [
-          r for r in f if r.strip() and json.loads(r)["step"] < start_step
+          r for r in f if r.strip() and json.loads(r)["step"] <= start_step
         ]
       with open(path, "w") as f:
         f.writelines(rows)
@@ -100,7 +101,9 @@ class MetricWriter:
       return
     # purge_step hides events a killed run wrote after its last checkpoint.
     self._tb = SummaryWriter(
-      logdir, purge_step=start_step if start_step > 0 else None, flush_secs=10
+      logdir,
+      purge_step=start_step + 1 if start_step > 0 else None,
+      flush_secs=10,
     )
 
   def scalars(self, step: int, values: Mapping[str, float]) -> None:
