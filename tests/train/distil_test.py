@@ -15,7 +15,7 @@ import torch
 import transformers
 from absl.testing import absltest
 
-from bistil_jax import cli
+from bistil_jax import cli, sparse
 from bistil_jax.checkpoint import hf
 from bistil_jax.checkpoint import manager as ckpt
 from bistil_jax.model import init_params, preset
@@ -180,6 +180,69 @@ class DistilCliTest(absltest.TestCase):
     self.assertEqual(code, 0, err)
     model, _ = hf.load_hf(out)
     self.assertEqual(model.config.num_hidden_layers, 2)
+
+  def language_sft(self, name, model_dir):
+    """An SFT that moves layer 0's query kernel of `model_dir`'s params."""
+    _, base = hf.load_hf(model_dir)
+    cfg = hf.load_hf(model_dir)[0].config
+    trained = jax.tree.map(np.array, base)
+    q = trained["encoder"]["layer"]["0"]["attention"]["self"]["query"]
+    q["kernel"][:4, :4] += 0.5
+    sft = sparse.sft_from_params(
+      trained, base, kind="language", vocab_size=cfg.vocab_size
+    )
+    out = os.path.join(self.root, name)
+    sparse.save_sft(out, sft, overwrite=True)
+    return out
+
+  def test_per_language_teacher_sft(self):
+    sft = self.language_sft("lang_sft", self.teacher)
+    wd = self.workdir("with_sft")
+    args = fixtures.distil_args(
+      self.root, self.teacher, **{"train.num_steps": 2}
+    )
+    with self.assertLogs("bistil_jax.train.distil", "INFO") as logs:
+      code, err = run_cli(
+        ["distil", "--workdir", wd, *args, f"--config.teacher.target_sft={sft}"]
+      )
+    self.assertEqual(code, 0, err)
+    self.assertIn("target teacher: base + SFT", "\n".join(logs.output))
+    self.assertNotIn("source teacher", "\n".join(logs.output))
+
+  def test_language_sft_of_another_model_is_refused(self):
+    other = os.path.join(self.root, "other_teacher")
+    fixtures_dir = fixtures.make_teacher_dir(other, seed=5)
+    sft = self.language_sft("other_sft", fixtures_dir)
+    wd = self.workdir("wrong_sft")
+    args = fixtures.distil_args(self.root, self.teacher)
+    self.assert_refused(
+      ["distil", "--workdir", wd, *args, f"--config.teacher.source_sft={sft}"],
+      "SFT .*was made for base model",
+      wd,
+    )
+    small = os.path.join(self.root, "narrow")
+    cfg = preset(
+      "tiny",
+      head="mlm",
+      vocab_size=510,
+      num_hidden_layers=4,
+      hidden_size=32,
+      num_attention_heads=4,
+      intermediate_size=64,
+    )
+    hf.save_hf(
+      small,
+      cfg,
+      init_params(cfg, jax.random.PRNGKey(0)),
+      tokenizer_dir=os.path.join(self.root, "tokenizer"),
+      overwrite=True,
+    )
+    sft = self.language_sft("narrow_sft", small)
+    self.assert_refused(
+      ["distil", "--workdir", wd, *args, f"--config.teacher.source_sft={sft}"],
+      "SFT",
+      wd,
+    )
 
   # ----------------------------------------------------------- bad input
   def assert_refused(self, argv, pattern, workdir):
