@@ -20,6 +20,10 @@ Variants (the part after ":"):
 
 The loss mix defaults to the released one (hidden + attention MSE); the
 KL-on-MLM-logits variant is `--config.loss.kl=1 --config.loss.attention=0`.
+Defaults chosen by `bistil demo --ablation` (3 seeds, README): student init
+teacher_layers 0.801 source / 0.570 close-target POS accuracy vs
+svd_embeddings 0.741 / 0.584 and random 0.706 / 0.562 (targets within one
+std); kl+hidden ties with hidden+attention (0.803 / 0.574).
 """
 
 import ml_collections
