@@ -139,6 +139,61 @@ def _measure(model_dir: str, sft: str | None, b: Budget) -> dict[str, float]:
   }
 
 
+def _mlm_stage(
+  command: str,
+  workdir: str,
+  b: Budget,
+  steps: int,
+  seed: int,
+  model: str,
+  source: str,
+  target: str,
+  *extra: str,
+) -> str:
+  """`bistil distil` or `bistil pretrain` on two corpora; the export dir."""
+  config = "distil.py:tiny" if command == "distil" else "pretrain.py:tiny"
+  _run(
+    [command, "--config", _cfg(config), "--workdir", workdir]
+    + _train_over(b, steps, seed)
+    + [
+      f"--config.teacher.model={model}",
+      f"--config.data.source={source}",
+      f"--config.data.target={target}",
+      *extra,
+    ]
+  )
+  return os.path.join(workdir, "export")
+
+
+def _phase2(
+  workdir: str, student: str, teacher_pos: str, b: Budget, seed, data, src
+) -> str:
+  """`bistil sft` of a student against the task teacher; the SFT dir."""
+  _run(
+    [
+      "sft",
+      "--config",
+      _cfg("sft.py:pos,variant=tiny"),
+      "--workdir",
+      workdir,
+      f"--config.model={student}",
+      f"--config.teacher={teacher_pos}",
+      f"--config.train.dense_epochs={b.dense_epochs}",
+      f"--config.train.sparse_epochs={b.sparse_epochs}",
+    ]
+    + _task_over(b, seed, data, src)
+  )
+  return os.path.join(workdir, "export")
+
+
+def _scored(model_dir, sft, data, langs, out: str, b: Budget) -> dict:
+  """Test scores per language, size, MACs and latency of a model + SFT."""
+  return {
+    "scores": _evaluate(model_dir, sft, data, langs, out),
+    **_measure(model_dir, sft, b),
+  }
+
+
 def run_seed(out: str, seed: int, b: Budget) -> dict[str, Any]:
   """The whole pipeline for one seed; returns its measurements."""
   from bistil_jax import synthetic
@@ -201,25 +256,24 @@ def run_seed(out: str, seed: int, b: Budget) -> dict[str, Any]:
 
   # --- teacher: MLM on all languages, then task-tuned on the source
   t = time.perf_counter()
-  teacher_mlm = os.path.join(root, "teacher_mlm")
-  _run(
-    ["pretrain", "--config", _cfg("pretrain.py:tiny"), "--workdir", teacher_mlm]
-    + _train_over(b, b.pretrain_steps, seed)
-    + [
-      f"--config.teacher.model={init_dir}",
-      f"--config.data.source={all_txt}",
-      f"--config.data.target={all_txt}",
-      "--config.optim.learning_rate=0.001",
-      "--config.optim.warmup_steps=100",
-    ]
+  teacher = _mlm_stage(
+    "pretrain",
+    os.path.join(root, "teacher_mlm"),
+    b,
+    b.pretrain_steps,
+    seed,
+    init_dir,
+    all_txt,
+    all_txt,
+    "--config.optim.learning_rate=0.001",
+    "--config.optim.warmup_steps=100",
   )
-  teacher = os.path.join(teacher_mlm, "export")
   teacher_task = os.path.join(root, "teacher_pos")
   _run(
     [
       "finetune",
       "--config",
-      _cfg("sft.py:pos,variant=tiny"),
+      _cfg("finetune.py:pos,variant=tiny"),
       "--workdir",
       teacher_task,
       f"--config.model={teacher}",
@@ -236,59 +290,25 @@ def run_seed(out: str, seed: int, b: Budget) -> dict[str, Any]:
   }
   ev_dir = os.path.join(root, "eval")
   os.makedirs(ev_dir, exist_ok=True)
-  results["models"]["teacher"] = {
-    "scores": _evaluate(
-      teacher_pos,
-      None,
-      data,
-      [src, close, distant],
-      os.path.join(ev_dir, "teacher.json"),
-    ),
-    **_measure(teacher_pos, None, b),
-  }
-
-  def phase2(name: str, student: str) -> str:
-    wd = os.path.join(root, f"sft_{name}")
-    _run(
-      [
-        "sft",
-        "--config",
-        _cfg("sft.py:pos,variant=tiny"),
-        "--workdir",
-        wd,
-        f"--config.model={student}",
-        f"--config.teacher={teacher_pos}",
-        f"--config.train.dense_epochs={b.dense_epochs}",
-        f"--config.train.sparse_epochs={b.sparse_epochs}",
-      ]
-      + _task_over(b, seed, data, src)
-    )
-    return os.path.join(wd, "export")
+  models = results["models"]
+  models["teacher"] = _scored(
+    teacher_pos, None, data, [src, close, distant],
+    os.path.join(ev_dir, "teacher.json"), b,
+  )  # fmt: skip
 
   # --- multilingual distilled baseline: phase 1 on all languages, once
   t = time.perf_counter()
-  multi = os.path.join(root, "distil_multi")
-  _run(
-    ["distil", "--config", _cfg("distil.py:tiny"), "--workdir", multi]
-    + _train_over(b, b.distil_steps, seed)
-    + [
-      f"--config.teacher.model={teacher}",
-      f"--config.data.source={all_txt}",
-      f"--config.data.target={all_txt}",
-    ]
+  multi = _mlm_stage(
+    "distil", os.path.join(root, "distil_multi"), b, b.distil_steps, seed,
+    teacher, all_txt, all_txt,
+  )  # fmt: skip
+  multi_sft = _phase2(
+    os.path.join(root, "sft_multi"), multi, teacher_pos, b, seed, data, src
   )
-  multi_sft = phase2("multi", os.path.join(multi, "export"))
-  multi_scores = _evaluate(
-    os.path.join(multi, "export"),
-    multi_sft,
-    data,
-    [src, close, distant],
-    os.path.join(ev_dir, "multi.json"),
-  )
-  results["models"]["multi"] = {
-    "scores": multi_scores,
-    **_measure(os.path.join(multi, "export"), multi_sft, b),
-  }
+  models["multi"] = _scored(
+    multi, multi_sft, data, [src, close, distant],
+    os.path.join(ev_dir, "multi.json"), b,
+  )  # fmt: skip
   timings["multi"] = time.perf_counter() - t
 
   # --- per target: trim, BiStil phase 1 + 2, scratch bilingual + phase 2
@@ -311,44 +331,32 @@ def run_seed(out: str, seed: int, b: Budget) -> dict[str, Any]:
           "--overwrite",
         ]
       )
-    corpora = [
-      f"--config.data.source={data.corpora[src]['train']}",
-      f"--config.data.target={data.corpora[tgt]['train']}",
-    ]
-    dist = os.path.join(root, f"distil_{kind}")
-    _run(
-      ["distil", "--config", _cfg("distil.py:tiny"), "--workdir", dist]
-      + _train_over(b, b.distil_steps, seed)
-      + [f"--config.teacher.model={trimmed}", *corpora]
-    )
-    bistil_sft = phase2(kind, os.path.join(dist, "export"))
+    corpora = (data.corpora[src]["train"], data.corpora[tgt]["train"])
+    student = _mlm_stage(
+      "distil", os.path.join(root, f"distil_{kind}"), b, b.distil_steps,
+      seed, trimmed, *corpora,
+    )  # fmt: skip
     # Scratch: the student's architecture and vocabulary, random weights,
     # MLM on the same two corpora for the same number of steps.
     scratch_init = os.path.join(root, f"scratch_init_{kind}")
     if not os.path.isdir(scratch_init):
-      _scratch_init(os.path.join(dist, "export"), scratch_init, seed)
-    scratch = os.path.join(root, f"scratch_{kind}")
-    _run(
-      ["pretrain", "--config", _cfg("pretrain.py:tiny"), "--workdir", scratch]
-      + _train_over(b, b.distil_steps, seed)
-      + [f"--config.teacher.model={scratch_init}", *corpora]
-    )
-    scratch_sft = phase2(f"scratch_{kind}", os.path.join(scratch, "export"))
-    for name, model_dir, sft in (
-      ("bistil", os.path.join(dist, "export"), bistil_sft),
-      ("scratch", os.path.join(scratch, "export"), scratch_sft),
+      _scratch_init(student, scratch_init, seed)
+    scratch = _mlm_stage(
+      "pretrain", os.path.join(root, f"scratch_{kind}"), b, b.distil_steps,
+      seed, scratch_init, *corpora,
+    )  # fmt: skip
+    for name, model_dir, sft_name in (
+      ("bistil", student, kind),
+      ("scratch", scratch, f"scratch_{kind}"),
     ):
-      scores = _evaluate(
-        model_dir,
-        sft,
-        data,
-        [src, tgt],
-        os.path.join(ev_dir, f"{name}_{kind}.json"),
-      )
-      results["models"][f"{name}_{kind}"] = {
-        "scores": scores,
-        **_measure(model_dir, sft, b),
-      }
+      sft = _phase2(
+        os.path.join(root, f"sft_{sft_name}"), model_dir, teacher_pos, b,
+        seed, data, src,
+      )  # fmt: skip
+      models[f"{name}_{kind}"] = _scored(
+        model_dir, sft, data, [src, tgt],
+        os.path.join(ev_dir, f"{name}_{kind}.json"), b,
+      )  # fmt: skip
     timings[kind] = time.perf_counter() - t
   results["timings_s"] = timings
   results["total_s"] = time.perf_counter() - t0
@@ -384,40 +392,19 @@ def run_ablation(out: str, seed: int, b: Budget) -> list[dict[str, Any]]:
   for init in ABLATION_INITS:
     for mix, flags in ABLATION_LOSSES.items():
       tag = f"{init}_{mix.replace('+', '_')}"
-      dist = os.path.join(root, f"abl_distil_{tag}")
-      _run(
-        ["distil", "--config", _cfg("distil.py:tiny"), "--workdir", dist]
-        + _train_over(b, b.distil_steps, seed)
-        + [
-          f"--config.teacher.model={trimmed}",
-          f"--config.data.source={data.corpora[src]['train']}",
-          f"--config.data.target={data.corpora[close]['train']}",
-          f"--config.student.init={init}",
-          *flags,
-        ]
-      )
-      wd = os.path.join(root, f"abl_sft_{tag}")
-      _run(
-        [
-          "sft",
-          "--config",
-          _cfg("sft.py:pos,variant=tiny"),
-          "--workdir",
-          wd,
-          f"--config.model={os.path.join(dist, 'export')}",
-          f"--config.teacher={teacher_pos}",
-          f"--config.train.dense_epochs={b.dense_epochs}",
-          f"--config.train.sparse_epochs={b.sparse_epochs}",
-        ]
-        + _task_over(b, seed, data, src)
-      )
+      student = _mlm_stage(
+        "distil", os.path.join(root, f"abl_distil_{tag}"), b, b.distil_steps,
+        seed, trimmed, data.corpora[src]["train"],
+        data.corpora[close]["train"], f"--config.student.init={init}", *flags,
+      )  # fmt: skip
+      sft = _phase2(
+        os.path.join(root, f"abl_sft_{tag}"), student, teacher_pos, b, seed,
+        data, src,
+      )  # fmt: skip
       scores = _evaluate(
-        os.path.join(dist, "export"),
-        os.path.join(wd, "export"),
-        data,
-        [src, close],
+        student, sft, data, [src, close],
         os.path.join(root, "eval", f"abl_{tag}.json"),
-      )
+      )  # fmt: skip
       rows_.append(
         {
           "seed": seed,

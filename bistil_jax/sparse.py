@@ -26,6 +26,7 @@ import logging
 import math
 import os
 import shutil
+from collections.abc import Sequence
 from typing import Any
 
 import jax
@@ -412,6 +413,11 @@ def _gate(u: jax.Array, m: Any) -> jax.Array:
   return jnp.where(_compact(m), u, frozen)
 
 
+def gate(tree: Any, mask: Any) -> Any:
+  """`tree` where `mask` is True, -0.0 elsewhere (see `masked_updates`)."""
+  return jax.tree.map(_gate, tree, mask)
+
+
 def masked_updates(mask: Any) -> optax.GradientTransformation:
   """Keeps updates where `mask` is True and zeroes the rest.
 
@@ -432,7 +438,7 @@ def masked_updates(mask: Any) -> optax.GradientTransformation:
 
   def update_fn(updates, state, params=None):
     del params
-    return jax.tree.map(_gate, updates, mask), state
+    return gate(updates, mask), state
 
   return optax.GradientTransformation(init_fn, update_fn)
 
@@ -509,14 +515,22 @@ class SFT:
     )
 
 
-def params_fingerprint(params: Any, *, vocab_size: int | None = None) -> str:
+def _top(path: str) -> str:
+  return path.split("/", 1)[0]
+
+
+def params_fingerprint(
+  params: Any, *, vocab_size: int | None = None, exclude: Sequence[str] = ()
+) -> str:
   """sha256 identity of the BODY parameters (head leaves excluded).
 
   Hashes, in sorted path order, each body leaf's path, shape, dtype and raw
   bytes, so a task head does not change the identity of the base model. With
   `vocab_size`, word-embedding rows at or above it (padding, whose content
   depends on how the params were made: random at init, zeros on HF import)
-  are left out. Cost: one host copy and one sha256 pass over the body, ~1 s
+  are left out. Top-level groups in `exclude` (body parts an SFT stores
+  whole, e.g. a pooler created for a pair task) are left out too. Cost: one
+  host copy and one sha256 pass over the body, ~1 s
   per 100M float32 parameters. Arrays must be fully addressable (single
   host).
 
@@ -527,7 +541,7 @@ def params_fingerprint(params: Any, *, vocab_size: int | None = None) -> str:
   h = hashlib.sha256()
   for j in sorted(range(len(paths)), key=lambda j: paths[j]):
     path = paths[j]
-    if is_head(path):
+    if is_head(path) or _top(path) in exclude:
       continue
     a = _to_host(leaves[j])
     if vocab_size is not None and _is_word_embeddings(path):
@@ -567,6 +581,7 @@ def sft_from_params(
   tol: float = 1e-7,
   config: Any = None,
   vocab_size: int | None = None,
+  dense_keys: Sequence[str] = (),
 ) -> SFT:
   """Exports trained − base as an SFT (METHOD.md §4.4 step 4).
 
@@ -589,6 +604,9 @@ def sft_from_params(
       vocab_size and model_type.
     vocab_size: real vocabulary size (default config.vocab_size): diffs on
       padded word-embedding rows are dropped and the fingerprint ignores them.
+    dense_keys: top-level body groups stored whole like the head (parts the
+      base model lacked, e.g. a fresh pooler); the fingerprint leaves them
+      out, so the SFT applies to the base as loaded.
 
   Returns:
     The SFT; meta["density"] = stored entries / body entries (padding
@@ -609,7 +627,7 @@ def sft_from_params(
   body_entries = 0
   for path, t, b, m in zip(t_paths, t_leaves, b_leaves, m_leaves, strict=True):
     t = _to_host(t)
-    if is_head(path):
+    if is_head(path) or _top(path) in dense_keys:
       dense[path] = t.copy()
       continue
     b = _to_host(b)
@@ -642,7 +660,9 @@ def sft_from_params(
     "format": FORMAT,
     "version": FORMAT_VERSION,
     "kind": kind,
-    "base_fingerprint": params_fingerprint(base, vocab_size=vocab_size),
+    "base_fingerprint": params_fingerprint(
+      base, vocab_size=vocab_size, exclude=dense_keys
+    ),
     "vocab_size": vocab_size,
     "nnz": nnz,
     "density": nnz / max(body_entries, 1),
@@ -669,14 +689,9 @@ def save_sft(path: str, sft: SFT, overwrite: bool = False) -> None:
   """
   from safetensors.numpy import save_file
 
-  from bistil_jax.checkpoint.hf import commit_dir, staging_dir
+  from bistil_jax.checkpoint.hf import check_out_dir, commit_dir, staging_dir
 
-  if os.path.exists(path) and not os.path.isdir(path):
-    raise BistilError(f"{path} exists and is not a directory")
-  if os.path.isdir(path) and os.listdir(path) and not overwrite:
-    raise BistilError(
-      f"SFT dir {path} exists and is not empty (overwrite to replace it)"
-    )
+  check_out_dir(path, overwrite)
   tensors = {}
   for key, (idx, val) in sft.diffs.items():
     idx, val = np.asarray(idx), np.asarray(val)
@@ -1068,7 +1083,10 @@ def apply_sft(
   if check_fingerprint:
     want = sft.meta.get("base_fingerprint")
     if want:
-      got = params_fingerprint(params, vocab_size=sft.meta.get("vocab_size"))
+      dense_body = {_top(p) for p in sft.dense if not is_head(p)}
+      got = params_fingerprint(
+        params, vocab_size=sft.meta.get("vocab_size"), exclude=dense_body
+      )
       if got != want:
         raise BistilError(
           f"SFT was made for base model {want[:23]}, this model is {got[:23]}"

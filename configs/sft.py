@@ -10,10 +10,8 @@ soft cross-entropy (T=2) on the teacher's logits + hidden + attention MSE
     --config.data.train=data/en/train.txt --config.data.dev=data/en/dev.txt \
     --config.eval.tests=mt=data/mt/test.txt
 
-Teacher task-tuning, `bistil finetune` (same file; gold loss only, dense
-unless --config.sparse.enabled=true):
-  bistil finetune --config configs/sft.py:ner --workdir runs/teacher-ner \
-    --config.model=models/mbert-en-mt --config.data.train=...
+Teacher task-tuning, `bistil finetune`, uses configs/finetune.py (these
+fields with gold loss only, dense unless --config.sparse.enabled=true).
 
 Released values (METHOD.md 4.4): density 0.08, batch 8, lr 5e-5, NER 3
 dense + 10 sparse epochs, no warmup, grad-clip 1.

@@ -510,7 +510,9 @@ def load_hf(
   return Model(config), params
 
 
-def _target_dir(path: str, overwrite: bool) -> None:
+def check_out_dir(path: str, overwrite: bool) -> None:
+  """Refuses an output path that is a file, or a non-empty dir unless
+  `overwrite` (every writer of an output dir calls this first)."""
   if os.path.exists(path) and not os.path.isdir(path):
     raise BistilError(f"{path} exists and is not a directory")
   if os.path.isdir(path) and os.listdir(path) and not overwrite:
@@ -580,7 +582,7 @@ def save_hf(
   from safetensors.numpy import save_file
 
   config = model.config if isinstance(model, Model) else model
-  _target_dir(path, overwrite)
+  check_out_dir(path, overwrite)
   params = _to_numpy(params)
   tmp = staging_dir(path)
   try:

@@ -66,6 +66,7 @@ def prepare_workdir(
   *,
   overwrite: bool = False,
   resume_safe: Sequence[str] = (),
+  outputs: Sequence[str] = (),
 ) -> bool:
   """Creates or checks a workdir; returns True when it may hold a run.
 
@@ -76,6 +77,8 @@ def prepare_workdir(
     overwrite: replace the bistil outputs of a different run.
     resume_safe: dotted config keys allowed to differ on resume (logging
       and checkpoint cadence).
+    outputs: names the phase writes besides run.json, checkpoints/,
+      metrics/ and export/ (removed with them on overwrite).
 
   Returns:
     True if the workdir already held this run (resume), else False.
@@ -113,7 +116,7 @@ def prepare_workdir(
     if diffs:
       log.warning("--overwrite: removing the previous run in %s", workdir)
       if jax.process_index() == 0:
-        for name in OURS:
+        for name in (*OURS, *outputs):
           p = os.path.join(workdir, name)
           if os.path.isdir(p):
             shutil.rmtree(p)

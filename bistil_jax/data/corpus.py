@@ -204,22 +204,48 @@ def _read_file(f: io.TextIOBase, path: str) -> Iterator[str]:
       raise BistilError(f"cannot read corpus file {path}: {e}") from None
 
 
-def _dataset_lines(parsed: CorpusSpec, spec: str) -> Iterator[str]:
-  """Opens a `datasets` stream and yields its non-empty text column."""
+def open_dataset(
+  kind: str,
+  path: str,
+  *,
+  builder: str | None = None,
+  config: str | None = None,
+  split: str = "train",
+  what: str,
+):
+  """A streaming `datasets` split: local files through a builder (kind
+  "local": json, csv, parquet, text) or a hub dataset (kind "hf").
+
+  Raises:
+    BistilError: "cannot load {what}: ..." with the first line of the error.
+  """
   import datasets  # noqa: PLC0415 - heavy import, only for dataset specs
 
-  if parsed.kind == "local":
-    _check_local_files(parsed.path)
-    args = (parsed.builder,)
-    kwargs = {"data_files": parsed.path, "split": "train"}
+  if kind == "local":
+    args = (builder,)
+    kwargs = {"data_files": path, "split": "train"}
   else:
-    args = (parsed.path,) + ((parsed.config,) if parsed.config else ())
-    kwargs = {"split": parsed.split}
+    args = (path,) + ((config,) if config else ())
+    kwargs = {"split": split}
   try:
-    ds = datasets.load_dataset(*args, streaming=True, **kwargs)
+    return datasets.load_dataset(*args, streaming=True, **kwargs)
   except Exception as e:  # noqa: BLE001 - datasets raises many types
     msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-    raise BistilError(f"cannot load corpus {spec}: {msg}") from None
+    raise BistilError(f"cannot load {what}: {msg}") from None
+
+
+def _dataset_lines(parsed: CorpusSpec, spec: str) -> Iterator[str]:
+  """Opens a `datasets` stream and yields its non-empty text column."""
+  if parsed.kind == "local":
+    _check_local_files(parsed.path)
+  ds = open_dataset(
+    parsed.kind,
+    parsed.path,
+    builder=parsed.builder,
+    config=parsed.config,
+    split=parsed.split,
+    what=f"corpus {spec}",
+  )
   columns = ds.column_names
   if columns is not None and parsed.column not in columns:
     raise BistilError(

@@ -48,7 +48,7 @@ from typing import Any
 import numpy as np
 from tokenizers import Tokenizer
 
-from bistil_jax.data import tokenize, vocab
+from bistil_jax.data import corpus, tokenize, vocab
 from bistil_jax.data.mlm import IGNORE_LABEL
 from bistil_jax.errors import BistilError
 
@@ -552,19 +552,14 @@ def read_task(
 
 
 def _load_dataset(source: TaskSource, spec: str):
-  import datasets  # noqa: PLC0415 - heavy import, only for dataset specs
-
-  if source.kind == "local":
-    args = (source.builder,)
-    kwargs = {"data_files": source.path, "split": "train"}
-  else:
-    args = (source.path,) + ((source.config,) if source.config else ())
-    kwargs = {"split": source.split}
-  try:
-    return datasets.load_dataset(*args, streaming=True, **kwargs)
-  except Exception as e:  # noqa: BLE001 - datasets raises many types
-    msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-    raise BistilError(f"cannot load task data {spec}: {msg}") from None
+  return corpus.open_dataset(
+    source.kind,
+    source.path,
+    builder=source.builder,
+    config=source.config,
+    split=source.split,
+    what=f"task data {spec}",
+  )
 
 
 def _class_names(ds, column: str) -> tuple[str, ...] | None:

@@ -1034,16 +1034,12 @@ def format_summary(report: Mapping[str, Any]) -> str:
 
 
 def _check_out_dir(model_dir: str, out_dir: str, overwrite: bool) -> None:
-  if os.path.exists(out_dir) and not os.path.isdir(out_dir):
-    raise BistilError(f"output {out_dir} exists and is not a directory")
+  from bistil_jax.checkpoint import hf  # noqa: PLC0415 - pulls in jax
+
   if os.path.isdir(out_dir) and os.path.isdir(model_dir):
     if os.path.samefile(out_dir, model_dir):
       raise BistilError(f"output dir {out_dir} is the input model dir")
-  if os.path.isdir(out_dir) and os.listdir(out_dir) and not overwrite:
-    raise BistilError(
-      f"output dir {out_dir} exists and is not empty (pass overwrite to "
-      "replace it)"
-    )
+  hf.check_out_dir(out_dir, overwrite)
 
 
 def trim_model_dir(

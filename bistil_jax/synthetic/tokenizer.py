@@ -306,23 +306,13 @@ def write_tokenizer_dir(
   )
 
 
-def _check_out_dir(out_dir: str, overwrite: bool) -> None:
-  if os.path.exists(out_dir) and not os.path.isdir(out_dir):
-    raise BistilError(f"output {out_dir} exists and is not a directory")
-  if os.path.isdir(out_dir) and os.listdir(out_dir) and not overwrite:
-    raise BistilError(
-      f"output dir {out_dir} exists and is not empty (pass overwrite to "
-      "replace it)"
-    )
-
-
 def _commit(
   out_dir: str, overwrite: bool, write: Callable[[str], None]
 ) -> None:
   """Runs `write(tmp_dir)` in a staging sibling, then moves it to out_dir."""
   from bistil_jax.checkpoint import hf  # noqa: PLC0415 - pulls in jax
 
-  _check_out_dir(out_dir, overwrite)
+  hf.check_out_dir(out_dir, overwrite)
   staging = hf.staging_dir(out_dir)
   try:
     write(staging)
@@ -404,7 +394,9 @@ def train_wordpiece(
     raise BistilError(f"min_frequency must be >= 1, got {min_frequency}")
   if model_max_length < 1:
     raise BistilError(f"model_max_length must be >= 1: {model_max_length}")
-  _check_out_dir(out_dir, overwrite)  # before the work
+  from bistil_jax.checkpoint import hf  # noqa: PLC0415 - pulls in jax
+
+  hf.check_out_dir(out_dir, overwrite)  # before the work
   per_file = [_word_counts(f, lowercase) for f in files]
   counts = balanced_counts(per_file, balance, words_per_corpus)
   vocab = _train_vocab(counts, vocab_size, min_frequency)

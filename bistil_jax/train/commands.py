@@ -73,7 +73,7 @@ def register_task(subparsers: argparse._SubParsersAction) -> None:
       "exports an HF dir (dense) or an SFT dir (sparse.enabled)."
     ),
   )
-  add_config_args(p, "configs/sft.py:pos")
+  add_config_args(p, "configs/finetune.py:pos")
   p.set_defaults(func=functools.partial(run_task, phase="finetune"))
 
   p = subparsers.add_parser(
@@ -92,14 +92,6 @@ def run_task(args: argparse.Namespace, phase: str) -> int:
   from bistil_jax.train import task
 
   config = configlib.build_config(args.config, args.overrides)
-  if phase == "finetune" and not any(
-    k.startswith("loss.") for k in args.overrides
-  ):
-    # Fine-tuning defaults: gold labels only, dense.
-    config.loss.gold = 1.0
-    config.loss.kl = config.loss.hidden = config.loss.attention = 0.0
-    if "sparse.enabled" not in args.overrides:
-      config.sparse.enabled = False
   out = task.run(config, args.workdir, phase=phase, overwrite=args.overwrite)
   print(f"{phase}: {out}")
   return 0

@@ -201,27 +201,11 @@ def student_model_config(
 
 
 def loss_config(config: ml_collections.ConfigDict) -> steps.DistilLossConfig:
-  c = config.loss
-  return steps.DistilLossConfig(
-    hidden=c.hidden,
-    attention=c.attention,
-    kl=c.kl,
-    mlm=c.mlm,
-    temperature=c.temperature,
-    mask_padding=c.mask_padding,
-  )
+  return steps.DistilLossConfig(**config.loss.to_dict())
 
 
 def optim_config(config: ml_collections.ConfigDict) -> state_lib.OptimConfig:
-  o = config.optim
-  return state_lib.OptimConfig(
-    learning_rate=o.learning_rate,
-    warmup_steps=o.warmup_steps,
-    total_steps=max(config.train.num_steps // o.accumulate_steps, 1),
-    weight_decay=o.weight_decay,
-    clip_norm=o.clip_norm or None,
-    accumulate_steps=o.accumulate_steps,
-  )
+  return runner.optim_config(config.optim, config.train.num_steps)
 
 
 def validate(config: ml_collections.ConfigDict) -> None:
@@ -335,8 +319,13 @@ def run(
       )
 
   # --- workdir (only now: bad input above leaves no trace)
-  resumed = ckpt.prepare_workdir(
-    workdir, phase, plain, overwrite=overwrite, resume_safe=RESUME_SAFE
+  ckpt.prepare_workdir(
+    workdir,
+    phase,
+    plain,
+    overwrite=overwrite,
+    resume_safe=RESUME_SAFE,
+    outputs=(STUDENT_CONFIG,),
   )
   if jax.process_index() == 0:
     with open(os.path.join(workdir, STUDENT_CONFIG), "w") as f:
@@ -424,8 +413,7 @@ def run(
   def train_step(state, host_batch):
     lang = int(host_batch["lang"])
     arrays = pipeline.to_global({k: host_batch[k] for k in batch_keys}, mesh)
-    with partitioning.activate(mesh):
-      return jstep(state, teacher_trees[lang], arrays, key)
+    return jstep(state, teacher_trees[lang], arrays, key)
 
   jeval = jax.jit(
     functools.partial(
@@ -438,32 +426,23 @@ def run(
     out_shardings=repl,
   )
 
+  dev_arrays = {  # fixed batches: moved to the devices once
+    lang: [pipeline.to_global({k: b[k] for k in batch_keys}, mesh) for b in bs]
+    for lang, bs in dev.items()
+  }
+
   def evaluate(state) -> dict[str, float]:
     out = {}
-    for lang, lang_batches in dev.items():
-      sums = []
-      for b in lang_batches:
-        arrays = pipeline.to_global({k: b[k] for k in batch_keys}, mesh)
-        with partitioning.activate(mesh):
-          sums.append(
-            jeval(state.params, teacher_trees[LANGS.index(lang)], arrays)
-          )
+    for lang, arrays in dev_arrays.items():
+      teacher = teacher_trees[LANGS.index(lang)]
+      sums = [jeval(state.params, teacher, a) for a in arrays]
       for k, v in loop.reduce_metrics(jax.device_get(sums)).items():
         out[f"{lang}/{k}"] = v
     return out
 
   # --- restore
-  checkpointer = ckpt.Checkpointer(
-    workdir,
-    every=config.train.checkpoint_every,
-    keep=config.train.keep_checkpoints,
-    use_async=config.train.async_checkpoints,
-  )
-  state, data_state, start = runner.restore_latest(checkpointer, state)
-  if data_state is not None:
-    batches.restore(data_state)
-  elif resumed:
-    log.info("workdir %s has no checkpoint yet: starting at step 0", workdir)
+  checkpointer = runner.make_checkpointer(workdir, config.train)
+  state, start = runner.restore_latest(checkpointer, state, batches)
 
   # --- loop
   writer = loop.MetricWriter(
@@ -487,17 +466,18 @@ def run(
   )
   prefetched = pipeline.prefetch(batches, size=config.data.prefetch)
   try:
-    state, _ = loop.run_loop(
-      state,
-      step_fn=train_step,
-      batches=prefetched,
-      data_state=prefetched.state,
-      start_step=start,
-      settings=settings,
-      checkpointer=checkpointer,
-      writer=writer,
-      eval_fn=evaluate if dev else None,
-    )
+    with partitioning.activate(mesh):  # mesh + axis rules for every step
+      state, _ = loop.run_loop(
+        state,
+        step_fn=train_step,
+        batches=prefetched,
+        data_state=prefetched.state,
+        start_step=start,
+        settings=settings,
+        checkpointer=checkpointer,
+        writer=writer,
+        eval_fn=evaluate if dev else None,
+      )
   finally:
     prefetched.close()
     writer.close()

@@ -54,6 +54,21 @@ def per_host_batch(global_batch: int, mesh: jax.sharding.Mesh) -> int:
   return global_batch // hosts
 
 
+def optim_config(optim, num_steps: int) -> state_lib.OptimConfig:
+  """OptimConfig from a config's `optim` block for a run of `num_steps`
+  training steps (optimiser updates = steps / accumulate_steps; warmup is
+  capped at that, for stages whose length comes from epochs)."""
+  updates = max(num_steps // optim.accumulate_steps, 1)
+  return state_lib.OptimConfig(
+    learning_rate=optim.learning_rate,
+    warmup_steps=min(optim.warmup_steps, updates),
+    total_steps=updates,
+    weight_decay=optim.weight_decay,
+    clip_norm=optim.clip_norm or None,
+    accumulate_steps=optim.accumulate_steps,
+  )
+
+
 def check_seq_len(config: ModelConfig, max_seq_len: int, what: str) -> None:
   """Rows longer than the position table would read garbage positions."""
   if max_seq_len > config.max_length:
@@ -97,13 +112,24 @@ def init_state(
   return state, jax.tree.map(lambda x: x.sharding, state)
 
 
+def make_checkpointer(directory: str, train) -> ckpt.Checkpointer:
+  """The Checkpointer of a workdir (or stage dir) from a `train` block."""
+  return ckpt.Checkpointer(
+    directory,
+    every=train.checkpoint_every,
+    keep=train.keep_checkpoints,
+    use_async=train.async_checkpoints,
+  )
+
+
 def restore_latest(
-  checkpointer: ckpt.Checkpointer, state: Any
-) -> tuple[Any, dict[str, Any] | None, int]:
-  """(state, data position, step) from the latest checkpoint, if any."""
+  checkpointer: ckpt.Checkpointer, state: Any, batches: Any
+) -> tuple[Any, int]:
+  """(state, step) from the latest checkpoint, if any; the batch iterator
+  (anything with `restore(data_state)`) continues from the saved position."""
   step = checkpointer.latest_step()
   if step is None:
-    return state, None, 0
+    return state, 0
   log.info("resuming from %s step %d", checkpointer.directory, step)
   restored, data = checkpointer.restore(step, ckpt.abstract_like(state))
   if int(restored.step) != step:
@@ -111,7 +137,8 @@ def restore_latest(
       f"checkpoint {step} in {checkpointer.directory} holds step "
       f"{int(restored.step)}"
     )
-  return restored, data, step
+  batches.restore(data)
+  return restored, step
 
 
 def parameter_overview(params: Any, title: str) -> str:

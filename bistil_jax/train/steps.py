@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from bistil_jax import losses
+from bistil_jax import losses, sparse
 from bistil_jax.errors import BistilError
 from bistil_jax.model.encoder import Model, vocab_logits_mask
 from bistil_jax.train.state import TrainState
@@ -185,13 +185,47 @@ def distil_step(
     )
 
   (loss, terms), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+  return apply_gradients(
+    state,
+    grads,
+    tx=tx,
+    loss=loss,
+    terms=terms,
+    attention_mask=batch["attention_mask"],
+    lr_schedule=lr_schedule,
+  )
+
+
+def apply_gradients(
+  state: TrainState,
+  grads: Any,
+  *,
+  tx: optax.GradientTransformation,
+  loss: jax.Array,
+  terms: dict[str, losses.LossTerm],
+  attention_mask: jax.Array,
+  lr_schedule: optax.Schedule | None = None,
+  update_mask: Any = None,
+) -> tuple[TrainState, dict[str, jax.Array]]:
+  """The optimiser update and the step's metrics, shared by every step.
+
+  `update_mask` (a bool tree like the params, or None) restricts training
+  to its True entries (LT-SFT): gradients are zeroed outside it, so the
+  clipping norm and Adam moments see trainable entries only, and the final
+  update is gated after the optimiser, so decoupled weight decay cannot move
+  frozen entries either (STYLE.md 9).
+  """
+  if update_mask is not None:
+    grads = sparse.gate(grads, update_mask)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
+  if update_mask is not None:
+    updates = sparse.gate(updates, update_mask)
   params = optax.apply_updates(state.params, updates)
   metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads)}
   for name, term in terms.items():
     metrics[f"{name}/total"] = term.total
     metrics[f"{name}/count"] = term.count
-  metrics["tokens"] = jnp.sum(batch["attention_mask"], dtype=jnp.float32)
+  metrics["tokens"] = jnp.sum(attention_mask, dtype=jnp.float32)
   if lr_schedule is not None:
     metrics["lr"] = lr_schedule(state.step)
   new_state = state.replace(

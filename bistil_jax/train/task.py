@@ -21,7 +21,6 @@ import json
 import logging
 import math
 import os
-import shutil
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -30,7 +29,6 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
-from flax.traverse_util import flatten_dict
 
 from bistil_jax import configlib, losses, metrics, partitioning, sparse
 from bistil_jax.checkpoint import hf
@@ -39,7 +37,7 @@ from bistil_jax.data import pipeline, tasks, vocab
 from bistil_jax.errors import BistilError
 from bistil_jax.model.config import ModelConfig
 from bistil_jax.model.encoder import Model, init_params
-from bistil_jax.train import loop, runner
+from bistil_jax.train import loop, runner, steps
 from bistil_jax.train import state as state_lib
 
 log = logging.getLogger(__name__)
@@ -57,6 +55,7 @@ HEAD_OF_KIND = {
   "pair": "sequence_classification",
 }
 RESULTS = "results.json"
+STAGES = ("dense", "sparse")  # LT-SFT stages, each with its checkpoints
 
 
 # ------------------------------------------------------------------ losses
@@ -163,8 +162,8 @@ def task_step(
   kind: str,
   lr_schedule,
 ):
-  """One update; `update_mask` (bool pytree or None) gates the final update,
-  after weight decay, so masked entries never move (STYLE.md 9)."""
+  """One update; `update_mask` (bool pytree or None) restricts it to the
+  LT-SFT mask (see steps.apply_gradients)."""
   step_key = jax.random.fold_in(key, state.step)
 
   def loss_fn(params):
@@ -182,23 +181,16 @@ def task_step(
     )
 
   (loss, terms), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-  if update_mask is not None:
-    grads = jax.tree.map(lambda g, m: jnp.where(m, g, 0), grads, update_mask)
-  updates, opt_state = tx.update(grads, state.opt_state, state.params)
-  if update_mask is not None:
-    updates = jax.tree.map(
-      lambda u, m: jnp.where(m, u, 0), updates, update_mask
-    )
-  params = optax.apply_updates(state.params, updates)
-  out = {"loss": loss, "grad_norm": optax.tree.norm(grads)}
-  for name, term in terms.items():
-    out[f"{name}/total"] = term.total
-    out[f"{name}/count"] = term.count
-  out["tokens"] = jnp.sum(batch["attention_mask"], dtype=jnp.float32)
-  out["lr"] = lr_schedule(state.step)
-  return state.replace(
-    step=state.step + 1, params=params, opt_state=opt_state
-  ), out
+  return steps.apply_gradients(
+    state,
+    grads,
+    tx=tx,
+    loss=loss,
+    terms=terms,
+    attention_mask=batch["attention_mask"],
+    lr_schedule=lr_schedule,
+    update_mask=update_mask,
+  )
 
 
 def predict(params, batch, *, model: Model):
@@ -213,6 +205,21 @@ def predict(params, batch, *, model: Model):
 
 
 # ------------------------------------------------------------------ models
+def _fill_missing(
+  params: Mapping[str, Any], cfg: ModelConfig, rng: jax.Array
+) -> tuple[dict[str, Any], list[str]]:
+  """The groups `cfg` needs: taken from `params` where present, freshly
+  initialised otherwise (HF's behaviour when a checkpoint lacks a head).
+  Groups `cfg` does not use (an MLM head under a task head) are dropped.
+  Returns (params, names of the fresh top-level groups)."""
+  fresh = init_params(cfg, rng)
+  new = [k for k in fresh if k not in params]
+  out = {k: params[k] if k in params else fresh[k] for k in fresh}
+  for k in new:
+    out[k] = jax.tree.map(np.asarray, out[k])
+  return out, new
+
+
 def with_task_head(
   params: Mapping[str, Any],
   config: ModelConfig,
@@ -220,8 +227,8 @@ def with_task_head(
   labels: Sequence[str],
   rng: jax.Array,
 ) -> tuple[dict[str, Any], ModelConfig, list[str]]:
-  """Body of `params` + a fresh head for `task` (HF's behaviour when a
-  checkpoint lacks the head). Returns (params, config, new paths)."""
+  """Body of `params` + a fresh head for `task`. Returns (params, config,
+  fresh top-level groups: the head, and a pooler where one is created)."""
   head = HEAD_OF_KIND[tasks.task_spec(task).kind]
   pooler = config.add_pooler or (
     head == "sequence_classification" and not config.is_roberta
@@ -232,16 +239,8 @@ def with_task_head(
     id2label=tuple(labels),
     add_pooler=pooler,
   )
-  fresh = init_params(cfg, rng)
-  out, new = {}, []
-  for key, sub in fresh.items():
-    if key in ("lm_head",):
-      continue
-    if key in params and key not in sparse.HEAD_KEYS:
-      out[key] = params[key]
-    else:
-      out[key] = jax.tree.map(np.asarray, sub)
-      new.append(key)
+  body = {k: v for k, v in params.items() if k not in sparse.HEAD_KEYS}
+  out, new = _fill_missing(body, cfg, rng)
   return out, cfg, new
 
 
@@ -251,64 +250,16 @@ def load_task_model(
   labels: Sequence[str],
   rng: jax.Array,
   sft_paths: Sequence[str] = (),
-  keep_head: bool = False,
-) -> tuple[Model, dict[str, Any]]:
-  """An HF dir (+ SFTs) as a model with the task's head.
+) -> tuple[Model, dict[str, Any], list[str]]:
+  """An HF dir (+ SFTs) with a fresh head for the task.
 
-  keep_head=True requires the checkpoint's (or an SFT's) head to have these
-  labels (a task teacher); otherwise a fresh head is created.
+  Returns:
+    (model, params, the fresh top-level groups).
   """
-  model, params, _ = _load_task_model(
-    path, task, labels, rng, sft_paths, keep_head
-  )
-  return model, params
-
-
-def _load_task_model(path, task, labels, rng, sft_paths=(), keep_head=False):
-  """load_task_model, plus the top-level keys it created fresh."""
-  model, params = hf.load_hf(path)
-  cfg = model.config
-  for sft_path in sft_paths:
-    params, cfg = _apply_sft(params, cfg, sft_path, rng)
-  want = HEAD_OF_KIND[tasks.task_spec(task).kind]
-  if keep_head:
-    if cfg.head != want:
-      raise BistilError(
-        f"{path} has a {cfg.head} head; a {task} teacher needs {want}"
-      )
-    if tuple(cfg.label_names) != tuple(labels):
-      raise BistilError(
-        f"label sets differ: teacher {path} has {list(cfg.label_names)}, "
-        f"the data has {list(labels)}"
-      )
-    return Model(cfg), params, []
-  params, cfg, new = with_task_head(params, cfg, task, labels, rng)
+  model, params = merged_model(path, sft_paths)
+  params, cfg, new = with_task_head(params, model.config, task, labels, rng)
   log.info("%s: new %s head (%s)", path, cfg.head, ", ".join(new))
   return Model(cfg), params, new
-
-
-def _apply_sft(params, cfg: ModelConfig, path: str, rng):
-  """params + the SFT at `path`, and the config (a task SFT brings its head).
-
-  The base is checked against the SFT's fingerprint BEFORE missing head or
-  pooler leaves are added: those are random here and come dense from the
-  SFT, so they must not enter the comparison.
-  """
-  sft = sparse.load_sft(path, config=cfg)
-  want = sft.meta.get("base_fingerprint")
-  if want:
-    got = sparse.params_fingerprint(
-      params, vocab_size=sft.meta.get("vocab_size")
-    )
-    if got != want:
-      raise BistilError(
-        f"SFT {path} was made for base model {want[:23]}, this model is "
-        f"{got[:23]}"
-      )
-  if sft.dense:
-    cfg = config_for_sft(cfg, sft)
-    params = _ensure_head(params, cfg, rng)
-  return sparse.apply_sft(params, sft, check_fingerprint=False), cfg
 
 
 def config_for_sft(cfg: ModelConfig, sft: sparse.SFT) -> ModelConfig:
@@ -326,26 +277,23 @@ def config_for_sft(cfg: ModelConfig, sft: sparse.SFT) -> ModelConfig:
   )
 
 
-def _ensure_head(params, cfg: ModelConfig, rng) -> dict[str, Any]:
-  """Adds missing head/pooler leaves (zeros are fine: an SFT sets them)."""
-  fresh = init_params(cfg, rng)
-  out = {k: v for k, v in params.items() if k in fresh}
-  for key, sub in fresh.items():
-    if key not in out:
-      out[key] = jax.tree.map(np.asarray, sub)
-  return out
-
-
 def merged_model(
   model_dir: str, sft_paths: Sequence[str]
 ) -> tuple[Model, dict[str, Any]]:
-  """Base HF dir + SFTs (composed in order), head from the last task SFT."""
+  """Base HF dir + SFTs (composed in order), head from the last task SFT.
+
+  A task SFT's head (and a pooler it stores whole) replaces what the base
+  has; missing groups are filled first so the dense tensors have a place,
+  and the base check leaves those groups out (see sparse.apply_sft).
+  """
   model, params = hf.load_hf(model_dir)
   cfg = model.config
   for path in sft_paths:
-    params, cfg = _apply_sft(params, cfg, path, jax.random.PRNGKey(0))
-  if cfg.head not in ("none", "mlm") and "lm_head" in params:
-    params = {k: v for k, v in params.items() if k != "lm_head"}
+    sft = sparse.load_sft(path, config=cfg)
+    if sft.dense:
+      cfg = config_for_sft(cfg, sft)
+      params, _ = _fill_missing(params, cfg, jax.random.PRNGKey(0))
+    params = sparse.apply_sft(params, sft)
   return Model(cfg), params
 
 
@@ -488,27 +436,7 @@ def parse_tests(spec: str) -> list[tuple[str, str]]:
 
 # ------------------------------------------------------------------ run
 def loss_config(config) -> TaskLossConfig:
-  c = config.loss
-  return TaskLossConfig(
-    gold=c.gold,
-    kl=c.kl,
-    hidden=c.hidden,
-    attention=c.attention,
-    temperature=c.temperature,
-    l1=c.l1,
-  )
-
-
-def _optim(config, steps: int) -> state_lib.OptimConfig:
-  o = config.optim
-  return state_lib.OptimConfig(
-    learning_rate=o.learning_rate,
-    warmup_steps=min(o.warmup_steps, max(steps // o.accumulate_steps, 1)),
-    total_steps=max(steps // o.accumulate_steps, 1),
-    weight_decay=o.weight_decay,
-    clip_norm=o.clip_norm or None,
-    accumulate_steps=o.accumulate_steps,
-  )
+  return TaskLossConfig(**config.loss.to_dict())
 
 
 def validate(config, phase: str) -> None:
@@ -594,15 +522,11 @@ def run(
 
   # --- models
   base_sfts = [configlib.expand(p) for p in config.model_sfts.split(",") if p]
-  model, params0, fresh = _load_task_model(
+  model, params0, fresh = load_task_model(
     model_dir, task, labels, jax.random.fold_in(rng, 1), base_sfts
   )
   cfg = model.config
   if phase == "sft":
-    if tm.config.head != cfg.head:
-      raise BistilError(
-        f"teacher head {tm.config.head} does not fit task {task}"
-      )
     if tuple(tm.config.label_names) != tuple(labels):
       raise BistilError(
         f"label sets differ: teacher has {list(tm.config.label_names)}, "
@@ -631,16 +555,14 @@ def run(
   per_epoch = TaskBatches(train, config.data.batch_size, config.seed).per_epoch
 
   # --- workdir
-  resumed = ckpt.prepare_workdir(
-    workdir, phase, plain, overwrite=overwrite, resume_safe=RESUME_SAFE
+  ckpt.prepare_workdir(
+    workdir,
+    phase,
+    plain,
+    overwrite=overwrite,
+    resume_safe=RESUME_SAFE,
+    outputs=STAGES + (RESULTS,),
   )
-  if not resumed:  # stage checkpoints of a replaced (--overwrite) run
-    for name in ("dense", "sparse", RESULTS):
-      path = os.path.join(workdir, name)
-      if os.path.isdir(path):
-        shutil.rmtree(path)
-      elif os.path.exists(path):
-        os.remove(path)
   repl = partitioning.replicated(mesh)
   p_shard = partitioning.param_shardings(cfg, mesh)
   origin = partitioning.shard(params0, p_shard)
@@ -666,8 +588,7 @@ def run(
   def eval_fn(state):
     if dev is None:
       return {}
-    with partitioning.activate(mesh):
-      m = evaluate_data(model, state.params, dev, eval_bs, mesh, jpredict)
+    m = evaluate_data(model, state.params, dev, eval_bs, mesh, jpredict)
     return {f"dev/{k}": v for k, v in m.items() if isinstance(v, float)}
 
   dense_steps = max(1, math.ceil(config.train.dense_epochs * per_epoch))
@@ -679,7 +600,7 @@ def run(
   key = jax.random.fold_in(rng, 2)
 
   def stage(name, params, update_mask, num_steps, step_offset, data_seed):
-    optim = _optim(config, num_steps)
+    optim = runner.optim_config(config.optim, num_steps)
     tx = state_lib.make_optimizer(optim)
     state, state_sh = runner.init_state(params, cfg, tx, mesh)
     mask_sh = None if update_mask is None else p_shard
@@ -698,42 +619,37 @@ def run(
       donate_argnums=(0,),
     )
     batches = TaskBatches(train, config.data.batch_size, data_seed)
-    checkpointer = ckpt.Checkpointer(
-      os.path.join(workdir, name),
-      every=config.train.checkpoint_every,
-      keep=config.train.keep_checkpoints,
-      use_async=config.train.async_checkpoints,
+    checkpointer = runner.make_checkpointer(
+      os.path.join(workdir, name), config.train
     )
-    state, data_state, start = runner.restore_latest(checkpointer, state)
-    if data_state is not None:
-      batches.restore(data_state)
+    state, start = runner.restore_latest(checkpointer, state, batches)
 
     def step_fn(state, b):
       arrays = pipeline.to_global({k: b[k] for k in BATCH_KEYS}, mesh)
-      with partitioning.activate(mesh):
-        return jstep(state, origin, teacher, update_mask, arrays, key)
+      return jstep(state, origin, teacher, update_mask, arrays, key)
 
     writer = loop.MetricWriter(
       os.path.join(workdir, ckpt.METRICS), start_step=start + step_offset
     )
     try:
-      state, _ = loop.run_loop(
-        state,
-        step_fn=step_fn,
-        batches=batches,
-        data_state=batches.state,
-        start_step=start,
-        settings=loop.LoopSettings(
-          num_steps=num_steps,
-          log_every=min(config.train.log_every, num_steps),
-          eval_every=config.train.eval_every,
-          prefix=name,
-          step_offset=step_offset,
-        ),
-        checkpointer=checkpointer,
-        writer=writer,
-        eval_fn=eval_fn,
-      )
+      with partitioning.activate(mesh):  # mesh + axis rules, every step
+        state, _ = loop.run_loop(
+          state,
+          step_fn=step_fn,
+          batches=batches,
+          data_state=batches.state,
+          start_step=start,
+          settings=loop.LoopSettings(
+            num_steps=num_steps,
+            log_every=min(config.train.log_every, num_steps),
+            eval_every=config.train.eval_every,
+            prefix=name,
+            step_offset=step_offset,
+          ),
+          checkpointer=checkpointer,
+          writer=writer,
+          eval_fn=eval_fn,
+        )
     finally:
       writer.close()
       checkpointer.close()
@@ -819,6 +735,9 @@ def run(
       jax.device_get(mask),
       kind="task",
       vocab_size=cfg.vocab_size,
+      # Body groups the base lacked (a pooler made for a pair task) have no
+      # base values to diff against: stored whole, like the head.
+      dense_keys=[k for k in fresh if k not in sparse.HEAD_KEYS],
       meta={
         "task": task,
         "head": cfg.head,
@@ -829,20 +748,6 @@ def run(
         "base_model": model_dir,
       },
     )
-    # Body leaves the base model lacks (a pooler made for a pair task) have
-    # no base values to diff against: store them whole, like the head, and
-    # fingerprint the base as it is loaded.
-    body_fresh = [k for k in fresh if k not in sparse.HEAD_KEYS]
-    for key_ in body_fresh:
-      for path in [p for p in sft.diffs if p.split("/", 1)[0] == key_]:
-        del sft.diffs[path]
-      sft.dense.update(flatten_dict({key_: host_final[key_]}, sep="/").items())
-    if body_fresh:
-      sft.meta["base_fingerprint"] = sparse.params_fingerprint(
-        {k: v for k, v in params0.items() if k not in fresh},
-        vocab_size=cfg.vocab_size,
-      )
-      sft.meta["nnz"] = sft.nnz
     sparse.save_sft(out, sft, overwrite=True)
     log.info("wrote task SFT to %s", out)
   else:

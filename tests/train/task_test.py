@@ -31,6 +31,7 @@ from bistil_jax.train import task
 
 REPO = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
 SFT_CONFIG = os.path.join(REPO, "configs", "sft.py")
+FINETUNE_CONFIG = os.path.join(REPO, "configs", "finetune.py")
 DISTIL_CONFIG = os.path.join(REPO, "configs", "distil.py:tiny")
 SIZES = synthetic.Sizes(
   corpus_train=400, corpus_dev=20, task_train=160, task_dev=64, task_test=64
@@ -54,8 +55,8 @@ def must_run(argv) -> str:
   return out
 
 
-def tiny(task_name: str) -> list[str]:
-  return ["--config", f"{SFT_CONFIG}:{task_name},variant=tiny"]
+def tiny(task_name: str, config: str = SFT_CONFIG) -> list[str]:
+  return ["--config", f"{config}:{task_name},variant=tiny"]
 
 
 def read_json(path):
@@ -65,12 +66,13 @@ def read_json(path):
 
 def fresh_head_model(model_dir, task_name, labels):
   """The model a run with seed SEED trains from: body + its untrained head."""
-  return task.load_task_model(
+  model, params, _ = task.load_task_model(
     model_dir,
     task_name,
     labels,
     jax.random.fold_in(jax.random.PRNGKey(SEED), 1),
   )
+  return model, params
 
 
 def flat(params):
@@ -119,7 +121,7 @@ class PhaseTwoCliTest(absltest.TestCase):
     cls.teacher_out = must_run(
       [
         "finetune",
-        *tiny("pos"),
+        *tiny("pos", FINETUNE_CONFIG),
         "--workdir",
         cls.teacher_wd,
         f"--config.model={cls.teacher0}",
@@ -394,7 +396,7 @@ class PhaseTwoCliTest(absltest.TestCase):
     out = must_run(
       [
         "finetune",
-        *tiny("pos"),
+        *tiny("pos", FINETUNE_CONFIG),
         "--workdir",
         wd,
         f"--config.model={self.student}",
@@ -438,7 +440,7 @@ class PhaseTwoCliTest(absltest.TestCase):
     must_run(
       [
         "finetune",
-        *tiny("ner"),
+        *tiny("ner", FINETUNE_CONFIG),
         "--workdir",
         wd,
         f"--config.model={self.student}",
@@ -469,7 +471,7 @@ class PhaseTwoCliTest(absltest.TestCase):
     must_run(
       [
         "finetune",
-        *tiny("nli"),
+        *tiny("nli", FINETUNE_CONFIG),
         "--workdir",
         wd,
         f"--config.model={self.student}",
@@ -528,7 +530,7 @@ class PhaseTwoCliTest(absltest.TestCase):
     wd = self.path("ft_overwrite")
     args = [
       "finetune",
-      *tiny("pos"),
+      *tiny("pos", FINETUNE_CONFIG),
       "--workdir",
       wd,
       f"--config.model={self.student}",
@@ -736,7 +738,7 @@ class PhaseTwoCliTest(absltest.TestCase):
     self.assert_refused(
       [
         "finetune",
-        *tiny("pos"),
+        *tiny("pos", FINETUNE_CONFIG),
         "--workdir",
         wd,
         f"--config.model={self.student}",
