@@ -52,7 +52,13 @@ setuptools.setup(
     "massively multilingual transformers."
   ),
   python_requires=">=3.11",
-  packages=setuptools.find_packages(include=["bistil_jax", "bistil_jax.*"]),
+  # The top-level configs/ ship inside the wheel as bistil_jax._configs, so
+  # `--config configs/distil.py:tiny` works from any directory after a
+  # plain `pip install .` (configlib.repo_configs_dir).
+  packages=setuptools.find_packages(include=["bistil_jax", "bistil_jax.*"])
+  + ["bistil_jax._configs"],
+  package_dir={"bistil_jax._configs": "configs"},
+  package_data={"bistil_jax._configs": ["*.py"]},
   install_requires=RUNTIME,
   extras_require=EXTRAS,
   entry_points={"console_scripts": ["bistil=bistil_jax.cli:main"]},

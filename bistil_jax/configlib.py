@@ -26,8 +26,29 @@ ConfigDict = ml_collections.ConfigDict
 
 
 def repo_configs_dir() -> pathlib.Path:
-  """The `configs/` directory of a source checkout (editable install)."""
-  return pathlib.Path(__file__).resolve().parent.parent / "configs"
+  """The shipped `configs/` directory.
+
+  A source checkout (editable install) has it beside the package; a wheel
+  (`pip install .`) installs the same files as `bistil_jax/_configs`.
+  """
+  here = pathlib.Path(__file__).resolve().parent
+  checkout = here.parent / "configs"
+  if (checkout / "common.py").is_file():
+    return checkout
+  return here / "_configs"
+
+
+def _resolve(path: str) -> pathlib.Path:
+  """A config path as given, else the shipped copy of it: a bare name
+  ("distil") or a relative "configs/NAME.py" from any working directory."""
+  p = pathlib.Path(path)
+  if p.exists():
+    return p
+  if not p.suffix:
+    return repo_configs_dir() / f"{path}.py"
+  if not p.is_absolute() and p.parts[:1] == ("configs",):
+    return repo_configs_dir().joinpath(*p.parts[1:])
+  return p
 
 
 def split_spec(spec: str) -> tuple[str, str | None]:
@@ -45,19 +66,15 @@ def split_spec(spec: str) -> tuple[str, str | None]:
 def load_config(spec: str) -> ConfigDict:
   """Imports a config file and calls its `get_config(arg)`.
 
-  A bare name such as "distil" resolves to the source checkout's
-  `configs/distil.py`.
+  A bare name such as "distil", or "configs/distil.py" where the working
+  directory has no such file, resolves to the shipped configs (source
+  checkout or installed wheel).
 
   Raises:
     BistilError: missing file, no get_config, or an error inside it.
   """
   path, arg = split_spec(spec)
-  p = pathlib.Path(path)
-  if not p.suffix and not p.exists():
-    p = repo_configs_dir() / f"{path}.py"
-  elif not p.exists() and not p.is_absolute():
-    # "configs/distil.py" from any working directory of a source checkout.
-    p = repo_configs_dir().parent / path
+  p = _resolve(path)
   if not p.is_file():
     raise BistilError(f"config file not found: {path}")
   mod_spec = importlib.util.spec_from_file_location(f"_bistil_cfg_{p.stem}", p)
@@ -210,6 +227,22 @@ def check_keys_set(config: ConfigDict, keys: Iterable[str]) -> None:
       node = node[part]
     if node in ("", None):
       raise BistilError(f"config.{key} must be set (--config.{key}=...)")
+
+
+def parse_named_list(spec: str) -> list[tuple[str, str]]:
+  """ "dev=path,mt=path2" -> [(name, spec)]; a bare item is named by its
+  position ("set0", ...). Names must be unique."""
+  out: list[tuple[str, str]] = []
+  for i, item in enumerate(x.strip() for x in spec.split(",") if x.strip()):
+    name, sep, value = item.partition("=")
+    if not sep or "/" in name or ":" in name:
+      name, value = f"set{i}", item
+    out.append((name.strip(), value.strip()))
+  names = [n for n, _ in out]
+  dup = sorted({n for n in names if names.count(n) > 1})
+  if dup:
+    raise BistilError(f"{spec!r} names {', '.join(dup)} more than once")
+  return out
 
 
 def expand(path: str) -> str:

@@ -107,7 +107,7 @@ def _task_over(b: Budget, seed: int, data, src: str) -> list[str]:
     f"--config.data.batch_size={b.batch}",
     f"--config.data.max_seq_len={b.seq_len}",
     f"--config.data.train={data.pos[src]['train']}",
-    f"--config.data.dev={data.pos[src]['dev']}",
+    f"--config.eval.sets=dev={data.pos[src]['dev']}",
     "--config.train.async_checkpoints=false",
   ]
 
@@ -126,9 +126,9 @@ def _evaluate(model: str, sft: str | None, data, langs, out: str) -> dict:
 
 def _measure(model_dir: str, sft: str | None, b: Budget) -> dict[str, float]:
   from bistil_jax import measure
-  from bistil_jax.train import task
+  from bistil_jax.checkpoint import surgery
 
-  model, params = task.merged_model(model_dir, [sft] if sft else [])
+  model, params = surgery.merged_model(model_dir, [sft] if sft else [])
   counts = measure.count_parameters(params, model.config)
   flops = measure.inference_flops(model, params, 1, b.seq_len)
   lat = measure.cpu_latency(model, params, 8, b.seq_len, repeats=10)
@@ -156,7 +156,8 @@ def _mlm_stage(
     [command, "--config", _cfg(config), "--workdir", workdir]
     + _train_over(b, steps, seed)
     + [
-      f"--config.teacher.model={model}",
+      f"--config.{'teacher' if command == 'distil' else 'student'}.model="
+      f"{model}",
       f"--config.data.source={source}",
       f"--config.data.target={target}",
       *extra,
@@ -176,10 +177,10 @@ def _phase2(
       _cfg("sft.py:pos,variant=tiny"),
       "--workdir",
       workdir,
-      f"--config.model={student}",
-      f"--config.teacher={teacher_pos}",
-      f"--config.train.dense_epochs={b.dense_epochs}",
-      f"--config.train.sparse_epochs={b.sparse_epochs}",
+      f"--config.student.model={student}",
+      f"--config.teacher.model={teacher_pos}",
+      f"--config.train.epochs={b.dense_epochs}",
+      f"--config.sparse.epochs={b.sparse_epochs}",
     ]
     + _task_over(b, seed, data, src)
   )
@@ -276,8 +277,8 @@ def run_seed(out: str, seed: int, b: Budget) -> dict[str, Any]:
       _cfg("finetune.py:pos,variant=tiny"),
       "--workdir",
       teacher_task,
-      f"--config.model={teacher}",
-      f"--config.train.dense_epochs={b.finetune_epochs}",
+      f"--config.student.model={teacher}",
+      f"--config.train.epochs={b.finetune_epochs}",
     ]
     + _task_over(b, seed, data, src)
   )

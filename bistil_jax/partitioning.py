@@ -2,8 +2,8 @@
 
 Model code names axes (`vocab`, `embed`, `joined_kv`, `mlp`, `batch`, ...);
 this module alone maps those names to the mesh axes `data`, `fsdp` and
-`tensor`. Configs may override the rules; model code never holds a
-PartitionSpec.
+`tensor`. Configs override single rules with `mesh.rules` (see
+`merge_rules`); model code never holds a PartitionSpec.
 """
 
 from __future__ import annotations
@@ -44,6 +44,37 @@ DEFAULT_RULES: tuple[tuple[str, Any], ...] = (
   ("act_mlp", "tensor"),
   ("act_vocab", "tensor"),
 )
+
+
+def merge_rules(overrides: Sequence[Sequence[Any]] = ()) -> Rules:
+  """DEFAULT_RULES with some logical names mapped anew.
+
+  `overrides` holds (logical name, mesh axes) pairs, e.g.
+  `--config.mesh.rules="(('embed', None), ('vocab', ('fsdp', 'tensor')))"`
+  (mesh axes: None, an axis name, or a tuple of names).
+
+  Raises:
+    BistilError: an unknown logical name or mesh axis, or a malformed pair.
+  """
+  rules = dict(DEFAULT_RULES)
+  for pair in overrides or ():
+    if not isinstance(pair, Sequence) or len(pair) != 2:
+      raise BistilError(f"mesh.rules entry {pair!r} is not a (name, axes) pair")
+    name, axes = pair
+    if name not in rules:
+      raise BistilError(
+        f"mesh.rules: unknown logical axis {name!r}; known: {sorted(rules)}"
+      )
+    names = () if axes is None else (axes,) if isinstance(axes, str) else axes
+    bad = [a for a in names if a not in MESH_AXES]
+    if bad:
+      raise BistilError(
+        f"mesh.rules: {name!r} -> unknown mesh axes {bad}; known: {MESH_AXES}"
+      )
+    rules[name] = (
+      None if axes is None else axes if isinstance(axes, str) else tuple(axes)
+    )
+  return tuple(rules.items())
 
 
 def mesh_shape(shape: Sequence[int], num_devices: int) -> tuple[int, ...]:

@@ -32,7 +32,6 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 from jax.sharding import NamedSharding
 
 from bistil_jax.errors import BistilError
@@ -387,22 +386,6 @@ def select_top_k(
   return jax.tree.unflatten(treedef, out)
 
 
-def with_dense_head(mask: Any) -> Any:
-  """The training mask: `mask` with every head leaf all True (G2 is dense)."""
-  paths, leaves, treedef = _flatten(mask)
-  out = []
-  for path, m in zip(paths, leaves, strict=True):
-    if not is_head(path):
-      out.append(m)
-    elif isinstance(m, jax.Array):
-      out.append(jnp.ones(m.shape, bool, device=m.sharding))
-    elif isinstance(m, np.ndarray):
-      out.append(np.ones(m.shape, bool))
-    else:
-      out.append(True)
-  return jax.tree.unflatten(treedef, out)
-
-
 # ------------------------------------------------------------- optimizing
 def _gate(u: jax.Array, m: Any) -> jax.Array:
   # NOTE: frozen entries get -0.0, not 0.0: x + (-0.0) == x bit for bit for
@@ -414,40 +397,13 @@ def _gate(u: jax.Array, m: Any) -> jax.Array:
 
 
 def gate(tree: Any, mask: Any) -> Any:
-  """`tree` where `mask` is True, -0.0 elsewhere (see `masked_updates`)."""
-  return jax.tree.map(_gate, tree, mask)
+  """`tree` where `mask` is True, -0.0 elsewhere.
 
-
-def masked_updates(mask: Any) -> optax.GradientTransformation:
-  """Keeps updates where `mask` is True and zeroes the rest.
-
-  Chain it AFTER the optimizer, including decoupled weight decay: zeroing
-  gradients alone still lets AdamW's decay move frozen entries. The state is
-  empty, so the optimizer state does not depend on the mask; inside a jitted
-  step, build the transformation from the mask argument (closing over a
-  concrete 100M-entry mask would bake it into the program as a constant).
-
-  Args:
-    mask: bool tree like the params (jax/numpy arrays or Python bools; head
-      leaves True for a dense head, see `with_dense_head`).
+  train/steps.apply_gradients gates both the gradients (so clipping and the
+  Adam moments see trainable entries only) and the final update (so
+  decoupled weight decay cannot move frozen entries either).
   """
-
-  def init_fn(params):
-    del params
-    return optax.EmptyState()
-
-  def update_fn(updates, state, params=None):
-    del params
-    return gate(updates, mask), state
-
-  return optax.GradientTransformation(init_fn, update_fn)
-
-
-def sparse_optimizer(
-  tx: optax.GradientTransformation, mask: Any
-) -> optax.GradientTransformation:
-  """`tx` followed by `masked_updates(mask)` (frozen entries never move)."""
-  return optax.chain(tx, masked_updates(mask))
+  return jax.tree.map(_gate, tree, mask)
 
 
 def l1_to_origin(

@@ -48,7 +48,30 @@ def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
 
 def mesh(shape=(-1, 1, 1)) -> ml_collections.ConfigDict:
   """Device mesh (data, fsdp, tensor); one axis may be -1 (the rest)."""
-  return ml_collections.ConfigDict({"shape": tuple(shape)})
+  c = ml_collections.ConfigDict()
+  c.shape = tuple(shape)
+  # (logical axis, mesh axes) pairs replacing defaults of
+  # bistil_jax/partitioning.py, e.g. (("embed", None),) for no FSDP.
+  c.rules = ()
+  return c
+
+
+def teacher(dtype: str = "float32") -> ml_collections.ConfigDict:
+  """The frozen teacher: an HF model dir plus SFT dirs applied to it."""
+  c = ml_collections.ConfigDict()
+  c.model = ""  # HF model dir
+  c.sfts = ""  # comma-separated SFT dirs, applied in order
+  c.dtype = dtype  # compute dtype (bfloat16 on TPU/GPU)
+  return c
+
+
+def eval_block(batches: int | None = None) -> ml_collections.ConfigDict:
+  """Evaluation sets, "name=spec,..." (a bare spec is named by position)."""
+  c = ml_collections.ConfigDict()
+  c.sets = ""
+  if batches is not None:
+    c.batches = batches  # batches per set (corpora: masked-LM batches)
+  return c
 
 
 def optim(learning_rate: float = 1e-4, **kw) -> ml_collections.ConfigDict:
@@ -64,13 +87,20 @@ def optim(learning_rate: float = 1e-4, **kw) -> ml_collections.ConfigDict:
   return c
 
 
-def train(num_steps: int, **kw) -> ml_collections.ConfigDict:
-  """Loop cadence (steps), checkpoints and export."""
+def train(
+  num_steps: int | None = None, epochs: float | None = None, **kw
+) -> ml_collections.ConfigDict:
+  """Loop length (steps, or epochs of the training split), cadence (steps),
+  checkpoints and export."""
   c = ml_collections.ConfigDict()
-  c.num_steps = num_steps
+  if (num_steps is None) == (epochs is None):
+    raise ValueError("train() takes num_steps or epochs")
+  if num_steps is not None:
+    c.num_steps = num_steps  # 0: export the initialisation
+  else:
+    c.epochs = float(epochs)
   c.log_every = kw.pop("log_every", 50)
   c.eval_every = kw.pop("eval_every", 0)  # 0: evaluate at the end only
-  c.eval_batches = kw.pop("eval_batches", 8)  # per language
   c.checkpoint_every = kw.pop("checkpoint_every", 1000)
   c.keep_checkpoints = kw.pop("keep_checkpoints", 3)
   c.async_checkpoints = kw.pop("async_checkpoints", True)

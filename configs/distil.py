@@ -10,13 +10,19 @@ Variants (the part after ":"):
 
   mbert,SRC,TGT       mBERT teacher trimmed to SRC+TGT, 6-layer student,
   xlmr,SRC,TGT        batch 8 x 256, lr 1e-4, 200k steps, no warmup: the
-                      released recipe (METHOD.md 2.6). First trim:
-    bistil trim-vocab --model bert-base-multilingual-cased \
+                      released recipe (METHOD.md 2.6). First trim a local
+                      copy of the teacher (an HF model dir):
+    bistil trim-vocab --model models/mbert \
       --source corpora/en.txt --target corpora/mt.txt --out models/mbert-en-mt
     bistil distil --config configs/distil.py:mbert,en,mt \
       --workdir runs/distil-mbert-en-mt
   (the default paths are models/{mbert|xlmr}-SRC-TGT and corpora/LANG.txt,
-  corpora/LANG.dev.txt; override any of them with --config.a.b=...)
+  corpora/LANG.dev.txt; override any of them with --config.a.b=...; on a
+  pod every path may be gs://...)
+
+Per-language teachers (METHOD.md 2.1): --config.teacher.sfts=
+"source=sfts/en,target=sfts/mt" applies each language's SFT to the teacher
+for that language's batches (a bare DIR applies to both).
 
 The loss mix defaults to the released one (hidden + attention MSE); the
 KL-on-MLM-logits variant is `--config.loss.kl=1 --config.loss.attention=0`.
@@ -33,16 +39,47 @@ from bistil_jax import configlib
 common = configlib.load_sibling(__file__, "common")
 
 
+def data_block() -> ml_collections.ConfigDict:
+  """Two monolingual corpora, packed rows, MLM noise (shared with pretrain)."""
+  c = ml_collections.ConfigDict()
+  c.source = ""  # CORPUS spec: file, or hf:NAME:CONFIG:SPLIT:COLUMN
+  c.target = ""
+  c.tokenizer = ""  # "" = the model dir's tokenizer
+  c.max_seq_len = 256
+  c.batch_size = 8  # global rows per step
+  c.mlm_probability = 0.15  # input noise (80/10/10), as released
+  c.max_lines = 0  # read at most this many lines per corpus (0 = all)
+  c.balance_block = 64  # steps per exactly 50/50 block
+  c.prefetch = 2  # host batches prepared ahead
+  # Line shards of each corpus, read by host (a multiple of the host
+  # count; 0 = one per host). Runs with the same value see the same global
+  # batches on any number of hosts.
+  c.shards = 0
+  return c
+
+
+def tiny(c: ml_collections.ConfigDict) -> None:
+  """The CPU sizes of tests and the demo."""
+  c.data.max_seq_len = 64
+  c.data.batch_size = 8
+  c.data.balance_block = 8
+  c.optim.learning_rate = 1e-3
+  c.eval.batches = 2
+  c.train = common.train(
+    30,
+    log_every=10,
+    eval_every=0,
+    checkpoint_every=10,
+    async_checkpoints=False,
+  )
+
+
 def get_config(arg=None):
   a = common.parse_arg(arg, variant="tiny", src="en", tgt="mt")
   c = ml_collections.ConfigDict()
   c.seed = 0
-
-  c.teacher = ml_collections.ConfigDict()
-  c.teacher.model = ""  # HF model dir of the (vocabulary-trimmed) teacher
-  c.teacher.source_sft = ""  # language SFT (ours or composable-sft) for src
-  c.teacher.target_sft = ""  # ... for tgt; "" = the plain teacher
-  c.teacher.dtype = "float32"  # teacher compute dtype (bfloat16 on TPU/GPU)
+  # HF model dir of the (vocabulary-trimmed) teacher; sfts: see above.
+  c.teacher = common.teacher()
 
   c.student = ml_collections.ConfigDict()
   c.student.layer_reduction = 2  # r: student layers = teacher layers / r
@@ -53,18 +90,10 @@ def get_config(arg=None):
   c.student.param_dtype = "float32"  # master weights
   c.student.projection_samples = 2048  # rows sampled for width projections
 
-  c.data = ml_collections.ConfigDict()
-  c.data.source = ""  # CORPUS spec: file, or hf:NAME:CONFIG:SPLIT:COLUMN
-  c.data.target = ""
-  c.data.source_dev = ""  # optional dev corpora for periodic evaluation
-  c.data.target_dev = ""
-  c.data.tokenizer = ""  # "" = the teacher dir's tokenizer
-  c.data.max_seq_len = 256
-  c.data.batch_size = 8  # global rows per step
-  c.data.mlm_probability = 0.15  # input noise (80/10/10), as released
-  c.data.max_lines = 0  # read at most this many lines per corpus (0 = all)
-  c.data.balance_block = 64  # steps per exactly 50/50 block
-  c.data.prefetch = 2  # host batches prepared ahead
+  c.data = data_block()
+  # Dev corpora, "source=SPEC,target=SPEC": masked-LM loss, accuracy and
+  # teacher agreement per language every train.eval_every steps.
+  c.eval = common.eval_block(batches=8)
 
   c.loss = ml_collections.ConfigDict()
   c.loss.hidden = 1.0  # hidden-state MSE, student i <- teacher i*r
@@ -72,7 +101,6 @@ def get_config(arg=None):
   c.loss.kl = 0.0  # KL on MLM logits at masked positions
   c.loss.mlm = 0.0  # student MLM cross-entropy
   c.loss.temperature = 2.0
-  c.loss.mask_padding = True  # False: the released averaging over padding
 
   c.optim = common.optim(learning_rate=1e-4)
   c.mesh = common.mesh((-1, 1, 1))
@@ -81,24 +109,14 @@ def get_config(arg=None):
   )
 
   if a.variant == "tiny":
-    c.data.max_seq_len = 64
-    c.data.batch_size = 8
-    c.data.balance_block = 8
-    c.optim.learning_rate = 1e-3
-    c.student.projection_samples = 256
-    c.train = common.train(
-      30,
-      log_every=10,
-      eval_every=0,
-      eval_batches=2,
-      checkpoint_every=10,
-      async_checkpoints=False,
-    )
+    tiny(c)
   elif a.variant in ("mbert", "xlmr"):
     c.teacher.model = f"models/{a.variant}-{a.src}-{a.tgt}"
-    for side, lang in (("source", a.src), ("target", a.tgt)):
-      c.data[side] = f"corpora/{lang}.txt"
-      c.data[f"{side}_dev"] = f"corpora/{lang}.dev.txt"
+    c.data.source = f"corpora/{a.src}.txt"
+    c.data.target = f"corpora/{a.tgt}.txt"
+    c.eval.sets = (
+      f"source=corpora/{a.src}.dev.txt,target=corpora/{a.tgt}.dev.txt"
+    )
   else:
     raise ValueError(f"unknown variant {a.variant!r}: tiny, mbert or xlmr")
   return c

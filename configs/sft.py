@@ -1,17 +1,18 @@
-r"""Phase 2 (LT-SFT of the student against a task teacher) and teacher
-task-tuning (METHOD.md sections 4-5). ARG = TASK[,variant=tiny|base].
+r"""Phase 2: LT-SFT of the phase-1 student against a task teacher
+(METHOD.md sections 4-5). ARG = TASK[,variant=tiny|base].
 
-Phase 2, `bistil sft`: the phase-1 student + a fresh task head, LT-SFT with
-soft cross-entropy (T=2) on the teacher's logits + hidden + attention MSE
-(the released mix), exported as a task SFT dir:
+The phase-1 student + a fresh task head, LT-SFT with soft cross-entropy
+(T=2) on the teacher's logits + hidden + attention MSE (the released mix),
+exported as a task SFT dir:
   bistil sft --config configs/sft.py:ner --workdir runs/sft-ner \
-    --config.model=runs/distil-mbert-en-mt/export \
-    --config.teacher=runs/teacher-ner/export \
-    --config.data.train=data/en/train.txt --config.data.dev=data/en/dev.txt \
-    --config.eval.tests=mt=data/mt/test.txt
+    --config.student.model=runs/distil-mbert-en-mt/export \
+    --config.teacher.model=runs/teacher-ner/export \
+    --config.data.train=data/en/train.txt \
+    --config.eval.sets=dev=data/en/dev.txt,mt=data/mt/test.txt
 
 Teacher task-tuning, `bistil finetune`, uses configs/finetune.py (these
-fields with gold loss only, dense unless --config.sparse.enabled=true).
+fields without a teacher, gold loss only, dense unless
+--config.sparse.enabled=true).
 
 Released values (METHOD.md 4.4): density 0.08, batch 8, lr 5e-5, NER 3
 dense + 10 sparse epochs, no warmup, grad-clip 1.
@@ -24,34 +25,40 @@ from bistil_jax import configlib
 common = configlib.load_sibling(__file__, "common")
 
 
-def get_config(arg=None):
+def get_config(arg=None, *, teacher=True):
   a = common.parse_arg(arg, task="pos", variant="base")
   c = ml_collections.ConfigDict()
   c.task = a.task  # pos | ner | nli
   c.seed = 0
-  c.model = ""  # HF dir to train: the phase-1 student (sft) or the MMT
-  c.model_sfts = ""  # SFT dirs applied to `model` first (comma-separated)
-  c.teacher = ""  # task teacher: HF dir with the task head (sft only)
-  c.teacher_sfts = ""  # SFTs applied to the teacher (e.g. language + task)
-  c.teacher_dtype = "float32"
+  c.student = ml_collections.ConfigDict()
+  c.student.model = ""  # HF dir: the phase-1 student (sft) or the MMT
+  c.student.sfts = ""  # SFT dirs applied to it first (comma-separated)
+  c.student.dtype = "float32"  # compute dtype
+  c.student.param_dtype = "float32"  # master weights
+  if teacher:
+    # Task teacher: an HF dir with the task head, or a base + SFTs (e.g.
+    # language + task) that bring it.
+    c.teacher = common.teacher()
 
   c.data = ml_collections.ConfigDict()
   c.data.train = ""  # source-language task data (file or hf: spec)
-  c.data.dev = ""  # source-language dev data (evaluated every eval_every)
   c.data.labels = ""  # comma-separated label set; "" = teacher's / inferred
-  c.data.tokenizer = ""  # "" = the model dir's tokenizer
-  c.data.max_seq_len = 128
+  c.data.tokenizer = ""  # "" = the student dir's tokenizer
+  c.data.max_seq_len = 128  # longer training sentences are dropped
   c.data.batch_size = 8
+  c.data.prefetch = 2  # host batches prepared ahead
 
-  c.eval = ml_collections.ConfigDict()
-  c.eval.tests = ""  # "name=spec,..." evaluated at the end (results.json)
+  # "name=spec,...": evaluated every train.eval_every steps and at the end
+  # (results.json); over-long sentences are windowed, never dropped.
+  c.eval = common.eval_block()
 
   c.loss = ml_collections.ConfigDict()
   c.loss.gold = 0.0  # cross-entropy on gold labels
-  c.loss.kl = 1.0  # soft cross-entropy on the teacher's logits
-  c.loss.hidden = 1.0  # hidden MSE, student i <- teacher i*r
-  c.loss.attention = 1.0  # attention MSE, student i <- teacher (i+1)r-1
-  c.loss.temperature = 2.0
+  if teacher:
+    c.loss.kl = 1.0  # soft cross-entropy on the teacher's logits
+    c.loss.hidden = 1.0  # hidden MSE, student i <- teacher i*r
+    c.loss.attention = 1.0  # attention MSE, student i <- teacher (i+1)r-1
+    c.loss.temperature = 2.0
   c.loss.l1 = 0.0  # L1 toward the initial values over trainable entries
 
   c.sparse = ml_collections.ConfigDict()
@@ -59,20 +66,18 @@ def get_config(arg=None):
   c.sparse.density = 0.08  # K = density x eligible body entries
   c.sparse.embeddings = True  # word/position/type embeddings eligible
   c.sparse.layer_norm = True  # LayerNorms eligible
+  c.sparse.epochs = 10.0  # the sparse stage (train.epochs: the dense one)
 
   c.optim = common.optim(learning_rate=5e-5)
   c.mesh = common.mesh((-1, 1, 1))
-  c.train = common.train(0, log_every=50, checkpoint_every=1000)
-  del c.train.num_steps, c.train.eval_batches, c.train.export
-  c.train.dense_epochs = 3.0
-  c.train.sparse_epochs = 10.0
+  c.train = common.train(epochs=3.0, log_every=50, checkpoint_every=1000)
 
   if a.variant == "tiny":
     c.data.max_seq_len = 64
     c.data.batch_size = 16
     c.optim.learning_rate = 1e-3
-    c.train.dense_epochs = 2.0
-    c.train.sparse_epochs = 2.0
+    c.train.epochs = 2.0
+    c.sparse.epochs = 2.0
     c.train.log_every = 10
     c.train.async_checkpoints = False
   elif a.variant != "base":

@@ -1,10 +1,12 @@
 """Small on-disk artefacts shared by the driver tests (built, not shipped)."""
 
 import os
+import random
 
 import jax
 
 from bistil_jax.checkpoint import hf
+from bistil_jax.data import tasks
 from bistil_jax.model import init_params, preset
 from tests.data.vocab_test import make_lines, make_wordpiece_dir
 
@@ -54,3 +56,18 @@ def distil_args(root: str, teacher: str, **overrides) -> list[str]:
   ]
   args += [f"--config.{k}={v}" for k, v in overrides.items()]
   return args
+
+
+def write_conllu(path: str, n: int, seed: int) -> str:
+  """n POS-tagged sentences of the fixture language (tag by word hash)."""
+  rng = random.Random(seed)
+  with open(path, "w", encoding="utf-8") as f:
+    for k, line in enumerate(make_lines("aa", n, seed)):
+      f.write(f"# sent_id = {k}\n")
+      for i, w in enumerate(line.split(), 1):
+        tag = tasks.UPOS_LABELS[
+          sum(map(ord, w)) % 5 if rng.random() < 0.9 else 7
+        ]
+        f.write(f"{i}\t{w}\t{w}\t{tag}\t_\t_\t0\t_\t_\t_\n")
+      f.write("\n")
+  return path

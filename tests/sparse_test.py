@@ -17,6 +17,8 @@ from bistil_jax import partitioning, sparse
 from bistil_jax.errors import BistilError
 from bistil_jax.model.config import preset
 from bistil_jax.model.encoder import abstract_params
+from bistil_jax.train import state as state_lib
+from bistil_jax.train import steps as train_steps
 
 LABELS = 3
 
@@ -284,30 +286,39 @@ class MaskedUpdateTest(parameterized.TestCase):
     p0 = params()
     elig = sparse.eligible_mask(p0, vocab_size=cfg.vocab_size)
     sel = sparse.select_top_k(random_like(p0, 4), elig, 2000)
-    mask = jax.device_get(sparse.with_dense_head(sel))
+    mask = jax.device_get(sel)
+    mask["classifier"] = jax.tree.map(
+      lambda x: np.ones(np.shape(x), bool), mask["classifier"]
+    )
     # -0.0 parameters must survive too (x + 0.0 would make them +0.0).
     bias = p0["encoder"]["layer"]["0"]["output"]["dense"]["bias"]
     bias[~mask["encoder"]["layer"]["0"]["output"]["dense"]["bias"]] = -0.0
     return p0, mask, random_like(p0, 5), elig
 
-  def _train(self, tx, p0, mask, target, steps=5):
-    @jax.jit
-    def step(p, opt_state, mask):
-      g = jax.grad(_loss)(p, target)
-      u, opt_state = tx(mask).update(g, opt_state, p)
-      return optax.apply_updates(p, u), opt_state
+  def _train(self, p0, mask, target, steps=5, gate_updates=True):
+    """AdamW with decay through the one update path (steps.apply_gradients
+    with the mask in the state), or gradients-only gating."""
+    tx = optax.adamw(1e-2, weight_decay=0.1)
+    state = state_lib.create_state(p0, tx, mask if gate_updates else None)
 
-    p, opt_state = p0, tx(mask).init(p0)
+    @jax.jit
+    def step(state, mask):
+      g = jax.grad(_loss)(state.params, target)
+      if not gate_updates:
+        g = sparse.gate(g, mask)
+      zero = jnp.zeros((), jnp.float32)
+      new, _ = train_steps.apply_gradients(
+        state, g, tx=tx, loss=zero, terms={}, attention_mask=zero
+      )
+      return new
+
     for _ in range(steps):
-      p, opt_state = step(p, opt_state, mask)
-    return jax.device_get(p)
+      state = step(state, mask)
+    return jax.device_get(state.params)
 
   def test_masked_adamw_freezes_exactly(self):
     p0, mask, target, elig = self._setup()
-    adamw = optax.adamw(1e-2, weight_decay=0.1)
-    p = self._train(
-      lambda m: sparse.sparse_optimizer(adamw, m), p0, mask, target
-    )
+    p = self._train(p0, mask, target)
     before, after = leaves_with_paths(p0), leaves_with_paths(p)
     for path, m in leaves_with_paths(mask).items():
       m = np.asarray(m)
@@ -325,10 +336,7 @@ class MaskedUpdateTest(parameterized.TestCase):
     # The reason for gating the final update: masking gradients before AdamW
     # lets weight decay move frozen entries. Guards the test above.
     p0, mask, target, _ = self._setup()
-    adamw = optax.adamw(1e-2, weight_decay=0.1)
-    p = self._train(
-      lambda m: optax.chain(sparse.masked_updates(m), adamw), p0, mask, target
-    )
+    p = self._train(p0, mask, target, gate_updates=False)
     m = np.asarray(
       mask["encoder"]["layer"]["0"]["intermediate"]["dense"]["kernel"]
     )

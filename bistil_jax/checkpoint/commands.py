@@ -108,7 +108,7 @@ def _model_from_workdir(workdir: str, step: int | None):
 
   run = manager.read_run(workdir)
   phase = run.get("phase")
-  if phase == "distil":
+  if phase in ("distil", "pretrain"):
     from bistil_jax.train import distil
 
     return distil.model_from_workdir(workdir, run, step)
@@ -121,9 +121,9 @@ def _run_export(args: argparse.Namespace) -> int:
   if args.workdir:
     model, params, tok_dir = _model_from_workdir(args.workdir, args.step)
   elif args.sft:
-    from bistil_jax.train import task
+    from bistil_jax.checkpoint import surgery
 
-    model, params = task.merged_model(args.model, args.sft)
+    model, params = surgery.merged_model(args.model, args.sft)
     tok_dir = args.model
   else:
     model, params = hf.load_hf(args.model)

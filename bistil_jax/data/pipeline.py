@@ -34,7 +34,7 @@ import itertools
 import logging
 import queue
 import threading
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import jax
@@ -701,6 +701,69 @@ class BilingualBatches:
     if step < 0:
       raise BistilError(f"data iterator state has step={step} < 0")
     self._step = step
+
+
+class ShardedBatches:
+  """One host's part of the global batch: the rows of the data shards it
+  owns, concatenated in shard order.
+
+  The corpus is split into S line shards (`LanguageStream.from_corpus` with
+  process_index=shard, num_processes=S), each with its own
+  `BilingualBatches` of B / S rows; host h of H owns shards
+  [h S / H, (h + 1) S / H). Since the global batch is the hosts' parts in
+  process order, it is the same for every H that divides S: a one-host and
+  a many-host run with the same S train on identical batches.
+  """
+
+  def __init__(self, parts: Sequence[BilingualBatches]):
+    if not parts:
+      raise BistilError("a host must own at least one data shard")
+    self.parts = list(parts)
+    self.per_host_batch = sum(p.per_host_batch for p in parts)
+    self.max_seq_len = parts[0].max_seq_len
+    self.max_predictions = parts[0].max_predictions
+
+  def __iter__(self) -> ShardedBatches:
+    return self
+
+  def __next__(self) -> Batch:
+    return concat_batches([next(p) for p in self.parts])
+
+  def state(self) -> dict[str, Any]:
+    return {"shards": [p.state() for p in self.parts]}
+
+  def restore(self, state: Mapping[str, Any]) -> None:
+    shards = state.get("shards") if isinstance(state, Mapping) else None
+    if not isinstance(shards, list) or len(shards) != len(self.parts):
+      raise BistilError(
+        f"data iterator state holds {len(shards or [])} shard(s), this host "
+        f"reads {len(self.parts)}: the run used another data.shards"
+      )
+    for part, sub in zip(self.parts, shards, strict=True):
+      part.restore(sub)
+
+
+def concat_batches(parts: Sequence[Batch]) -> Batch:
+  """Row-wise concatenation of batches; scalars (the language) from the
+  first, which every part shares."""
+  out = {}
+  for key, value in parts[0].items():
+    if np.ndim(value) == 0:
+      out[key] = value
+    else:
+      out[key] = np.concatenate([p[key] for p in parts])
+  return out
+
+
+def owned_shards(num_shards: int, process_index: int, num_processes: int):
+  """The data shards host `process_index` reads (see ShardedBatches)."""
+  if num_shards < 1 or num_shards % num_processes:
+    raise BistilError(
+      f"data.shards={num_shards} must be a positive multiple of the "
+      f"{num_processes} host(s)"
+    )
+  per = num_shards // num_processes
+  return range(process_index * per, (process_index + 1) * per)
 
 
 def mlm_batch(

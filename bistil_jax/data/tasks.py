@@ -790,66 +790,6 @@ class TaskData:
     ss = np.random.SeedSequence([seed, TAG_TASK_SHUFFLE, epoch])
     return np.random.default_rng(ss).permutation(self.num_examples)
 
-  def batches(
-    self,
-    batch_size: int,
-    seed: int = 0,
-    epoch: int = 0,
-    *,
-    shuffle: bool = True,
-    drop_remainder: bool = True,
-  ) -> Iterator[Batch]:
-    """The batches of one epoch, all of shape [batch_size, ...].
-
-    Training: `shuffle=True, drop_remainder=True` (order seeded by (seed,
-    epoch); the last partial batch is left out). Evaluation: `shuffle=False,
-    drop_remainder=False`: every row exactly once in file order, the last
-    batch filled up with copies of its first row whose `example_mask` is 0
-    and whose labels are all -100, so neither losses nor metrics see them.
-
-    Args:
-      batch_size: rows per batch.
-      seed: the shuffle seed (ignored without shuffle).
-      epoch: the epoch (ignored without shuffle).
-      shuffle: permute rows.
-      drop_remainder: leave out a last partial batch instead of padding it.
-
-    Yields:
-      {"input_ids", "attention_mask", "token_type_ids": [b, L] int32,
-       "labels": [b, L] or [b] int32, "example_mask": [b] int32}.
-
-    Raises:
-      BistilError: a bad batch size, seed or epoch, or a batch size larger
-        than the split with `drop_remainder` (which would yield nothing).
-    """
-    n = self.num_batches(batch_size, drop_remainder=drop_remainder)
-    if n == 0:
-      raise BistilError(
-        f"batch size {batch_size} exceeds the {self.num_examples} "
-        f"{self.task or 'task'} examples; lower it or keep the remainder"
-      )
-    order = self.order(seed, epoch) if shuffle else np.arange(self.num_examples)
-    return self._batches(order, batch_size, n)
-
-  def _batches(
-    self, order: np.ndarray, batch_size: int, n: int
-  ) -> Iterator[Batch]:
-    for k in range(n):
-      rows = order[k * batch_size : (k + 1) * batch_size]  # [r]
-      real = len(rows)
-      if real < batch_size:
-        rows = np.concatenate([rows, np.full(batch_size - real, rows[0])])
-      mask = np.arange(batch_size) < real  # [b]
-      labels = self.labels[rows].copy()  # [b, L] or [b]
-      labels[~mask] = IGNORE_LABEL
-      yield {
-        "input_ids": self.input_ids[rows],  # [b, L]
-        "attention_mask": self.attention_mask[rows],  # [b, L]
-        "token_type_ids": self.token_type_ids[rows],  # [b, L]
-        "labels": labels,
-        "example_mask": mask.astype(np.int32),  # [b]
-      }
-
 
 def _check_batch_size(batch_size: int) -> None:
   if isinstance(batch_size, bool) or not isinstance(
@@ -909,6 +849,49 @@ def _truncating(tokenizer: Tokenizer, max_seq_len: int) -> Tokenizer:
   return tok
 
 
+def _windows(enc, labels: np.ndarray, max_seq_len: int):
+  """Overlapping windows of one over-long encoded sentence.
+
+  The content between the leading and trailing special tokens is cut into
+  scored spans of S = W // 2 sub-words (W = the content room of a window);
+  the window of a span adds up to (W - S) / 2 sub-words of context on each
+  side (shifted inward at the ends) and the special tokens around it. Labels
+  outside a window's scored span are -100, so every labelled sub-word is
+  scored exactly once, with context on both sides where there is any.
+
+  Yields:
+    (ids, type ids, labels) rows of at most `max_seq_len` tokens.
+  """
+  special = np.asarray(enc.special_tokens_mask, bool)
+  ids = np.asarray(enc.ids, np.int32)
+  types = np.asarray(enc.type_ids, np.int32)
+  n = len(ids)
+  lead = int(np.argmax(~special)) if (~special).any() else n
+  trail = int(np.argmax(~special[::-1])) if (~special).any() else 0
+  body = slice(lead, n - trail)
+  room = max_seq_len - lead - trail
+  if room < 2:
+    raise BistilError(
+      f"max_seq_len={max_seq_len} leaves no room for windows between "
+      f"{lead + trail} special tokens"
+    )
+  c_ids, c_types, c_labels = ids[body], types[body], labels[body]
+  m = len(c_ids)
+  span = max(room // 2, 1)
+  ctx = (room - span) // 2
+  for a in range(0, m, span):
+    b = min(a + span, m)
+    start = min(max(a - ctx, 0), max(m - room, 0))
+    stop = min(start + room, m)
+    lab = np.full(stop - start, IGNORE_LABEL, np.int32)
+    lab[a - start : b - start] = c_labels[a:b]
+    yield (
+      np.concatenate([ids[:lead], c_ids[start:stop], ids[n - trail :]]),
+      np.concatenate([types[:lead], c_types[start:stop], types[n - trail :]]),
+      np.concatenate([labels[:lead], lab, labels[n - trail :]]),
+    )
+
+
 def _lost_words(encoding, num_words: int) -> list[int]:
   """Words that produced no sub-word."""
   covered = {w for w in encoding.word_ids if w is not None}
@@ -922,6 +905,7 @@ def encode_token_task(
   max_seq_len: int,
   *,
   drop_long: bool = True,
+  window: bool = False,
   task: str | None = None,
 ) -> TaskData:
   """Encodes word-labelled sentences with labels on first sub-words.
@@ -945,7 +929,12 @@ def encode_token_task(
     max_seq_len: L, the padded length including special tokens.
     drop_long: drop examples with more than L tokens, as the released code
       does (counted in `num_dropped`); if False, truncate them (the labels
-      of cut words are lost; counted in `num_truncated`).
+      of cut words are lost; counted in `num_truncated`) or window them.
+    window: with drop_long False, split a long example into overlapping
+      windows of L tokens (see `_windows`) instead of truncating it: every
+      labelled sub-word is scored in exactly one window, so evaluation
+      counts every gold word (counted in `num_truncated`; its rows share
+      the example's `example_index`, in order).
     task: the task name stored in the result (and used in messages).
 
   Returns:
@@ -991,15 +980,21 @@ def encode_token_task(
       if drop_long:
         num_dropped += 1
         continue
-      truncating = truncating or _truncating(tok, max_seq_len)
-      enc = truncating.encode(words, is_pretokenized=True)
       num_truncated += 1
+      if not window:
+        truncating = truncating or _truncating(tok, max_seq_len)
+        enc = truncating.encode(words, is_pretokenized=True)
     labels = np.full(len(enc.ids), IGNORE_LABEL, np.int32)
     prev = None
     for pos, w in enumerate(enc.word_ids):
       if w is not None and w != prev:
         labels[pos] = _label_id(label_to_id, ex.labels[w], ex)
       prev = w
+    if len(enc.ids) > max_seq_len:  # window mode
+      for row in _windows(enc, labels, max_seq_len):
+        rows.append(row)
+        kept.append(i)
+      continue
     rows.append((enc.ids, enc.type_ids, labels))
     kept.append(i)
   if not rows:
@@ -1120,8 +1115,14 @@ def encode_task(
   max_seq_len: int,
   *,
   drop_long: bool = True,
+  window: bool = False,
 ) -> TaskData:
-  """`encode_token_task` or `encode_pair_task`, by the task's kind."""
+  """`encode_token_task` or `encode_pair_task`, by the task's kind.
+
+  Training data drops over-long sentences (as released); evaluation data
+  passes `drop_long=False, window=True` so every gold word is scored (pairs
+  are truncated: their one label survives).
+  """
   if task_spec(task).kind == "token":
     return encode_token_task(
       examples,
@@ -1129,8 +1130,133 @@ def encode_task(
       label_to_id,
       max_seq_len,
       drop_long=drop_long,
+      window=window,
       task=task,
     )
   return encode_pair_task(
     examples, tokenizer, label_to_id, max_seq_len, task=task
   )
+
+
+# ------------------------------------------------------------------ batches
+def bucket_lengths(max_seq_len: int, smallest: int = 16) -> tuple[int, ...]:
+  """The padded lengths task batches use: powers of two from `smallest`
+  below `max_seq_len`, then `max_seq_len`, so jit compiles a bounded number
+  of shapes (at most log2(L / smallest) + 2)."""
+  out, n = [], smallest
+  while n < max_seq_len:
+    out.append(n)
+    n *= 2
+  return (*out, max_seq_len)
+
+
+def _bucket(lengths: np.ndarray, buckets: Sequence[int]) -> int:
+  longest = int(lengths.max()) if lengths.size else 1
+  return next(b for b in buckets if b >= longest)
+
+
+def host_batch(
+  data: TaskData,
+  rows: np.ndarray,
+  buckets: Sequence[int],
+  process_index: int = 0,
+  num_processes: int = 1,
+) -> Batch:
+  """This host's slice of the global batch `rows` (-1: a filler row, whose
+  example_mask is 0 and labels -100), padded to the bucket of the longest
+  row of the whole global batch (the same on every host)."""
+  real = rows >= 0
+  rows = np.where(real, rows, 0)
+  length = _bucket(data.attention_mask[rows].sum(-1), buckets)
+  per = len(rows) // num_processes
+  mine = slice(process_index * per, (process_index + 1) * per)
+  rows, real = rows[mine], real[mine]
+  labels = data.labels[rows].copy()
+  labels[~real] = IGNORE_LABEL
+  if labels.ndim == 2:
+    labels = labels[:, :length]  # [b, l]
+  return {
+    "input_ids": data.input_ids[rows, :length],  # [b, l]
+    "attention_mask": data.attention_mask[rows, :length],  # [b, l]
+    "token_type_ids": data.token_type_ids[rows, :length],  # [b, l]
+    "labels": labels,
+    "example_mask": real.astype(np.int32),  # [b]
+  }
+
+
+class TaskBatches:
+  """Endless shuffled training batches; batch k is a pure function of k.
+
+  Each epoch is a permutation seeded by (seed, epoch) of the rows; every
+  host computes the global batch and keeps its own slice of it, so a run
+  on H hosts feeds the devices exactly what one host would. Batches are
+  padded to the bucket of their longest row (`bucket_lengths`), not to
+  `max_seq_len`.
+  """
+
+  def __init__(
+    self,
+    data: TaskData,
+    batch_size: int,
+    seed: int,
+    *,
+    process_index: int = 0,
+    num_processes: int = 1,
+  ):
+    self.data = data
+    self.batch_size = batch_size
+    self.seed = seed
+    self.per_epoch = data.num_batches(batch_size)
+    if self.per_epoch < 1:
+      raise BistilError(
+        f"training split has {data.num_examples} examples, fewer than one "
+        f"batch of {batch_size}"
+      )
+    self.buckets = bucket_lengths(data.max_seq_len)
+    self._host = (process_index, num_processes)
+    self._step = 0
+    self._order: tuple[int, np.ndarray | None] = (-1, None)
+
+  def batch(self, step: int) -> Batch:
+    epoch, i = divmod(step, self.per_epoch)
+    if self._order[0] != epoch:
+      self._order = (epoch, self.data.order(self.seed, epoch))
+    rows = self._order[1][i * self.batch_size : (i + 1) * self.batch_size]
+    return host_batch(self.data, rows, self.buckets, *self._host)
+
+  def __iter__(self):
+    return self
+
+  def __next__(self) -> Batch:
+    out = self.batch(self._step)
+    self._step += 1
+    return out
+
+  def state(self) -> dict[str, Any]:
+    return {"step": self._step, "seed": self.seed, "batch": self.batch_size}
+
+  def restore(self, state: Mapping[str, Any]) -> None:
+    if state.get("seed") != self.seed or state.get("batch") != self.batch_size:
+      raise BistilError(f"data state {dict(state)} is from another run")
+    self._step = int(state["step"])
+
+
+def eval_batches(
+  data: TaskData,
+  batch_size: int,
+  process_index: int = 0,
+  num_processes: int = 1,
+) -> Iterator[tuple[np.ndarray, Batch]]:
+  """Every row once, in order: (global rows, this host's bucketed batch).
+
+  The last batch is filled up to `batch_size` with filler rows (-1 in the
+  global rows; example_mask 0 in the batch).
+  """
+  _check_batch_size(batch_size)
+  buckets = bucket_lengths(data.max_seq_len)
+  n = data.num_examples
+  for start in range(0, n, batch_size):
+    rows = np.full(batch_size, -1, np.int64)
+    real = np.arange(start, min(start + batch_size, n))
+    rows[: len(real)] = real
+    yield rows, host_batch(data, rows, buckets, process_index, num_processes)

@@ -16,7 +16,10 @@ def add_config_args(p: argparse.ArgumentParser, default: str) -> None:
   p.add_argument(
     "--config",
     default=default,
-    help=f"config file and variant, path.py[:arg] (default {default})",
+    help=(
+      f"config file and variant, path.py[:arg] (default {default}; the "
+      "shipped configs resolve from any directory)"
+    ),
   )
   p.add_argument("--workdir", required=True, help="run directory")
   p.add_argument(
@@ -32,7 +35,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     "distil",
     help="phase 1: distil a bilingual student from a (trimmed) teacher",
     description=(
-      "Phase 1 (METHOD.md 2): trains a student with fewer layers against the "
+      "Phase 1: trains a student with fewer layers against the "
       "teacher on source and target corpora; resumes from --workdir; "
       "exports an HF model dir to WORKDIR/export. Override any config field "
       "with --config.a.b=VALUE."
@@ -44,7 +47,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     "pretrain",
     help="MLM-train a model dir on two corpora (no teacher)",
     description=(
-      "MLM training of --config.teacher.model itself (configs/pretrain.py): "
+      "MLM training of --config.student.model itself (configs/pretrain.py): "
       "the demo's teacher and the scratch baseline."
     ),
   )
@@ -69,7 +72,8 @@ def register_task(subparsers: argparse._SubParsersAction) -> None:
     "finetune",
     help="task-tune a model (the teacher) on gold labels, dense or LT-SFT",
     description=(
-      "Task-tunes --config.model on --config.data.train (gold labels); "
+      "Task-tunes --config.student.model on --config.data.train (gold "
+      "labels); "
       "exports an HF dir (dense) or an SFT dir (sparse.enabled)."
     ),
   )
@@ -80,8 +84,9 @@ def register_task(subparsers: argparse._SubParsersAction) -> None:
     "sft",
     help="phase 2: LT-SFT of the student against a task teacher",
     description=(
-      "Phase 2 (METHOD.md 4): LT-SFT of --config.model (the phase-1 student) "
-      "against --config.teacher; exports a task SFT dir to WORKDIR/export."
+      "Phase 2: LT-SFT of --config.student.model (the phase-1 student) "
+      "against --config.teacher.model; exports a task SFT dir to "
+      "WORKDIR/export."
     ),
   )
   add_config_args(p, "configs/sft.py:pos")
@@ -123,19 +128,23 @@ def register_evaluate(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run_evaluate(args: argparse.Namespace) -> int:
+  import functools
   import json
-  import os
 
-  from bistil_jax import metrics
+  import jax
+  from etils import epath
+
+  from bistil_jax import configlib, metrics
+  from bistil_jax.checkpoint import surgery
   from bistil_jax.data import tasks, vocab
   from bistil_jax.errors import BistilError
   from bistil_jax.train import task as task_lib
 
   if args.task not in tasks.TASKS:
     raise BistilError(f"--task must be one of {tasks.TASKS}")
-  model, params = task_lib.merged_model(args.model, args.sft)
+  model, params = surgery.merged_model(args.model, args.sft)
   cfg = model.config
-  want = task_lib.HEAD_OF_KIND[tasks.task_spec(args.task).kind]
+  want = surgery.HEAD_OF_KIND[tasks.task_spec(args.task).kind]
   if cfg.head != want:
     raise BistilError(
       f"the model has a {cfg.head} head; {args.task} needs {want} (pass the "
@@ -144,24 +153,36 @@ def run_evaluate(args: argparse.Namespace) -> int:
   tokenizer, _ = vocab.load_tokenizer_dir(args.model)
   labels = tuple(cfg.label_names)
   max_len = min(args.max_seq_len, cfg.max_length)
+  jpredict = jax.jit(functools.partial(task_lib.predict, model=model))
   results = {}
   for item in args.data:
-    for name, spec in task_lib.parse_tests(item):
+    for name, spec in configlib.parse_named_list(item):
       data = task_lib.encode_split(args.task, spec, tokenizer, labels, max_len)
       results[name if "=" in item else spec] = task_lib.evaluate_data(
-        model, params, data, args.batch_size
+        jpredict, params, data, args.batch_size
       )
   head = metrics.HEADLINE[args.task]
-  print(f"{'split':<24} {head:>10} {'examples':>9}")
+  # Sentences (pairs for nli) and what the metric counts: tokens (pos),
+  # gold entities (ner).
+  count = {"pos": "tokens", "ner": "entities"}.get(args.task)
+  print(
+    f"{'split':<24} {head:>10} {'sentences':>9}"
+    + (f" {count:>9}" if count else "")
+  )
   for name, m in results.items():
-    n = m.get("num_examples", m.get("num_tokens", m.get("num_gold", "")))
-    print(f"{name:<24} {m[head]:>10.4f} {n!s:>9}")
+    n = m.get("num_tokens", m.get("num_gold"))
+    sentences = m.get("num_sentences", m.get("num_examples"))
+    print(
+      f"{name:<24} {m[head]:>10.4f} {sentences:>9}"
+      + (f" {n:>9}" if count else "")
+    )
   if args.out:
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out, "w") as f:
-      json.dump(
+    out = epath.Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(
+      json.dumps(
         {"model": args.model, "sfts": args.sft, "task": args.task, **results},
-        f,
         indent=2,
       )
+    )
   return 0

@@ -1,10 +1,12 @@
-"""Phase 1: general bilingual distillation (METHOD.md section 2).
+"""Phase 1 (bilingual distillation) and MLM pre-training: their declarations.
 
-`run(config, workdir)` trains a student with fewer layers against a frozen
-(trimmed) teacher on monolingual source and target batches, 50/50, and
-exports it as an HF model dir with the teacher's tokenizer. Each batch uses
-its language's teacher: the base teacher plus that language's SFT diff,
-when one is configured. The config is `configs/distil.py`.
+`bistil distil` (METHOD.md section 2) trains a student with fewer layers
+against the frozen (trimmed) teacher on monolingual source and target
+batches, 50/50; each batch uses its language's teacher (the base plus that
+language's SFTs). `bistil pretrain` MLM-trains `student.model` itself, no
+teacher (the demo's teacher and the scratch baseline). Both run the driver
+skeleton (driver.py) with one Stage and export an HF model dir; configs:
+`configs/distil.py`, `configs/pretrain.py`.
 """
 
 from __future__ import annotations
@@ -12,105 +14,30 @@ from __future__ import annotations
 import functools
 import json
 import logging
-import os
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+from etils import epath
 
-from bistil_jax import configlib, partitioning
-from bistil_jax.checkpoint import hf, student_init
+from bistil_jax import configlib
+from bistil_jax.checkpoint import hf, student_init, surgery
 from bistil_jax.checkpoint import manager as ckpt
 from bistil_jax.data import pipeline, vocab
 from bistil_jax.errors import BistilError
 from bistil_jax.model.config import ModelConfig
 from bistil_jax.model.encoder import Model, vocab_logits_mask
-from bistil_jax.train import loop, runner, steps
-from bistil_jax.train import state as state_lib
+from bistil_jax.train import driver, loop, steps
 
 log = logging.getLogger(__name__)
 
-PHASE = "distil"
 STUDENT_CONFIG = "student_config.json"
-# Config keys that may change when a run is resumed.
-RESUME_SAFE = (
-  "train.log_every",
-  "train.eval_every",
-  "train.eval_batches",
-  "train.checkpoint_every",
-  "train.keep_checkpoints",
-  "train.async_checkpoints",
-  "train.export",
-  "data.prefetch",
-)
-LANGS = ("source", "target")
+LANGS = surgery.LANGS
 
 
-# ------------------------------------------------------------ teachers
-def language_teachers(
-  base: dict[str, Any],
-  tcfg: ModelConfig,
-  teacher_dir: str,
-  sft_paths: tuple[str, str],
-) -> list[dict[str, Any]]:
-  """[source teacher, target teacher] host params (METHOD.md 2.1).
-
-  Each is base + that language's SFT diff (only the diffs: a language
-  SFT's dense MLM-head values are not applied). The same object is reused
-  when neither language has an SFT, so no memory is duplicated.
-  """
-  if not any(sft_paths):
-    return [base, base]
-  from bistil_jax import sparse
-
-  keep_ids = None
-  vmap = os.path.join(teacher_dir, vocab.VOCAB_MAP)
-  if os.path.isfile(vmap):
-    keep_ids = vocab.keep_ids_from_vocab_map(vocab.read_vocab_map(vmap))
-  out = []
-  for lang, path in zip(LANGS, sft_paths, strict=True):
-    if not path:
-      out.append(base)
-      continue
-    sft = sparse.load_sft(path, config=tcfg, keep_ids=keep_ids)
-    out.append(sparse.apply_sft(base, sft, with_dense=False))
-    log.info("%s teacher: base + SFT %s", lang, path)
-  return out
-
-
-def load_teacher(path: str, dtype: str) -> tuple[Model, dict[str, Any]]:
-  """The teacher model dir; task heads are dropped (MLM head kept)."""
-  model, params = hf.load_hf(path, dtype=dtype)
-  cfg = model.config
-  if cfg.head not in ("mlm", "none"):
-    params = {k: v for k, v in params.items() if k != "classifier"}
-    cfg = cfg.replace(head="none", num_labels=2, id2label=None)
-    model = Model(cfg)
-  return model, params
-
-
-# --------------------------------------------------------------- data
-def _stream(tokenizer, spec, config) -> pipeline.LanguageStream:
-  return pipeline.LanguageStream.from_corpus(
-    tokenizer,
-    configlib.expand(spec),
-    config.data.max_seq_len,
-    max_lines=config.data.max_lines or None,
-  )
-
-
-def _check_tokenizer(tokenizer, tcfg: ModelConfig) -> tuple[int, int]:
-  size, mask_id = pipeline.mlm_token_ids(tokenizer)
-  if size > tcfg.vocab_size:
-    raise BistilError(
-      f"the tokenizer has {size} tokens but the teacher's vocab_size is "
-      f"{tcfg.vocab_size}: use the tokenizer the teacher was trimmed with"
-    )
-  return size, mask_id
-
-
+# ------------------------------------------------------------------ models
 def sample_projections(
   teacher: Model,
   params: Any,
@@ -138,16 +65,129 @@ def sample_projections(
   )
 
 
-# --------------------------------------------------------------- eval
-def eval_step(
-  params,
-  teacher,
-  batch,
-  *,
-  student_model: Model,
-  teacher_model: Model | None,
-  loss_cfg: steps.DistilLossConfig,
-):
+def loss_config(config, pretrain: bool) -> steps.DistilLossConfig:
+  if pretrain:  # no teacher: the student's own MLM loss only
+    return steps.DistilLossConfig(
+      hidden=0.0, attention=0.0, kl=0.0, mlm=config.loss.mlm
+    )
+  return steps.DistilLossConfig(**config.loss.to_dict())
+
+
+def _models(config, pretrain: bool):
+  """(student model, its host params, teacher model or None, [source,
+  target] teacher host params or [None, None], tokenizer dir)."""
+  if pretrain:
+    path = configlib.expand(config.student.model)
+    model, params = hf.load_hf(path)
+    if model.config.head != "mlm":
+      raise BistilError(
+        f"pretrain needs an MLM model dir, {path} has a {model.config.head} "
+        "head"
+      )
+    scfg = model.config.replace(
+      dtype=config.student.dtype, param_dtype=config.student.param_dtype
+    )
+    tok = configlib.expand(config.data.tokenizer) or path
+    return Model(scfg), params, None, [None, None], tok
+  path = configlib.expand(config.teacher.model)
+  teacher, t_params = surgery.load_teacher(path, config.teacher.dtype)
+  tcfg = teacher.config
+  s = config.student
+  scfg = student_init.student_config(
+    tcfg,
+    layer_reduction=s.layer_reduction,
+    hidden_reduction=s.hidden_reduction,
+    dtype=s.dtype,
+    param_dtype=s.param_dtype,
+  )
+  student = Model(scfg)
+  steps.check_pair(student, teacher, loss_config(config, False))
+  if s.init not in student_init.STRATEGIES:
+    raise BistilError(
+      f"student.init must be one of {student_init.STRATEGIES}, got {s.init!r}"
+    )
+  teachers = surgery.language_teachers(
+    t_params, tcfg, path, surgery.language_sfts(config.teacher.sfts)
+  )
+  rng = jax.random.fold_in(jax.random.PRNGKey(config.seed), 1)
+  s_params = student_init.init_student(t_params, tcfg, scfg, s.init, rng)
+  log.info("%s", driver.parameter_overview(t_params, "teacher"))
+  tok = configlib.expand(config.data.tokenizer) or path
+  return student, s_params, teacher, teachers, tok
+
+
+# -------------------------------------------------------------------- data
+def _stream(tokenizer, spec: str, config, shard=0, shards=1, lines=None):
+  return pipeline.LanguageStream.from_corpus(
+    tokenizer,
+    configlib.expand(spec),
+    config.data.max_seq_len,
+    max_lines=lines or config.data.max_lines or None,
+    process_index=shard,
+    num_processes=shards,
+  )
+
+
+def _data(config, tokenizer, model_cfg: ModelConfig):
+  """(training batches of this host, {language: its fixed dev batches}).
+
+  Each host reads only the data shards it owns (pipeline.ShardedBatches).
+  """
+  size, mask_id = pipeline.mlm_token_ids(tokenizer)
+  if size > model_cfg.vocab_size:
+    raise BistilError(
+      f"the tokenizer has {size} tokens but the model's vocab_size is "
+      f"{model_cfg.vocab_size}: use the tokenizer the teacher was trimmed with"
+    )
+  d = config.data
+  num = d.shards or jax.process_count()
+  mine = pipeline.owned_shards(num, jax.process_index(), jax.process_count())
+  if d.batch_size % num:
+    raise BistilError(
+      f"data.batch_size {d.batch_size} does not split over {num} data shards"
+    )
+  mlm_kw = dict(
+    vocab_size=size, mask_id=mask_id, mlm_probability=d.mlm_probability
+  )
+  parts = [
+    pipeline.BilingualBatches(
+      *[_stream(tokenizer, d[k], config, s, num) for k in LANGS],
+      d.batch_size // num,
+      config.seed,
+      balance_block=d.balance_block,
+      **mlm_kw,
+    )
+    for s in mine
+  ]
+  batches = pipeline.ShardedBatches(parts)
+  dev = {}
+  for name, spec in configlib.parse_named_list(config.eval.sets):
+    if name not in LANGS:
+      raise BistilError(
+        f"eval.sets {name}={spec}: phase-1 dev sets are named source or target"
+      )
+    per_shard = [
+      pipeline.eval_batches(
+        _stream(tokenizer, spec, config, s, num),
+        LANGS.index(name),
+        d.batch_size // num,
+        config.eval.batches,
+        config.seed + 1,
+        max_predictions=batches.max_predictions,
+        **mlm_kw,
+      )
+      for s in mine
+    ]
+    # Shards may hold different numbers of dev batches: keep full ones.
+    full = zip(*per_shard, strict=False)
+    dev[name] = [pipeline.concat_batches(bs) for bs in full]
+  return batches, dev
+
+
+# -------------------------------------------------------------------- eval
+def eval_sums(
+  params, teacher, batch, *, student_model, teacher_model, loss_cfg
+) -> dict[str, jax.Array]:
   """Per-language eval sums: the loss terms, masked-token accuracy and
   (with a teacher) student/teacher agreement at masked positions."""
   _, terms = steps.distil_losses(
@@ -186,339 +226,146 @@ def eval_step(
   return out
 
 
-# ---------------------------------------------------------------- run
-def student_model_config(
-  config: ml_collections.ConfigDict, tcfg: ModelConfig
-) -> ModelConfig:
-  s = config.student
-  return student_init.student_config(
-    tcfg,
-    layer_reduction=s.layer_reduction,
-    hidden_reduction=s.hidden_reduction,
-    dtype=s.dtype,
-    param_dtype=s.param_dtype,
-  )
-
-
-def loss_config(config: ml_collections.ConfigDict) -> steps.DistilLossConfig:
-  return steps.DistilLossConfig(**config.loss.to_dict())
-
-
-def optim_config(config: ml_collections.ConfigDict) -> state_lib.OptimConfig:
-  return runner.optim_config(config.optim, config.train.num_steps)
-
-
-def validate(config: ml_collections.ConfigDict) -> None:
-  """Checks that need no files: required keys and value ranges."""
-  configlib.check_keys_set(
-    config, ("teacher.model", "data.source", "data.target")
-  )
-  if config.student.init not in student_init.STRATEGIES:
-    raise BistilError(
-      f"student.init must be one of {student_init.STRATEGIES}, got "
-      f"{config.student.init!r}"
-    )
-  loss_config(config)
-  optim_config(config)
-  loop.LoopSettings(
-    num_steps=config.train.num_steps,
-    log_every=config.train.log_every,
-    eval_every=config.train.eval_every,
-  )
-
-
+# --------------------------------------------------------------------- run
 def run(
   config: ml_collections.ConfigDict,
   workdir: str,
   *,
   overwrite: bool = False,
-  phase: str = PHASE,
+  phase: str = "distil",
 ) -> str:
-  """Runs (or resumes) phase 1 and returns the export dir.
-
-  Args:
-    config: a `configs/distil.py` config.
-    workdir: the run's directory (created, resumed or refused).
-    overwrite: replace a different run in `workdir`.
-    phase: "distil", or "pretrain": MLM training of the model in
-      config.teacher.model itself, no teacher (the demo's teacher and the
-      scratch baseline); same data, loop, checkpoints and export.
+  """Runs (or resumes) phase 1 ("distil") or MLM training ("pretrain").
 
   Returns:
-    The exported student's HF model dir (workdir/export), or "" when
+    The exported model's HF dir (workdir/export), or "" when
     config.train.export is False.
   """
-  validate(config)
-  plain = configlib.to_dict(config)
-
-  # --- models: teacher, student config; checked before touching the workdir
-  teacher_dir = configlib.expand(config.teacher.model)
-  teacher_model, t_params = load_teacher(teacher_dir, config.teacher.dtype)
-  tcfg = teacher_model.config
-  loss_cfg = loss_config(config)
   pretrain = phase == "pretrain"
-  if pretrain:
-    if tcfg.head != "mlm":
-      raise BistilError(
-        f"pretrain needs an MLM model dir, {teacher_dir} has a {tcfg.head} head"
-      )
-    scfg = tcfg.replace(
-      dtype=config.student.dtype, param_dtype=config.student.param_dtype
-    )
-    student_model = Model(scfg)
-  else:
-    scfg = student_model_config(config, tcfg)
-    student_model = Model(scfg)
-    steps.check_pair(student_model, teacher_model, loss_cfg)
-  runner.check_seq_len(tcfg, config.data.max_seq_len, "teacher")
-  tokenizer_dir = configlib.expand(config.data.tokenizer) or teacher_dir
-  tokenizer, _ = vocab.load_tokenizer_dir(tokenizer_dir)
-  vocab_size, mask_id = _check_tokenizer(tokenizer, tcfg)
-  teachers_host = (
-    [None, None]
-    if pretrain
-    else language_teachers(
-      t_params,
-      tcfg,
-      teacher_dir,
-      (
-        configlib.expand(config.teacher.source_sft),
-        configlib.expand(config.teacher.target_sft),
-      ),
-    )
-  )
-
-  # --- data
-  mesh = runner.build_mesh(config.mesh.shape)
-  host_batch = runner.per_host_batch(config.data.batch_size, mesh)
-  streams = [_stream(tokenizer, config.data[k], config) for k in LANGS]
-  batches = pipeline.BilingualBatches(
-    streams[0],
-    streams[1],
-    host_batch,
-    config.seed,
-    vocab_size=vocab_size,
-    mask_id=mask_id,
-    mlm_probability=config.data.mlm_probability,
-    balance_block=config.data.balance_block,
-  )
-  dev = {}
-  for i, lang in enumerate(LANGS):
-    spec = config.data[f"{lang}_dev"]
-    if spec:
-      dev[lang] = pipeline.eval_batches(
-        _stream(tokenizer, spec, config),
-        i,
-        host_batch,
-        config.train.eval_batches,
-        config.seed + 1,
-        vocab_size=vocab_size,
-        mask_id=mask_id,
-        mlm_probability=config.data.mlm_probability,
-        max_predictions=batches.max_predictions,
-      )
-
-  # --- workdir (only now: bad input above leaves no trace)
-  ckpt.prepare_workdir(
-    workdir,
-    phase,
-    plain,
-    overwrite=overwrite,
-    resume_safe=RESUME_SAFE,
-    outputs=(STUDENT_CONFIG,),
-  )
-  if jax.process_index() == 0:
-    with open(os.path.join(workdir, STUDENT_CONFIG), "w") as f:
-      json.dump(scfg.to_hf_dict(), f, indent=2, sort_keys=True)
-
-  # --- student params and projections (deterministic from the seed)
-  rng = jax.random.PRNGKey(config.seed)
-  if pretrain:
-    s_params = t_params
-  else:
-    s_params = student_init.init_student(
-      t_params, tcfg, scfg, config.student.init, jax.random.fold_in(rng, 1)
-    )
-  s_params = runner.cast(s_params, scfg.param_dtype)
-  log.info("%s", runner.parameter_overview(t_params, "teacher"))
-  log.info("%s", runner.parameter_overview(s_params, "student"))
+  required = ("student.model",) if pretrain else ("teacher.model",)
+  configlib.check_keys_set(config, required + ("data.source", "data.target"))
+  loss_cfg = loss_config(config, pretrain)
+  student, s_params, teacher, teachers, tok_dir = _models(config, pretrain)
+  scfg = student.config
+  ref = scfg if pretrain else teacher.config
+  driver.check_seq_len(ref, config.data.max_seq_len, "model")
+  tokenizer, _ = vocab.load_tokenizer_dir(tok_dir)
+  mesh = driver.build_mesh(config.mesh)
+  driver.per_host_batch(config.data.batch_size, mesh[0])
+  batches, dev = _data(config, tokenizer, ref)
   projections = None
-  if scfg.hidden_size != tcfg.hidden_size and loss_cfg.hidden > 0:
+  if not pretrain and scfg.hidden_size != ref.hidden_size and loss_cfg.hidden:
+    # From the first lines of the source corpus, read the same on every
+    # host, so every host computes the same projections.
+    samples = config.student.projection_samples
     projections = sample_projections(
-      teacher_model,
-      t_params,
-      streams[0],
+      teacher,
+      teachers[0],
+      _stream(tokenizer, config.data.source, config, lines=4 * samples),
       scfg.hidden_size,
       config.student.projection_samples,
       config.seed,
     )
 
-  # --- shard
-  t_dtype = tcfg.dtype
-  t_shard = partitioning.param_shardings(tcfg, mesh)
-  teachers = []
-  for tree in teachers_host:
-    if tree is None:
-      teachers.append(None)
-      continue
-    if teachers and tree is teachers_host[0]:
-      teachers.append(teachers[0])
-      continue
-    teachers.append(partitioning.shard(runner.cast(tree, t_dtype), t_shard))
-  repl = partitioning.replicated(mesh)
+  with driver.start(
+    config, workdir, phase, mesh, overwrite=overwrite, outputs=(STUDENT_CONFIG,)
+  ) as ctx:
+    if jax.process_index() == 0:
+      (epath.Path(workdir) / STUDENT_CONFIG).write_text(
+        json.dumps(scfg.to_hf_dict(), indent=2, sort_keys=True)
+      )
+    frozen = _frozen_trees(ctx, teacher, teachers, projections)
+    sums = functools.partial(
+      eval_sums, student_model=student, teacher_model=teacher, loss_cfg=loss_cfg
+    )
+    stage = driver.Stage(
+      name="train",
+      model_config=scfg,
+      params=driver.cast(s_params, scfg.param_dtype),
+      loss_fn=functools.partial(
+        steps.distil_losses,
+        student_model=student,
+        teacher_model=teacher,
+        loss_cfg=loss_cfg,
+      ),
+      batches=batches,
+      num_steps=config.train.num_steps,
+      frozen=lambda batch: frozen[int(batch["lang"])],
+      eval_fn=_eval_fn(ctx, jax.jit(sums), dev, frozen) if dev else None,
+      prefetch=config.data.prefetch,
+    )
+    log.info(
+      "%s: %d steps of %d x %d tokens, %d-layer model%s",
+      phase,
+      stage.num_steps,
+      config.data.batch_size,
+      batches.max_seq_len,
+      scfg.num_hidden_layers,
+      "" if pretrain else f" <- {ref.num_hidden_layers}-layer teacher",
+    )
+    del s_params, teachers
+    state = driver.run_stage(ctx, stage)
+    if not config.train.export:
+      return ""
+    out = str(epath.Path(workdir) / ckpt.EXPORT)
+    params = driver.host_params(state.params)
+    if jax.process_index() == 0:
+      hf.save_hf(
+        out, scfg.replace(param_dtype="float32"), params, tok_dir, True
+      )
+      log.info("exported the model to %s", out)
+    return out
+
+
+def _frozen_trees(ctx, teacher, teachers, projections) -> list[Any]:
+  """Per-language frozen trees on the devices (one copy when both
+  languages share the teacher)."""
+  if teacher is None:
+    return [None, None]
   proj = None
   if projections is not None:
-    proj = [jax.device_put(p, repl) for p in projections]
-  teacher_trees = [
-    None if t is None else {"params": t, "projections": proj} for t in teachers
-  ]
-  optim = optim_config(config)
-  tx = state_lib.make_optimizer(optim)
-  state, state_sh = runner.init_state(s_params, scfg, tx, mesh)
-  del s_params, t_params, teachers_host
+    proj = [jax.device_put(p, ctx.replicated) for p in projections]
+  tcfg = teacher.config
+  out = []
+  for i, tree in enumerate(teachers):
+    if i and tree is teachers[0]:
+      out.append(out[0])
+      continue
+    params = ctx.shard(driver.cast(tree, tcfg.dtype), tcfg)
+    out.append({"params": params, "projections": proj})
+  return out
 
-  # --- step
-  teacher_sh = {
-    "params": t_shard,
-    "projections": None if proj is None else [repl] * len(proj),
-  }
-  if pretrain:
-    teacher_sh, teacher_model = None, None
-  step_fn = functools.partial(
-    steps.distil_step,
-    student_model=student_model,
-    teacher_model=teacher_model,
-    tx=tx,
-    loss_cfg=loss_cfg,
-    lr_schedule=state_lib.lr_at_step(optim),
-  )
-  dshard = partitioning.data_sharding(mesh)
-  batch_keys = (
-    "input_ids",
-    "attention_mask",
-    "token_type_ids",
-    "masked_lm_positions",
-    "masked_lm_ids",
-    "masked_lm_weights",
-  )
-  batch_sh = {k: dshard for k in batch_keys}
-  jstep = jax.jit(
-    step_fn,
-    in_shardings=(state_sh, teacher_sh, batch_sh, repl),
-    out_shardings=(state_sh, repl),
-    donate_argnums=(0,),
-  )
-  key = jax.random.fold_in(rng, 2)
 
-  def train_step(state, host_batch):
-    lang = int(host_batch["lang"])
-    arrays = pipeline.to_global({k: host_batch[k] for k in batch_keys}, mesh)
-    return jstep(state, teacher_trees[lang], arrays, key)
-
-  jeval = jax.jit(
-    functools.partial(
-      eval_step,
-      student_model=student_model,
-      teacher_model=teacher_model,
-      loss_cfg=loss_cfg,
-    ),
-    in_shardings=(state_sh.params, teacher_sh, batch_sh),
-    out_shardings=repl,
-  )
-
-  dev_arrays = {  # fixed batches: moved to the devices once
-    lang: [pipeline.to_global({k: b[k] for k in batch_keys}, mesh) for b in bs]
-    for lang, bs in dev.items()
+def _eval_fn(ctx, jsums, dev, frozen):
+  arrays = {  # fixed batches: moved to the devices once
+    lang: [ctx.to_global(b) for b in bs] for lang, bs in dev.items()
   }
 
   def evaluate(state) -> dict[str, float]:
     out = {}
-    for lang, arrays in dev_arrays.items():
-      teacher = teacher_trees[LANGS.index(lang)]
-      sums = [jeval(state.params, teacher, a) for a in arrays]
-      for k, v in loop.reduce_metrics(jax.device_get(sums)).items():
+    for lang, batches in arrays.items():
+      teacher = frozen[LANGS.index(lang)]
+      host = jax.device_get([jsums(state.params, teacher, b) for b in batches])
+      for k, v in loop.reduce_metrics(host).items():
         out[f"{lang}/{k}"] = v
     return out
 
-  # --- restore
-  checkpointer = runner.make_checkpointer(workdir, config.train)
-  state, start = runner.restore_latest(checkpointer, state, batches)
-
-  # --- loop
-  writer = loop.MetricWriter(
-    os.path.join(workdir, ckpt.METRICS), start_step=start
-  )
-  if start == 0:
-    writer.text(0, "config", "```\n" + json.dumps(plain, indent=2) + "\n```")
-  settings = loop.LoopSettings(
-    num_steps=config.train.num_steps,
-    log_every=config.train.log_every,
-    eval_every=config.train.eval_every,
-  )
-  log.info(
-    "%s: %d steps of %d x %d tokens, %d-layer model%s",
-    "MLM pre-training" if pretrain else "phase 1",
-    settings.num_steps,
-    config.data.batch_size,
-    batches.max_seq_len,
-    scfg.num_hidden_layers,
-    "" if pretrain else f" <- {tcfg.num_hidden_layers}-layer teacher",
-  )
-  prefetched = pipeline.prefetch(batches, size=config.data.prefetch)
-  try:
-    with partitioning.activate(mesh):  # mesh + axis rules for every step
-      state, _ = loop.run_loop(
-        state,
-        step_fn=train_step,
-        batches=prefetched,
-        data_state=prefetched.state,
-        start_step=start,
-        settings=settings,
-        checkpointer=checkpointer,
-        writer=writer,
-        eval_fn=evaluate if dev else None,
-      )
-  finally:
-    prefetched.close()
-    writer.close()
-    checkpointer.close()
-
-  # --- export
-  if not config.train.export:
-    return ""
-  out = runner.export_dir(workdir)
-  export_student(out, scfg, state.params, tokenizer_dir)
-  return out
-
-
-def export_student(
-  out: str, scfg: ModelConfig, params: Any, tokenizer_dir: str
-) -> None:
-  """Writes the student as an HF model dir (process 0), replacing `out`."""
-  params = jax.tree.map(
-    lambda x: np.asarray(jax.device_get(x)).astype(np.float32), params
-  )
-  if jax.process_index() == 0:
-    hf.save_hf(
-      out, scfg.replace(param_dtype="float32"), params, tokenizer_dir, True
-    )
-    log.info("exported the model to %s", out)
+  return evaluate
 
 
 def model_from_workdir(
   workdir: str, run: dict[str, Any], step: int | None = None
 ) -> tuple[Model, dict[str, Any], str]:
-  """(student model, params, tokenizer dir) from a phase-1 checkpoint."""
-  path = os.path.join(workdir, STUDENT_CONFIG)
-  if not os.path.isfile(path):
+  """(model, params, tokenizer dir) from a phase-1 / pretrain checkpoint."""
+  path = epath.Path(workdir) / STUDENT_CONFIG
+  if not path.is_file():
     raise BistilError(f"{workdir} has no {STUDENT_CONFIG}")
-  with open(path) as f:
-    scfg = ModelConfig.from_hf_dict(json.load(f))
+  scfg = ModelConfig.from_hf_dict(json.loads(path.read_text()))
   step, state = ckpt.read_state(workdir, step)
-  log.info("student from %s step %d", workdir, step)
-  data = run["config"]["data"]
+  log.info("model from %s step %d", workdir, step)
+  config = run["config"]
+  model_key = "student" if run.get("phase") == "pretrain" else "teacher"
   tok = configlib.expand(
-    data.get("tokenizer") or run["config"]["teacher"]["model"]
+    config["data"].get("tokenizer") or config[model_key]["model"]
   )
   params = jax.tree.map(lambda x: np.asarray(x, np.float32), state["params"])
   return Model(scfg.replace(param_dtype="float32")), params, tok

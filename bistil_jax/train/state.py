@@ -24,6 +24,9 @@ class TrainState:
   step: jax.Array  # int32 scalar
   params: Any
   opt_state: Any
+  # LT-SFT: bool tree like `params` (True = trainable), or None (dense).
+  # Checkpointed with the state, so a resumed sparse stage restores it.
+  mask: Any = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -100,8 +103,13 @@ def make_optimizer(cfg: OptimConfig) -> optax.GradientTransformation:
   return tx
 
 
-def create_state(params: Any, tx: optax.GradientTransformation) -> TrainState:
+def create_state(
+  params: Any, tx: optax.GradientTransformation, mask: Any = None
+) -> TrainState:
   """A fresh state; jit it with out_shardings to build it sharded."""
   return TrainState(
-    step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params)
+    step=jnp.zeros((), jnp.int32),
+    params=params,
+    opt_state=tx.init(params),
+    mask=mask,
   )

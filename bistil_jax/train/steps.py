@@ -1,19 +1,22 @@
-"""Pure training steps. Bind models and configs with functools.partial.
+"""The one training step and the phase-1 loss.
 
-`distil_step(state, teacher, batch, key, *, ...) -> (state, metrics)`:
-  teacher = {"params": frozen teacher params in the compute dtype (the
-  batch-language's tree: the loop passes the source or target teacher),
-  "projections": per teacher hidden index [d_T, d_S] or None}.
-  batch = the leaves of data.pipeline.BilingualBatches: input_ids,
-  attention_mask, token_type_ids [b, l]; masked_lm_positions,
-  masked_lm_ids, masked_lm_weights [b, p] (needed by the kl/mlm terms).
-  metrics hold sums plus denominators ("<term>/total", "<term>/count") so
-  host-side averaging is exact.
+`train_step(state, frozen, batch, key, *, loss_fn, tx) -> (state, metrics)`
+serves every phase; a phase supplies only its pure `loss_fn`. Metrics hold
+sums plus denominators ("<term>/total", "<term>/count") so host-side
+averaging is exact.
+
+`distil_losses` is the phase-1 / MLM loss: frozen = {"params": the
+batch-language's teacher in the compute dtype (None without a teacher),
+"projections": per teacher hidden index [d_T, d_S] or None}; batch = the
+leaves of data.pipeline.BilingualBatches: input_ids, attention_mask,
+token_type_ids [b, l]; masked_lm_positions, masked_lm_ids,
+masked_lm_weights [b, p] (needed by the kl/mlm terms).
 """
 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -40,9 +43,6 @@ class DistilLossConfig:
   kl: float = 0.0  # KL on MLM logits at masked positions (teacher MLM head)
   mlm: float = 0.0  # student MLM cross-entropy on the gold tokens
   temperature: float = 2.0
-  # True: average hidden MSE over real tokens only; False: the released
-  # averaging over every position including padding.
-  mask_padding: bool = True
 
   def __post_init__(self):
     for name in DISTIL_TERMS:
@@ -126,7 +126,7 @@ def distil_losses(
       s_out.hidden_states,
       t_out.hidden_states,
       hidden_pairs,
-      mask=real if loss_cfg.mask_padding else None,
+      mask=real,
       projections=teacher.get("projections"),
     )
   if want_attn:
@@ -153,38 +153,39 @@ def distil_losses(
   return total, terms
 
 
-def distil_step(
+def train_step(
   state: TrainState,
-  teacher: dict[str, Any],
+  frozen: Any,
   batch: dict[str, jax.Array],
   key: jax.Array,
   *,
-  student_model: Model,
-  teacher_model: Model | None,
+  loss_fn: Callable[..., tuple[jax.Array, dict[str, losses.LossTerm]]],
   tx: optax.GradientTransformation,
-  loss_cfg: DistilLossConfig,
   lr_schedule: optax.Schedule | None = None,
 ) -> tuple[TrainState, dict[str, jax.Array]]:
-  """One phase-1 update of the student; the teacher is a frozen argument.
+  """One update of every phase (STYLE.md 17): phases differ in `loss_fn`.
 
-  `lr_schedule`, if given, maps the training step to the learning rate for
-  the metrics; use `state.lr_at_step(optim_cfg)` so gradient accumulation
-  is accounted for.
+  Args:
+    state: the student's TrainState; `state.mask` (a bool tree like the
+      params, or None) restricts the update to its True entries (LT-SFT).
+    frozen: arrays the loss reads but never trains (teachers, the LT-SFT
+      origin, fixed projections); never differentiated, never donated.
+    batch: the step's global arrays.
+    key: the run's key; the step folds in `state.step` (STYLE.md 6).
+    loss_fn: `(params, frozen, batch, key) -> (loss, {name: LossTerm})`,
+      pure; bound with functools.partial before jit.
+    tx: the optimiser.
+    lr_schedule: training step -> learning rate, for the metrics
+      (`state.lr_at_step(optim_cfg)` accounts for gradient accumulation).
+
+  Returns:
+    (new state, metrics as sums and denominators).
   """
   step_key = jax.random.fold_in(key, state.step)
-
-  def loss_fn(params):
-    return distil_losses(
-      params,
-      teacher,
-      batch,
-      step_key,
-      student_model=student_model,
-      teacher_model=teacher_model,
-      loss_cfg=loss_cfg,
-    )
-
-  (loss, terms), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+  frozen = jax.lax.stop_gradient(frozen)
+  (loss, terms), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+    state.params, frozen, batch, step_key
+  )
   return apply_gradients(
     state,
     grads,
@@ -205,23 +206,31 @@ def apply_gradients(
   terms: dict[str, losses.LossTerm],
   attention_mask: jax.Array,
   lr_schedule: optax.Schedule | None = None,
-  update_mask: Any = None,
 ) -> tuple[TrainState, dict[str, jax.Array]]:
-  """The optimiser update and the step's metrics, shared by every step.
+  """The optimiser update and the step's metrics.
 
-  `update_mask` (a bool tree like the params, or None) restricts training
+  `state.mask` (a bool tree like the params, or None) restricts training
   to its True entries (LT-SFT): gradients are zeroed outside it, so the
   clipping norm and Adam moments see trainable entries only, and the final
   update is gated after the optimiser, so decoupled weight decay cannot move
   frozen entries either (STYLE.md 9).
   """
+  update_mask = state.mask
   if update_mask is not None:
     grads = sparse.gate(grads, update_mask)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   if update_mask is not None:
     updates = sparse.gate(updates, update_mask)
   params = optax.apply_updates(state.params, updates)
-  metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads)}
+  grad_norm = optax.tree.norm(grads)
+  metrics = {
+    "loss": loss,
+    "grad_norm": grad_norm,
+    # 1.0 while the step's loss and gradients are finite (the NaN guard).
+    "finite": (jnp.isfinite(loss) & jnp.isfinite(grad_norm)).astype(
+      jnp.float32
+    ),
+  }
   for name, term in terms.items():
     metrics[f"{name}/total"] = term.total
     metrics[f"{name}/count"] = term.count

@@ -601,28 +601,25 @@ class BatchesTest(parameterized.TestCase):
   @parameterized.parameters(1, 3, 4, 10, 16)
   def test_eval_covers_every_example_once_in_order(self, batch_size):
     data = small_data()
-    batches = list(
-      data.batches(batch_size, shuffle=False, drop_remainder=False)
-    )
+    batches = list(tasks.eval_batches(data, batch_size))
     self.assertLen(batches, data.num_batches(batch_size, drop_remainder=False))
     seen = []
-    for b in batches:
-      self.assertEqual(b["input_ids"].shape, (batch_size, 6))
-      self.assertEqual(b["labels"].shape, (batch_size, 6))
-      self.assertEqual(b["example_mask"].shape, (batch_size,))
+    for rows, b in batches:
+      self.assertEqual(b["input_ids"].shape[0], batch_size)
+      self.assertEqual(b["labels"].shape, b["input_ids"].shape)
       real = b["example_mask"].astype(bool)
+      np.testing.assert_array_equal(real, rows >= 0)
       seen += list(b["input_ids"][real, 0])
       self.assertTrue(np.all(b["labels"][~real] == -100))
     self.assertEqual(seen, list(range(10)))
-    pad = batches[-1]["example_mask"]
-    self.assertEqual(int(pad.sum()), 10 - batch_size * (len(batches) - 1))
 
   def test_eval_padding_rows_of_pair_task(self):
     examples = [tasks.PairExample("a", "b", "neutral")] * 3
     data = tasks.encode_pair_task(
       examples, HAND, tasks.label_ids(tasks.NLI_LABELS), 8
     )
-    (b,) = data.batches(4, shuffle=False, drop_remainder=False)
+    ((rows, b),) = tasks.eval_batches(data, 4)
+    np.testing.assert_array_equal(rows, [0, 1, 2, -1])
     np.testing.assert_array_equal(b["labels"], [1, 1, 1, -100])
     np.testing.assert_array_equal(b["example_mask"], [1, 1, 1, 0])
 
@@ -630,7 +627,11 @@ class BatchesTest(parameterized.TestCase):
     data = small_data()
 
     def rows(seed, epoch):
-      return [list(b["input_ids"][:, 0]) for b in data.batches(3, seed, epoch)]
+      tb = tasks.TaskBatches(data, 3, seed)
+      per = tb.per_epoch
+      return [
+        list(tb.batch(epoch * per + i)["input_ids"][:, 0]) for i in range(per)
+      ]
 
     self.assertEqual(rows(0, 1), rows(0, 1))
     self.assertNotEqual(rows(0, 1), rows(0, 2))
@@ -640,17 +641,77 @@ class BatchesTest(parameterized.TestCase):
     flat = sum(epoch, [])
     self.assertLen(flat, 9)
     self.assertLen(set(flat), 9)  # No row twice, one left out.
-    for b in data.batches(3, 5, 0):
-      np.testing.assert_array_equal(b["example_mask"], [1, 1, 1])
+
+  def test_batches_are_padded_to_a_bucket_and_split_over_hosts(self):
+    examples = [
+      tasks.TokenExample(("a",) * n, ("X",) * n) for n in (3, 40, 5, 90, 7, 8)
+    ]
+    data = tasks.encode_token_task(examples, HAND, {"X": 0}, 128)
+    self.assertEqual(tasks.bucket_lengths(128), (16, 32, 64, 128))
+    shapes = set()
+    for rows, b in tasks.eval_batches(data, 2):
+      longest = int(data.attention_mask[rows].sum(-1).max())
+      width = b["input_ids"].shape[1]
+      self.assertIn(width, tasks.bucket_lengths(128))
+      self.assertGreaterEqual(width, longest)
+      self.assertLess(width // 2, max(longest, 16))
+      shapes.add(width)
+    self.assertEqual(shapes, {16, 64, 128})
+    # Two hosts: each gets its half of the same global batch, same width.
+    one = tasks.TaskBatches(data, 4, 0).batch(0)
+    halves = [
+      tasks.TaskBatches(data, 4, 0, process_index=i, num_processes=2).batch(0)
+      for i in range(2)
+    ]
+    for k, v in one.items():
+      np.testing.assert_array_equal(v, np.concatenate([h[k] for h in halves]))
 
   def test_bad_batch_arguments(self):
     data = small_data()
-    with self.assertRaisesRegex(BistilError, "batch size 11 exceeds the 10"):
-      data.batches(11)
+    with self.assertRaisesRegex(BistilError, "fewer than one batch of 11"):
+      tasks.TaskBatches(data, 11, 0)
     with self.assertRaisesRegex(BistilError, "batch size must be >= 1"):
-      data.batches(0)
+      list(tasks.eval_batches(data, 0))
     with self.assertRaisesRegex(BistilError, "must be non-negative"):
-      data.batches(2, seed=-1)
+      tasks.TaskBatches(data, 2, -1).batch(0)
+
+
+class WindowTest(parameterized.TestCase):
+  @parameterized.parameters(5, 6, 9, 12)
+  def test_every_labelled_sub_word_is_scored_once_with_context(self, length):
+    words = ("the", "unbelievable", "cats", "a", "b") * 3
+    labels = tuple(f"L{i % 4}" for i in range(len(words)))
+    ex = tasks.TokenExample(words, labels)
+    ids = tasks.label_ids(sorted(set(labels)))
+    full = tasks.encode_token_task([ex], HAND, ids, 64)
+    win = tasks.encode_token_task(
+      [ex], HAND, ids, length, drop_long=False, window=True
+    )
+    self.assertGreater(win.num_examples, 1)
+    np.testing.assert_array_equal(win.example_index, [0] * win.num_examples)
+    self.assertEqual(win.num_truncated, 1)
+    scored = win.labels[win.labels != -100]
+    np.testing.assert_array_equal(scored, full.labels[full.labels != -100])
+    for row, mask in zip(win.input_ids, win.attention_mask, strict=True):
+      real = row[mask > 0]
+      self.assertEqual((real[0], real[-1]), (CLS, SEP))
+      self.assertLessEqual(len(real), length)
+
+  def test_windows_join_back_per_example(self):
+    from bistil_jax.train import task as task_lib
+
+    words = ("a", "b") * 10
+    ex = [tasks.TokenExample(words, ("X", "Y") * 10), tok_ex(["X"])]
+    win = tasks.encode_token_task(
+      ex, HAND, {"X": 0, "Y": 1}, 6, drop_long=False, window=True
+    )
+    pred, gold = task_lib.per_example(
+      win.labels.copy(), win.labels, win.example_index
+    )
+    self.assertEqual(gold.shape, (2, 20))
+    np.testing.assert_array_equal(gold[0], [0, 1] * 10)
+    np.testing.assert_array_equal(gold[1], [0] + [-100] * 19)
+    np.testing.assert_array_equal(pred, gold)
 
 
 if __name__ == "__main__":

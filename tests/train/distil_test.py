@@ -54,7 +54,7 @@ class DistilCliTest(absltest.TestCase):
     )
     dev = fixtures.write_corpus(os.path.join(self.root, "dev.txt"), "bb", 60, 7)
     code, err = run_cli(
-      ["distil", "--workdir", wd, *args, f"--config.data.target_dev={dev}"]
+      ["distil", "--workdir", wd, *args, f"--config.eval.sets=target={dev}"]
     )
     self.assertEqual(code, 0, err)
     rows = loop.read_metrics(os.path.join(wd, "metrics"))
@@ -204,12 +204,18 @@ class DistilCliTest(absltest.TestCase):
     args = fixtures.distil_args(
       self.root, self.teacher, **{"train.num_steps": 2}
     )
-    with self.assertLogs("bistil_jax.train.distil", "INFO") as logs:
+    with self.assertLogs("bistil_jax", "INFO") as logs:
       code, err = run_cli(
-        ["distil", "--workdir", wd, *args, f"--config.teacher.target_sft={sft}"]
+        [
+          "distil",
+          "--workdir",
+          wd,
+          *args,
+          f"--config.teacher.sfts=target={sft}",
+        ]
       )
     self.assertEqual(code, 0, err)
-    self.assertIn("target teacher: base + SFT", "\n".join(logs.output))
+    self.assertIn(f"target teacher: + SFT {sft}", "\n".join(logs.output))
     self.assertNotIn("source teacher", "\n".join(logs.output))
 
   def test_language_sft_of_another_model_is_refused(self):
@@ -219,7 +225,7 @@ class DistilCliTest(absltest.TestCase):
     wd = self.workdir("wrong_sft")
     args = fixtures.distil_args(self.root, self.teacher)
     self.assert_refused(
-      ["distil", "--workdir", wd, *args, f"--config.teacher.source_sft={sft}"],
+      ["distil", "--workdir", wd, *args, f"--config.teacher.sfts=source={sft}"],
       "SFT .*was made for base model",
       wd,
     )
@@ -242,7 +248,7 @@ class DistilCliTest(absltest.TestCase):
     )
     sft = self.language_sft("narrow_sft", small)
     self.assert_refused(
-      ["distil", "--workdir", wd, *args, f"--config.teacher.source_sft={sft}"],
+      ["distil", "--workdir", wd, *args, f"--config.teacher.sfts=source={sft}"],
       "SFT",
       wd,
     )

@@ -1,4 +1,4 @@
-"""distil_step: loss terms fall, meshes agree, one compile, bad pairs."""
+"""train_step with the phase-1 loss: terms fall, meshes agree, one compile, bad pairs."""
 
 import functools
 
@@ -39,11 +39,14 @@ def setup(init="random", loss_cfg=ALL_TERMS, lr=1e-3):
     state_lib.OptimConfig(learning_rate=lr, total_steps=100)
   )
   step = functools.partial(
-    steps.distil_step,
-    student_model=Model(scfg),
-    teacher_model=Model(tcfg),
+    steps.train_step,
+    loss_fn=functools.partial(
+      steps.distil_losses,
+      student_model=Model(scfg),
+      teacher_model=Model(tcfg),
+      loss_cfg=loss_cfg,
+    ),
     tx=tx,
-    loss_cfg=loss_cfg,
   )
   state = state_lib.create_state(sparams, tx)
   return step, state, {"params": tparams, "projections": None}, tcfg

@@ -10,6 +10,7 @@ must fail with one line and leave no workdir behind.
 """
 
 import contextlib
+import functools
 import io
 import json
 import os
@@ -23,10 +24,10 @@ from absl.testing import absltest
 from flax.traverse_util import flatten_dict
 
 from bistil_jax import cli, metrics, sparse, synthetic
-from bistil_jax.checkpoint import hf
+from bistil_jax.checkpoint import hf, surgery
 from bistil_jax.checkpoint import manager as ckpt
 from bistil_jax.data import tasks, vocab
-from bistil_jax.model import preset
+from bistil_jax.model import Model, preset
 from bistil_jax.train import task
 
 REPO = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
@@ -66,13 +67,34 @@ def read_json(path):
 
 def fresh_head_model(model_dir, task_name, labels):
   """The model a run with seed SEED trains from: body + its untrained head."""
-  model, params, _ = task.load_task_model(
-    model_dir,
+  base, params = hf.load_hf(model_dir)
+  params, cfg, _ = surgery.with_task_head(
+    params,
+    base.config,
     task_name,
     labels,
     jax.random.fold_in(jax.random.PRNGKey(SEED), 1),
   )
-  return model, params
+  return Model(cfg), params
+
+
+def evaluate(model, params, data, batch_size):
+  jpredict = jax.jit(functools.partial(task.predict, model=model))
+  return task.evaluate_data(jpredict, params, data, batch_size)
+
+
+def add_long_sentence(path, words):
+  """Appends one sentence of `words` words (longer than max_seq_len=64
+  tokens) built from the file's own lines; returns the file's word count."""
+  with open(path, encoding="utf-8") as f:
+    rows = [r for r in f.read().splitlines() if r and not r.startswith("#")]
+  rows = [r.split("\t") for r in rows if r.split("\t")[0].isdigit()]
+  with open(path, "a", encoding="utf-8") as f:
+    f.write("\n# sent_id = long\n")
+    for i in range(words):
+      f.write("\t".join([str(i + 1), *rows[i % len(rows)][1:]]) + "\n")
+    f.write("\n")
+  return len(rows) + words
 
 
 def flat(params):
@@ -109,6 +131,7 @@ class PhaseTwoCliTest(absltest.TestCase):
     cls.pos = {
       x: {s: str(p) for s, p in d.items()} for x, d in cls.data.pos.items()
     }
+    cls.num_long = add_long_sentence(cls.pos["a2"]["test"], 80)
     cls.ner = {
       x: {s: str(p) for s, p in d.items()} for x, d in cls.data.ner.items()
     }
@@ -124,9 +147,9 @@ class PhaseTwoCliTest(absltest.TestCase):
         *tiny("pos", FINETUNE_CONFIG),
         "--workdir",
         cls.teacher_wd,
-        f"--config.model={cls.teacher0}",
+        f"--config.student.model={cls.teacher0}",
         f"--config.data.train={cls.pos['a1']['train']}",
-        f"--config.data.dev={cls.pos['a1']['dev']}",
+        f"--config.eval.sets=dev={cls.pos['a1']['dev']}",
       ]
     )
     cls.teacher = os.path.join(cls.teacher_wd, "export")
@@ -168,11 +191,10 @@ class PhaseTwoCliTest(absltest.TestCase):
         *tiny("pos"),
         "--workdir",
         cls.sft_wd,
-        f"--config.model={cls.student}",
-        f"--config.teacher={cls.teacher}",
+        f"--config.student.model={cls.student}",
+        f"--config.teacher.model={cls.teacher}",
         f"--config.data.train={cls.pos['a1']['train']}",
-        f"--config.data.dev={cls.pos['a1']['dev']}",
-        f"--config.eval.tests=a2={cls.pos['a2']['test']}",
+        f"--config.eval.sets=dev={cls.pos['a1']['dev']},a2={cls.pos['a2']['test']}",
         # Decay moves every entry it reaches: the mask gate must come after.
         "--config.optim.weight_decay=0.01",
       ]
@@ -194,6 +216,8 @@ class PhaseTwoCliTest(absltest.TestCase):
         f"a1={cls.pos['a1']['dev']}",
         "--data",
         f"a2={cls.pos['a2']['test']}",
+        "--max-seq-len",
+        "64",
         "--out",
         cls.ev_path,
       ]
@@ -226,7 +250,7 @@ class PhaseTwoCliTest(absltest.TestCase):
     self.assertEqual(res["phase"], "finetune")
     # Gold-only fine-tuning of a random model still beats its fresh head.
     fresh, fp = fresh_head_model(self.teacher0, "pos", tasks.UPOS_LABELS)
-    before = task.evaluate_data(fresh, fp, self.dev_data(self.teacher0), 16)
+    before = evaluate(fresh, fp, self.dev_data(self.teacher0), 16)
     self.assertGreater(res["dev"]["accuracy"], before["accuracy"] + 0.1)
 
   def test_sft_export_is_a_task_sft_of_density_times_eligible(self):
@@ -259,7 +283,7 @@ class PhaseTwoCliTest(absltest.TestCase):
 
   def test_phase_two_improves_on_the_untrained_head(self):
     model, params = fresh_head_model(self.student, "pos", self.labels)
-    before = task.evaluate_data(model, params, self.dev_data(self.student), 16)
+    before = evaluate(model, params, self.dev_data(self.student), 16)
     after = self.results["dev"]["accuracy"]
     self.assertGreater(after, before["accuracy"] + 0.1)
     self.assertEqual(self.results["dev"]["num_tokens"], before["num_tokens"])
@@ -279,10 +303,15 @@ class PhaseTwoCliTest(absltest.TestCase):
   def test_evaluate_reproduces_results_json(self):
     ev = read_json(self.ev_path)
     self.assertEqual(ev["a1"], self.results["dev"])
+    # a2 holds a sentence longer than max_seq_len: both window it and both
+    # score every gold word of the file.
     self.assertEqual(ev["a2"], self.results["a2"])
+    self.assertEqual(self.results["a2"]["num_tokens"], self.num_long)
     self.assertEqual(ev["task"], "pos")
     lines = self.ev_stdout.strip().splitlines()
-    self.assertIn("accuracy", lines[0])
+    self.assertEqual(
+      lines[0].split(), ["split", "accuracy", "sentences", "tokens"]
+    )
     for name, key in (("a1", "dev"), ("a2", "a2")):
       row = [x for x in lines if x.split()[0] == name]
       self.assertLen(row, 1)
@@ -290,6 +319,7 @@ class PhaseTwoCliTest(absltest.TestCase):
         row[0].split()[1:],
         [
           f"{self.results[key]['accuracy']:.4f}",
+          str(self.results[key]["num_sentences"]),
           str(self.results[key]["num_tokens"]),
         ],
       )
@@ -308,7 +338,7 @@ class PhaseTwoCliTest(absltest.TestCase):
 
   def assert_logits_match(self, pt, export, task_name, sft):
     """transformers on the export = our student + SFT, on real inputs."""
-    model, params = task.merged_model(self.student, [sft])
+    model, params = surgery.merged_model(self.student, [sft])
     data = self.dev_data(export, task_name, list(model.config.label_names))
     n = 6
     arrays = {
@@ -339,7 +369,7 @@ class PhaseTwoCliTest(absltest.TestCase):
       0,
     )
     _, exported = hf.load_hf(out)
-    _, merged = task.merged_model(self.student, [self.sft])
+    _, merged = surgery.merged_model(self.student, [self.sft])
     a, b = flat(exported), flat(merged)
     self.assertEqual(sorted(a), sorted(b))
     for k in a:
@@ -399,12 +429,12 @@ class PhaseTwoCliTest(absltest.TestCase):
         *tiny("pos", FINETUNE_CONFIG),
         "--workdir",
         wd,
-        f"--config.model={self.student}",
+        f"--config.student.model={self.student}",
         f"--config.data.train={self.pos['a1']['train']}",
-        f"--config.data.dev={self.pos['a1']['dev']}",
+        f"--config.eval.sets=dev={self.pos['a1']['dev']}",
         "--config.sparse.enabled=true",
-        "--config.train.dense_epochs=0.5",
-        "--config.train.sparse_epochs=0.5",
+        "--config.train.epochs=0.5",
+        "--config.sparse.epochs=0.5",
       ]
     )
     export = os.path.join(wd, "export")
@@ -443,11 +473,10 @@ class PhaseTwoCliTest(absltest.TestCase):
         *tiny("ner", FINETUNE_CONFIG),
         "--workdir",
         wd,
-        f"--config.model={self.student}",
+        f"--config.student.model={self.student}",
         f"--config.data.train={self.ner['a1']['train']}",
-        f"--config.data.dev={self.ner['a1']['dev']}",
-        f"--config.eval.tests=a2={self.ner['a2']['test']}",
-        "--config.train.dense_epochs=0.5",
+        f"--config.eval.sets=dev={self.ner['a1']['dev']},a2={self.ner['a2']['test']}",
+        "--config.train.epochs=0.5",
       ]
     )
     res = read_json(os.path.join(wd, "results.json"))
@@ -474,12 +503,12 @@ class PhaseTwoCliTest(absltest.TestCase):
         *tiny("nli", FINETUNE_CONFIG),
         "--workdir",
         wd,
-        f"--config.model={self.student}",
+        f"--config.student.model={self.student}",
         f"--config.data.train={self.nli['a1']['train']}",
-        f"--config.data.dev={self.nli['a1']['dev']}",
+        f"--config.eval.sets=dev={self.nli['a1']['dev']}",
         "--config.sparse.enabled=true",
-        "--config.train.dense_epochs=0.5",
-        "--config.train.sparse_epochs=0.5",
+        "--config.train.epochs=0.5",
+        "--config.sparse.epochs=0.5",
       ]
     )
     export = os.path.join(wd, "export")
@@ -533,9 +562,9 @@ class PhaseTwoCliTest(absltest.TestCase):
       *tiny("pos", FINETUNE_CONFIG),
       "--workdir",
       wd,
-      f"--config.model={self.student}",
+      f"--config.student.model={self.student}",
       f"--config.data.train={self.pos['a1']['train']}",
-      "--config.train.dense_epochs=0.1",
+      "--config.train.epochs=0.1",
     ]
 
     def export_params():
@@ -543,13 +572,13 @@ class PhaseTwoCliTest(absltest.TestCase):
 
     must_run(args)
     first = export_params()
-    with self.assertLogs("bistil_jax.train.runner", "INFO") as logs:
+    with self.assertLogs("bistil_jax.train.driver", "INFO") as logs:
       must_run(args)  # the same run again: resumes, nothing changes
     self.assertIn("resuming", "\n".join(logs.output))
     again = export_params()
     for k in first:
       np.testing.assert_array_equal(first[k], again[k], err_msg=k)
-    with self.assertLogs("bistil_jax.train.runner", "INFO") as logs:
+    with self.assertLogs("bistil_jax.train.driver", "INFO") as logs:
       must_run([*args, "--config.optim.learning_rate=0.05", "--overwrite"])
     self.assertNotIn("resuming", "\n".join(logs.output))
     self.assertEqual(
@@ -574,10 +603,10 @@ class PhaseTwoCliTest(absltest.TestCase):
 
   def sft_args(self, wd, **overrides):
     over = {
-      "model": self.student,
-      "teacher": self.teacher,
+      "student.model": self.student,
+      "teacher.model": self.teacher,
       "data.train": self.pos["a1"]["train"],
-      "data.dev": self.pos["a1"]["dev"],
+      "eval.sets": "dev=" + self.pos["a1"]["dev"],
       **overrides,
     }
     return [
@@ -591,7 +620,7 @@ class PhaseTwoCliTest(absltest.TestCase):
   def make_head_teacher(self, name, task_name, labels):
     """The POS teacher's body with another task's (fresh) head."""
     model, params = hf.load_hf(self.teacher)
-    params, cfg, _ = task.with_task_head(
+    params, cfg, _ = surgery.with_task_head(
       params, model.config, task_name, labels, jax.random.PRNGKey(3)
     )
     out = self.path(name)
@@ -602,18 +631,18 @@ class PhaseTwoCliTest(absltest.TestCase):
     wd = self.path("bad_teacher")
     ner = self.make_head_teacher("ner_teacher", "ner", tasks.NER_LABELS)
     self.assert_refused(
-      self.sft_args(wd, teacher=ner),
+      self.sft_args(wd, **{"teacher.model": ner}),
       r"label sets differ.*B-LOC.*unknown pos label",
       wd,
     )
     nli = self.make_head_teacher("nli_teacher", "nli", tasks.NLI_LABELS)
     self.assert_refused(
-      self.sft_args(wd, teacher=nli),
+      self.sft_args(wd, **{"teacher.model": nli}),
       "has a sequence_classification head; task pos needs",
       wd,
     )
     self.assert_refused(  # an MLM model is no task teacher
-      self.sft_args(wd, teacher=self.trimmed),
+      self.sft_args(wd, **{"teacher.model": self.trimmed}),
       "has a mlm head; task pos needs",
       wd,
     )
@@ -673,7 +702,7 @@ class PhaseTwoCliTest(absltest.TestCase):
       wd,
     )
     self.assert_refused(  # in a dev split too
-      self.sft_args(wd, **{"data.dev": bad}),
+      self.sft_args(wd, **{"eval.sets": "dev=" + bad}),
       f"{bad}:{bad_line}: ",
       wd,
     )
@@ -741,7 +770,7 @@ class PhaseTwoCliTest(absltest.TestCase):
         *tiny("pos", FINETUNE_CONFIG),
         "--workdir",
         wd,
-        f"--config.model={self.student}",
+        f"--config.student.model={self.student}",
         f"--config.data.train={self.pos['a1']['train']}",
         "--config.loss.gold=0",
       ],
@@ -767,7 +796,7 @@ class PhaseTwoCliTest(absltest.TestCase):
       wd,
     )
     self.assert_refused(
-      [*self.sft_args(wd, teacher="")],
+      [*self.sft_args(wd, **{"teacher.model": ""})],
       "teacher",
       wd,
     )

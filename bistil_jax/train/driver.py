@@ -1,0 +1,405 @@
+"""The driver skeleton every phase runs (STYLE.md 17).
+
+mesh -> data -> models -> state -> restore -> loop -> export. A phase module
+(distil.py: phase 1 and MLM pre-training; task.py: task-tuning and phase 2)
+declares its data, models, loss and export as one or more `Stage`s; this
+module runs them, identically for every phase, on one host or many:
+
+  ctx = driver.start(config, workdir, phase, overwrite=...)   # mesh, workdir
+  state = driver.run_stage(ctx, driver.Stage(...))            # restore + loop
+  driver.host_params(state.params)                            # export
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import functools
+import logging
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+import optax
+from etils import epath
+
+from bistil_jax import configlib, partitioning
+from bistil_jax.checkpoint import manager as ckpt
+from bistil_jax.data import pipeline
+from bistil_jax.errors import BistilError
+from bistil_jax.model.config import ModelConfig
+from bistil_jax.train import loop, steps
+from bistil_jax.train import state as state_lib
+
+log = logging.getLogger(__name__)
+
+# Config keys that may change when a run is resumed (cadence, not results).
+RESUME_SAFE = (
+  "train.log_every",
+  "train.eval_every",
+  "train.checkpoint_every",
+  "train.keep_checkpoints",
+  "train.async_checkpoints",
+  "train.export",
+  "eval",
+  "data.prefetch",
+)
+
+
+# ---------------------------------------------------------------- context
+@dataclasses.dataclass
+class Context:
+  """What every stage of one run shares."""
+
+  config: ml_collections.ConfigDict
+  workdir: str
+  phase: str
+  mesh: jax.sharding.Mesh
+  rules: tuple[tuple[str, Any], ...]
+  key: jax.Array  # the run's key (folded per step inside the step)
+
+  def param_shardings(self, cfg: ModelConfig) -> Any:
+    return partitioning.param_shardings(cfg, self.mesh, self.rules)
+
+  def shard(self, params: Any, cfg: ModelConfig) -> Any:
+    return partitioning.shard(params, self.param_shardings(cfg))
+
+  @property
+  def replicated(self) -> jax.sharding.NamedSharding:
+    return partitioning.replicated(self.mesh)
+
+  def activate(self):
+    return partitioning.activate(self.mesh, self.rules)
+
+  def to_global(self, batch: Mapping[str, np.ndarray]) -> dict[str, Any]:
+    """Host batch -> global arrays (scalars such as the language tag are
+    host-side routing information and stay behind)."""
+    arrays = {k: v for k, v in batch.items() if np.ndim(v) > 0}
+    return pipeline.to_global(arrays, self.mesh)
+
+
+def build_mesh(mesh_cfg) -> tuple[jax.sharding.Mesh, tuple]:
+  """The (data, fsdp, tensor) mesh and the axis rules (defaults updated by
+  `mesh.rules`, pairs of (logical name, mesh axes))."""
+  mesh = partitioning.make_mesh(tuple(mesh_cfg.shape))
+  rules = partitioning.merge_rules(mesh_cfg.rules)
+  log.info(
+    "mesh %s over %d %s device(s), %d process(es)",
+    dict(mesh.shape),
+    mesh.size,
+    jax.devices()[0].platform,
+    jax.process_count(),
+  )
+  return mesh, rules
+
+
+def per_host_batch(global_batch: int, mesh: jax.sharding.Mesh) -> int:
+  """The rows each host feeds; checks the global batch splits evenly."""
+  hosts = jax.process_count()
+  if global_batch < 1 or global_batch % hosts:
+    raise BistilError(
+      f"batch_size {global_batch} does not split over {hosts} host(s)"
+    )
+  shards = mesh.shape["data"] * mesh.shape["fsdp"]
+  if global_batch % shards:
+    raise BistilError(
+      f"batch_size {global_batch} does not split over the {shards} batch "
+      f"shards of mesh {dict(mesh.shape)}"
+    )
+  return global_batch // hosts
+
+
+@contextlib.contextmanager
+def start(
+  config: ml_collections.ConfigDict,
+  workdir: str,
+  phase: str,
+  mesh: tuple[jax.sharding.Mesh, tuple],
+  *,
+  overwrite: bool = False,
+  outputs: Sequence[str] = (),
+) -> Iterator[Context]:
+  """Creates, resumes or refuses the workdir and yields the run's Context.
+
+  Call it after every input check (bad input leaves no trace).
+
+  Args:
+    config: the phase's config.
+    workdir: the run's directory.
+    phase: the phase name recorded in run.json.
+    mesh: (mesh, rules) from `build_mesh`.
+    overwrite: replace another run in `workdir`.
+    outputs: names the phase writes in the workdir besides the standard ones.
+  """
+  mesh, rules = mesh
+  ckpt.prepare_workdir(
+    workdir,
+    phase,
+    configlib.to_dict(config),
+    overwrite=overwrite,
+    resume_safe=RESUME_SAFE,
+    outputs=outputs,
+  )
+  key = jax.random.fold_in(jax.random.PRNGKey(config.seed), 2)
+  yield Context(config, workdir, phase, mesh, rules, key)
+
+
+# ----------------------------------------------------------------- stages
+@dataclasses.dataclass
+class Stage:
+  """One run of the loop: what a phase declares.
+
+  Attributes:
+    name: "train" for one-stage phases (checkpoints in the workdir), else
+      the stage name ("dense", "sparse": checkpoints in workdir/NAME); also
+      the metric prefix.
+    model_config: the trained model's config (shardings).
+    params: its host params at step 0.
+    loss_fn: (params, frozen, batch, key) -> (loss, {name: LossTerm}).
+    batches: host batches with state() / restore(data_state).
+    num_steps: steps of this stage (0: no training, e.g. an export of the
+      initialisation).
+    frozen: host batch -> the frozen device tree the loss reads for it (a
+      language's teacher, the LT-SFT origin, projections).
+    mask: host bool tree like params (LT-SFT), or None; saved in the state.
+    eval_fn: state -> {name: value}, or None.
+    step_offset: added to the step in metrics (the sparse stage follows the
+      dense one on one axis).
+    prefetch: host batches prepared ahead in a thread (0: none).
+  """
+
+  name: str
+  model_config: ModelConfig
+  params: Any
+  loss_fn: Callable[..., Any]
+  batches: Any
+  num_steps: int
+  frozen: Callable[[Mapping[str, Any]], Any] = lambda batch: None
+  mask: Any = None
+  eval_fn: Callable[[Any], Mapping[str, float]] | None = None
+  step_offset: int = 0
+  prefetch: int = 0
+
+
+def optim_config(optim, num_steps: int) -> state_lib.OptimConfig:
+  """OptimConfig from a config's `optim` block for a run of `num_steps`
+  training steps (optimiser updates = steps / accumulate_steps; warmup is
+  capped at that, for stages whose length comes from epochs)."""
+  updates = max(num_steps // optim.accumulate_steps, 1)
+  return state_lib.OptimConfig(
+    learning_rate=optim.learning_rate,
+    warmup_steps=min(optim.warmup_steps, updates),
+    total_steps=updates,
+    weight_decay=optim.weight_decay,
+    clip_norm=optim.clip_norm or None,
+    accumulate_steps=optim.accumulate_steps,
+  )
+
+
+def init_state(
+  ctx: Context, stage: Stage, tx: optax.GradientTransformation
+) -> tuple[state_lib.TrainState, Any]:
+  """The sharded TrainState of a stage (optimiser state and mask sharded
+  like the params), built on the devices from sharded params."""
+  p_sh = ctx.param_shardings(stage.model_config)
+  params = partitioning.shard(stage.params, p_sh)
+  mask = None if stage.mask is None else partitioning.shard(stage.mask, p_sh)
+  with ctx.activate():
+    state = jax.jit(state_lib.create_state, static_argnums=1)(params, tx, mask)
+  return state, jax.tree.map(lambda x: x.sharding, state)
+
+
+def stage_dir(ctx: Context, name: str) -> str:
+  return ctx.workdir if name == "train" else str(epath.Path(ctx.workdir) / name)
+
+
+def run_stage(ctx: Context, stage: Stage) -> state_lib.TrainState:
+  """Builds the state, restores the stage's latest checkpoint, runs the
+  loop to `stage.num_steps` and returns the final (device) state."""
+  tcfg = ctx.config.train
+  optim = optim_config(ctx.config.optim, stage.num_steps)
+  tx = state_lib.make_optimizer(optim)
+  state, state_sh = init_state(ctx, stage, tx)
+  log.info("%s", memory_report(state, stage, ctx.mesh))
+  if stage.num_steps == 0:
+    log.info("%s: 0 steps, the initial parameters are the result", stage.name)
+    return state
+  jstep = jax.jit(
+    functools.partial(
+      steps.train_step,
+      loss_fn=stage.loss_fn,
+      tx=tx,
+      lr_schedule=state_lib.lr_at_step(optim),
+    ),
+    out_shardings=(state_sh, ctx.replicated),
+    donate_argnums=(0,),
+  )
+  checkpointer = ckpt.Checkpointer(
+    stage_dir(ctx, stage.name),
+    every=tcfg.checkpoint_every,
+    keep=tcfg.keep_checkpoints,
+    use_async=tcfg.async_checkpoints,
+  )
+  state, start = restore_latest(checkpointer, state, stage.batches)
+
+  def step_fn(state, batch):
+    return jstep(state, stage.frozen(batch), ctx.to_global(batch), ctx.key)
+
+  batches = stage.batches
+  if stage.prefetch:
+    batches = pipeline.prefetch(batches, size=stage.prefetch)
+  metrics_dir = str(epath.Path(ctx.workdir) / ckpt.METRICS)
+  writer = loop.MetricWriter(metrics_dir, start_step=start + stage.step_offset)
+  try:
+    with ctx.activate():  # mesh + axis rules for every step
+      state, _ = loop.run_loop(
+        state,
+        step_fn=step_fn,
+        batches=batches,
+        data_state=batches.state,
+        start_step=start,
+        settings=loop.LoopSettings(
+          num_steps=stage.num_steps,
+          log_every=min(tcfg.log_every, stage.num_steps),
+          eval_every=tcfg.eval_every,
+          prefix=stage.name,
+          step_offset=stage.step_offset,
+        ),
+        checkpointer=checkpointer,
+        writer=writer,
+        eval_fn=stage.eval_fn,
+      )
+  finally:
+    if stage.prefetch:
+      batches.close()
+    writer.close()
+    checkpointer.close()
+  return state
+
+
+def restore_latest(
+  checkpointer: ckpt.Checkpointer, state: Any, batches: Any
+) -> tuple[Any, int]:
+  """(state, step) from the latest checkpoint, if any; the batch iterator
+  (anything with `restore(data_state)`) continues from the saved position."""
+  step = checkpointer.latest_step()
+  if step is None:
+    return state, 0
+  log.info("resuming from %s step %d", checkpointer.directory, step)
+  restored, data = checkpointer.restore(step, ckpt.abstract_like(state))
+  if int(restored.step) != step:
+    raise BistilError(
+      f"checkpoint {step} in {checkpointer.directory} holds step "
+      f"{int(restored.step)}"
+    )
+  batches.restore(data)
+  return restored, step
+
+
+def has_checkpoint(ctx: Context, name: str) -> bool:
+  """Whether stage `name` of this workdir has a finished checkpoint."""
+  d = epath.Path(stage_dir(ctx, name)) / ckpt.CHECKPOINTS
+  return d.is_dir() and any(p.name.isdigit() for p in d.iterdir())
+
+
+# ------------------------------------------------------------ host values
+def cast(params: Any, dtype: str) -> Any:
+  """Floating leaves to `dtype` (host numpy)."""
+  dt = np.dtype(dtype) if dtype != "bfloat16" else jax.numpy.bfloat16
+  return jax.tree.map(
+    lambda x: (
+      np.asarray(x).astype(dt)
+      if np.issubdtype(np.asarray(x).dtype, np.floating)
+      else x
+    ),
+    params,
+  )
+
+
+def host_params(tree: Any, dtype=np.float32) -> Any:
+  """Device arrays -> host numpy on every process, gathering the shards
+  other hosts hold (an FSDP mesh splits parameters across hosts)."""
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+
+    tree = multihost_utils.process_allgather(tree, tiled=True)
+  return jax.tree.map(
+    lambda x: (
+      np.asarray(jax.device_get(x)).astype(dtype)
+      if np.issubdtype(np.asarray(x).dtype, np.floating)
+      else np.asarray(jax.device_get(x))
+    ),
+    tree,
+  )
+
+
+def check_seq_len(config: ModelConfig, max_seq_len: int, what: str) -> None:
+  """Rows longer than the position table would read garbage positions."""
+  if max_seq_len > config.max_length:
+    raise BistilError(
+      f"data.max_seq_len {max_seq_len} exceeds the {what}'s "
+      f"{config.max_length} positions (max_position_embeddings)"
+    )
+
+
+def parameter_overview(params: Any, title: str) -> str:
+  """A one-line size summary for the log."""
+  leaves = jax.tree.leaves(params)
+  n = sum(int(np.prod(x.shape)) for x in leaves)
+  dtypes = sorted({str(x.dtype) for x in leaves})
+  return f"{title}: {n / 1e6:.2f}M parameters in {len(leaves)} arrays {dtypes}"
+
+
+# ----------------------------------------------------------------- memory
+def device_bytes(tree: Any) -> int:
+  """Bytes of `tree` on the most loaded device (shard shapes)."""
+  per: dict[Any, int] = {}
+  for x in jax.tree.leaves(tree):
+    for s in x.addressable_shards:
+      per[s.device] = per.get(s.device, 0) + s.data.nbytes
+  return max(per.values(), default=0)
+
+
+def activation_bytes(cfg: ModelConfig, rows: int, length: int) -> int:
+  """A rough upper estimate of one device's training activations: per layer
+  the residual-stream tensors (~16 x d), the MLP (~2 x ffn) and the
+  attention probabilities (heads x l) per token, float32."""
+  per_token = 16 * cfg.hidden_size + 2 * cfg.intermediate_size
+  per_token += 2 * cfg.num_attention_heads * length
+  return 4 * rows * length * per_token * cfg.num_hidden_layers
+
+
+def memory_report(
+  state: state_lib.TrainState, stage: Stage, mesh: jax.sharding.Mesh
+) -> str:
+  """One log line: per-device parameters, optimiser state, activations, and
+  the device's capacity where the backend reports it."""
+  config = stage.model_config
+  b = stage.batches
+  batch = getattr(b, "batch_size", None) or (
+    getattr(b, "per_host_batch", 0) * jax.process_count()
+  )
+  length = getattr(b, "max_seq_len", None) or getattr(
+    getattr(b, "data", None), "max_seq_len", 0
+  )
+  shards = mesh.shape["data"] * mesh.shape["fsdp"]
+  rows = max(batch // max(shards, 1), 1)
+  parts = {
+    "params": device_bytes(state.params),
+    "optimiser": device_bytes(state.opt_state),
+    "activations (est.)": activation_bytes(config, rows, length),
+  }
+  total = sum(parts.values())
+  text = ", ".join(f"{k} {v / 2**20:.1f} MiB" for k, v in parts.items())
+  stats = jax.local_devices()[0].memory_stats() or {}
+  limit = stats.get("bytes_limit")
+  line = (
+    f"{stage.name}: per-device memory {text}; total {total / 2**20:.1f} MiB"
+  )
+  if limit:
+    line += f" of {limit / 2**30:.1f} GiB"
+    if total > limit:
+      log.warning("%s: the estimate exceeds the device memory", stage.name)
+  return line
