@@ -32,7 +32,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     "distil",
     help="phase 1: distil a bilingual student from a (trimmed) teacher",
     description=(
-      "Phase 1 (METHOD.md 2): trains a student with fewer layers against the "
+      "Phase 1: trains a student with fewer layers against the "
       "teacher on source and target corpora; resumes from --workdir; "
       "exports an HF model dir to WORKDIR/export. Override any config field "
       "with --config.a.b=VALUE."
@@ -80,7 +80,7 @@ def register_task(subparsers: argparse._SubParsersAction) -> None:
     "sft",
     help="phase 2: LT-SFT of the student against a task teacher",
     description=(
-      "Phase 2 (METHOD.md 4): LT-SFT of --config.model (the phase-1 student) "
+      "Phase 2: LT-SFT of --config.model (the phase-1 student) "
       "against --config.teacher; exports a task SFT dir to WORKDIR/export."
     ),
   )
