@@ -359,7 +359,7 @@ def disk_size(path: str) -> dict[str, int]:
 
 
 def parse_batch_shapes(spec: str) -> list[tuple[int, int]]:
-  """"8x64,1x128" -> [(8, 64), (1, 128)] (batch x sequence length).
+  """Parses "8x64,1x128" into [(8, 64), (1, 128)] (batch x length).
 
   Raises:
     BistilError: a malformed shape.
@@ -427,9 +427,7 @@ def measure_dir(
   lat = []
   if with_latency:
     for b, l in batch_shapes:
-      lat.append(
-        latency(model, params, b, l, warmup=warmup, repeats=repeats)
-      )
+      lat.append(latency(model, params, b, l, warmup=warmup, repeats=repeats))
   disk_model = disk_size(model_dir)["total"]
   disk_sft = sum(disk_size(d)["total"] for d in sft_dirs)
   return {

@@ -626,9 +626,7 @@ def save_hf(
   except BaseException:
     shutil.rmtree(tmp, ignore_errors=True)
     raise
-  log.info(
-    "wrote %s (safetensors) to %s", config.architecture, log_as or path
-  )
+  log.info("wrote %s (safetensors) to %s", config.architecture, log_as or path)
 
 
 def _to_numpy(params):

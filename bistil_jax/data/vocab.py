@@ -292,8 +292,7 @@ class _Progress:
     self.last = now
     rate = tokens / max(now - self.start, 1e-9)
     text = (
-      f"{self.desc}: {lines:,} lines, {tokens:,} tokens, "
-      f"{rate:,.0f} tokens/s"
+      f"{self.desc}: {lines:,} lines, {tokens:,} tokens, {rate:,.0f} tokens/s"
     )
     if self.tty:
       sys.stderr.write("\r" + text + ("\n" if final else ""))

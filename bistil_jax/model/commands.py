@@ -211,8 +211,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     action="append",
     default=[],
     metavar="FIELD=VALUE",
-    help="model config field to change, e.g. num_hidden_layers=4 "
-    "(repeatable)",
+    help="model config field to change, e.g. num_hidden_layers=4 (repeatable)",
   )
   p.add_argument(
     "--overwrite",
