@@ -130,6 +130,7 @@ def _measure(
   """`bistil measure` of a model + SFT: the table's size/latency columns."""
   argv = ["measure", model_dir, "--seq-len", b.seq_len]
   argv += ["--batch-shapes", f"8x{b.seq_len}", "--repeats", 10, "--out", out]
+  argv += ["--device", "cpu"]  # the report's column is CPU latency
   if sft:
     argv += ["--sft", sft]
   _run(argv)

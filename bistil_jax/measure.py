@@ -389,6 +389,7 @@ def measure_dir(
   warmup: int = 2,
   repeats: int = 10,
   with_latency: bool = True,
+  platform: str | None = None,
 ) -> dict[str, Any]:
   """Size, MACs and latency of an HF model dir (plus SFT dirs merged in).
 
@@ -402,6 +403,8 @@ def measure_dir(
     warmup: untimed passes before each timing.
     repeats: timed passes (the median is reported).
     with_latency: time the shapes (False: sizes and MACs only).
+    platform: time on the first device of this platform ("cpu", "gpu",
+      "tpu"; None: the default device).
 
   Returns:
     {"model_dir", "sft", "architecture", "parameters" {"total",
@@ -424,10 +427,18 @@ def measure_dir(
   config = model.config
   counts = count_parameters(params, config)
   flops = inference_flops(model, params, 1, seq_len, with_compiled=False)
+  try:
+    device = jax.devices(platform)[0] if platform else jax.devices()[0]
+  except RuntimeError as e:
+    raise BistilError(f"no {platform} device here: {e}") from None
   lat = []
   if with_latency:
     for b, l in batch_shapes:
-      lat.append(latency(model, params, b, l, warmup=warmup, repeats=repeats))
+      lat.append(
+        latency(
+          model, params, b, l, device=device, warmup=warmup, repeats=repeats
+        )
+      )
   disk_model = disk_size(model_dir)["total"]
   disk_sft = sum(disk_size(d)["total"] for d in sft_dirs)
   return {
@@ -445,7 +456,7 @@ def measure_dir(
       "analytic": flops["analytic_macs"],
       "xla": flops["macs"],
     },
-    "device": str(jax.devices()[0]),
+    "device": str(device),
     "latency": lat,
     "disk_bytes": {
       "model": disk_model,

@@ -263,9 +263,18 @@ class MeasureDirTest(absltest.TestCase):
     info = measure.measure_dir(self.dir, seq_len=8, with_latency=False)
     self.assertEqual(info["latency"], [])
 
+  def test_on_the_cpu_platform(self):
+    info = measure.measure_dir(
+      self.dir, seq_len=8, batch_shapes=[(1, 8)], repeats=1, platform="cpu"
+    )
+    self.assertEqual(info["device"], str(jax.devices("cpu")[0]))
+    self.assertEqual(info["latency"][0]["device"], info["device"])
+
   def test_bad_input(self):
     with self.assertRaisesRegex(BistilError, "does not exist"):
       measure.disk_size(self.dir + "/nope")
+    with self.assertRaisesRegex(BistilError, "no nosuch device"):
+      measure.measure_dir(self.dir, seq_len=8, platform="nosuch")
     with self.assertRaisesRegex(BistilError, "exceeds"):
       measure.measure_dir(self.dir, seq_len=10_000, with_latency=False)
     self.assertEqual(

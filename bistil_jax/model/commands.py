@@ -176,6 +176,7 @@ def _run_measure(args: argparse.Namespace) -> int:
     warmup=args.warmup,
     repeats=args.repeats,
     with_latency=not args.no_latency,
+    platform=args.device,
   )
   text = json.dumps(info, indent=2)
   if args.out:
@@ -226,8 +227,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     description=(
       "Parameters by group, matmul MACs per sequence, forward-pass latency "
       "(median of --repeats after --warmup untimed passes, compile time "
-      "apart) at each batch shape on the current default device, and bytes "
-      "on disk."
+      "apart) at each batch shape on the current default device (or "
+      "--device), and bytes on disk."
     ),
   )
   p.add_argument("model_dir", help="HF model dir")
@@ -250,6 +251,10 @@ def register(sub: argparse._SubParsersAction) -> None:
   )
   p.add_argument(
     "--repeats", type=int, default=10, help="timed passes per shape"
+  )
+  p.add_argument(
+    "--device",
+    help="time on this platform (cpu, gpu, tpu) instead of the default device",
   )
   p.add_argument(
     "--no-latency", action="store_true", help="sizes and MACs only"
