@@ -1,7 +1,7 @@
 """Packaging for bistil_jax.
 
 Every dependency is pinned to the exact version the test suite ran with (see
-DESIGN.md, "Dependencies"). torch is pinned to 2.13.0 everywhere it appears:
+README.md, "Install"). torch is pinned to 2.13.0 everywhere it appears:
 a looser pin resolves a CUDA build with gigabytes of extra packages.
 """
 

@@ -17,6 +17,7 @@ from bistil_jax.errors import BistilError
 # Modules contributing subcommands, in help order.
 COMMAND_MODULES = (
   "bistil_jax.checkpoint.commands",
+  "bistil_jax.model.commands",
   "bistil_jax.data.trim_cli",
   "bistil_jax.synthetic.cli",
   "bistil_jax.train.commands",
@@ -42,7 +43,49 @@ def build_parser() -> argparse.ArgumentParser:
   sub.required = True
   for name in COMMAND_MODULES:
     importlib.import_module(name).register(sub)
+  for p in sub.choices.values():
+    show_defaults(p)
   return parser
+
+
+def show_defaults(parser: argparse.ArgumentParser) -> None:
+  """Appends "(default: X)" to the help of every option that has one.
+
+  Unlike argparse.ArgumentDefaultsHelpFormatter this also covers options
+  without a help text, and skips flags (a store_true default is False)
+  and options whose help already names the default.
+  """
+  for action in parser._actions:  # noqa: SLF001 - argparse has no API
+    default = action.default
+    if (
+      default is None
+      or default is False
+      or default == []
+      or default is argparse.SUPPRESS
+      or isinstance(action, argparse._HelpAction)  # noqa: SLF001
+      or not action.option_strings
+    ):
+      continue
+    help_ = action.help or ""
+    if "default" in help_:
+      continue
+    action.help = (help_ + " " if help_ else "") + "(default: %(default)s)"
+
+
+def quiet_backend_probe() -> None:
+  """Hides jax's "Unable to initialize backend 'tpu'" line on CPU/GPU hosts.
+
+  jax probes every backend it knows and logs each failed probe at INFO on
+  `jax._src.xla_bridge`; with our INFO root logger that prints a libtpu.so
+  error on every machine without a TPU. The line is kept when a TPU is
+  expected (JAX_PLATFORMS names tpu, where a failure is an error anyway),
+  and jax's WARNING that a TPU is present but libtpu missing still shows.
+  """
+  import os
+
+  if "tpu" in os.environ.get("JAX_PLATFORMS", "").lower():
+    return
+  logging.getLogger("jax._src.xla_bridge").setLevel(logging.WARNING)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -57,6 +100,8 @@ def main(argv: list[str] | None = None) -> int:
   )
   # absl (pulled in by orbax/clu) installs its own handler; keep ours.
   logging.getLogger("absl").setLevel(logging.WARNING)
+  if not args.verbose:
+    quiet_backend_probe()
   try:
     if getattr(args, "accepts_overrides", False):
       from bistil_jax import configlib

@@ -124,18 +124,22 @@ def _evaluate(model: str, sft: str | None, data, langs, out: str) -> dict:
   return {lang: res[lang]["accuracy"] for lang in langs}
 
 
-def _measure(model_dir: str, sft: str | None, b: Budget) -> dict[str, float]:
-  from bistil_jax import measure
-  from bistil_jax.checkpoint import surgery
-
-  model, params = surgery.merged_model(model_dir, [sft] if sft else [])
-  counts = measure.count_parameters(params, model.config)
-  flops = measure.inference_flops(model, params, 1, b.seq_len)
-  lat = measure.cpu_latency(model, params, 8, b.seq_len, repeats=10)
+def _measure(
+  model_dir: str, sft: str | None, b: Budget, out: str
+) -> dict[str, float]:
+  """`bistil measure` of a model + SFT: the table's size/latency columns."""
+  argv = ["measure", model_dir, "--seq-len", b.seq_len]
+  argv += ["--batch-shapes", f"8x{b.seq_len}", "--repeats", 10, "--out", out]
+  argv += ["--device", "cpu"]  # the report's column is CPU latency
+  if sft:
+    argv += ["--sft", sft]
+  _run(argv)
+  with open(out) as f:
+    res = json.load(f)
   return {
-    "params": counts["total"],
-    "macs": flops["analytic_macs"],
-    "latency_ms": lat["median_ms"],
+    "params": res["parameters"]["total"],
+    "macs": res["macs_per_sequence"]["analytic"],
+    "latency_ms": res["latency"][0]["median_ms"],
   }
 
 
@@ -191,7 +195,7 @@ def _scored(model_dir, sft, data, langs, out: str, b: Budget) -> dict:
   """Test scores per language, size, MACs and latency of a model + SFT."""
   return {
     "scores": _evaluate(model_dir, sft, data, langs, out),
-    **_measure(model_dir, sft, b),
+    **_measure(model_dir, sft, b, os.path.splitext(out)[0] + ".measure.json"),
   }
 
 
@@ -238,20 +242,30 @@ def run_seed(out: str, seed: int, b: Budget) -> dict[str, Any]:
       for lang in langs:
         with open(data.corpora[lang]["train"]) as g:
           shutil.copyfileobj(g, f)
-  from bistil_jax.model import preset
-
   init_dir = os.path.join(root, "teacher_init")
   if not os.path.isdir(init_dir):
-    cfg = preset(
-      "tiny",
-      num_hidden_layers=b.teacher_layers,
-      hidden_size=b.hidden,
-      num_attention_heads=4,
-      intermediate_size=4 * b.hidden,
-      max_position_embeddings=max(128, b.seq_len),
-    )
-    synthetic.init_model_dir(
-      init_dir, os.path.join(data_dir, "tokenizer"), cfg, seed
+    _run(
+      [
+        "init",
+        "--preset",
+        "tiny",
+        "--tokenizer",
+        os.path.join(data_dir, "tokenizer"),
+        "--out",
+        init_dir,
+        "--seed",
+        seed,
+        "--set",
+        f"num_hidden_layers={b.teacher_layers}",
+        "--set",
+        f"hidden_size={b.hidden}",
+        "--set",
+        "num_attention_heads=4",
+        "--set",
+        f"intermediate_size={4 * b.hidden}",
+        "--set",
+        f"max_position_embeddings={max(128, b.seq_len)}",
+      ]
     )
   timings["data"] = time.perf_counter() - t0
 
@@ -341,7 +355,12 @@ def run_seed(out: str, seed: int, b: Budget) -> dict[str, Any]:
     # MLM on the same two corpora for the same number of steps.
     scratch_init = os.path.join(root, f"scratch_init_{kind}")
     if not os.path.isdir(scratch_init):
-      _scratch_init(student, scratch_init, seed)
+      _run(
+        [
+          "init", "--config", student, "--tokenizer", student,
+          "--out", scratch_init, "--seed", 1000 + seed,
+        ]
+      )  # fmt: skip
     scratch = _mlm_stage(
       "pretrain", os.path.join(root, f"scratch_{kind}"), b, b.distil_steps,
       seed, scratch_init, *corpora,
@@ -431,19 +450,6 @@ def format_ablation(rows_: list[dict[str, Any]]) -> str:
     tgt = statistics.mean(r["target"] for r in rs)
     lines.append(f"| {init} | {loss} | {len(rs)} | {src:.3f} | {tgt:.3f} |")
   return "\n".join(lines)
-
-
-def _scratch_init(student_dir: str, out: str, seed: int) -> None:
-  """A random model with the student's config and tokenizer."""
-  import jax
-
-  from bistil_jax.checkpoint import hf
-  from bistil_jax.model.encoder import init_params
-
-  model, _ = hf.load_hf(student_dir)
-  cfg = model.config.replace(head="mlm")
-  params = init_params(cfg, jax.random.PRNGKey(1000 + seed))
-  hf.save_hf(out, cfg, params, tokenizer_dir=student_dir)
 
 
 # ------------------------------------------------------------------ report

@@ -4,6 +4,7 @@
   measure.count_parameters(params, model.config)   # total/embeddings/body/head
   measure.inference_flops(model, params, 32, 128)  # XLA flops, MACs, analytic
   measure.cpu_latency(model, params, 32, 128)      # median/p90 ms
+  measure.measure_dir("model_dir", seq_len=128)    # all of it: bistil measure
 
 Conventions. The original counts FLOPs with fvcore, which counts one per
 multiply-accumulate (MAC) of every matmul/linear/einsum and ignores
@@ -29,12 +30,13 @@ Timings belong in benchmarks/, never in test assertions.
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from etils import epath
 
 from bistil_jax.data import vocab as vocab_lib
 from bistil_jax.errors import BistilError
@@ -247,26 +249,29 @@ def inference_flops(
 
 
 # ---------------------------------------------------------------- latency
-def cpu_latency(
+def latency(
   model: Model | ModelConfig,
   params: Mapping[str, Any],
   batch_size: int,
   seq_len: int,
   *,
+  device: jax.Device | None = None,
   warmup: int = 2,
   repeats: int = 10,
 ) -> dict[str, Any]:
-  """Wall-clock time of a jitted forward pass on the host CPU.
+  """Wall-clock time of a jitted forward pass on one device.
 
-  Params and inputs are placed on the first CPU device; the pass is
-  compiled once (timed separately as `compile_ms`), run `warmup` times
-  untimed, then `repeats` times, each waited for with `block_until_ready`.
+  Params and inputs are placed on `device` (default: the first device of
+  the default backend); the pass is compiled once (timed separately as
+  `compile_ms`), run `warmup` times untimed, then `repeats` times, each
+  waited for with `block_until_ready`.
 
   Args:
     model: the Model (or its ModelConfig).
     params: its params.
     batch_size: sequences per pass.
     seq_len: tokens per sequence.
+    device: where to run (None: `jax.devices()[0]`).
     warmup: untimed passes first.
     repeats: timed passes.
 
@@ -284,9 +289,9 @@ def cpu_latency(
     raise BistilError(f"warmup must be an integer >= 0, got {warmup!r}")
   if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:
     raise BistilError(f"repeats must be an integer >= 1, got {repeats!r}")
-  cpu = jax.devices("cpu")[0]
-  params = jax.device_put(params, cpu)
-  ids, mask = jax.device_put(_inputs(config, batch_size, seq_len), cpu)
+  device = device if device is not None else jax.devices()[0]
+  params = jax.device_put(params, device)
+  ids, mask = jax.device_put(_inputs(config, batch_size, seq_len), device)
   start = time.perf_counter()
   compiled = jax.jit(_forward(_model(model))).lower(params, ids, mask).compile()
   compile_ms = 1e3 * (time.perf_counter() - start)
@@ -310,5 +315,176 @@ def cpu_latency(
     "warmup": warmup,
     "batch_size": batch_size,
     "seq_len": seq_len,
-    "device": str(cpu),
+    "device": str(device),
   }
+
+
+def cpu_latency(
+  model: Model | ModelConfig,
+  params: Mapping[str, Any],
+  batch_size: int,
+  seq_len: int,
+  *,
+  warmup: int = 2,
+  repeats: int = 10,
+) -> dict[str, Any]:
+  """`latency` on the first host CPU device (the paper's protocol)."""
+  return latency(
+    model,
+    params,
+    batch_size,
+    seq_len,
+    device=jax.devices("cpu")[0],
+    warmup=warmup,
+    repeats=repeats,
+  )
+
+
+# ------------------------------------------------------------- model dirs
+def disk_size(path: str) -> dict[str, int]:
+  """Bytes of the regular files directly in a model (or SFT) dir.
+
+  Returns:
+    {file name: bytes, ..., "total": their sum}.
+
+  Raises:
+    BistilError: the dir does not exist.
+  """
+  root = epath.Path(path)
+  if not root.is_dir():
+    raise BistilError(f"model dir {path} does not exist")
+  out = {p.name: p.stat().length for p in sorted(root.iterdir()) if p.is_file()}
+  out["total"] = sum(out.values())
+  return out
+
+
+def parse_batch_shapes(spec: str) -> list[tuple[int, int]]:
+  """Parses "8x64,1x128" into [(8, 64), (1, 128)] (batch x length).
+
+  Raises:
+    BistilError: a malformed shape.
+  """
+  shapes = []
+  for part in spec.split(","):
+    part = part.strip()
+    if not part:
+      continue
+    b, sep, l = part.lower().partition("x")
+    if not sep or not b.isdigit() or not l.isdigit():
+      raise BistilError(
+        f"batch shape {part!r} is not BATCHxLENGTH (e.g. 8x128)"
+      )
+    shapes.append((int(b), int(l)))
+  if not shapes:
+    raise BistilError(f"no batch shape in {spec!r}")
+  return shapes
+
+
+def measure_dir(
+  model_dir: str,
+  sft_dirs: Sequence[str] = (),
+  *,
+  seq_len: int = 128,
+  batch_shapes: Sequence[tuple[int, int]] = ((8, 128),),
+  warmup: int = 2,
+  repeats: int = 10,
+  with_latency: bool = True,
+  platform: str | None = None,
+) -> dict[str, Any]:
+  """Size, MACs and latency of an HF model dir (plus SFT dirs merged in).
+
+  What `bistil measure` prints, and the size/latency columns of the demo.
+
+  Args:
+    model_dir: an HF model dir.
+    sft_dirs: SFT dirs applied to it (a task SFT brings its head).
+    seq_len: sequence length of the MAC count (per sequence).
+    batch_shapes: (batch, length) shapes to time.
+    warmup: untimed passes before each timing.
+    repeats: timed passes (the median is reported).
+    with_latency: time the shapes (False: sizes and MACs only).
+    platform: time on the first device of this platform ("cpu", "gpu",
+      "tpu"; None: the default device).
+
+  Returns:
+    {"model_dir", "sft", "architecture", "parameters" {"total",
+    "embeddings", "encoder" (layers + pooler), "head"}, "macs_per_sequence"
+    {"seq_len", "analytic" (matmul MACs, fvcore's convention), "xla"
+    (XLA flops / 2)}, "latency" [one `latency(...)` dict per shape] on
+    "device", "disk_bytes" {"model", "sft", "total"}}.
+
+  Raises:
+    BistilError: unreadable dirs or bad shapes.
+  """
+  from bistil_jax.checkpoint import hf  # noqa: PLC0415
+
+  if sft_dirs:
+    from bistil_jax.checkpoint import surgery  # noqa: PLC0415
+
+    model, params = surgery.merged_model(model_dir, list(sft_dirs))
+  else:
+    model, params = hf.load_hf(model_dir)
+  config = model.config
+  counts = count_parameters(params, config)
+  flops = inference_flops(model, params, 1, seq_len, with_compiled=False)
+  try:
+    device = jax.devices(platform)[0] if platform else jax.devices()[0]
+  except RuntimeError as e:
+    raise BistilError(f"no {platform} device here: {e}") from None
+  lat = []
+  if with_latency:
+    for b, l in batch_shapes:
+      lat.append(
+        latency(
+          model, params, b, l, device=device, warmup=warmup, repeats=repeats
+        )
+      )
+  disk_model = disk_size(model_dir)["total"]
+  disk_sft = sum(disk_size(d)["total"] for d in sft_dirs)
+  return {
+    "model_dir": str(model_dir),
+    "sft": [str(d) for d in sft_dirs],
+    "architecture": config.architecture,
+    "parameters": {
+      "total": counts["total"],
+      "embeddings": counts["embeddings"],
+      "encoder": counts["body"],
+      "head": counts["head"],
+    },
+    "macs_per_sequence": {
+      "seq_len": seq_len,
+      "analytic": flops["analytic_macs"],
+      "xla": flops["macs"],
+    },
+    "device": str(device),
+    "latency": lat,
+    "disk_bytes": {
+      "model": disk_model,
+      "sft": disk_sft,
+      "total": disk_model + disk_sft,
+    },
+  }
+
+
+def format_measure(info: Mapping[str, Any]) -> str:
+  """The human-readable form of `measure_dir`'s result."""
+  p = info["parameters"]
+  m = info["macs_per_sequence"]
+  d = info["disk_bytes"]
+  name = info["model_dir"] + "".join(f" + {s}" for s in info["sft"])
+  lines = [
+    f"{name}: {info['architecture']}",
+    f"  parameters {p['total']:,} (embeddings {p['embeddings']:,}, "
+    f"encoder {p['encoder']:,}, head {p['head']:,})",
+    f"  MACs per sequence of {m['seq_len']}: {m['analytic']:,} matmul "
+    f"(XLA {m['xla']:,.0f})",
+    f"  on disk {d['total'] / 1e6:,.2f} MB",
+  ]
+  for t in info["latency"]:
+    lines.append(
+      f"  latency {t['batch_size']}x{t['seq_len']} on {info['device']}: "
+      f"median {t['median_ms']:.2f} ms of {t['repeats']} "
+      f"(p90 {t['p90_ms']:.2f}, {t['sequences_per_s']:,.0f} seq/s; "
+      f"compile {t['compile_ms']:.0f} ms)"
+    )
+  return "\n".join(lines)

@@ -78,5 +78,33 @@ class ReportTest(absltest.TestCase):
       demo.check_report(self.out)
 
 
+class MeasureColumnsTest(absltest.TestCase):
+  def test_size_and_latency_columns_come_from_bistil_measure(self):
+    import jax
+
+    from bistil_jax import measure
+    from bistil_jax.checkpoint import hf
+    from bistil_jax.model import init_params, preset
+
+    with tempfile.TemporaryDirectory() as tmp:
+      model_dir = os.path.join(tmp, "m")
+      cfg = preset("tiny", head="mlm")
+      params = init_params(cfg, jax.random.PRNGKey(0))
+      hf.save_hf(model_dir, cfg, params)
+      budget = demo.Budget(seq_len=16)
+      out = os.path.join(tmp, "m.measure.json")
+      cols = demo._measure(model_dir, None, budget, out)
+      with open(out) as f:
+        info = json.load(f)  # the file `bistil measure --out` wrote
+    self.assertEqual(cols["params"], info["parameters"]["total"])
+    self.assertEqual(
+      cols["params"], measure.count_parameters(params, cfg)["total"]
+    )
+    self.assertEqual(cols["macs"], measure.analytic_macs(cfg, 1, 16)["total"])
+    (lat,) = info["latency"]
+    self.assertEqual((lat["batch_size"], lat["seq_len"]), (8, 16))
+    self.assertEqual(cols["latency_ms"], lat["median_ms"])
+
+
 if __name__ == "__main__":
   absltest.main()

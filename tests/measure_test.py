@@ -217,5 +217,73 @@ class LatencyTest(absltest.TestCase):
       measure.cpu_latency(c, _params(c), 1, 8, repeats=0)
 
 
+class MeasureDirTest(absltest.TestCase):
+  """`measure_dir` (what `bistil measure` prints) on a saved model dir."""
+
+  def setUp(self):
+    super().setUp()
+    import tempfile
+
+    from bistil_jax.checkpoint import hf
+
+    tmp = tempfile.TemporaryDirectory()
+    self.addCleanup(tmp.cleanup)
+    self.dir = tmp.name + "/m"
+    self.config = _tiny(head="mlm")
+    self.params = _params(self.config)
+    hf.save_hf(self.dir, self.config, self.params)
+
+  def test_parts_add_up_and_match_the_functions(self):
+    info = measure.measure_dir(
+      self.dir, seq_len=16, batch_shapes=[(2, 16), (1, 32)], repeats=2
+    )
+    counts = measure.count_parameters(self.params, self.config)
+    p = info["parameters"]
+    self.assertEqual(p["total"], counts["total"])
+    self.assertEqual(p["encoder"], counts["body"])
+    self.assertEqual(p["embeddings"] + p["encoder"] + p["head"], p["total"])
+    self.assertEqual(
+      info["macs_per_sequence"]["analytic"],
+      measure.analytic_macs(self.config, 1, 16)["total"],
+    )
+    shapes = [(t["batch_size"], t["seq_len"]) for t in info["latency"]]
+    self.assertEqual(shapes, [(2, 16), (1, 32)])
+    self.assertEqual(info["latency"][0]["device"], info["device"])
+    sizes = measure.disk_size(self.dir)
+    self.assertEqual(info["disk_bytes"]["total"], sizes["total"])
+    self.assertEqual(
+      sizes["total"], sum(v for k, v in sizes.items() if k != "total")
+    )
+    self.assertIn("model.safetensors", sizes)
+    text = measure.format_measure(info)
+    self.assertIn(f"parameters {p['total']:,}", text)
+    self.assertIn("latency 1x32", text)
+
+  def test_without_latency(self):
+    info = measure.measure_dir(self.dir, seq_len=8, with_latency=False)
+    self.assertEqual(info["latency"], [])
+
+  def test_on_the_cpu_platform(self):
+    info = measure.measure_dir(
+      self.dir, seq_len=8, batch_shapes=[(1, 8)], repeats=1, platform="cpu"
+    )
+    self.assertEqual(info["device"], str(jax.devices("cpu")[0]))
+    self.assertEqual(info["latency"][0]["device"], info["device"])
+
+  def test_bad_input(self):
+    with self.assertRaisesRegex(BistilError, "does not exist"):
+      measure.disk_size(self.dir + "/nope")
+    with self.assertRaisesRegex(BistilError, "no nosuch device"):
+      measure.measure_dir(self.dir, seq_len=8, platform="nosuch")
+    with self.assertRaisesRegex(BistilError, "exceeds"):
+      measure.measure_dir(self.dir, seq_len=10_000, with_latency=False)
+    self.assertEqual(
+      measure.parse_batch_shapes("8x64, 1X128"), [(8, 64), (1, 128)]
+    )
+    for bad in ("8", "x64", "8x", ""):
+      with self.assertRaises(BistilError):
+        measure.parse_batch_shapes(bad)
+
+
 if __name__ == "__main__":
   absltest.main()

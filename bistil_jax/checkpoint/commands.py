@@ -41,7 +41,7 @@ def inspect_dir(path: str) -> dict[str, Any]:
   """Architecture, parameter counts by group, vocab size and stored dtype."""
   model, params = hf.load_hf(path)
   cfg = model.config
-  raw, fmt = hf.read_weights(path)
+  raw, _ = hf.read_weights(path)
   dtypes = sorted({str(np.asarray(v).dtype) for v in raw.values()})
   groups = parameter_groups(hf.params_to_hf(params, cfg, "torch"))
   layers = sum(v for k, v in groups.items() if k.startswith("encoder."))
@@ -50,7 +50,7 @@ def inspect_dir(path: str) -> dict[str, Any]:
     "path": path,
     "architecture": cfg.architecture,
     "model_type": cfg.model_type,
-    "weights_format": fmt,
+    "weights_format": hf.weights_format(path),
     "stored_dtypes": dtypes,
     "vocab_size": cfg.vocab_size,
     "hidden_size": cfg.hidden_size,

@@ -447,6 +447,25 @@ def read_weights(path: str) -> tuple[dict[str, np.ndarray], str]:
   )
 
 
+def weights_format(path: str) -> str:
+  """The weights file `read_weights` reads in an HF dir, named as it is.
+
+  "safetensors" (model.safetensors or a sharded index), "pytorch" (a
+  torch-pickled pytorch_model.bin) or "flax" (flax_model.msgpack); the
+  format that `read_weights` returns names the parameter naming instead
+  (PyTorch "torch" names are used by both safetensors and .bin files).
+  """
+  for name, fmt in (
+    (SAFETENSORS, "safetensors"),
+    (SAFETENSORS_INDEX, "safetensors"),
+    (TORCH_BIN, "pytorch"),
+    (FLAX_MSGPACK, "flax"),
+  ):
+    if os.path.isfile(os.path.join(path, name)):
+      return fmt
+  raise BistilError(f"no weights in {path}")
+
+
 def _has_pooler(state: dict[str, Any], fmt: str) -> bool:
   sep = "." if fmt == "torch" else "/"
   return any(
@@ -504,7 +523,7 @@ def load_hf(
     "loaded %s from %s (%s weights, vocab %d)",
     config.architecture,
     path,
-    fmt,
+    weights_format(path),
     config.vocab_size,
   )
   return Model(config), params
@@ -565,6 +584,7 @@ def save_hf(
   tokenizer_dir: str | None = None,
   overwrite: bool = False,
   write_flax: bool = True,
+  log_as: str | None = None,
 ) -> None:
   """Writes an HF model dir: config.json, model.safetensors, flax msgpack.
 
@@ -578,6 +598,8 @@ def save_hf(
     tokenizer_dir: dir whose tokenizer files are copied in.
     overwrite: replace an existing non-empty dir.
     write_flax: also write flax_model.msgpack with HF-Flax names.
+    log_as: the path the log line names, for a caller that writes `path`
+      inside its own staging dir and moves it to this final path.
   """
   from safetensors.numpy import save_file
 
@@ -604,7 +626,7 @@ def save_hf(
   except BaseException:
     shutil.rmtree(tmp, ignore_errors=True)
     raise
-  log.info("wrote %s (%s) to %s", config.architecture, "safetensors", path)
+  log.info("wrote %s (safetensors) to %s", config.architecture, log_as or path)
 
 
 def _to_numpy(params):

@@ -272,22 +272,32 @@ def unk_token_id(tokenizer: Tokenizer) -> int | None:
 
 
 class _Progress:
-  """A one-line progress report on stderr, refreshed about once a second."""
+  """A progress report on stderr while counting.
+
+  On a terminal one line refreshed in place about once a second; otherwise
+  (logs, pipes) a whole line about every 10 seconds, since carriage
+  returns would run the lines together in a file.
+  """
 
   def __init__(self, desc: str, enabled: bool):
     self.desc, self.enabled = desc, enabled
     self.start = self.last = time.monotonic()
+    self.tty = bool(getattr(sys.stderr, "isatty", lambda: False)())
+    self.every = 1.0 if self.tty else 10.0
 
   def update(self, lines: int, tokens: int, final: bool = False) -> None:
     now = time.monotonic()
-    if not self.enabled or (not final and now - self.last < 1.0):
+    if not self.enabled or (not final and now - self.last < self.every):
       return
     self.last = now
     rate = tokens / max(now - self.start, 1e-9)
-    sys.stderr.write(
-      f"\r{self.desc}: {lines:,} lines, {tokens:,} tokens, "
-      f"{rate:,.0f} tokens/s" + ("\n" if final else "")
+    text = (
+      f"{self.desc}: {lines:,} lines, {tokens:,} tokens, {rate:,.0f} tokens/s"
     )
+    if self.tty:
+      sys.stderr.write("\r" + text + ("\n" if final else ""))
+    else:
+      sys.stderr.write(text + "\n")
     sys.stderr.flush()
 
 
@@ -1177,7 +1187,9 @@ def trim_model_dir(
     tok_info = write_trimmed_tokenizer(model_dir, tok_dir, keep)
     new_params, new_config = slice_vocab_params(params, config, keep)
     new_dir = os.path.join(staging, "out")
-    hf.save_hf(new_dir, new_config, new_params, tokenizer_dir=tok_dir)
+    hf.save_hf(
+      new_dir, new_config, new_params, tokenizer_dir=tok_dir, log_as=out_dir
+    )
     write_vocab_map(os.path.join(new_dir, VOCAB_MAP), keep)
     report = {
       "model_dir": model_dir,

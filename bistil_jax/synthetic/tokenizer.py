@@ -60,6 +60,7 @@ SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")  # ids 0..4
 SUBWORD_PREFIX = "##"
 DEFAULT_VOCAB_SIZE = 4000  # sub-words on the synthetic family (see below)
 DEFAULT_MAX_LENGTH = 512
+INIT_RECORD = "bistil_init.json"  # written by `bistil init` (init_model_dir)
 # First private-use code point standing for a non-initial character while
 # training (supplementary private use area A, 65534 code points).
 _PUA_START = 0xF0000
@@ -423,6 +424,7 @@ def init_model_dir(
   seed: int = 0,
   *,
   overwrite: bool = False,
+  record: Mapping[str, Any] | None = None,
 ) -> ModelConfig:
   """Writes a randomly initialised MLM model for a tokenizer as an HF dir.
 
@@ -438,6 +440,8 @@ def init_model_dir(
     config: the `ModelConfig` to start from (e.g. `preset("tiny")`).
     seed: the init seed.
     overwrite: replace a non-empty `out_dir`.
+    record: if given, also written (as JSON) to `INIT_RECORD` in the dir,
+      in the same atomic move: how `bistil init` marks the dirs it owns.
 
   Returns:
     The `ModelConfig` that was saved.
@@ -482,7 +486,17 @@ def init_model_dir(
       if not isinstance(longest, int) or longest > config.max_length:
         tok_config["model_max_length"] = config.max_length
         _write_json(path, tok_config)
-    hf.save_hf(out_dir, config, params, tokenizer_dir=tmp, overwrite=overwrite)
+
+    def write(staging: str) -> None:
+      # save_hf replaces the (empty) staging dir; the log names out_dir.
+      hf.save_hf(
+        staging, config, params, tokenizer_dir=tmp, overwrite=True,
+        log_as=out_dir,
+      )  # fmt: skip
+      if record is not None:
+        _write_json(os.path.join(staging, INIT_RECORD), dict(record))
+
+    _commit(out_dir, overwrite, write)
   log.info(
     "initialised %s (vocab %d, seed %d) in %s",
     config.architecture,

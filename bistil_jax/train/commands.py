@@ -38,7 +38,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
       "Phase 1: trains a student with fewer layers against the "
       "teacher on source and target corpora; resumes from --workdir; "
       "exports an HF model dir to WORKDIR/export. Override any config field "
-      "with --config.a.b=VALUE."
+      "with --config.a.b=VALUE (see docs/configs.md)."
     ),
   )
   add_config_args(p, "configs/distil.py:tiny")

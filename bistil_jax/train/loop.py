@@ -175,15 +175,15 @@ def format_progress(
 class LoopSettings:
   """Cadences of one run of the loop (all in steps)."""
 
-  num_steps: int  # stop after this many steps in total
+  num_steps: int  # stop after this many steps in total (0: none, export init)
   log_every: int = 50
   eval_every: int = 0  # 0: evaluate only at the end
   prefix: str = "train"  # metric namespace, e.g. "train", "sft_dense"
   step_offset: int = 0  # added to steps in metrics (multi-stage phases)
 
   def __post_init__(self):
-    if self.num_steps < 1:
-      raise BistilError(f"num_steps must be >= 1, got {self.num_steps}")
+    if self.num_steps < 0:
+      raise BistilError(f"num_steps must be >= 0, got {self.num_steps}")
     if self.log_every < 1:
       raise BistilError(f"log_every must be >= 1, got {self.log_every}")
     if self.eval_every < 0:
