@@ -76,20 +76,14 @@ def path(p: PathLike) -> epath.Path:
     result = epath.Path(s)
     _check_remote(result)
     return result
-  scheme = s.split(":", 1)[0]
-  if (
-    ":/" in s
-    and scheme.isalnum()
-    and len(scheme) > 1
-    and not s.startswith(f"{scheme}://")
-  ):
+  if s.startswith(tuple(x.replace("://", ":/") for x in _REMOTE_PREFIXES)):
     # NOTE: `os.path.normpath("gs://b/x")` is "gs:/b/x"; treating that as a
     # local path would create a directory named `gs:` in the working dir.
+    raise BistilError(f"{s}: looks like a URL that lost a slash (gs://...)")
+  if "://" in s:
     raise BistilError(
-      f"{s}: looks like a URL that lost a slash; write {scheme}://..."
+      f"{s}: unsupported URL; use a local path or gs://, s3://, az://"
     )
-  if s.startswith(tuple(f"{x}://" for x in ("hf", "http", "https"))):
-    raise BistilError(f"{s}: only local paths and gs://, s3://, az:// URLs")
   return epath.Path(os.path.expanduser(s))
 
 
@@ -220,7 +214,9 @@ def open_text(p: PathLike, encoding: str = "utf-8") -> IO[str]:
 def rmtree(p: PathLike, missing_ok: bool = True) -> None:
   """Removes a file or a directory tree."""
   p = path(p)
-  if p.is_dir():
+  if not is_remote(p) and os.path.islink(p):
+    os.unlink(p)  # the link, never what it points to
+  elif p.is_dir():
     p.rmtree(missing_ok=missing_ok)
   elif p.exists():
     p.unlink(missing_ok=missing_ok)
@@ -247,12 +243,11 @@ def glob(pattern: PathLike) -> list[epath.Path]:
   """The paths matching a glob (`*`, `?`, `[...]`; no `**`), sorted."""
   s = os.fspath(pattern)
   parts = s.split("/")
-  for i, part in enumerate(parts):
-    if any(c in part for c in "*?["):
-      break
-  else:
+  magic = [i for i, part in enumerate(parts) if any(c in part for c in "*?[")]
+  if not magic:
     p = path(s)
     return [p] if p.exists() else []
+  i = magic[0]
   base = "/".join(parts[:i]) or ("/" if s.startswith("/") else ".")
   if is_remote(s) and i <= 2:
     raise BistilError(f"{s}: a pattern needs a bucket name before it")
