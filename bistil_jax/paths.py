@@ -106,8 +106,13 @@ def _probe(bucket: str) -> None:
     # Without network the first request is retried for ~50 s; a failed name
     # lookup says the same at once.
     socket.getaddrinfo("storage.googleapis.com", 443)
-  if not epath.Path(bucket).exists():
-    raise FileNotFoundError(f"bucket {bucket} does not exist")
+  # NOTE: not `exists()`: gcsfs turns every error into False there. `stat`
+  # of a bucket falls back to a listing when the caller may read objects
+  # but not the bucket's metadata.
+  try:
+    epath.Path(bucket).stat()
+  except FileNotFoundError:
+    raise FileNotFoundError(f"bucket {bucket} not found") from None
 
 
 def _check_remote(p: epath.Path) -> None:

@@ -124,9 +124,8 @@ def register_evaluate(subparsers: argparse._SubParsersAction) -> None:
 
 def run_evaluate(args: argparse.Namespace) -> int:
   import json
-  import os
 
-  from bistil_jax import metrics
+  from bistil_jax import metrics, paths
   from bistil_jax.data import tasks, vocab
   from bistil_jax.errors import BistilError
   from bistil_jax.train import task as task_lib
@@ -157,11 +156,6 @@ def run_evaluate(args: argparse.Namespace) -> int:
     n = m.get("num_examples", m.get("num_tokens", m.get("num_gold", "")))
     print(f"{name:<24} {m[head]:>10.4f} {n!s:>9}")
   if args.out:
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out, "w") as f:
-      json.dump(
-        {"model": args.model, "sfts": args.sft, "task": args.task, **results},
-        f,
-        indent=2,
-      )
+    out = {"model": args.model, "sfts": args.sft, "task": args.task, **results}
+    paths.write_text(args.out, json.dumps(out, indent=2))
   return 0
