@@ -195,3 +195,31 @@ def test_no_os_file_calls_in_converted_modules():
           if (rel, m.group(0)) not in ALLOWED:
             bad.append(f"{rel}:{n}: {line.strip()}")
   assert not bad, "\n".join(bad)
+
+
+def test_exports_get_umask_permissions(tmp_path):
+  """HF and SFT dirs are 0755/0644 under umask 022 (issue 11), not 0700."""
+  import jax
+  import numpy as np
+
+  from bistil_jax import sparse
+  from bistil_jax.checkpoint import hf
+  from bistil_jax.model import init_params, preset
+
+  cfg = preset("tiny", head="token_classification", num_labels=3)
+  params = init_params(cfg, jax.random.PRNGKey(0))
+  moved = jax.tree.map(lambda x: np.asarray(x) + 0.5, params)
+  old = os.umask(0o022)
+  try:
+    hf.save_hf(tmp_path / "model", cfg, params)
+    sparse.save_sft(
+      tmp_path / "sft",
+      sparse.sft_from_params(moved, params, kind="task", config=cfg),
+    )
+  finally:
+    os.umask(old)
+  for d in ("model", "sft"):
+    assert stat.S_IMODE(os.stat(tmp_path / d).st_mode) == 0o755, d
+    for f in os.listdir(tmp_path / d):
+      mode = stat.S_IMODE(os.stat(tmp_path / d / f).st_mode)
+      assert mode == 0o644, (d, f, oct(mode))
