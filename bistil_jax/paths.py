@@ -152,6 +152,8 @@ def _check_remote(p: epath.Path) -> None:
 
 def _explain(p: epath.Path, err: BaseException) -> str:
   first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+  if isinstance(err, ImportError):  # e.g. s3:// without s3fs installed
+    return f"{p}: this filesystem needs a package that is missing: {first}"
   return (
     f"{p}: cannot reach {_bucket(p)} ({type(err).__name__}: {first[:200]}); "
     "check the network and the credentials (gcloud auth "
