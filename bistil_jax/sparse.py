@@ -25,7 +25,6 @@ import json
 import logging
 import math
 import os
-import shutil
 from collections.abc import Sequence
 from typing import Any
 
@@ -34,6 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding
 
+from bistil_jax import paths
 from bistil_jax.errors import BistilError
 
 log = logging.getLogger(__name__)
@@ -643,9 +643,9 @@ def save_sft(path: str, sft: SFT, overwrite: bool = False) -> None:
   The dir is written as a temp sibling and renamed into place; a non-empty
   existing dir is refused unless `overwrite`.
   """
-  from safetensors.numpy import save_file
+  from safetensors.numpy import save
 
-  from bistil_jax.checkpoint.hf import check_out_dir, commit_dir, staging_dir
+  from bistil_jax.checkpoint.hf import check_out_dir
 
   check_out_dir(path, overwrite)
   tensors = {}
@@ -661,17 +661,11 @@ def save_sft(path: str, sft: SFT, overwrite: bool = False) -> None:
     text = json.dumps(meta, indent=2, sort_keys=True)
   except (TypeError, ValueError) as e:
     raise BistilError(f"SFT metadata is not JSON-serialisable: {e}") from None
-  tmp = staging_dir(path)
-  try:
-    save_file(
-      tensors, os.path.join(tmp, SFT_WEIGHTS), metadata={"format": FORMAT}
+  with paths.atomic_dir(path) as tmp:
+    paths.write_bytes(
+      tmp / SFT_WEIGHTS, save(tensors, metadata={"format": FORMAT})
     )
-    with open(os.path.join(tmp, SFT_META), "w") as f:
-      f.write(text)
-    commit_dir(tmp, path)
-  except BaseException:
-    shutil.rmtree(tmp, ignore_errors=True)
-    raise
+    paths.write_text(tmp / SFT_META, text)
   log.info("wrote SFT (%d diff entries) to %s", sft.nnz, path)
 
 
@@ -691,26 +685,26 @@ def load_sft(
   Raises:
     BistilError: missing or corrupt files, unknown names, bad indices.
   """
-  if os.path.isfile(path):
-    if os.path.basename(path) == COMPOSABLE_FILE:
+  p = paths.path(path)
+  if p.is_file():
+    if p.name == COMPOSABLE_FILE:
       return _load_composable(path, config, keep_ids)
-    if os.path.basename(path) in (SFT_WEIGHTS, SFT_META):
-      path = os.path.dirname(path) or "."
+    if p.name in (SFT_WEIGHTS, SFT_META):
+      p = p.parent
+      path = os.fspath(p)
     else:
       raise BistilError(
         f"{path} is not an SFT: expected a dir with {SFT_WEIGHTS} or a "
         f"{COMPOSABLE_FILE} file"
       )
-  if not os.path.isdir(path):
+  if not p.is_dir():
     raise BistilError(f"SFT path {path} does not exist")
-  if os.path.isfile(os.path.join(path, SFT_WEIGHTS)):
+  if (p / SFT_WEIGHTS).is_file():
     if keep_ids is not None:
       raise BistilError("keep_ids applies to composable-sft files only")
     return _load_ours(path)
-  if os.path.isfile(os.path.join(path, COMPOSABLE_FILE)):
-    return _load_composable(
-      os.path.join(path, COMPOSABLE_FILE), config, keep_ids
-    )
+  if (p / COMPOSABLE_FILE).is_file():
+    return _load_composable(os.fspath(p / COMPOSABLE_FILE), config, keep_ids)
   raise BistilError(
     f"no SFT in {path}: expected {SFT_WEIGHTS} or {COMPOSABLE_FILE}"
   )
@@ -719,7 +713,7 @@ def load_sft(
 def _load_ours(path: str) -> SFT:
   from bistil_jax.checkpoint.hf import _read_json, _read_safetensors
 
-  meta = _read_json(os.path.join(path, SFT_META))
+  meta = _read_json(paths.path(path) / SFT_META)
   if not isinstance(meta, dict) or meta.get("format") != FORMAT:
     raise BistilError(f"{path}/{SFT_META} is not a {FORMAT} sidecar")
   if meta.get("version", 0) > FORMAT_VERSION:
@@ -727,7 +721,7 @@ def _load_ours(path: str) -> SFT:
       f"{path} has SFT format version {meta['version']}; this code reads "
       f"<= {FORMAT_VERSION}"
     )
-  tensors = _read_safetensors(os.path.join(path, SFT_WEIGHTS))
+  tensors = _read_safetensors(paths.path(path) / SFT_WEIGHTS)
   parts: dict[str, dict[str, np.ndarray]] = {}
   for key, x in tensors.items():
     stem, _, suffix = key.rpartition(".")
@@ -868,7 +862,8 @@ def _load_composable(file: str, config: Any, keep_ids: Any) -> SFT:
     inverse = np.full(int(keep_ids.max()) + 1, -1, np.int64)
     inverse[keep_ids] = np.arange(keep_ids.size)
 
-  raw = _torch_load(file)
+  with paths.local_copy(file) as local:  # torch wants a local file
+    raw = _torch_load(local)
   if not isinstance(raw, dict):
     raise BistilError(f"{file}: expected a dict, got {type(raw).__name__}")
   if "diffs" in raw or "abs" in raw:
@@ -978,7 +973,7 @@ def _load_composable(file: str, config: Any, keep_ids: Any) -> SFT:
     "format": FORMAT,
     "version": FORMAT_VERSION,
     "kind": "composable-sft",
-    "source": os.path.abspath(file),
+    "source": os.fspath(paths.path(file).resolve()),
     "base_fingerprint": None,
     "vocab_size": config.vocab_size,
     "nnz": sum(int(i.size) for i, _ in diffs.values()),

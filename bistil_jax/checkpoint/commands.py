@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 from collections import defaultdict
 from typing import Any
 
 import numpy as np
 
+from bistil_jax import paths
 from bistil_jax.checkpoint import hf
 from bistil_jax.errors import BistilError
 
@@ -70,7 +70,7 @@ def inspect_dir(path: str) -> dict[str, Any]:
       "groups": groups,
     },
     "tokenizer_files": [
-      n for n in hf.TOKENIZER_FILES if os.path.isfile(os.path.join(path, n))
+      n for n in hf.TOKENIZER_FILES if (paths.path(path) / n).is_file()
     ],
   }
 
@@ -129,9 +129,7 @@ def _run_export(args: argparse.Namespace) -> int:
     model, params = hf.load_hf(args.model)
     tok_dir = args.model
   tok = args.tokenizer or tok_dir
-  has_tok = any(
-    os.path.isfile(os.path.join(tok, n)) for n in hf.TOKENIZER_FILES
-  )
+  has_tok = any((paths.path(tok) / n).is_file() for n in hf.TOKENIZER_FILES)
   if args.tokenizer and not has_tok:
     raise BistilError(f"no tokenizer files in {args.tokenizer}")
   hf.save_hf(

@@ -17,10 +17,7 @@ import dataclasses
 import functools
 import json
 import logging
-import os
 import re
-import shutil
-import tempfile
 from typing import Any
 
 import flax.serialization
@@ -28,6 +25,7 @@ import jax
 import numpy as np
 from flax.traverse_util import flatten_dict, unflatten_dict
 
+from bistil_jax import paths
 from bistil_jax.errors import BistilError
 from bistil_jax.model.config import ModelConfig
 from bistil_jax.model.encoder import Model, abstract_params
@@ -371,22 +369,23 @@ def params_to_hf(
 
 
 # --------------------------------------------------------------------- files
-def _read_json(path: str) -> dict[str, Any]:
+def _read_json(path: paths.PathLike) -> dict[str, Any]:
   try:
-    with open(path) as f:
-      return json.load(f)
+    return json.loads(paths.path(path).read_bytes())
   except FileNotFoundError:
     raise BistilError(f"missing {path}") from None
-  except (OSError, json.JSONDecodeError) as e:
+  except (OSError, ValueError) as e:
     raise BistilError(f"cannot read {path}: {e}") from None
 
 
-def _read_safetensors(path: str) -> dict[str, np.ndarray]:
+def _read_safetensors(path: paths.PathLike) -> dict[str, np.ndarray]:
   from safetensors import SafetensorError
   from safetensors.numpy import load_file
 
   try:
-    return load_file(path)
+    # A local file is memory-mapped as it is; a remote one is downloaded.
+    with paths.local_copy(path) as local:
+      return load_file(local)
   except (SafetensorError, OSError, ValueError) as e:
     raise BistilError(f"corrupt or unreadable {path}: {e}") from None
 
@@ -411,36 +410,38 @@ def _read_torch_bin(path: str) -> dict[str, np.ndarray]:
   return out
 
 
-def _read_flax_msgpack(path: str) -> dict[str, np.ndarray]:
+def _read_flax_msgpack(path: paths.PathLike) -> dict[str, np.ndarray]:
   try:
-    with open(path, "rb") as f:
-      tree = flax.serialization.msgpack_restore(f.read())
+    tree = flax.serialization.msgpack_restore(paths.path(path).read_bytes())
   except Exception as e:  # msgpack raises several unrelated types
     raise BistilError(f"corrupt or unreadable {path}: {e}") from None
   return {"/".join(k): np.asarray(v) for k, v in flatten_dict(tree).items()}
 
 
-def read_weights(path: str) -> tuple[dict[str, np.ndarray], str]:
+def read_weights(path: paths.PathLike) -> tuple[dict[str, np.ndarray], str]:
   """Reads the weights of an HF dir: (flat state, "torch" | "flax").
 
   Preference order as in transformers: safetensors (single or sharded),
   pytorch_model.bin, flax_model.msgpack.
   """
-  if os.path.isfile(os.path.join(path, SAFETENSORS)):
-    return _read_safetensors(os.path.join(path, SAFETENSORS)), "torch"
-  index = os.path.join(path, SAFETENSORS_INDEX)
-  if os.path.isfile(index):
+  d = paths.path(path)
+  if (d / SAFETENSORS).is_file():
+    return _read_safetensors(d / SAFETENSORS), "torch"
+  index = d / SAFETENSORS_INDEX
+  if index.is_file():
     shards = sorted(set(_read_json(index).get("weight_map", {}).values()))
     if not shards:
       raise BistilError(f"{index} has an empty weight_map")
     state = {}
     for shard in shards:
-      state.update(_read_safetensors(os.path.join(path, shard)))
+      state.update(_read_safetensors(d / shard))
     return state, "torch"
-  if os.path.isfile(os.path.join(path, TORCH_BIN)):
-    return _read_torch_bin(os.path.join(path, TORCH_BIN)), "torch"
-  if os.path.isfile(os.path.join(path, FLAX_MSGPACK)):
-    return _read_flax_msgpack(os.path.join(path, FLAX_MSGPACK)), "flax"
+  if (d / TORCH_BIN).is_file():
+    # torch.load wants a local file (and reports errors with its name).
+    with paths.local_copy(d / TORCH_BIN) as local:
+      return _read_torch_bin(local), "torch"
+  if (d / FLAX_MSGPACK).is_file():
+    return _read_flax_msgpack(d / FLAX_MSGPACK), "flax"
   raise BistilError(
     f"no weights in {path}: expected {SAFETENSORS}, {TORCH_BIN} or "
     f"{FLAX_MSGPACK}"
@@ -461,7 +462,7 @@ def weights_format(path: str) -> str:
     (TORCH_BIN, "pytorch"),
     (FLAX_MSGPACK, "flax"),
   ):
-    if os.path.isfile(os.path.join(path, name)):
+    if (paths.path(path) / name).is_file():
       return fmt
   raise BistilError(f"no weights in {path}")
 
@@ -505,9 +506,9 @@ def load_hf(
   Raises:
     BistilError: missing files, unknown architecture, mismatched keys/shapes.
   """
-  if not os.path.isdir(path):
+  if not paths.path(path).is_dir():
     raise BistilError(f"model dir {path} does not exist")
-  hf = _read_json(os.path.join(path, CONFIG))
+  hf = _read_json(paths.path(path) / CONFIG)
   state, fmt = read_weights(path)
   kw = {
     "add_pooler": _has_pooler(state, fmt),
@@ -529,104 +530,88 @@ def load_hf(
   return Model(config), params
 
 
-def check_out_dir(path: str, overwrite: bool) -> None:
+def check_out_dir(path: paths.PathLike, overwrite: bool) -> None:
   """Refuses an output path that is a file, or a non-empty dir unless
   `overwrite` (every writer of an output dir calls this first)."""
-  if os.path.exists(path) and not os.path.isdir(path):
+  p = paths.path(path)
+  if p.exists() and not p.is_dir():
     raise BistilError(f"{path} exists and is not a directory")
-  if os.path.isdir(path) and os.listdir(path) and not overwrite:
+  if p.is_dir() and any(p.iterdir()) and not overwrite:
     raise BistilError(
       f"output dir {path} exists and is not empty (use --overwrite to replace it)"
     )
 
 
-def commit_dir(tmp: str, path: str) -> None:
-  """Moves a fully written temp dir to `path`, replacing it atomically-ish.
-
-  The old dir is moved aside first and deleted only after the rename, so an
-  interruption leaves either the old or the new output, never a mix.
-  """
-  old = None
-  if os.path.exists(path):
-    old = tempfile.mkdtemp(
-      prefix=".old-", dir=os.path.dirname(os.path.abspath(path))
-    )
-    os.rmdir(old)
-    os.rename(path, old)
-  os.rename(tmp, path)
-  if old:
-    shutil.rmtree(old, ignore_errors=True)
-
-
-def staging_dir(path: str) -> str:
-  """A fresh temp dir beside `path` (same filesystem, so rename works)."""
-  parent = os.path.dirname(os.path.abspath(path))
-  os.makedirs(parent, exist_ok=True)
-  return tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.tmp-", dir=parent)
-
-
-def copy_tokenizer(src: str, dst: str) -> list[str]:
+def copy_tokenizer(src: paths.PathLike, dst: paths.PathLike) -> list[str]:
   """Copies the tokenizer files found in src; returns their names."""
-  if not os.path.isdir(src):
+  s = paths.path(src)
+  if not s.is_dir():
     raise BistilError(f"tokenizer dir {src} does not exist")
-  names = [n for n in TOKENIZER_FILES if os.path.isfile(os.path.join(src, n))]
+  names = [n for n in TOKENIZER_FILES if (s / n).is_file()]
   if not names:
     raise BistilError(f"no tokenizer files in {src}")
   for n in names:
-    shutil.copyfile(os.path.join(src, n), os.path.join(dst, n))
+    paths.copy_file(s / n, paths.path(dst) / n)
   return names
 
 
 def save_hf(
-  path: str,
+  path: paths.PathLike,
   model: Model | ModelConfig,
   params: dict[str, Any],
-  tokenizer_dir: str | None = None,
+  tokenizer_dir: paths.PathLike | None = None,
   overwrite: bool = False,
   write_flax: bool = True,
-  log_as: str | None = None,
 ) -> None:
   """Writes an HF model dir: config.json, model.safetensors, flax msgpack.
 
-  The dir is written in a temp sibling and renamed at the end; an existing
-  non-empty dir is refused unless `overwrite`.
+  The dir is written in a temp sibling and moved into place at the end
+  (`paths.atomic_dir`); an existing non-empty dir is refused unless
+  `overwrite`.
 
   Args:
-    path: output dir.
+    path: output dir (local or a URL).
     model: the Model (or its ModelConfig).
     params: our nested params (numpy or fully addressable jax arrays).
     tokenizer_dir: dir whose tokenizer files are copied in.
     overwrite: replace an existing non-empty dir.
     write_flax: also write flax_model.msgpack with HF-Flax names.
-    log_as: the path the log line names, for a caller that writes `path`
-      inside its own staging dir and moves it to this final path.
   """
-  from safetensors.numpy import save_file
+  check_out_dir(path, overwrite)
+  with paths.atomic_dir(path) as tmp:
+    write_hf(tmp, model, params, tokenizer_dir, write_flax)
+  config = model.config if isinstance(model, Model) else model
+  log.info("wrote %s (safetensors) to %s", config.architecture, path)
+
+
+def write_hf(
+  out: paths.PathLike,
+  model: Model | ModelConfig,
+  params: dict[str, Any],
+  tokenizer_dir: paths.PathLike | None = None,
+  write_flax: bool = True,
+) -> None:
+  """Writes the files of an HF model dir into `out` (see `save_hf`)."""
+  from safetensors.numpy import save
 
   config = model.config if isinstance(model, Model) else model
-  check_out_dir(path, overwrite)
   params = _to_numpy(params)
-  tmp = staging_dir(path)
-  try:
-    with open(os.path.join(tmp, CONFIG), "w") as f:
-      json.dump(config.to_hf_dict(), f, indent=2, sort_keys=True)
-    save_file(
-      params_to_hf(params, config, "torch"),
-      os.path.join(tmp, SAFETENSORS),
-      metadata={"format": "pt"},
+  tmp = paths.path(out)
+  paths.write_text(
+    tmp / CONFIG, json.dumps(config.to_hf_dict(), indent=2, sort_keys=True)
+  )
+  paths.write_bytes(
+    tmp / SAFETENSORS,
+    save(params_to_hf(params, config, "torch"), metadata={"format": "pt"}),
+  )
+  if write_flax:
+    flat = params_to_hf(params, config, "flax")
+    tree = unflatten_dict({tuple(k.split("/")): v for k, v in flat.items()})
+    paths.write_bytes(
+      tmp / FLAX_MSGPACK, flax.serialization.msgpack_serialize(tree)
     )
-    if write_flax:
-      flat = params_to_hf(params, config, "flax")
-      tree = unflatten_dict({tuple(k.split("/")): v for k, v in flat.items()})
-      with open(os.path.join(tmp, FLAX_MSGPACK), "wb") as f:
-        f.write(flax.serialization.msgpack_serialize(tree))
-    if tokenizer_dir is not None:
-      copy_tokenizer(tokenizer_dir, tmp)
-    commit_dir(tmp, path)
-  except BaseException:
-    shutil.rmtree(tmp, ignore_errors=True)
-    raise
-  log.info("wrote %s (safetensors) to %s", config.architecture, log_as or path)
+  if tokenizer_dir is not None:
+    copy_tokenizer(tokenizer_dir, tmp)
 
 
 def _to_numpy(params):

@@ -12,9 +12,8 @@ from typing import Any
 
 import jax
 import numpy as np
-from etils import epath
 
-from bistil_jax import sparse
+from bistil_jax import paths, sparse
 from bistil_jax.checkpoint import hf
 from bistil_jax.data import tasks, vocab
 from bistil_jax.errors import BistilError
@@ -32,11 +31,7 @@ LANGS = ("source", "target")
 
 def split_list(spec: str) -> list[str]:
   """ "a,b," -> ["a", "b"] (empty items dropped, "~" expanded)."""
-  return [
-    str(epath.Path(x.strip()).expanduser())
-    for x in spec.split(",")
-    if x.strip()
-  ]
+  return [str(paths.path(x.strip())) for x in spec.split(",") if x.strip()]
 
 
 def language_sfts(spec: str) -> tuple[list[str], list[str]]:
@@ -163,16 +158,16 @@ def language_teachers(
   if not any(sft_paths):
     return [base, base]
   keep_ids = None
-  vmap = epath.Path(teacher_dir) / vocab.VOCAB_MAP
+  vmap = paths.path(teacher_dir) / vocab.VOCAB_MAP
   if vmap.is_file():
     keep_ids = vocab.keep_ids_from_vocab_map(vocab.read_vocab_map(str(vmap)))
   out = []
-  for lang, paths in zip(LANGS, sft_paths, strict=True):
-    if out and list(paths) == list(sft_paths[0]):
+  for lang, dirs in zip(LANGS, sft_paths, strict=True):
+    if out and list(dirs) == list(sft_paths[0]):
       out.append(out[0])
       continue
     params = base
-    for path in paths:
+    for path in dirs:
       sft = sparse.load_sft(path, config=tcfg, keep_ids=keep_ids)
       params = sparse.apply_sft(params, sft, with_dense=False)
       log.info("%s teacher: + SFT %s", lang, path)

@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import csv
 import dataclasses
-import glob
 import json
 import os
 import re
@@ -48,6 +47,7 @@ from typing import Any
 import numpy as np
 from tokenizers import Tokenizer
 
+from bistil_jax import paths
 from bistil_jax.data import corpus, tokenize, vocab
 from bistil_jax.data.mlm import IGNORE_LABEL
 from bistil_jax.errors import BistilError
@@ -170,13 +170,18 @@ def task_spec(task: str) -> TaskSpec:
 def _open(path: str, what: str):
   """Opens a UTF-8 text file (BOM tolerated), failing with one line."""
   try:
-    return open(path, encoding="utf-8-sig", newline=None)  # noqa: SIM115
+    p = paths.path(path)
+    if p.is_dir():
+      raise IsADirectoryError(path)
+    return paths.open_text(p, encoding="utf-8-sig")
   except FileNotFoundError:
     raise BistilError(f"{what} file not found: {path}") from None
   except IsADirectoryError:
     raise BistilError(f"{what} path is a directory: {path}") from None
   except OSError as e:
-    raise BistilError(f"cannot read {what} file {path}: {e.strerror}") from None
+    raise BistilError(
+      f"cannot read {what} file {path}: {e.strerror or e}"
+    ) from None
 
 
 def _lines(path: str, what: str) -> Iterator[tuple[int, str]]:
@@ -370,7 +375,7 @@ def read_nli(
       (all with `path:line`), or a file without pairs.
   """
   path = os.fspath(path)
-  ext = os.path.splitext(path)[1].lower()
+  ext = paths.path(path).suffix.lower()
   if ext in (".jsonl", ".json"):
     examples = list(_read_nli_jsonl(path, label_names, columns))
   elif ext in (".tsv", ".csv"):
@@ -479,7 +484,7 @@ def parse_source(spec: str) -> TaskSource:
   """
   if not isinstance(spec, str) or not spec.strip():
     raise BistilError(f"empty task data spec {spec!r}")
-  if os.path.exists(spec):
+  if (paths.is_remote(spec) or "://" not in spec) and paths.path(spec).exists():
     return TaskSource(kind="file", path=spec)
   prefix, sep, rest = spec.partition(":")
   if sep and prefix == "hf":
@@ -500,8 +505,8 @@ def parse_source(spec: str) -> TaskSource:
   if sep and prefix in LOCAL_BUILDERS:
     if not rest:
       raise BistilError(f"bad task data spec {spec!r}: no path after {prefix}:")
-    matches = glob.glob(rest) if glob.has_magic(rest) else [rest]
-    if not matches or not os.path.isfile(matches[0]):
+    matches = paths.glob(rest)
+    if not matches or not matches[0].is_file():
       raise BistilError(f"task data file not found: {rest}")
     return TaskSource(kind="local", path=rest, builder=prefix)
   raise BistilError(f"task data file not found: {spec}")

@@ -24,11 +24,11 @@ from __future__ import annotations
 
 import collections
 import hashlib
+import io
 import itertools
 import json
 import logging
 import os
-import shutil
 import sys
 import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
@@ -38,6 +38,7 @@ from typing import Any
 import numpy as np
 from tokenizers import Tokenizer
 
+from bistil_jax import paths
 from bistil_jax.data import corpus, tokenize
 from bistil_jax.errors import BistilError
 from bistil_jax.model.config import ModelConfig
@@ -86,17 +87,16 @@ def load_tokenizer_dir(model_dir: str) -> tuple[Tokenizer, dict[str, Any]]:
   Raises:
     BistilError: if the dir or its tokenizer.json is missing or unreadable.
   """
-  if not os.path.isdir(model_dir):
+  if not paths.path(model_dir).is_dir():
     raise BistilError(f"model dir {model_dir} does not exist")
-  path = os.path.join(model_dir, TOKENIZER_JSON)
-  if not os.path.isfile(path):
+  path = paths.path(model_dir) / TOKENIZER_JSON
+  if not path.is_file():
     raise BistilError(
       f"no {TOKENIZER_JSON} in {model_dir}: trimming needs a fast "
       "(tokenizers) tokenizer"
     )
   try:
-    with open(path, encoding="utf-8") as f:
-      text = f.read()
+    text = paths.read_text(path)
     tok_json = json.loads(text)
     tokenizer = Tokenizer.from_str(text)
   except Exception as e:  # noqa: BLE001 - OSError, JSON and Rust errors
@@ -409,16 +409,13 @@ def save_counts(
     "meta": dict(meta or {}),
   }
   arrays["header"] = np.frombuffer(json.dumps(header).encode(), np.uint8)
-  tmp = f"{path}.tmp-{os.getpid()}"
+  buf = io.BytesIO()
+  np.savez_compressed(buf, **arrays)
   try:
-    with open(tmp, "wb") as f:
-      np.savez_compressed(f, **arrays)
-    os.replace(tmp, path)
+    paths.write_bytes(path, buf.getvalue())
   except OSError as e:
-    if os.path.exists(tmp):
-      os.remove(tmp)
     raise BistilError(
-      f"cannot write counts file {path}: {e.strerror}"
+      f"cannot write counts file {path}: {e.strerror or e}"
     ) from None
 
 
@@ -438,10 +435,11 @@ def load_counts(
     BistilError: for a missing or malformed file, or counts made with a
       different tokenizer.
   """
-  if not os.path.isfile(path):
+  if not paths.path(path).is_file():
     raise BistilError(f"counts file not found: {path}")
   try:
-    with np.load(path, allow_pickle=False) as z:
+    data = io.BytesIO(paths.path(path).read_bytes())
+    with np.load(data, allow_pickle=False) as z:
       header = json.loads(bytes(z["header"]).decode())
       counts = {
         k.split("/", 1)[1]: z[k] for k in z.files if k.startswith("counts/")
@@ -634,8 +632,7 @@ def keep_ids_from_vocab_map(vocab_map: Mapping[int, int]) -> np.ndarray:
 def write_vocab_map(path: str, keep_ids: Sequence[int] | np.ndarray) -> None:
   """Writes `vocab_map.json`: {"old id": new id}, in old-id order."""
   m = {str(k): v for k, v in vocab_map_from_keep_ids(keep_ids).items()}
-  with open(path, "w", encoding="utf-8") as f:
-    json.dump(m, f)
+  paths.write_text(path, json.dumps(m))
 
 
 def read_vocab_map(path: str) -> dict[int, int]:
@@ -644,11 +641,10 @@ def read_vocab_map(path: str) -> dict[int, int]:
   Raises:
     BistilError: for a missing file or one that is not such a map.
   """
-  if not os.path.isfile(path):
+  if not paths.path(path).is_file():
     raise BistilError(f"vocab map not found: {path}")
   try:
-    with open(path, encoding="utf-8") as f:
-      raw = json.load(f)
+    raw = json.loads(paths.read_text(path))
     m = {int(k): int(v) for k, v in raw.items()}
   except (ValueError, AttributeError, TypeError) as e:
     raise BistilError(f"{path} is not a vocab map: {e}") from None
@@ -769,10 +765,9 @@ def _check_trimmed(
     raise AssertionError(f"trimmed tokenizer ids disagree, e.g. for {bad}")
 
 
-def _read_json_file(path: str) -> Any:
+def _read_json_file(path: paths.PathLike) -> Any:
   try:
-    with open(path, encoding="utf-8") as f:
-      return json.load(f)
+    return json.loads(paths.read_text(path))
   except (OSError, ValueError) as e:
     raise BistilError(f"cannot read {path}: {e}") from None
 
@@ -782,7 +777,7 @@ def _drop_file_refs(d: dict[str, Any], removed: Sequence[str]) -> list[str]:
   gone = [
     k
     for k, v in d.items()
-    if isinstance(v, str) and os.path.basename(v) in removed
+    if isinstance(v, str) and v.replace("\\", "/").rsplit("/", 1)[-1] in removed
   ]
   for k in gone:
     del d[k]
@@ -793,8 +788,8 @@ def extra_special_tokens(src_dir: str) -> list[str]:
   """Special token strings named by the transformers tokenizer files."""
   out = []
   for name in (SPECIAL_TOKENS_MAP, TOKENIZER_CONFIG):
-    path = os.path.join(src_dir, name)
-    if os.path.isfile(path):
+    path = paths.path(src_dir) / name
+    if path.is_file():
       d = _read_json_file(path)
       if isinstance(d, dict):
         out += _special_strings(d)
@@ -836,15 +831,14 @@ def write_trimmed_tokenizer(
   new_tok = Tokenizer.from_str(text)
   _check_trimmed(old_vocab, new_tok, old2new)
 
+  src, out = paths.path(src_dir), paths.path(out_dir)
   written = [TOKENIZER_JSON]
-  with open(os.path.join(out_dir, TOKENIZER_JSON), "w", encoding="utf-8") as f:
-    f.write(text)
+  paths.write_text(out / TOKENIZER_JSON, text)
   if mtype == "WordPiece":
     items = sorted(new_json["model"]["vocab"].items(), key=lambda kv: kv[1])
-    with open(os.path.join(out_dir, VOCAB_TXT), "w", encoding="utf-8") as f:
-      f.writelines(t + "\n" for t, _ in items)
+    paths.write_text(out / VOCAB_TXT, "".join(t + "\n" for t, _ in items))
     written.append(VOCAB_TXT)
-  present = set(os.listdir(src_dir))
+  present = {p.name for p in src.iterdir()}
   removed = [n for n in SLOW_TOKENIZER_FILES if n in present]
   if mtype == "Unigram" and VOCAB_TXT in present:
     removed.append(VOCAB_TXT)
@@ -853,9 +847,9 @@ def write_trimmed_tokenizer(
   for name in (TOKENIZER_CONFIG, SPECIAL_TOKENS_MAP):
     if name not in present:
       continue
-    d = _read_json_file(os.path.join(src_dir, name))
+    d = _read_json_file(src / name)
     if not isinstance(d, dict):
-      raise BistilError(f"{os.path.join(src_dir, name)} is not a JSON object")
+      raise BistilError(f"{src / name} is not a JSON object")
     removed_keys += [f"{name}:{k}" for k in _drop_file_refs(d, removed)]
     if isinstance(d.get("added_tokens_decoder"), dict):
       entries = [
@@ -864,18 +858,18 @@ def write_trimmed_tokenizer(
         if 0 <= int(k) < size and old2new[int(k)] >= 0
       ]
       d["added_tokens_decoder"] = {str(i): v for i, v in sorted(entries)}
-    with open(os.path.join(out_dir, name), "w", encoding="utf-8") as f:
-      json.dump(d, f, ensure_ascii=False, indent=2)
+    paths.write_text(out / name, json.dumps(d, ensure_ascii=False, indent=2))
     written.append(name)
   if ADDED_TOKENS in present:
-    d = _read_json_file(os.path.join(src_dir, ADDED_TOKENS))
+    d = _read_json_file(src / ADDED_TOKENS)
     d = {
       t: int(old2new[i])
       for t, i in d.items()
       if 0 <= i < size and old2new[i] >= 0
     }
-    with open(os.path.join(out_dir, ADDED_TOKENS), "w", encoding="utf-8") as f:
-      json.dump(d, f, ensure_ascii=False, indent=2)
+    paths.write_text(
+      out / ADDED_TOKENS, json.dumps(d, ensure_ascii=False, indent=2)
+    )
     written.append(ADDED_TOKENS)
   return {
     "model": mtype,
@@ -1046,8 +1040,8 @@ def format_summary(report: Mapping[str, Any]) -> str:
 def _check_out_dir(model_dir: str, out_dir: str, overwrite: bool) -> None:
   from bistil_jax.checkpoint import hf  # noqa: PLC0415 - pulls in jax
 
-  if os.path.isdir(out_dir) and os.path.isdir(model_dir):
-    if os.path.samefile(out_dir, model_dir):
+  if paths.path(out_dir).is_dir() and paths.path(model_dir).is_dir():
+    if paths.same_path(out_dir, model_dir):
       raise BistilError(f"output dir {out_dir} is the input model dir")
   hf.check_out_dir(out_dir, overwrite)
 
@@ -1180,17 +1174,11 @@ def trim_model_dir(
   old2new = old2new_array(keep, vocab_size)
 
   # --------------------------------------------------------------- write
-  staging = hf.staging_dir(out_dir)
-  try:
-    tok_dir = os.path.join(staging, "tokenizer")
-    os.mkdir(tok_dir)
-    tok_info = write_trimmed_tokenizer(model_dir, tok_dir, keep)
+  with paths.atomic_dir(out_dir) as new_dir:
+    tok_info = write_trimmed_tokenizer(model_dir, new_dir, keep)
     new_params, new_config = slice_vocab_params(params, config, keep)
-    new_dir = os.path.join(staging, "out")
-    hf.save_hf(
-      new_dir, new_config, new_params, tokenizer_dir=tok_dir, log_as=out_dir
-    )
-    write_vocab_map(os.path.join(new_dir, VOCAB_MAP), keep)
+    hf.write_hf(new_dir, new_config, new_params)
+    write_vocab_map(new_dir / VOCAB_MAP, keep)
     report = {
       "model_dir": model_dir,
       "out_dir": out_dir,
@@ -1220,11 +1208,7 @@ def trim_model_dir(
       "removed_tokenizer_files": tok_info["removed"],
       "removed_tokenizer_config_keys": tok_info["removed_keys"],
     }
-    with open(os.path.join(new_dir, TRIM_REPORT), "w") as f:
-      json.dump(report, f, indent=2)
-    hf.commit_dir(new_dir, out_dir)
-  finally:
-    shutil.rmtree(staging, ignore_errors=True)
+    paths.write_text(new_dir / TRIM_REPORT, json.dumps(report, indent=2))
   if tok_info["removed"]:
     log.warning(
       "left out untrimmed slow-tokenizer files %s: load %s with the fast "

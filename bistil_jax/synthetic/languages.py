@@ -20,11 +20,11 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
-import pathlib
 import re
 from collections.abc import Iterator, Sequence
 from typing import Any
 
+from bistil_jax import paths
 from bistil_jax.errors import BistilError
 from bistil_jax.synthetic import latent as lt
 
@@ -834,24 +834,22 @@ class Family:
           )
     return family
 
-  def save(self, path: str | pathlib.Path) -> None:
+  def save(self, path: paths.PathLike) -> None:
     """Writes `to_dict()` as JSON."""
-    pathlib.Path(path).write_text(
-      json.dumps(self.to_dict(), indent=1) + "\n", encoding="utf-8"
-    )
+    paths.write_text(path, json.dumps(self.to_dict(), indent=1) + "\n")
 
 
-def load_family(path: str | pathlib.Path) -> Family:
+def load_family(path: paths.PathLike) -> Family:
   """Reads a family written by `Family.save` (e.g. `DIR/family.json`).
 
   Raises:
     BistilError: the file is missing or is not a family description.
   """
-  path = pathlib.Path(path)
+  path = paths.path(path)
   if not path.is_file():
     raise BistilError(f"no synthetic family description at {path}")
   try:
-    data = json.loads(path.read_text(encoding="utf-8"))
+    data = json.loads(paths.read_text(path))
   except json.JSONDecodeError as e:
     raise BistilError(f"{path} is not valid JSON: {e}") from e
   return Family.from_dict(data)

@@ -33,8 +33,6 @@ import collections
 import json
 import logging
 import os
-import shutil
-import tempfile
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -49,6 +47,7 @@ from tokenizers import (
   trainers,
 )
 
+from bistil_jax import paths
 from bistil_jax.errors import BistilError
 
 if TYPE_CHECKING:  # the model package pulls in jax; training does not need it
@@ -109,7 +108,7 @@ def _build_tokenizer(vocab: Mapping[str, int], lowercase: bool) -> Tokenizer:
 # ----------------------------------------------------------------- counting
 def _word_counts(path: str, lowercase: bool) -> collections.Counter:
   """Word counts of a text file after BERT normalisation and splitting."""
-  if not os.path.isfile(path):
+  if not paths.path(path).is_file():
     raise BistilError(f"corpus file not found: {path}")
   norm = bert_normalizer(lowercase)
   pre = pre_tokenizers.BertPreTokenizer()
@@ -121,7 +120,7 @@ def _word_counts(path: str, lowercase: bool) -> collections.Counter:
     counts.update(w for w, _ in pre.pre_tokenize_str(text))
 
   try:
-    with open(path, encoding="utf-8") as f:
+    with paths.open_text(path) as f:
       chunk = []
       for line in f:
         chunk.append(line)
@@ -245,10 +244,9 @@ def _train_vocab(
 
 
 # ------------------------------------------------------------------- files
-def _write_json(path: str, obj: Any) -> None:
-  with open(path, "w", encoding="utf-8") as f:
-    json.dump(obj, f, ensure_ascii=False, indent=2, sort_keys=True)
-    f.write("\n")
+def _write_json(path: paths.PathLike, obj: Any) -> None:
+  text = json.dumps(obj, ensure_ascii=False, indent=2, sort_keys=True)
+  paths.write_text(path, text + "\n")
 
 
 def tokenizer_config(
@@ -294,33 +292,26 @@ def write_tokenizer_dir(
     lowercase: whether its normaliser lowercases (`do_lower_case`).
     model_max_length: the longest input, for transformers' truncation.
   """
-  tok.save(os.path.join(out_dir, "tokenizer.json"), pretty=True)
+  out = paths.path(out_dir)
+  paths.write_text(out / "tokenizer.json", tok.to_str(pretty=True))
   items = sorted(tok.get_vocab().items(), key=lambda kv: kv[1])
-  with open(os.path.join(out_dir, "vocab.txt"), "w", encoding="utf-8") as f:
-    f.writelines(t + "\n" for t, _ in items)
+  paths.write_text(out / "vocab.txt", "".join(t + "\n" for t, _ in items))
   _write_json(
-    os.path.join(out_dir, "tokenizer_config.json"),
+    out / "tokenizer_config.json",
     tokenizer_config(tok, lowercase, model_max_length),
   )
-  _write_json(
-    os.path.join(out_dir, "special_tokens_map.json"), _special_tokens_map()
-  )
+  _write_json(out / "special_tokens_map.json", _special_tokens_map())
 
 
 def _commit(
-  out_dir: str, overwrite: bool, write: Callable[[str], None]
+  out_dir: str, overwrite: bool, write: Callable[[paths.Path], None]
 ) -> None:
   """Runs `write(tmp_dir)` in a staging sibling, then moves it to out_dir."""
   from bistil_jax.checkpoint import hf  # noqa: PLC0415 - pulls in jax
 
   hf.check_out_dir(out_dir, overwrite)
-  staging = hf.staging_dir(out_dir)
-  try:
+  with paths.atomic_dir(out_dir) as staging:
     write(staging)
-    hf.commit_dir(staging, out_dir)
-  except BaseException:
-    shutil.rmtree(staging, ignore_errors=True)
-    raise
 
 
 # ---------------------------------------------------------------- training
@@ -473,30 +464,22 @@ def init_model_dir(
     )
   params = encoder.init_params(config, jax.random.PRNGKey(seed))
 
-  with tempfile.TemporaryDirectory() as tmp:
+  hf.check_out_dir(out_dir, overwrite)
+  with paths.atomic_dir(out_dir) as tmp:
     for name in hf.TOKENIZER_FILES:
-      src = os.path.join(tokenizer_dir, name)
-      if os.path.isfile(src):
-        shutil.copyfile(src, os.path.join(tmp, name))
-    path = os.path.join(tmp, "tokenizer_config.json")
-    if os.path.isfile(path):
-      with open(path, encoding="utf-8") as f:
-        tok_config = json.load(f)
+      src = paths.path(tokenizer_dir) / name
+      if src.is_file():
+        paths.copy_file(src, tmp / name)
+    path = tmp / "tokenizer_config.json"
+    if path.is_file():
+      tok_config = json.loads(paths.read_text(path))
       longest = tok_config.get("model_max_length")
       if not isinstance(longest, int) or longest > config.max_length:
         tok_config["model_max_length"] = config.max_length
         _write_json(path, tok_config)
-
-    def write(staging: str) -> None:
-      # save_hf replaces the (empty) staging dir; the log names out_dir.
-      hf.save_hf(
-        staging, config, params, tokenizer_dir=tmp, overwrite=True,
-        log_as=out_dir,
-      )  # fmt: skip
-      if record is not None:
-        _write_json(os.path.join(staging, INIT_RECORD), dict(record))
-
-    _commit(out_dir, overwrite, write)
+    hf.write_hf(tmp, config, params)
+    if record is not None:
+      _write_json(tmp / INIT_RECORD, dict(record))
   log.info(
     "initialised %s (vocab %d, seed %d) in %s",
     config.architecture,
@@ -510,12 +493,11 @@ def init_model_dir(
 def _tokenizer_pad_token(tokenizer_dir: str) -> str | None:
   """The pad token named by special_tokens_map.json or tokenizer_config."""
   for name in ("special_tokens_map.json", "tokenizer_config.json"):
-    path = os.path.join(tokenizer_dir, name)
-    if not os.path.isfile(path):
+    path = paths.path(tokenizer_dir) / name
+    if not path.is_file():
       continue
     try:
-      with open(path, encoding="utf-8") as f:
-        d = json.load(f)
+      d = json.loads(paths.read_text(path))
     except (OSError, ValueError) as e:
       raise BistilError(f"cannot read {path}: {e}") from None
     pad = d.get("pad_token") if isinstance(d, dict) else None

@@ -21,11 +21,10 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import pathlib
-import shutil
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from bistil_jax import paths
 from bistil_jax.errors import BistilError
 from bistil_jax.synthetic import tasks
 from bistil_jax.synthetic.languages import Family
@@ -110,16 +109,16 @@ class DatasetPaths:
     nli: lang -> split -> JSONL file.
   """
 
-  root: pathlib.Path
-  family: pathlib.Path
-  description: pathlib.Path
-  manifest: pathlib.Path
-  corpora: dict[str, dict[str, pathlib.Path]]
-  pos: dict[str, dict[str, pathlib.Path]]
-  ner: dict[str, dict[str, pathlib.Path]]
-  nli: dict[str, dict[str, pathlib.Path]]
+  root: paths.Path
+  family: paths.Path
+  description: paths.Path
+  manifest: paths.Path
+  corpora: dict[str, dict[str, paths.Path]]
+  pos: dict[str, dict[str, paths.Path]]
+  ner: dict[str, dict[str, paths.Path]]
+  nli: dict[str, dict[str, paths.Path]]
 
-  def files(self) -> list[pathlib.Path]:
+  def files(self) -> list[paths.Path]:
     """Every written file."""
     out = [self.family, self.description, self.manifest]
     for table in (self.corpora, self.pos, self.ner, self.nli):
@@ -151,7 +150,7 @@ def _relative_layout(languages: Sequence[str]) -> dict[str, Any]:
   }
 
 
-def _paths(root: pathlib.Path, layout: Mapping[str, Any]) -> DatasetPaths:
+def _paths(root: paths.Path, layout: Mapping[str, Any]) -> DatasetPaths:
   def table(key):
     return {
       lang: {split: root / rel for split, rel in by_split.items()}
@@ -190,7 +189,7 @@ def _check_languages(
   return codes
 
 
-def _prepare_dir(root: pathlib.Path, overwrite: bool) -> None:
+def _prepare_dir(root: paths.Path, overwrite: bool) -> None:
   if root.exists() and not root.is_dir():
     raise BistilError(f"output path {root} exists and is not a directory")
   if root.is_dir() and any(root.iterdir()):
@@ -202,19 +201,13 @@ def _prepare_dir(root: pathlib.Path, overwrite: bool) -> None:
     # Only what an earlier run wrote goes; other files stay.
     for name in (_MANIFEST, *_OWNED):
       path = root / name
-      if path.is_dir() and not path.is_symlink():
-        shutil.rmtree(path)
-      elif path.exists() or path.is_symlink():
-        path.unlink()
-  root.mkdir(parents=True, exist_ok=True)
+      paths.rmtree(path)
+  paths.mkdirs(root)
 
 
-def _write(path: pathlib.Path, text: str) -> None:
-  """Writes through a temporary file, so a file is either whole or absent."""
-  path.parent.mkdir(parents=True, exist_ok=True)
-  tmp = path.with_name(path.name + ".tmp")
-  tmp.write_text(text, encoding="utf-8")
-  os.replace(tmp, path)
+def _write(path: paths.Path, text: str) -> None:
+  """Writes atomically, so a file is either whole or absent."""
+  paths.write_text(path, text)
 
 
 def write_dataset(
@@ -246,33 +239,33 @@ def write_dataset(
     )
   codes = _check_languages(family, languages)
   sizes = Sizes.coerce(sizes)
-  root = pathlib.Path(out_dir)
+  root = paths.path(out_dir)
   _prepare_dir(root, overwrite)
   layout = _relative_layout(codes)
-  paths = _paths(root, layout)
+  out = _paths(root, layout)
 
   data = tasks.make_task_data(family, sizes.task())
   held_out = data.sentences("dev") | data.sentences("test")
   for code in codes:
     for split, n in (("train", sizes.corpus_train), ("dev", sizes.corpus_dev)):
       lines = tasks.corpus_sentences(family, code, n, split, held_out)
-      _write(paths.corpora[code][split], "\n".join(lines) + "\n")
+      _write(out.corpora[code][split], "\n".join(lines) + "\n")
     for split in tasks.SPLITS:
       conllu, iob2 = [], []
       for i, sentence in enumerate(data.tagging[split]):
         tokens = family.realize(sentence, code)
         conllu.append(tasks.conllu_block(tokens, f"{split}-{i}"))
         iob2.append(tasks.iob2_block(tokens))
-      _write(paths.pos[code][split], "".join(conllu))
-      _write(paths.ner[code][split], "".join(iob2))
+      _write(out.pos[code][split], "".join(conllu))
+      _write(out.ner[code][split], "".join(iob2))
       nli = [
         tasks.nli_line(family, item, code, f"{split}-{i}")
         for i, item in enumerate(data.nli[split])
       ]
-      _write(paths.nli[code][split], "\n".join(nli) + "\n")
+      _write(out.nli[code][split], "\n".join(nli) + "\n")
 
-  family.save(paths.family)
-  _write(paths.description, family.describe() + "\n")
+  family.save(out.family)
+  _write(out.description, family.describe() + "\n")
   source, close, distant = family.transfer_languages(codes)
   manifest = {
     "format": MANIFEST_FORMAT,
@@ -291,8 +284,8 @@ def write_dataset(
     "files": layout,
   }
   # Written last: its presence marks a complete dataset.
-  _write(paths.manifest, json.dumps(manifest, indent=1) + "\n")
-  return paths
+  _write(out.manifest, json.dumps(manifest, indent=1) + "\n")
+  return out
 
 
 def read_dataset(out_dir: str | os.PathLike[str]) -> DatasetPaths:
@@ -301,12 +294,12 @@ def read_dataset(out_dir: str | os.PathLike[str]) -> DatasetPaths:
   Raises:
     BistilError: the directory holds no complete synthetic dataset.
   """
-  root = pathlib.Path(out_dir)
+  root = paths.path(out_dir)
   path = root / _MANIFEST
   if not path.is_file():
     raise BistilError(f"no synthetic dataset in {root} (missing {_MANIFEST})")
   try:
-    manifest = json.loads(path.read_text(encoding="utf-8"))
+    manifest = json.loads(paths.read_text(path))
   except json.JSONDecodeError as e:
     raise BistilError(f"{path} is not valid JSON: {e}") from e
   if (

@@ -132,9 +132,8 @@ def run_evaluate(args: argparse.Namespace) -> int:
   import json
 
   import jax
-  from etils import epath
 
-  from bistil_jax import configlib, metrics
+  from bistil_jax import configlib, metrics, paths
   from bistil_jax.checkpoint import surgery
   from bistil_jax.data import tasks, vocab
   from bistil_jax.errors import BistilError
@@ -177,12 +176,6 @@ def run_evaluate(args: argparse.Namespace) -> int:
       + (f" {n:>9}" if count else "")
     )
   if args.out:
-    out = epath.Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(
-      json.dumps(
-        {"model": args.model, "sfts": args.sft, "task": args.task, **results},
-        indent=2,
-      )
-    )
+    out = {"model": args.model, "sfts": args.sft, "task": args.task, **results}
+    paths.write_text(args.out, json.dumps(out, indent=2))
   return 0

@@ -20,9 +20,8 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-from etils import epath
 
-from bistil_jax import configlib
+from bistil_jax import configlib, paths
 from bistil_jax.checkpoint import hf, student_init, surgery
 from bistil_jax.checkpoint import manager as ckpt
 from bistil_jax.data import pipeline, vocab
@@ -270,7 +269,7 @@ def run(
     config, workdir, phase, mesh, overwrite=overwrite, outputs=(STUDENT_CONFIG,)
   ) as ctx:
     if jax.process_index() == 0:
-      (epath.Path(workdir) / STUDENT_CONFIG).write_text(
+      (paths.path(workdir) / STUDENT_CONFIG).write_text(
         json.dumps(scfg.to_hf_dict(), indent=2, sort_keys=True)
       )
     frozen = _frozen_trees(ctx, teacher, teachers, projections)
@@ -306,7 +305,7 @@ def run(
     state = driver.run_stage(ctx, stage)
     if not config.train.export:
       return ""
-    out = str(epath.Path(workdir) / ckpt.EXPORT)
+    out = str(paths.path(workdir) / ckpt.EXPORT)
     params = driver.host_params(state.params)
     if jax.process_index() == 0:
       hf.save_hf(
@@ -356,7 +355,7 @@ def model_from_workdir(
   workdir: str, run: dict[str, Any], step: int | None = None
 ) -> tuple[Model, dict[str, Any], str]:
   """(model, params, tokenizer dir) from a phase-1 / pretrain checkpoint."""
-  path = epath.Path(workdir) / STUDENT_CONFIG
+  path = paths.path(workdir) / STUDENT_CONFIG
   if not path.is_file():
     raise BistilError(f"{workdir} has no {STUDENT_CONFIG}")
   scfg = ModelConfig.from_hf_dict(json.loads(path.read_text()))

@@ -23,9 +23,8 @@ import jax
 import ml_collections
 import numpy as np
 import optax
-from etils import epath
 
-from bistil_jax import configlib, partitioning
+from bistil_jax import configlib, partitioning, paths
 from bistil_jax.checkpoint import manager as ckpt
 from bistil_jax.data import pipeline
 from bistil_jax.errors import BistilError
@@ -212,7 +211,7 @@ def init_state(
 
 
 def stage_dir(ctx: Context, name: str) -> str:
-  return ctx.workdir if name == "train" else str(epath.Path(ctx.workdir) / name)
+  return ctx.workdir if name == "train" else str(paths.path(ctx.workdir) / name)
 
 
 def run_stage(ctx: Context, stage: Stage) -> state_lib.TrainState:
@@ -250,7 +249,7 @@ def run_stage(ctx: Context, stage: Stage) -> state_lib.TrainState:
   batches = stage.batches
   if stage.prefetch:
     batches = pipeline.prefetch(batches, size=stage.prefetch)
-  metrics_dir = str(epath.Path(ctx.workdir) / ckpt.METRICS)
+  metrics_dir = str(paths.path(ctx.workdir) / ckpt.METRICS)
   writer = loop.MetricWriter(metrics_dir, start_step=start + stage.step_offset)
   try:
     with ctx.activate():  # mesh + axis rules for every step
@@ -300,7 +299,7 @@ def restore_latest(
 
 def has_checkpoint(ctx: Context, name: str) -> bool:
   """Whether stage `name` of this workdir has a finished checkpoint."""
-  d = epath.Path(stage_dir(ctx, name)) / ckpt.CHECKPOINTS
+  d = paths.path(stage_dir(ctx, name)) / ckpt.CHECKPOINTS
   return d.is_dir() and any(p.name.isdigit() for p in d.iterdir())
 
 

@@ -26,9 +26,8 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-from etils import epath
 
-from bistil_jax import configlib, losses, metrics, sparse
+from bistil_jax import configlib, losses, metrics, paths, sparse
 from bistil_jax.checkpoint import hf, surgery
 from bistil_jax.checkpoint import manager as ckpt
 from bistil_jax.data import tasks, vocab
@@ -445,9 +444,9 @@ def finish(ctx, inp: Inputs, state, mask, jpredict) -> str:
       )
       log.info("%s %s: %.4f", name, head, results[name][head])
   final = driver.host_params(state.params)
-  out = str(epath.Path(ctx.workdir) / ckpt.EXPORT)
+  out = str(paths.path(ctx.workdir) / ckpt.EXPORT)
   if jax.process_index() == 0:
-    results_path = epath.Path(ctx.workdir) / RESULTS
+    results_path = paths.path(ctx.workdir) / RESULTS
     results_path.write_text(json.dumps(results, indent=2))
     export(out, config, inp, final, mask)
   return out

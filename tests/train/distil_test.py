@@ -151,7 +151,7 @@ class DistilCliTest(absltest.TestCase):
       8,
     )
     self.assertFalse(os.path.exists(os.path.join(killed, "export")))
-    with self.assertLogs("bistil_jax.train.runner", "INFO") as logs:
+    with self.assertLogs("bistil_jax.train.driver", "INFO") as logs:
       code, err = run_cli(["distil", "--workdir", killed, *args])
     self.assertEqual(code, 0, err)
     self.assertIn("step 8", "\n".join(logs.output))

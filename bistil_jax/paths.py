@@ -1,0 +1,378 @@
+"""One path layer: every user-given path goes through here (STYLE.md 16).
+
+A path is a local filename or a URL (`gs://bucket/dir`, also `s3://`,
+`az://`); `path()` turns either into an `etils.epath.Path`, the type orbax
+uses, so the same code reads and writes a local disk and Cloud Storage. The
+helpers below add what epath lacks (atomic writes, atomic directories,
+copies, recursive listing) and keep the differences between the two kinds of
+filesystem in one place:
+
+- Cloud Storage has no directories, only object names with slashes: `mkdir`
+  does nothing and an empty "directory" does not exist. Code must never rely
+  on an empty directory (write a marker file instead) and must list with
+  `list_files`, never `rglob` (epath refuses `**` on remote paths).
+- An object upload is atomic (the object appears whole or not at all), so a
+  remote file is written in place; a rename is a server-side copy plus a
+  delete per object, so a remote directory "rename" is not atomic (see
+  `atomic_dir`).
+- Libraries that insist on a local filename get one from `local_copy`.
+
+A remote path is checked once per bucket, in a background thread with a
+deadline (`BISTIL_REMOTE_TIMEOUT`, seconds): without network or credentials
+the user gets one `BistilError` line naming the path within seconds instead
+of a minute of retries, and a URL is never turned into a local `gs:`
+directory.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import os
+import shutil
+import socket
+import tempfile
+import threading
+import uuid
+from collections.abc import Iterator
+from typing import IO
+
+from etils import epath
+
+from bistil_jax.errors import BistilError
+
+Path = epath.Path
+PathLike = str | os.PathLike
+
+_REMOTE_PREFIXES = ("gs://", "s3://", "az://")
+_DEFAULT_TIMEOUT = 20.0
+_checked: dict[str, BaseException | None] = {}
+_checked_lock = threading.Lock()
+
+
+def is_remote(p: PathLike) -> bool:
+  """Whether `p` names a remote object store (gs://, s3://, az://)."""
+  return os.fspath(p).startswith(_REMOTE_PREFIXES)
+
+
+def path(p: PathLike) -> epath.Path:
+  """The `epath.Path` of a user-given path; `~` expanded on local paths.
+
+  Args:
+    p: a local filename or a `gs://`/`s3://`/`az://` URL.
+
+  Returns:
+    The path. A remote one's bucket has answered (checked once per bucket).
+
+  Raises:
+    BistilError: on a mangled URL (`gs:/bucket`, a URL that went through
+      `os.path`), or when the bucket cannot be reached in time.
+  """
+  if isinstance(p, epath.Path) and not is_remote(p):
+    return p
+  s = os.fspath(p)
+  if is_remote(s):
+    result = epath.Path(s)
+    _check_remote(result)
+    return result
+  if s.startswith(tuple(x.replace("://", ":/") for x in _REMOTE_PREFIXES)):
+    # NOTE: `os.path.normpath("gs://b/x")` is "gs:/b/x"; treating that as a
+    # local path would create a directory named `gs:` in the working dir.
+    raise BistilError(f"{s}: looks like a URL that lost a slash (gs://...)")
+  if "://" in s:
+    raise BistilError(
+      f"{s}: unsupported URL; use a local path or gs://, s3://, az://"
+    )
+  return epath.Path(os.path.expanduser(s))
+
+
+def _remote_timeout() -> float:
+  try:
+    return float(os.environ.get("BISTIL_REMOTE_TIMEOUT", _DEFAULT_TIMEOUT))
+  except ValueError:
+    return _DEFAULT_TIMEOUT
+
+
+def _bucket(p: epath.Path) -> str:
+  s = os.fspath(p)
+  scheme, rest = s.split("://", 1)
+  return f"{scheme}://{rest.split('/', 1)[0]}"
+
+
+def _probe(bucket: str) -> None:
+  """Raises unless the bucket answers; run in a thread with a deadline."""
+  if bucket.startswith("gs://") and not os.environ.get("STORAGE_EMULATOR_HOST"):
+    # Without network the first request is retried for ~50 s; a failed name
+    # lookup says the same at once.
+    socket.getaddrinfo("storage.googleapis.com", 443)
+  # NOTE: not `exists()`: gcsfs turns every error into False there. `stat`
+  # of a bucket falls back to a listing when the caller may read objects
+  # but not the bucket's metadata.
+  try:
+    epath.Path(bucket).stat()
+  except FileNotFoundError:
+    raise FileNotFoundError(f"bucket {bucket} not found") from None
+
+
+def _check_remote(p: epath.Path) -> None:
+  """Checks once per bucket that it answers, within the deadline."""
+  # gcsfs logs a traceback for every failed request; the error itself
+  # reaches the user as one BistilError line, so keep its log quiet.
+  gcs_log = logging.getLogger("gcsfs")
+  if gcs_log.level == logging.NOTSET:
+    gcs_log.setLevel(logging.CRITICAL)
+  bucket = _bucket(p)
+  with _checked_lock:
+    if bucket in _checked:
+      err = _checked[bucket]
+      if err is not None:
+        raise BistilError(_explain(p, err))
+      return
+  box: list[BaseException | None] = []
+
+  def run() -> None:
+    try:
+      _probe(bucket)
+      box.append(None)
+    except BaseException as e:  # noqa: BLE001 (reported to the caller)
+      box.append(e)
+
+  timeout = _remote_timeout()
+  # A daemon thread: a hung request must not keep the process alive.
+  t = threading.Thread(target=run, daemon=True, name="bistil-remote-check")
+  t.start()
+  t.join(timeout)
+  err = box[0] if box else TimeoutError(f"no answer within {timeout:g} s")
+  with _checked_lock:
+    _checked[bucket] = err
+  if err is not None:
+    raise BistilError(_explain(p, err))
+
+
+def _explain(p: epath.Path, err: BaseException) -> str:
+  first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+  if isinstance(err, ImportError):  # e.g. s3:// without s3fs installed
+    return f"{p}: this filesystem needs a package that is missing: {first}"
+  return (
+    f"{p}: cannot reach {_bucket(p)} ({type(err).__name__}: {first[:200]}); "
+    "check the network and the credentials (gcloud auth "
+    "application-default login, or a VM service account)"
+  )
+
+
+def mkdirs(p: PathLike) -> epath.Path:
+  """Creates a directory and its parents (a no-op on object stores)."""
+  p = path(p)
+  p.mkdir(parents=True, exist_ok=True)
+  return p
+
+
+def _sibling(p: epath.Path, tag: str) -> epath.Path:
+  return p.parent / f".{p.name}.{tag}-{uuid.uuid4().hex[:8]}"
+
+
+def write_bytes(p: PathLike, data: bytes) -> epath.Path:
+  """Writes a file atomically: readers see the old or the new file.
+
+  Locally: a sibling temporary file renamed over the target. Remotely an
+  upload is atomic already, so the object is written in place.
+
+  Args:
+    p: the file.
+    data: its new contents.
+
+  Returns:
+    The path written.
+  """
+  p = path(p)
+  mkdirs(p.parent)
+  if is_remote(p):
+    p.write_bytes(data)
+    return p
+  tmp = _sibling(p, "tmp")
+  try:
+    tmp.write_bytes(data)
+    tmp.replace(p)
+  finally:
+    tmp.unlink(missing_ok=True)
+  return p
+
+
+def write_text(p: PathLike, text: str) -> epath.Path:
+  """`write_bytes` of UTF-8 text."""
+  return write_bytes(p, text.encode("utf-8"))
+
+
+def read_text(p: PathLike, encoding: str = "utf-8") -> str:
+  """The text of a file (any encoding Python knows, e.g. `utf-8-sig`)."""
+  return path(p).read_bytes().decode(encoding)
+
+
+def open_text(p: PathLike, encoding: str = "utf-8") -> IO[str]:
+  """A text stream over a file with universal newlines, read in chunks.
+
+  epath's own text mode takes UTF-8 only and no `newline=`; this wraps the
+  binary stream so local and remote files decode alike.
+  """
+  return io.TextIOWrapper(path(p).open("rb"), encoding=encoding, newline=None)
+
+
+def rmtree(p: PathLike, missing_ok: bool = True) -> None:
+  """Removes a file or a directory tree."""
+  p = path(p)
+  if not is_remote(p) and os.path.islink(p):
+    os.unlink(p)  # the link, never what it points to
+  elif p.is_dir():
+    p.rmtree(missing_ok=missing_ok)
+  elif p.exists():
+    p.unlink(missing_ok=missing_ok)
+  elif not missing_ok:
+    raise FileNotFoundError(os.fspath(p))
+
+
+def list_files(p: PathLike) -> list[epath.Path]:
+  """Every file under a directory, recursively, sorted (no `rglob`)."""
+  p = path(p)
+  out: list[epath.Path] = []
+  pending = [p]
+  while pending:
+    d = pending.pop()
+    for child in d.iterdir():
+      if child.is_dir():
+        pending.append(child)
+      else:
+        out.append(child)
+  return sorted(out, key=os.fspath)
+
+
+def glob(pattern: PathLike) -> list[epath.Path]:
+  """The paths matching a glob (`*`, `?`, `[...]`; no `**`), sorted."""
+  s = os.fspath(pattern)
+  parts = s.split("/")
+  magic = [i for i, part in enumerate(parts) if any(c in part for c in "*?[")]
+  if not magic:
+    p = path(s)
+    return [p] if p.exists() else []
+  i = magic[0]
+  base = "/".join(parts[:i]) or ("/" if s.startswith("/") else ".")
+  if is_remote(s) and i <= 2:
+    raise BistilError(f"{s}: a pattern needs a bucket name before it")
+  rest = "/".join(parts[i:])
+  if "**" in rest:
+    raise BistilError(f"{s}: recursive ** patterns are not supported")
+  return sorted(path(base).glob(rest), key=os.fspath)
+
+
+def copy_file(src: PathLike, dst: PathLike) -> epath.Path:
+  """Copies one file, between any two filesystems; overwrites `dst`."""
+  src, dst = path(src), path(dst)
+  mkdirs(dst.parent)
+  src_scheme = os.fspath(src).split("://")[0] if is_remote(src) else ""
+  dst_scheme = os.fspath(dst).split("://")[0] if is_remote(dst) else ""
+  if src_scheme == dst_scheme:
+    # One filesystem: a local copy or a server-side one.
+    src.copy(dst, overwrite=True)
+    return dst
+  with src.open("rb") as r, dst.open("wb") as w:
+    shutil.copyfileobj(r, w, 1 << 22)
+  return dst
+
+
+def copy_tree(src: PathLike, dst: PathLike) -> epath.Path:
+  """Copies every file under `src` to the same place under `dst`."""
+  src, dst = path(src), path(dst)
+  if not src.is_dir():
+    return copy_file(src, dst)
+  mkdirs(dst)
+  for f in list_files(src):
+    copy_file(f, dst / os.fspath(f)[len(os.fspath(src)) :].lstrip("/"))
+  return dst
+
+
+def _move(src: epath.Path, dst: epath.Path) -> None:
+  if not is_remote(src):
+    src.rename(dst)
+    return
+  # NOTE: GCS has no rename: copy every object, then delete the source. Done
+  # here rather than by gcsfs, whose `mv` first tries an API the emulator
+  # lacks and logs a traceback for it.
+  copy_tree(src, dst)
+  rmtree(src)
+
+
+@contextlib.contextmanager
+def atomic_dir(dst: PathLike, overwrite: bool = True) -> Iterator[epath.Path]:
+  """Builds a directory in a sibling temporary dir, then moves it into place.
+
+  On success an existing `dst` is moved aside, the new directory takes its
+  place and the old one is removed; on an exception the temporary dir is
+  removed and `dst` is untouched. Locally both moves are renames, so a
+  reader sees the old or the new directory. On an object store a "rename"
+  is a copy and a delete of every object: a reader may see a partial
+  directory during the move, but an error never leaves a half-written `dst`
+  in place of a good one before the copy starts.
+
+  The directory gets the permissions `umask` gives (0755 by default), not
+  the 0700 of `tempfile.mkdtemp`.
+
+  Args:
+    dst: the directory to write.
+    overwrite: replace an existing `dst`; if False, an existing non-empty
+      `dst` raises.
+
+  Yields:
+    The temporary directory to write into.
+
+  Raises:
+    BistilError: if `dst` exists and is not empty and `overwrite` is False,
+      or if `dst` is a file.
+  """
+  dst = path(dst)
+  if dst.exists() and not dst.is_dir():
+    raise BistilError(f"{dst} exists and is not a directory")
+  if not overwrite and dst.is_dir() and any(dst.iterdir()):
+    raise BistilError(f"{dst} exists and is not empty")
+  mkdirs(dst.parent)
+  tmp = _sibling(dst, "tmp")
+  # Plain mkdir: the umask applies (tempfile.mkdtemp would force 0700).
+  tmp.mkdir()
+  try:
+    yield tmp
+    old = None
+    if dst.exists():
+      old = _sibling(dst, "old")
+      _move(dst, old)
+    _move(tmp, dst)
+    if old is not None:
+      rmtree(old)
+  finally:
+    rmtree(tmp)
+
+
+@contextlib.contextmanager
+def local_copy(p: PathLike) -> Iterator[str]:
+  """A local filename with the contents of `p`, for libraries that need one.
+
+  A local file is yielded as it is; a remote file is downloaded into a
+  temporary directory that is removed afterwards.
+  """
+  p = path(p)
+  if not is_remote(p):
+    yield os.fspath(p)
+    return
+  with tempfile.TemporaryDirectory(prefix="bistil-") as tmp:
+    local = os.path.join(tmp, p.name)
+    copy_file(p, local)
+    yield local
+
+
+def same_path(a: PathLike, b: PathLike) -> bool:
+  """Whether two existing paths name the same file or directory."""
+  a, b = path(a), path(b)
+  if is_remote(a) or is_remote(b):
+    return os.fspath(a).rstrip("/") == os.fspath(b).rstrip("/")
+  try:
+    return os.path.samefile(a, b)
+  except OSError:
+    return False
