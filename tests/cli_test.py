@@ -89,7 +89,7 @@ class QuietLogsTest(TempDirTest):
       "--seed", "1", cwd=self.root,
     )  # fmt: skip
     self.assert_quiet(proc)
-    self.assertIn("(safetensors) to init", proc.stderr)
+    self.assertRegex(proc.stderr, r"initialised \S+ .* in init\n")  # final path
 
     proc = bistil("inspect", "--json", "init", cwd=self.root)
     self.assert_quiet(proc)

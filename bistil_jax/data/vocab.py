@@ -1209,6 +1209,13 @@ def trim_model_dir(
       "removed_tokenizer_config_keys": tok_info["removed_keys"],
     }
     paths.write_text(new_dir / TRIM_REPORT, json.dumps(report, indent=2))
+  log.info(
+    "wrote the trimmed %s (vocab %d -> %d) to %s",
+    new_config.architecture,
+    config.vocab_size,
+    keep.size,
+    out_dir,
+  )
   if tok_info["removed"]:
     log.warning(
       "left out untrimmed slow-tokenizer files %s: load %s with the fast "
