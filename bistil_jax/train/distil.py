@@ -127,7 +127,7 @@ def _stream(tokenizer, spec: str, config, shard=0, shards=1, lines=None):
   )
 
 
-def _data(config, tokenizer, model_cfg: ModelConfig):
+def _data(config, tokenizer, model_cfg: ModelConfig, what: str):
   """(training batches of this host, {language: its fixed dev batches}).
 
   Each host reads only the data shards it owns (pipeline.ShardedBatches).
@@ -135,7 +135,7 @@ def _data(config, tokenizer, model_cfg: ModelConfig):
   size, mask_id = pipeline.mlm_token_ids(tokenizer)
   if size > model_cfg.vocab_size:
     raise BistilError(
-      f"the tokenizer has {size} tokens but the model's vocab_size is "
+      f"the tokenizer has {size} tokens but the {what}'s vocab_size is "
       f"{model_cfg.vocab_size}: use the tokenizer the teacher was trimmed with"
     )
   d = config.data
@@ -250,7 +250,9 @@ def run(
   tokenizer, _ = vocab.load_tokenizer_dir(tok_dir)
   mesh = driver.build_mesh(config.mesh)
   driver.per_host_batch(config.data.batch_size, mesh[0])
-  batches, dev = _data(config, tokenizer, ref)
+  batches, dev = _data(
+    config, tokenizer, ref, "model" if pretrain else "teacher"
+  )
   projections = None
   if not pretrain and scfg.hidden_size != ref.hidden_size and loss_cfg.hidden:
     # From the first lines of the source corpus, read the same on every
@@ -292,6 +294,7 @@ def run(
       eval_fn=_eval_fn(ctx, jax.jit(sums), dev, frozen) if dev else None,
       prefetch=config.data.prefetch,
     )
+    teacher_note = f" <- {ref.num_hidden_layers}-layer teacher"
     log.info(
       "%s: %d steps of %d x %d tokens, %d-layer model%s",
       phase,
@@ -299,20 +302,22 @@ def run(
       config.data.batch_size,
       batches.max_seq_len,
       scfg.num_hidden_layers,
-      "" if pretrain else f" <- {ref.num_hidden_layers}-layer teacher",
+      "" if pretrain else teacher_note,
     )
     del s_params, teachers
     state = driver.run_stage(ctx, stage)
-    if not config.train.export:
-      return ""
-    out = str(paths.path(workdir) / ckpt.EXPORT)
-    params = driver.host_params(state.params)
-    if jax.process_index() == 0:
-      hf.save_hf(
-        out, scfg.replace(param_dtype="float32"), params, tok_dir, True
-      )
-      log.info("exported the model to %s", out)
-    return out
+    return export(ctx, scfg, state, tok_dir) if config.train.export else ""
+
+
+def export(ctx, scfg: ModelConfig, state, tok_dir: str) -> str:
+  """The trained model as an HF dir with the tokenizer (process 0 writes;
+  every process takes part in gathering the shards)."""
+  out = str(paths.path(ctx.workdir) / ckpt.EXPORT)
+  params = driver.host_params(state.params)
+  if jax.process_index() == 0:
+    hf.save_hf(out, scfg.replace(param_dtype="float32"), params, tok_dir, True)
+    log.info("exported the model to %s", out)
+  return out
 
 
 def _frozen_trees(ctx, teacher, teachers, projections) -> list[Any]:

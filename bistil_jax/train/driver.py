@@ -275,6 +275,12 @@ def run_stage(ctx: Context, stage: Stage) -> state_lib.TrainState:
       batches.close()
     writer.close()
     checkpointer.close()
+  # Bucketed batches compile one step per padded length (a bounded set).
+  log.info(
+    "%s: the step compiled for %d batch shape(s)",
+    stage.name,
+    jstep._cache_size(),  # noqa: SLF001 - jax has no public counter
+  )
   return state
 
 

@@ -3,6 +3,7 @@ checkpoint, the dense stage is not re-run, and the final SFT is
 bit-identical to an uninterrupted run's."""
 
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -11,6 +12,7 @@ import numpy as np
 from absl.testing import absltest
 
 from bistil_jax import sparse
+from bistil_jax.data import tasks
 from bistil_jax.train import loop
 from tests import fixtures
 
@@ -60,6 +62,11 @@ class SparseResumeTest(absltest.TestCase):
       ref = os.path.join(root, "whole")
       out = finetune(ref, args)
       self.assertEqual(out.returncode, 0, out.stderr[-3000:])
+      # Bucketed batches: at most one compiled step per bucket length.
+      compiled = re.findall(r"compiled for (\d+) batch shape", out.stderr)
+      self.assertLen(compiled, 2)  # dense and sparse stage
+      for n in compiled:
+        self.assertBetween(int(n), 1, len(tasks.bucket_lengths(64)))
       a = sparse.load_sft(os.path.join(wd, "export"))
       b = sparse.load_sft(os.path.join(ref, "export"))
       self.assertEqual(sorted(a.diffs), sorted(b.diffs))
