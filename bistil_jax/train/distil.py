@@ -248,6 +248,11 @@ def run(
     The exported student's HF model dir (workdir/export), or "" when
     config.train.export is False.
   """
+  with ckpt.workdir_lock(workdir):  # one run per workdir (issue 11)
+    return _run(config, workdir, overwrite=overwrite, phase=phase)
+
+
+def _run(config, workdir, *, overwrite, phase) -> str:
   validate(config)
   plain = configlib.to_dict(config)
 

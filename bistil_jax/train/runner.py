@@ -125,18 +125,14 @@ def make_checkpointer(directory: str, train) -> ckpt.Checkpointer:
 def restore_latest(
   checkpointer: ckpt.Checkpointer, state: Any, batches: Any
 ) -> tuple[Any, int]:
-  """(state, step) from the latest checkpoint, if any; the batch iterator
+  """(state, step) from the newest checkpoint that restores, if any (a
+  damaged newer step is moved aside with one warning); the batch iterator
   (anything with `restore(data_state)`) continues from the saved position."""
-  step = checkpointer.latest_step()
-  if step is None:
+  found = checkpointer.restore_latest(ckpt.abstract_like(state))
+  if found is None:
     return state, 0
+  step, restored, data = found
   log.info("resuming from %s step %d", checkpointer.directory, step)
-  restored, data = checkpointer.restore(step, ckpt.abstract_like(state))
-  if int(restored.step) != step:
-    raise BistilError(
-      f"checkpoint {step} in {checkpointer.directory} holds step "
-      f"{int(restored.step)}"
-    )
   batches.restore(data)
   return restored, step
 

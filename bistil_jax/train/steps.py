@@ -222,6 +222,10 @@ def apply_gradients(
     updates = sparse.gate(updates, update_mask)
   params = optax.apply_updates(state.params, updates)
   metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads)}
+  # 1.0 when this step's loss and gradients are finite (the loop's guard).
+  metrics["finite"] = jnp.isfinite(loss + metrics["grad_norm"]).astype(
+    jnp.float32
+  )
   for name, term in terms.items():
     metrics[f"{name}/total"] = term.total
     metrics[f"{name}/count"] = term.count

@@ -468,6 +468,11 @@ def run(
 ) -> str:
   """Runs `bistil sft` (phase="sft") or `bistil finetune` and returns the
   export: an SFT dir (sparse) or an HF model dir (dense)."""
+  with ckpt.workdir_lock(workdir):  # one run per workdir (issue 11)
+    return _run(config, workdir, phase=phase, overwrite=overwrite)
+
+
+def _run(config, workdir, *, phase, overwrite) -> str:
   validate(config, phase)
   plain = configlib.to_dict(config)
   task = config.task
