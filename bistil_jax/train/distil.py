@@ -23,7 +23,7 @@ import numpy as np
 from bistil_jax import configlib, partitioning
 from bistil_jax.checkpoint import hf, student_init
 from bistil_jax.checkpoint import manager as ckpt
-from bistil_jax.data import pipeline, vocab
+from bistil_jax.data import corpus, pipeline, vocab
 from bistil_jax.errors import BistilError
 from bistil_jax.model.config import ModelConfig
 from bistil_jax.model.encoder import Model, vocab_logits_mask
@@ -296,6 +296,10 @@ def _run(config, workdir, *, overwrite, phase) -> str:
   # --- data
   mesh = runner.build_mesh(config.mesh.shape)
   host_batch = runner.per_host_batch(config.data.batch_size, mesh)
+  corpus.check_corpora(  # every corpus checked before any is counted
+    configlib.expand(config.data[k])
+    for k in (*LANGS, *(f"{lang}_dev" for lang in LANGS))
+  )
   streams = [_stream(tokenizer, config.data[k], config) for k in LANGS]
   batches = pipeline.BilingualBatches(
     streams[0],
