@@ -290,12 +290,26 @@ def workdir_lock(workdir: str) -> Iterator[None]:
   """Holds `<workdir>/.lock` for the body: one run per workdir.
 
   Takes the lock before anything else is written (only the workdir itself
-  is created), releases it on exit, error or SIGTERM (turned into
-  SystemExit outside the training loop, which handles it itself). A
-  second run is refused in one line naming the holder; a lock of a dead
-  process on this host is taken over with a warning. A lock of another
-  host cannot be checked: the error says to delete the file if that run is
-  gone. In multi-host runs process 0 holds it.
+  is created, and removed again if nothing else was put there), releases
+  it on exit, error or SIGTERM (turned into SystemExit outside the
+  training loop, which handles it itself). A second run is refused in one
+  line naming the holder; a lock of a dead process on this host is taken
+  over with a warning. In multi-host runs process 0 holds it.
+
+  What works where (the limits):
+  - local disks and NFSv3+: the file is created with O_CREAT | O_EXCL,
+    atomic, so of two runs started at the same instant exactly one wins.
+  - gs://: created with the generation precondition ifGenerationMatch=0
+    (gcsfs "create" mode, marked experimental by gcsfs): atomic on the
+    server. Other fsspec filesystems: check-then-write, a race window of
+    one round trip between two starts.
+  - a SIGKILL (OOM killer, kill -9) leaves the lock behind: it is taken
+    over at the next start on the same host (the pid is gone). A lock left
+    by another host cannot be checked (no remote pid test): the error
+    names host and pid and says to delete the file if that run is gone.
+  - the lock is advisory: it guards bistil runs, not other writers, and
+    a pid reused by an unrelated process on the same host keeps a stale
+    lock "alive" until the file is deleted.
 
   Raises:
     BistilError: another run holds the lock.
@@ -352,8 +366,11 @@ def workdir_lock(workdir: str) -> Iterator[None]:
     del frame
     raise SystemExit(128 + signum)
 
-  with contextlib.suppress(ValueError):  # not the main thread
-    old_handler = signal.signal(signal.SIGTERM, on_term)
+  # Multi-host: SIGTERM belongs to JAX's preemption service (the loop
+  # saves at the agreed step), so it is not taken over here.
+  if jax.process_count() == 1:
+    with contextlib.suppress(ValueError):  # not the main thread
+      old_handler = signal.signal(signal.SIGTERM, on_term)
   try:
     yield
   finally:
