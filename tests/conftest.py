@@ -5,7 +5,10 @@ The environment is set here, before JAX, fsspec, gcsfs or tensorstore load.
 (see tests/gcs.py for how to use them).
 """
 
+import atexit
 import os
+import shutil
+import tempfile
 
 from tests import gcs
 
@@ -18,6 +21,17 @@ os.environ["HF_DATASETS_OFFLINE"] = "1"
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 gcs.apply_preimport_env()
+
+# Every temporary file of the suite (tempfile.mkdtemp/TemporaryDirectory
+# in tests, pytest's tmp_path, torch's inductor cache, CLI subprocesses via
+# TMPDIR) goes under one root removed at exit: the suite leaves nothing in
+# /tmp even where a test forgets to clean up or is killed half-way.
+if not os.environ.get("BISTIL_TEST_TMP"):
+  _root = tempfile.mkdtemp(prefix="bistil-tests-")
+  os.environ["BISTIL_TEST_TMP"] = _root
+  os.environ["TMPDIR"] = _root
+  tempfile.tempdir = _root
+  atexit.register(shutil.rmtree, _root, ignore_errors=True)
 
 import pytest  # noqa: E402
 

@@ -119,7 +119,10 @@ def _run_export(args: argparse.Namespace) -> int:
   if (args.model is None) == (args.workdir is None):
     raise BistilError("export-hf needs exactly one of --model or --workdir")
   if args.workdir:
+    from bistil_jax.checkpoint import manager
+
     model, params, tok_dir = _model_from_workdir(args.workdir, args.step)
+    manager.check_finite_tree(params, f"the checkpoint of {args.workdir}")
   elif args.sft:
     from bistil_jax.checkpoint import surgery
 

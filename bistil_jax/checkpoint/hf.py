@@ -17,6 +17,7 @@ import dataclasses
 import functools
 import json
 import logging
+import pickle
 import re
 from typing import Any
 
@@ -390,7 +391,18 @@ def _read_safetensors(path: paths.PathLike) -> dict[str, np.ndarray]:
     raise BistilError(f"corrupt or unreadable {path}: {e}") from None
 
 
+# Keys under which training scripts commonly nest a model's state dict.
+_TORCH_NESTING = ("state_dict", "model", "model_state_dict", "module")
+
+
 def _read_torch_bin(path: str) -> dict[str, np.ndarray]:
+  """A torch state dict as numpy, refusing anything but plain tensors.
+
+  Accepts a flat {name: tensor} dict and the common nestings
+  {'state_dict': {...}} / {'model': {...}} (also 'model_state_dict' and
+  'module'). torch.load runs with weights_only=True, so a pickle that
+  would run code is refused, never executed.
+  """
   try:
     import torch
   except ImportError:
@@ -399,15 +411,62 @@ def _read_torch_bin(path: str) -> dict[str, np.ndarray]:
       "(or convert it to model.safetensors)"
     ) from None
   try:
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    with paths.path(path).open("rb") as f:
+      state = torch.load(f, map_location="cpu", weights_only=True)
+  except pickle.UnpicklingError as e:
+    if "unsupported global" not in str(e).lower():
+      # Not a refused object: bytes that are no pickle torch can read.
+      raise BistilError(
+        f"corrupt or unreadable {path} (not a torch checkpoint)"
+      ) from None
+    # torch's text repeats advice to load with weights_only=False, which
+    # would run the file's code: never pass that on.
+    raise BistilError(
+      f"{path} is not a plain tensor checkpoint: it holds Python objects "
+      "that safe (weights_only) loading refused; convert it to "
+      "model.safetensors with the tool that wrote it"
+    ) from None
   except Exception as e:  # torch raises many types for bad files
-    raise BistilError(f"corrupt or unreadable {path}: {e}") from None
+    msg = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""
+    raise BistilError(
+      f"corrupt or unreadable {path} ({type(e).__name__}: {msg})"
+    ) from None
+  return _torch_tensors(state, path)
+
+
+def _torch_tensors(state: Any, path: str) -> dict[str, np.ndarray]:
+  """{name: array} from a loaded torch object (flat or nested once)."""
+  import torch
+
+  if isinstance(state, dict):
+    for key in _TORCH_NESTING:
+      inner = state.get(key)
+      if isinstance(inner, dict) and inner and not _all_tensors(state):
+        state = inner
+        break
+  if not isinstance(state, dict) or not state:
+    raise BistilError(
+      f"{path} holds a {type(state).__name__}, not a state dict of tensors"
+    )
+  bad = [k for k, v in state.items() if not isinstance(v, torch.Tensor)]
+  if bad:
+    kinds = sorted({type(state[k]).__name__ for k in bad})
+    raise BistilError(
+      f"{path} is not a state dict of tensors: {len(bad)} of {len(state)} "
+      f"entries (e.g. {str(bad[0])[:60]!r}) hold {', '.join(kinds)}"
+    )
   out = {}
   for k, v in state.items():
     if v.dtype == torch.bfloat16:
       v = v.float()
-    out[k] = v.numpy()
+    out[str(k)] = v.detach().cpu().numpy()
   return out
+
+
+def _all_tensors(state: dict) -> bool:
+  import torch
+
+  return all(isinstance(v, torch.Tensor) for v in state.values())
 
 
 def _read_flax_msgpack(path: paths.PathLike) -> dict[str, np.ndarray]:

@@ -1,31 +1,46 @@
 """Workdirs and Orbax checkpoints shared by every training phase.
 
 A workdir holds (DESIGN.md "workdir"):
-  run.json        the phase and the config as run (written once, at step 0)
-  checkpoints/    Orbax CheckpointManager steps: items "state" (TrainState,
-                  masks included where a phase has them) and "data" (the
-                  input iterator position, JSON)
-  metrics/        TensorBoard event files + metrics.jsonl
-  export/         the exported HF model dir (or SFT dir)
+  run.json         the phase, the config as run, and the recovery changes
+                   made on resume ("changes": step, key, old, new, time)
+  .lock            held by the running job (host, pid, start time)
+  checkpoints/     Orbax CheckpointManager steps: items "state" (TrainState,
+                   masks included where a phase has them) and "data" (the
+                   input iterator position, JSON)
+  checkpoints.bad/ steps that could not be restored, moved aside (never
+                   deleted) when a run fell back to an older step
+  metrics/         TensorBoard event files + metrics.jsonl
+  export/          the exported HF model dir (or SFT dir)
 
-Running a command again on its workdir resumes from the latest checkpoint.
-A workdir made by another phase or config is refused unless the caller
-passes overwrite=True; a non-empty directory that is not a bistil workdir is
-always refused, so no user data is ever removed.
+Running a command again on its workdir resumes from the latest checkpoint
+that restores. A workdir made by another phase or config is refused unless
+the caller passes overwrite=True, except for the declared recovery keys
+(RECOVERY_KEYS: e.g. a lower learning rate after a NaN stop), which may
+change on resume and are recorded; a non-empty directory that is not a
+bistil workdir is always refused, so no user data is ever removed.
+
+Every file operation goes through `etils.epath`, so a workdir may be a
+`gs://` path (GCS has no empty directories and no rglob; a rename is a
+copy + delete, so nothing here relies on either being cheap or atomic).
 """
 
 from __future__ import annotations
 
+import contextlib
+import datetime
 import json
 import logging
 import os
-import shutil
-import tempfile
-from collections.abc import Mapping, Sequence
+import signal
+import socket
+import sys
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
+from etils import epath
 
 from bistil_jax import configlib
 from bistil_jax.errors import BistilError
@@ -33,30 +48,83 @@ from bistil_jax.errors import BistilError
 log = logging.getLogger(__name__)
 
 RUN_FILE = "run.json"
+LOCK_FILE = ".lock"
 CHECKPOINTS = "checkpoints"
+BAD_CHECKPOINTS = "checkpoints.bad"
 METRICS = "metrics"
 EXPORT = "export"
-OURS = (RUN_FILE, CHECKPOINTS, METRICS, EXPORT)
+OURS = (RUN_FILE, CHECKPOINTS, BAD_CHECKPOINTS, METRICS, EXPORT)
+
+# Config keys that may change when a run is resumed, without --overwrite:
+# the documented recovery after a non-finite stop. Each leaves the shape of
+# the optimiser state alone (the checkpoint still restores) and only
+# changes the updates from the resumed step on: the learning-rate schedule
+# (a pure function of the step), decoupled weight decay, and the clipping
+# threshold while clipping stays on. Not here: optim.accumulate_steps (it
+# wraps the optimiser in MultiSteps, a different state, and rescales the
+# schedule), turning clipping on or off (adds/removes a chain element),
+# b1/b2 (the moments were accumulated with the old ones), and every data,
+# model or loss key (they change what the run is).
+RECOVERY_KEYS = (
+  "optim.learning_rate",
+  "optim.warmup_steps",
+  "optim.clip_norm",
+  "optim.weight_decay",
+)
 
 
-def _write_json_atomic(path: str, obj: Any) -> None:
-  d = os.path.dirname(os.path.abspath(path))
-  fd, tmp = tempfile.mkstemp(prefix=".run-", dir=d)
-  with os.fdopen(fd, "w") as f:
-    json.dump(obj, f, indent=2, sort_keys=True)
-  os.replace(tmp, path)
+def _recovery_refusal(key: str, old: Any, new: Any) -> str | None:
+  """Why changing recovery key `key` from old to new cannot resume."""
+  if key == "optim.clip_norm" and bool(old) != bool(new):
+    return (
+      f"{key} {old} -> {new} turns clipping {'on' if new else 'off'}, which "
+      "changes the optimiser state; change it only between non-zero values"
+    )
+  return None
+
+
+def _path(p: str | os.PathLike) -> epath.Path:
+  return epath.Path(p)
+
+
+def _write_json_atomic(path: epath.Path, obj: Any) -> None:
+  # Write a sibling then replace: a crash mid-write leaves the old file (on
+  # GCS the object upload itself is atomic; replace is copy + delete).
+  tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"
+  tmp.write_text(json.dumps(obj, indent=2, sort_keys=True))
+  tmp.replace(path)
 
 
 def read_run(workdir: str) -> dict[str, Any]:
   """The run.json of a workdir."""
-  path = os.path.join(workdir, RUN_FILE)
-  if not os.path.isfile(path):
+  path = _path(workdir) / RUN_FILE
+  if not path.is_file():
     raise BistilError(f"{workdir} is not a bistil workdir (no {RUN_FILE})")
   try:
-    with open(path) as f:
-      return json.load(f)
+    return json.loads(path.read_text())
   except (OSError, json.JSONDecodeError) as e:
     raise BistilError(f"{path} is unreadable: {e}") from None
+
+
+def _lookup(tree: Mapping[str, Any], key: str) -> Any:
+  node: Any = tree
+  for part in key.split("."):
+    if not isinstance(node, Mapping) or part not in node:
+      return "<absent>"
+    node = node[part]
+  return node
+
+
+def _latest_steps(workdir: epath.Path, names: Sequence[str]) -> dict[str, int]:
+  """{checkpoint dir name: its newest step} for the dirs that have steps."""
+  out = {}
+  for name in names:
+    d = workdir / name
+    if d.is_dir():
+      steps = [int(c.name) for c in d.iterdir() if c.name.isdigit()]
+      if steps:
+        out[name] = max(steps)
+  return out
 
 
 def prepare_workdir(
@@ -66,19 +134,23 @@ def prepare_workdir(
   *,
   overwrite: bool = False,
   resume_safe: Sequence[str] = (),
+  recovery: Sequence[str] = RECOVERY_KEYS,
   outputs: Sequence[str] = (),
 ) -> bool:
   """Creates or checks a workdir; returns True when it may hold a run.
 
   Args:
-    workdir: the directory.
+    workdir: the directory (local or `gs://...`).
     phase: "distil", "sft", ... recorded and compared.
     config: the plain config dict of this run.
     overwrite: replace the bistil outputs of a different run.
     resume_safe: dotted config keys allowed to differ on resume (logging
       and checkpoint cadence).
+    recovery: dotted config keys allowed to differ on resume and recorded
+      in run.json "changes" (default RECOVERY_KEYS).
     outputs: names the phase writes besides run.json, checkpoints/,
-      metrics/ and export/ (removed with them on overwrite).
+      metrics/ and export/ (removed with them on overwrite; stage
+      checkpoint dirs among them are searched for the resume step).
 
   Returns:
     True if the workdir already held this run (resume), else False.
@@ -87,46 +159,242 @@ def prepare_workdir(
     BistilError: the dir belongs to another run (without overwrite) or is a
       non-empty directory that bistil did not make.
   """
-  if os.path.exists(workdir) and not os.path.isdir(workdir):
+  wd = _path(workdir)
+  if wd.exists() and not wd.is_dir():
     raise BistilError(f"workdir {workdir} exists and is not a directory")
-  os.makedirs(workdir, exist_ok=True)
-  entries = [e for e in os.listdir(workdir) if not e.startswith(".")]
-  run_path = os.path.join(workdir, RUN_FILE)
+  wd.mkdir(parents=True, exist_ok=True)
+  entries = (
+    [e.name for e in wd.iterdir() if not e.name.startswith(".")]
+    if wd.is_dir()
+    else []
+  )
+  run_path = wd / RUN_FILE
   resumed = False
-  if entries and not os.path.isfile(run_path):
+  record: dict[str, Any] = {"phase": phase, "config": dict(config)}
+  if entries and not run_path.is_file():
     raise BistilError(
       f"workdir {workdir} is not empty and is not a bistil workdir; "
       "choose an empty or new directory"
     )
-  if os.path.isfile(run_path):
+  if run_path.is_file():
     old = read_run(workdir)
-    diffs = []
+    diffs, changes, refusals = [], [], []
     if old.get("phase") != phase:
       diffs.append(f"phase ({old.get('phase')} != {phase})")
-    diffs += [
-      k
-      for k in configlib.diff_keys(old.get("config", {}), dict(config))
-      if not any(k == s or k.startswith(s + ".") for s in resume_safe)
-    ]
+
+    def covered(k, keys):
+      return any(k == s or k.startswith(s + ".") for s in keys)
+
+    for k in configlib.diff_keys(old.get("config", {}), dict(config)):
+      if covered(k, resume_safe):
+        continue
+      if covered(k, recovery):
+        a, b = _lookup(old.get("config", {}), k), _lookup(config, k)
+        why = _recovery_refusal(k, a, b)
+        if why:
+          refusals.append(why)
+          diffs.append(k)
+        else:
+          changes.append((k, a, b))
+        continue
+      diffs.append(k)
     if diffs and not overwrite:
+      more = f"; {refusals[0]}" if refusals else ""
       raise BistilError(
         f"workdir {workdir} holds another run (differs in: "
-        f"{', '.join(diffs[:8])}); use --overwrite or another --workdir"
+        f"{', '.join(diffs[:8])}){more}; use --overwrite or another "
+        f"--workdir (resuming may change only {', '.join(recovery)})"
       )
     if diffs:
       log.warning("--overwrite: removing the previous run in %s", workdir)
       if jax.process_index() == 0:
         for name in (*OURS, *outputs):
-          p = os.path.join(workdir, name)
-          if os.path.isdir(p):
-            shutil.rmtree(p)
-          elif os.path.exists(p):
-            os.remove(p)
+          p = wd / name
+          if p.is_dir():
+            p.rmtree()
+          elif p.exists():
+            p.unlink()
     else:
       resumed = True
-  if not resumed and jax.process_index() == 0:
-    _write_json_atomic(run_path, {"phase": phase, "config": dict(config)})
+      history = list(old.get("changes", []))
+      if changes:
+        steps = _latest_steps(wd, (CHECKPOINTS, *outputs))
+        step: Any = (
+          next(iter(steps.values())) if len(steps) == 1 else (steps or 0)
+        )
+        now = datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
+        for k, a, b in changes:
+          history.append(
+            {"step": step, "key": k, "old": a, "new": b, "time": now}
+          )
+          log.warning("resuming with %s changed: %r -> %r", k, a, b)
+      record["changes"] = history
+      if old == record:
+        return True
+  if jax.process_index() == 0:
+    _write_json_atomic(run_path, record)
   return resumed
+
+
+# ------------------------------------------------------------------ lock
+def _lock_holder(info: Mapping[str, Any]) -> str:
+  return (
+    f"host {info.get('host', '?')} pid {info.get('pid', '?')} since "
+    f"{info.get('start', '?')}"
+  )
+
+
+def _pid_alive(pid: int) -> bool:
+  try:
+    os.kill(pid, 0)
+  except ProcessLookupError:
+    return False
+  except PermissionError:  # someone else's live process
+    return True
+  return True
+
+
+def _create_exclusive(path: epath.Path, data: str) -> bool:
+  """Creates `path` holding `data` unless it exists; True if we made it.
+
+  Local and NFSv3+ paths: O_CREAT | O_EXCL, atomic. gs://: an upload with
+  the generation precondition ifGenerationMatch=0 (gcsfs "create" mode),
+  atomic on the server. Other remote filesystems: check, then write (a
+  race window between two starts in the same instant).
+  """
+  s = os.fspath(path)
+  if "://" not in s:
+    try:
+      fd = os.open(s, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    except FileExistsError:
+      return False
+    with os.fdopen(fd, "w") as f:
+      f.write(data)
+    return True
+  if s.startswith("gs://"):
+    import fsspec  # noqa: PLC0415 - only for gs:// workdirs
+
+    try:
+      fsspec.filesystem("gs").pipe_file(s, data.encode(), mode="create")
+    except FileExistsError:
+      return False
+    return True
+  if path.exists():
+    return False
+  path.write_text(data)
+  return True
+
+
+@contextlib.contextmanager
+def workdir_lock(workdir: str) -> Iterator[None]:
+  """Holds `<workdir>/.lock` for the body: one run per workdir.
+
+  Takes the lock before anything else is written (only the workdir itself
+  is created, and removed again if nothing else was put there), releases
+  it on exit, error or SIGTERM (turned into SystemExit outside the
+  training loop, which handles it itself). A second run is refused in one
+  line naming the holder; a lock of a dead process on this host is taken
+  over with a warning. In multi-host runs process 0 holds it.
+
+  What works where (the limits):
+  - local disks and NFSv3+: the file is created with O_CREAT | O_EXCL,
+    atomic, so of two runs started at the same instant exactly one wins.
+  - gs://: created with the generation precondition ifGenerationMatch=0
+    (gcsfs "create" mode, marked experimental by gcsfs): atomic on the
+    server. Other fsspec filesystems: check-then-write, a race window of
+    one round trip between two starts.
+  - a SIGKILL (OOM killer, kill -9) leaves the lock behind: it is taken
+    over at the next start on the same host (the pid is gone). A lock left
+    by another host cannot be checked (no remote pid test): the error
+    names host and pid and says to delete the file if that run is gone.
+  - the lock is advisory: it guards bistil runs, not other writers, and
+    a pid reused by an unrelated process on the same host keeps a stale
+    lock "alive" until the file is deleted.
+
+  Raises:
+    BistilError: another run holds the lock.
+  """
+  if jax.process_index() != 0:
+    yield
+    return
+  wd = _path(workdir)
+  if wd.exists() and not wd.is_dir():
+    raise BistilError(f"workdir {workdir} exists and is not a directory")
+  created = not wd.exists()
+  wd.mkdir(parents=True, exist_ok=True)
+  lock = wd / LOCK_FILE
+  me = {
+    "host": socket.gethostname(),
+    "pid": os.getpid(),
+    "start": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+  }
+  text = json.dumps(me)
+  for attempt in range(2):
+    if _create_exclusive(lock, text):
+      break
+    try:
+      other = json.loads(lock.read_text())
+    except (OSError, ValueError):
+      other = {}
+    same_host = other.get("host") == me["host"]
+    pid = other.get("pid")
+    if (
+      attempt == 0
+      and same_host
+      and isinstance(pid, int)
+      and not _pid_alive(pid)
+    ):
+      log.warning(
+        "taking over the stale lock %s of %s (the process is gone)",
+        lock,
+        _lock_holder(other),
+      )
+      with contextlib.suppress(FileNotFoundError):
+        lock.unlink()
+      continue
+    where = "" if same_host else "; if that run is gone, delete the file"
+    raise BistilError(
+      f"workdir {workdir} is in use by another run ({_lock_holder(other)}; "
+      f"lock {lock}){where}"
+    )
+  else:  # pragma: no cover - two takeovers raced
+    raise BistilError(f"workdir {workdir}: could not take the lock {lock}")
+
+  old_handler = None
+
+  def on_term(signum, frame):
+    del frame
+    raise SystemExit(128 + signum)
+
+  # Multi-host: SIGTERM belongs to JAX's preemption service (the loop
+  # saves at the agreed step), so it is not taken over here.
+  if jax.process_count() == 1:
+    with contextlib.suppress(ValueError):  # not the main thread
+      old_handler = signal.signal(signal.SIGTERM, on_term)
+  try:
+    yield
+  finally:
+    if old_handler is not None:
+      signal.signal(signal.SIGTERM, old_handler)
+    try:  # release only our own lock (a forced takeover replaced it)
+      if json.loads(lock.read_text()).get("pid") == me["pid"]:
+        lock.unlink()
+      # Bad input refused before the workdir was used leaves no trace.
+      if created and wd.is_dir() and not list(wd.iterdir()):
+        wd.rmdir()
+    except (OSError, ValueError):
+      pass
+
+
+def check_finite_tree(tree: Any, what: str) -> None:
+  """Refuses a tree (host or device) with a NaN/inf floating leaf."""
+  for path, x in jax.tree_util.tree_leaves_with_path(tree):
+    a = np.asarray(x)
+    if np.issubdtype(a.dtype, np.floating) and not np.all(np.isfinite(a)):
+      raise BistilError(
+        f"{what} holds non-finite values ({jax.tree_util.keystr(path)}); "
+        "it was not written"
+      )
 
 
 def abstract_like(tree: Any) -> Any:
@@ -135,6 +403,58 @@ def abstract_like(tree: Any) -> Any:
     lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
     tree,
   )
+
+
+def _first_line(e: BaseException) -> str:
+  """The first line of an error, without TensorStore's appended dump."""
+  text = str(e).strip()
+  if not text:
+    return type(e).__name__
+  line = text.splitlines()[0].split(" See full TensorStore details")[0]
+  return line[:200]
+
+
+def _drop_closed_loop_reports() -> None:
+  """Stops the stray "RuntimeError: Event loop is closed" tracebacks.
+
+  When one array of a restore fails, orbax's asyncio loop ends while
+  TensorStore reads of the other arrays are still in flight; each of them
+  then calls `loop.call_soon_threadsafe` on the closed loop from a
+  TensorStore thread, and Python reports that as an unraisable exception
+  (one traceback per array). The failure itself is reported by
+  `Checkpointer.restore`; only these follow-up reports are dropped.
+  """
+  previous = sys.unraisablehook
+  if getattr(previous, "_bistil", False):
+    return
+
+  def hook(unraisable):
+    exc = unraisable.exc_value
+    if isinstance(exc, RuntimeError) and str(exc) == "Event loop is closed":
+      return
+    previous(unraisable)
+
+  hook._bistil = True  # type: ignore[attr-defined]
+  sys.unraisablehook = hook
+
+
+@contextlib.contextmanager
+def _quiet_orbax() -> Iterator[None]:
+  """Silences orbax's and absl's log chatter around a restore attempt.
+
+  A failing restore logs TensorStore's multi-line error text before it
+  raises; we report the failure in one line ourselves.
+  """
+  _drop_closed_loop_reports()
+  loggers = [logging.getLogger(n) for n in ("absl", "orbax", "tensorstore")]
+  levels = [lg.level for lg in loggers]
+  for lg in loggers:
+    lg.setLevel(logging.CRITICAL)
+  try:
+    yield
+  finally:
+    for lg, level in zip(loggers, levels, strict=True):
+      lg.setLevel(level)
 
 
 class Checkpointer:
@@ -157,7 +477,10 @@ class Checkpointer:
       raise BistilError(f"checkpoint interval must be >= 1, got {every}")
     if keep < 1:
       raise BistilError(f"checkpoints to keep must be >= 1, got {keep}")
-    self.directory = os.path.abspath(os.path.join(workdir, CHECKPOINTS))
+    wd = _path(workdir)
+    if "://" not in os.fspath(wd):
+      wd = wd.absolute()
+    self.directory = wd / CHECKPOINTS
     self.every = every
     options = ocp.CheckpointManagerOptions(
       max_to_keep=keep,
@@ -195,19 +518,84 @@ class Checkpointer:
   def restore(self, step: int, abstract_state: Any) -> tuple[Any, dict]:
     """Restores step `step` into the (sharded) abstract target."""
     try:
-      out = self._mngr.restore(
-        step,
-        args=ocp.args.Composite(
-          state=ocp.args.StandardRestore(abstract_state),
-          data=ocp.args.JsonRestore(),
-        ),
-      )
+      with _quiet_orbax():
+        out = self._mngr.restore(
+          step,
+          args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(abstract_state),
+            data=ocp.args.JsonRestore(),
+          ),
+        )
     except Exception as e:  # orbax raises many kinds; name the checkpoint
       raise BistilError(
         f"checkpoint step {step} in {self.directory} cannot be restored "
-        f"({type(e).__name__}: {str(e).splitlines()[0][:200]})"
-      ) from e
+        f"({type(e).__name__}: {_first_line(e)})"
+      ) from None
     return out["state"], dict(out["data"] or {})
+
+  def restore_latest(self, abstract_state: Any) -> tuple[int, Any, dict] | None:
+    """(step, state, data) of the newest step that restores; None if none.
+
+    A step that fails to restore (a deleted or truncated chunk, a bad
+    metadata file) is reported in one warning line and moved aside to
+    `checkpoints.bad/<step>` (never deleted: it may be worth inspecting),
+    and the next older step is tried. A restored step whose state step
+    differs from its name counts as failed too.
+
+    Raises:
+      BistilError: steps exist but none restores.
+    """
+    steps = sorted(self.all_steps(), reverse=True)
+    if not steps:
+      return None
+    failed: list[tuple[int, BistilError]] = []
+    for step in steps:
+      try:
+        state, data = self.restore(step, abstract_state)
+        held = getattr(state, "step", None)
+        if held is not None and int(held) != step:
+          raise BistilError(
+            f"checkpoint step {step} in {self.directory} holds step {int(held)}"
+          )
+      except BistilError as e:
+        failed.append((step, e))
+        continue
+      # Only now, with an older good step in hand, are the newer ones
+      # known to be damaged (not, say, a target that no step matches).
+      for bad, e in failed:
+        moved = self._move_aside(bad)
+        log.warning("%s; moved it to %s, resuming from step %d", e, moved, step)
+      return step, state, data
+    raise BistilError(
+      f"no checkpoint in {self.directory} restores (steps {sorted(steps)}; "
+      f"newest: {failed[0][1]}); nothing was moved or deleted; rerun with "
+      "--overwrite to start again, or another --workdir"
+    )
+
+  def _move_aside(self, step: int) -> epath.Path:
+    """Moves step dir `step` to checkpoints.bad/<step>[.n]; never deletes."""
+    bad = self.directory.parent / BAD_CHECKPOINTS
+    if jax.process_index() == 0:
+      # A file, not just mkdir: GCS has no empty directories, and rename
+      # needs the destination's folder to exist.
+      bad.mkdir(parents=True, exist_ok=True)
+      readme = bad / "README"
+      if not readme.exists():
+        readme.write_text(
+          "Checkpoint steps that failed to restore, moved here by bistil "
+          "when the run fell back to an older step. Not used by bistil; "
+          "safe to inspect or delete.\n"
+        )
+      dst = bad / str(step)
+      n = 1
+      while dst.exists():
+        dst = bad / f"{step}.{n}"
+        n += 1
+      (self.directory / str(step)).rename(dst)
+    else:  # pragma: no cover - multi-host
+      dst = bad / str(step)
+    self._mngr.reload()
+    return dst
 
   def wait(self) -> None:
     self._mngr.wait_until_finished()
@@ -229,31 +617,35 @@ def read_state(
   Returns:
     (step, {"step", "params", "opt_state", ...} as nested dicts).
   """
-  directory = os.path.abspath(os.path.join(workdir, CHECKPOINTS))
-  if not os.path.isdir(directory):
+  directory = _path(workdir) / CHECKPOINTS
+  if not directory.is_dir():
     raise BistilError(f"{workdir} has no checkpoints")
-  steps = sorted(int(n) for n in os.listdir(directory) if n.isdigit())
+  steps = sorted(int(c.name) for c in directory.iterdir() if c.name.isdigit())
   if not steps:
     raise BistilError(f"{workdir} has no finished checkpoint")
   if step is None:
     step = steps[-1]
   elif step not in steps:
     raise BistilError(f"{workdir} has no checkpoint {step}; it has {steps}")
-  path = os.path.join(directory, str(step), "state")
+  path = directory / str(step) / "state"
+  if "://" not in os.fspath(path):
+    path = path.absolute()
   ck = ocp.StandardCheckpointer()
   try:
-    meta = ck.metadata(path)
-    tree = getattr(meta, "item_metadata", meta)
-    dev = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-    target = jax.tree.map(
-      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=dev), tree
-    )
-    state = ck.restore(path, target)
+    # The item dir has no step-level metadata file of its own; orbax logs
+    # "Metadata file does not exist" for it although the restore is fine.
+    with _quiet_orbax():
+      meta = ck.metadata(path)
+      tree = getattr(meta, "item_metadata", meta)
+      dev = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+      target = jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=dev), tree
+      )
+      state = ck.restore(path, target)
   except Exception as e:
     raise BistilError(
-      f"checkpoint {path} cannot be read ({type(e).__name__}: "
-      f"{str(e).splitlines()[0][:200]})"
-    ) from e
+      f"checkpoint {path} cannot be read ({type(e).__name__}: {_first_line(e)})"
+    ) from None
   finally:
     ck.close()
   return step, jax.tree.map(lambda x: jax.device_get(x), dict(state))

@@ -20,13 +20,18 @@ one document (or one `datasets` shard buffer) in memory.
 
 from __future__ import annotations
 
+import codecs
 import dataclasses
 import gzip
-import io
+import logging
 import os
 from collections.abc import Iterator
 
+from etils import epath
+
 from bistil_jax.errors import BistilError
+
+log = logging.getLogger(__name__)
 
 # `datasets` builders accepted as `BUILDER:PATH[:COLUMN]` specs.
 LOCAL_BUILDERS = ("text", "json", "csv", "parquet")
@@ -69,7 +74,7 @@ def parse_spec(spec: str) -> CorpusSpec:
   """
   if not isinstance(spec, str) or not spec.strip():
     raise BistilError(f"empty corpus spec {spec!r}")
-  if os.path.exists(spec):
+  if epath.Path(spec).exists():
     return CorpusSpec(kind="file", path=spec)
   prefix, sep, rest = spec.partition(":")
   if sep and prefix == "hf":
@@ -99,7 +104,7 @@ def parse_spec(spec: str) -> CorpusSpec:
     if prefix != "text":
       head, csep, tail = rest.rpartition(":")
       # A trailing `:COLUMN` unless the whole rest is an existing path.
-      if csep and head and not os.path.exists(rest):
+      if csep and head and not epath.Path(rest).exists():
         path, column = head, tail
     if not path:
       raise BistilError(f"bad corpus spec {spec!r}: no path after {prefix}:")
@@ -156,10 +161,21 @@ def _capped(
     raise BistilError(f"corpus {spec} is empty (no non-empty lines)")
 
 
-def _open_text(path: str) -> io.TextIOBase:
-  """Opens a plain or gzipped UTF-8 text file, failing with one line."""
+# Lines longer than this are read in pieces of about this size, split at
+# whitespace: a pathological multi-megabyte line (a dump without newlines)
+# costs bounded memory, not its length times the tokenizer's overhead.
+MAX_LINE_BYTES = 1 << 20
+# Bytes decoded by `check_corpus` to catch a wrong encoding up front.
+PROBE_BYTES = 1 << 16
+
+
+def _open_binary(path: str):
+  """Opens a plain or gzipped file as a binary stream, failing in one line."""
+  p = epath.Path(path)
   try:
-    raw = open(path, "rb")  # noqa: SIM115 - closed by the caller
+    if p.is_dir():
+      raise IsADirectoryError(path)
+    raw = p.open("rb")
   except FileNotFoundError:
     raise BistilError(f"corpus file not found: {path}") from None
   except IsADirectoryError:
@@ -167,39 +183,123 @@ def _open_text(path: str) -> io.TextIOBase:
       f"corpus path is a directory, not a file: {path}"
     ) from None
   except OSError as e:
-    raise BistilError(f"cannot read corpus file {path}: {e.strerror}") from None
+    raise BistilError(
+      f"cannot read corpus file {path}: {e.strerror or e}"
+    ) from None
   try:
-    magic = raw.peek(2)[:2]
+    magic = raw.read(2)
+    raw.seek(0)
   except OSError as e:
     raw.close()
-    raise BistilError(f"cannot read corpus file {path}: {e.strerror}") from None
+    raise BistilError(
+      f"cannot read corpus file {path}: {e.strerror or e}"
+    ) from None
   if magic == b"\x1f\x8b":
-    stream = gzip.GzipFile(fileobj=raw, mode="rb")
-  elif path.endswith(".gz"):
+    return gzip.GzipFile(fileobj=raw, mode="rb")
+  if path.endswith(".gz"):
     raw.close()
     raise BistilError(f"corpus file {path} ends in .gz but is not gzipped")
-  else:
-    stream = raw
-  return io.TextIOWrapper(stream, encoding="utf-8", newline=None)
+  return raw
+
+
+def _not_utf8(path: str, lineno: int, err: UnicodeDecodeError) -> BistilError:
+  bad = err.object[err.start : err.start + 4]
+  return BistilError(
+    f"{path}:{lineno}: not valid UTF-8 (byte {bad[:1]!r}); corpus files "
+    "must be UTF-8 text"
+  )
+
+
+def check_corpus(spec: str) -> None:
+  """Cheap up-front checks of a corpus, before anything is counted.
+
+  For text files: exists, is readable, holds a non-blank line, and its
+  first PROBE_BYTES decode as UTF-8 (the error names file:line). Dataset
+  specs get the checks `iter_lines` makes when opening them.
+
+  Raises:
+    BistilError: naming the corpus and the problem.
+  """
+  parsed = parse_spec(spec)
+  if parsed.kind != "file":
+    if parsed.kind == "local":
+      _check_local_files(parsed.path)
+    return
+  path = parsed.path
+  with _open_binary(path) as f:
+    try:
+      head = f.read(PROBE_BYTES)
+      # Skip leading blank space cheaply, in bounded chunks.
+      chunk = head
+      while chunk and not chunk.strip():
+        chunk = f.read(PROBE_BYTES)
+    except (OSError, EOFError) as e:  # e.g. a truncated gzip stream
+      raise BistilError(f"cannot read corpus file {path}: {e}") from None
+  if not chunk.strip():
+    raise BistilError(f"corpus {spec} is empty (no non-empty lines)")
+  try:
+    codecs.getincrementaldecoder("utf-8")().decode(head, final=False)
+  except UnicodeDecodeError as e:
+    raise _not_utf8(path, head[: e.start].count(b"\n") + 1, e) from None
+
+
+def check_corpora(specs) -> None:
+  """`check_corpus` for each non-empty spec, all before any is read."""
+  for spec in specs:
+    if spec:
+      check_corpus(spec)
 
 
 def _file_lines(path: str) -> Iterator[str]:
-  f = _open_text(path)
-  return _read_file(f, path)
+  return _read_file(_open_binary(path), path)
 
 
-def _read_file(f: io.TextIOBase, path: str) -> Iterator[str]:
+def _read_file(f, path: str) -> Iterator[str]:
+  """The non-blank lines of a binary stream, decoded one line at a time
+  (so a decoding error names its exact line), long lines in pieces."""
+  decoder = codecs.getincrementaldecoder("utf-8")()
+  lineno = 0
+  buf = ""  # the part of a long line read but not yet yielded
+  in_line = False  # the last chunk ended inside a line
+  warned = False
   with f:
-    lineno = 0
     try:
-      for lineno, line in enumerate(f, start=1):  # noqa: B007
-        line = line.rstrip("\r\n")
-        if line.strip():
-          yield line
-    except UnicodeDecodeError:
-      raise BistilError(
-        f"corpus file {path} is not valid UTF-8 (after line {lineno})"
-      ) from None
+      while True:
+        raw = f.readline(MAX_LINE_BYTES)
+        if not raw:
+          break
+        if not in_line:
+          lineno += 1
+        ends = raw.endswith(b"\n")
+        try:
+          buf += decoder.decode(raw, final=ends)
+        except UnicodeDecodeError as e:
+          raise _not_utf8(path, lineno, e) from None
+        in_line = not ends
+        if ends:
+          line, buf = buf.rstrip("\r\n"), ""
+          if line.strip():
+            yield line
+        elif len(buf) >= MAX_LINE_BYTES:
+          if not warned:
+            log.warning(
+              "%s:%d is longer than %d bytes: read in pieces split at "
+              "whitespace",
+              path,
+              lineno,
+              MAX_LINE_BYTES,
+            )
+            warned = True
+          cut = max(buf.rfind(" ", 0, MAX_LINE_BYTES), 0) or MAX_LINE_BYTES
+          piece, buf = buf[:cut], buf[cut:].lstrip()
+          if piece.strip():
+            yield piece
+      try:
+        buf += decoder.decode(b"", final=True)
+      except UnicodeDecodeError as e:
+        raise _not_utf8(path, lineno, e) from None
+      if buf.strip():
+        yield buf.rstrip("\r\n")
     except (OSError, EOFError) as e:  # e.g. a truncated gzip stream
       raise BistilError(f"cannot read corpus file {path}: {e}") from None
 
@@ -280,12 +380,18 @@ def _read_dataset(ds, column: str, spec: str) -> Iterator[str]:
 
 
 def _check_local_files(path: str) -> None:
-  """Fails early for a missing or unreadable local data file (or glob)."""
-  import glob  # noqa: PLC0415
+  """Fails early for a missing or unreadable data file (or glob)."""
+  import glob  # noqa: PLC0415 - only for has_magic
 
-  matches = glob.glob(path) if glob.has_magic(path) else [path]
-  if not matches or not os.path.exists(matches[0]):
+  p = epath.Path(path)
+  if glob.has_magic(path):
+    # Magic in the last part only (epath globs one level on remote paths).
+    matches = sorted(p.parent.glob(p.name)) if p.parent.exists() else []
+  else:
+    matches = [p]
+  if not matches or not matches[0].exists():
     raise BistilError(f"corpus file not found: {path}")
   for m in matches:
-    if os.path.isfile(m) and not os.access(m, os.R_OK):
+    local = "://" not in os.fspath(m)
+    if local and m.is_file() and not os.access(m, os.R_OK):
       raise BistilError(f"cannot read corpus file {m}: permission denied")

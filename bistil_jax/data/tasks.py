@@ -128,11 +128,20 @@ class TokenExample:
     words: the words (pre-tokenized, as in the file).
     labels: one label per word.
     source: where it came from, `path:line` or `spec row i`, for messages.
+    lines: for files, the line of each word, so a message can name the
+      offending word's own line.
   """
 
   words: tuple[str, ...]
   labels: tuple[str, ...]
   source: str = dataclasses.field(default="", compare=False)
+  lines: tuple[int, ...] = dataclasses.field(default=(), compare=False)
+
+  def where(self, i: int) -> str:
+    """`path:line` of word i (the example's source without line info)."""
+    if len(self.lines) > i and ":" in self.source:
+      return f"{self.source.rsplit(':', 1)[0]}:{self.lines[i]}"
+    return self.source or "?"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -186,15 +195,17 @@ def _open(path: str, what: str):
 
 def _lines(path: str, what: str) -> Iterator[tuple[int, str]]:
   """(1-based line number, line without its end) of a text file."""
-  with _open(path, what) as f:
-    lineno = 0
-    try:
-      for lineno, line in enumerate(f, start=1):  # noqa: B007
-        yield lineno, line.rstrip("\r\n")
-    except UnicodeDecodeError:
-      raise BistilError(
-        f"{what} file {path} is not valid UTF-8 (after line {lineno})"
-      ) from None
+  _open(path, what).close()  # one-line errors for missing/unreadable files
+  # Decoded line by line (not in chunks), so an error names its own line.
+  with open(path, "rb") as f:
+    for lineno, raw in enumerate(f, start=1):
+      try:
+        line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
+      except UnicodeDecodeError:
+        raise BistilError(
+          f"{path}:{lineno}: not valid UTF-8 ({what} files must be UTF-8)"
+        ) from None
+      yield lineno, line.rstrip("\r\n")
 
 
 def _nonempty(examples: list[Any], path: str, what: str) -> list[Any]:
@@ -224,14 +235,16 @@ def read_conllu(path: str | os.PathLike[str]) -> list[TokenExample]:
   """
   path = os.fspath(path)
   examples = []
-  words, tags, start = [], [], 0
+  words, tags, start, lines = [], [], 0, []
   for lineno, line in _lines(path, "CoNLL-U"):
     if not line.strip():
       if words:
         examples.append(
-          TokenExample(tuple(words), tuple(tags), f"{path}:{start}")
+          TokenExample(
+            tuple(words), tuple(tags), f"{path}:{start}", tuple(lines)
+          )
         )
-      words, tags, start = [], [], 0
+      words, tags, start, lines = [], [], 0, []
       continue
     start = start or lineno  # The block's first line, comments included.
     if line.startswith("#"):
@@ -255,8 +268,11 @@ def read_conllu(path: str | os.PathLike[str]) -> list[TokenExample]:
       raise BistilError(f"{path}:{lineno}: empty FORM or UPOS column")
     words.append(form)
     tags.append(upos)
+    lines.append(lineno)
   if words:
-    examples.append(TokenExample(tuple(words), tuple(tags), f"{path}:{start}"))
+    examples.append(
+      TokenExample(tuple(words), tuple(tags), f"{path}:{start}", tuple(lines))
+    )
   return _nonempty(examples, path, "CoNLL-U")
 
 
@@ -719,9 +735,13 @@ def label_set(
     for ex in examples:
       for t in _example_labels(ex):
         if t not in known:
+          where = (
+            ex.where(ex.labels.index(t))
+            if isinstance(ex, TokenExample)
+            else ex.source or "?"
+          )
           raise BistilError(
-            f"unknown {task} label {t!r} at {ex.source or '?'}; known: "
-            f"{', '.join(labels)}"
+            f"unknown {task} label {t!r} at {where}; known: {', '.join(labels)}"
           )
     return labels
   seen = {t for ex in examples for t in _example_labels(ex)}
@@ -968,14 +988,14 @@ def encode_token_task(
     if lost:
       if unk is None:
         raise BistilError(
-          f"word {ex.words[lost[0]]!r} at {ex.source or '?'} produces no "
+          f"word {ex.words[lost[0]]!r} at {ex.where(lost[0])} produces no "
           "sub-word and the tokenizer has no unknown token"
         )
       words = [unk if w in lost else x for w, x in enumerate(ex.words)]
       enc = tok.encode(words, is_pretokenized=True)
       if _lost_words(enc, len(words)):
         raise BistilError(
-          f"word {ex.words[lost[0]]!r} at {ex.source or '?'} produces no "
+          f"word {ex.words[lost[0]]!r} at {ex.where(lost[0])} produces no "
           f"sub-word, not even as {unk!r}"
         )
       num_unk += len(lost)

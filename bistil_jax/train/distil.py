@@ -24,7 +24,7 @@ import numpy as np
 from bistil_jax import configlib, paths
 from bistil_jax.checkpoint import hf, student_init, surgery
 from bistil_jax.checkpoint import manager as ckpt
-from bistil_jax.data import pipeline, vocab
+from bistil_jax.data import corpus, pipeline, vocab
 from bistil_jax.errors import BistilError
 from bistil_jax.model.config import ModelConfig
 from bistil_jax.model.encoder import Model, vocab_logits_mask
@@ -139,6 +139,11 @@ def _data(config, tokenizer, model_cfg: ModelConfig, what: str):
       f"{model_cfg.vocab_size}: use the tokenizer the teacher was trimmed with"
     )
   d = config.data
+  dev_specs = configlib.parse_named_list(config.eval.sets)
+  # Every corpus checked (exists, not empty, UTF-8) before any is counted.
+  corpus.check_corpora(
+    configlib.expand(x) for x in (d.source, d.target, *dict(dev_specs).values())
+  )
   num = d.shards or jax.process_count()
   mine = pipeline.owned_shards(num, jax.process_index(), jax.process_count())
   if d.batch_size % num:
@@ -160,7 +165,7 @@ def _data(config, tokenizer, model_cfg: ModelConfig, what: str):
   ]
   batches = pipeline.ShardedBatches(parts)
   dev = {}
-  for name, spec in configlib.parse_named_list(config.eval.sets):
+  for name, spec in dev_specs:
     if name not in LANGS:
       raise BistilError(
         f"eval.sets {name}={spec}: phase-1 dev sets are named source or target"

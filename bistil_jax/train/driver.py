@@ -122,7 +122,8 @@ def start(
 ) -> Iterator[Context]:
   """Creates, resumes or refuses the workdir and yields the run's Context.
 
-  Call it after every input check (bad input leaves no trace).
+  Call it after every input check (bad input leaves no trace); the workdir
+  lock (checkpoint/manager.py) is held for the whole body.
 
   Args:
     config: the phase's config.
@@ -133,16 +134,18 @@ def start(
     outputs: names the phase writes in the workdir besides the standard ones.
   """
   mesh, rules = mesh
-  ckpt.prepare_workdir(
-    workdir,
-    phase,
-    configlib.to_dict(config),
-    overwrite=overwrite,
-    resume_safe=RESUME_SAFE,
-    outputs=outputs,
-  )
-  key = jax.random.fold_in(jax.random.PRNGKey(config.seed), 2)
-  yield Context(config, workdir, phase, mesh, rules, key)
+  with ckpt.workdir_lock(workdir):  # one run per workdir
+    ckpt.prepare_workdir(
+      workdir,
+      phase,
+      configlib.to_dict(config),
+      overwrite=overwrite,
+      resume_safe=RESUME_SAFE,
+      recovery=ckpt.RECOVERY_KEYS,
+      outputs=outputs,
+    )
+    key = jax.random.fold_in(jax.random.PRNGKey(config.seed), 2)
+    yield Context(config, workdir, phase, mesh, rules, key)
 
 
 # ----------------------------------------------------------------- stages
@@ -287,18 +290,14 @@ def run_stage(ctx: Context, stage: Stage) -> state_lib.TrainState:
 def restore_latest(
   checkpointer: ckpt.Checkpointer, state: Any, batches: Any
 ) -> tuple[Any, int]:
-  """(state, step) from the latest checkpoint, if any; the batch iterator
+  """(state, step) from the newest checkpoint that restores, if any (a
+  damaged newer step is moved aside with one warning); the batch iterator
   (anything with `restore(data_state)`) continues from the saved position."""
-  step = checkpointer.latest_step()
-  if step is None:
+  found = checkpointer.restore_latest(ckpt.abstract_like(state))
+  if found is None:
     return state, 0
+  step, restored, data = found
   log.info("resuming from %s step %d", checkpointer.directory, step)
-  restored, data = checkpointer.restore(step, ckpt.abstract_like(state))
-  if int(restored.step) != step:
-    raise BistilError(
-      f"checkpoint {step} in {checkpointer.directory} holds step "
-      f"{int(restored.step)}"
-    )
   batches.restore(data)
   return restored, step
 

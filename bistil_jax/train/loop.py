@@ -5,8 +5,19 @@ the (prefetched, resumable) batches, calling the jitted step, accumulating
 metrics on device and averaging them exactly on the host at log time,
 progress lines (steps/s, tokens/s, ETA), TensorBoard + JSON-lines metrics
 from process 0, periodic evaluation, asynchronous Orbax checkpoints with the
-data position, a finite-loss guard, and preemption (SIGTERM: save, then
-stop; rerunning the command resumes).
+data position, a finite-state guard, and preemption (SIGTERM/SIGINT: save
+the current step, then stop; rerunning the command resumes).
+
+Finite-state guarantee: every step's metrics carry an on-device "finite"
+flag (loss and gradient norm finite). The loop keeps the flags of the steps
+since the last sync on the device and reads them only at log steps and
+before every checkpoint save, so no step pays a host sync; a checkpoint is
+written only when every step up to it was finite and its state holds no
+NaN/inf, and the error names the first non-finite step exactly.
+
+Dispatch is kept at most one step ahead of the device (the loop waits for
+step k-1 after queueing step k), so a stop signal is acted on within one
+step even though JAX dispatches asynchronously.
 """
 
 from __future__ import annotations
@@ -22,7 +33,9 @@ from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
+from etils import epath
 
 from bistil_jax.checkpoint import manager as ckpt
 from bistil_jax.errors import BistilError
@@ -33,6 +46,9 @@ log = logging.getLogger(__name__)
 # waits for committed checkpoints and exits hard (os._exit(137)), as a
 # killed job would, without the loop's normal shutdown.
 FAULT_ENV = "BISTIL_FAULT_AT_STEP"
+# Signal injection for the preemption tests: after queueing step k the
+# process sends itself SIGTERM, as a scheduler would at a random moment.
+SIGNAL_ENV = "BISTIL_SIGTERM_AT_STEP"
 
 
 class NonFiniteLoss(BistilError):
@@ -48,8 +64,10 @@ def reduce_metrics(history: list[Mapping[str, Any]]) -> dict[str, float]:
   """Host-side exact averages of per-step metric dicts.
 
   "<term>/total" and "<term>/count" pairs become "<term>" = sum(total) /
-  sum(count); "tokens" is summed; "lr" keeps its last value; every other
-  key is averaged over steps.
+  sum(count); "tokens" is summed; "lr" keeps its last value; "finite" is
+  the minimum (1.0 only when every step was finite; averaging would report
+  e.g. 0.9 for a window with a NaN step); every other key is averaged over
+  steps.
   """
   if not history:
     return {}
@@ -67,33 +85,49 @@ def reduce_metrics(history: list[Mapping[str, Any]]) -> dict[str, float]:
       out[key] = float(values.sum())
     elif key == "lr":
       out[key] = float(values[-1])
+    elif key == "finite":
+      out[key] = float(values.min())
     else:
       out[key] = float(values.mean())
   return out
 
 
 class MetricWriter:
-  """TensorBoard event files + metrics.jsonl, on process 0 only."""
+  """TensorBoard event files + metrics.jsonl, on process 0 only.
 
-  def __init__(self, logdir: str, *, start_step: int = 0):
+  Paths are `etils.epath` paths, so `gs://...` works: local files are
+  appended to; on object stores (no append) the rows are kept and the whole
+  file is rewritten at flush/close and at most every `rewrite_secs`.
+  """
+
+  def __init__(
+    self, logdir: str, *, start_step: int = 0, rewrite_secs: float = 30.0
+  ):
     self.enabled = jax.process_index() == 0
     self.logdir = logdir
     self._tb = None
     self._jsonl = None
+    self._rows: list[str] | None = None  # remote: every row, rewritten
+    self._path = epath.Path(logdir) / "metrics.jsonl"
+    self._rewrite_secs = rewrite_secs
+    self._written = time.monotonic()
     if not self.enabled:
       return
-    os.makedirs(logdir, exist_ok=True)
-    path = os.path.join(logdir, "metrics.jsonl")
-    if start_step > 0 and os.path.exists(path):
-      # A resumed run replays the steps after its checkpoint: drop the rows
-      # logged after it (a row at step s covers steps <= s).
-      with open(path) as f:
-        rows = [
-          r for r in f if r.strip() and json.loads(r)["step"] <= start_step
-        ]
-      with open(path, "w") as f:
-        f.writelines(rows)
-    self._jsonl = open(path, "a")  # noqa: SIM115 - closed in close()
+    epath.Path(logdir).mkdir(parents=True, exist_ok=True)
+    rows = []
+    if self._path.exists():
+      rows = [r + "\n" for r in self._path.read_text().splitlines() if r]
+      if start_step > 0:
+        # A resumed run replays the steps after its checkpoint: drop the
+        # rows logged after it (a row at step s covers steps <= s).
+        kept = [r for r in rows if json.loads(r)["step"] <= start_step]
+        if len(kept) != len(rows):
+          rows = kept
+          self._path.write_text("".join(rows))
+    if _is_remote(self._path):
+      self._rows = rows
+    else:
+      self._jsonl = self._path.open("a")  # noqa: SIM115 - closed in close()
     try:
       from tensorboardX import SummaryWriter
     except ImportError:  # pragma: no cover - a runtime dependency
@@ -101,7 +135,7 @@ class MetricWriter:
       return
     # purge_step hides events a killed run wrote after its last checkpoint.
     self._tb = SummaryWriter(
-      logdir,
+      str(logdir),
       purge_step=start_step + 1 if start_step > 0 else None,
       flush_secs=10,
     )
@@ -113,8 +147,19 @@ class MetricWriter:
       if self._tb is not None:
         self._tb.add_scalar(key, float(value), global_step=step)
     row = {"step": int(step), **{k: float(v) for k, v in values.items()}}
-    self._jsonl.write(json.dumps(row) + "\n")
-    self._jsonl.flush()
+    line = json.dumps(row) + "\n"
+    if self._rows is not None:
+      self._rows.append(line)
+      if time.monotonic() - self._written > self._rewrite_secs:
+        self._rewrite()
+    elif self._jsonl is not None:
+      self._jsonl.write(line)
+      self._jsonl.flush()
+
+  def _rewrite(self) -> None:
+    if self._rows is not None:
+      self._path.write_text("".join(self._rows))
+      self._written = time.monotonic()
 
   def text(self, step: int, tag: str, text: str) -> None:
     if self.enabled and self._tb is not None:
@@ -123,6 +168,7 @@ class MetricWriter:
   def flush(self) -> None:
     if self._tb is not None:
       self._tb.flush()
+    self._rewrite()
 
   def close(self) -> None:
     if self._tb is not None:
@@ -131,15 +177,21 @@ class MetricWriter:
     if self._jsonl is not None:
       self._jsonl.close()
       self._jsonl = None
+    if self._rows is not None:
+      self._rewrite()
+      self._rows = None
+
+
+def _is_remote(path: epath.Path) -> bool:
+  return "://" in os.fspath(path)
 
 
 def read_metrics(logdir: str) -> list[dict[str, float]]:
   """The rows of metrics.jsonl (for tests, reports and plots)."""
-  path = os.path.join(logdir, "metrics.jsonl")
-  if not os.path.isfile(path):
+  path = epath.Path(logdir) / "metrics.jsonl"
+  if not path.is_file():
     return []
-  with open(path) as f:
-    return [json.loads(r) for r in f if r.strip()]
+  return [json.loads(r) for r in path.read_text().splitlines() if r.strip()]
 
 
 def _duration(seconds: float) -> str:
@@ -152,12 +204,21 @@ def _duration(seconds: float) -> str:
 
 
 def format_progress(
-  step: int, total: int, values: Mapping[str, float], steps_per_s: float
+  step: int,
+  total: int,
+  values: Mapping[str, float],
+  steps_per_s: float,
+  prefix: str = "",
 ) -> str:
-  """One progress line: step, losses, throughput, ETA."""
-  parts = [f"step {step}/{total} ({100 * step / max(total, 1):.0f}%)"]
+  """One progress line: stage, step, losses, throughput, ETA.
+
+  `prefix` names the stage ("sparse step 10/186"), so a multi-stage phase
+  does not look like a restart when its step count starts again.
+  """
+  stage = f"{prefix} " if prefix else ""
+  parts = [f"{stage}step {step}/{total} ({100 * step / max(total, 1):.0f}%)"]
   for key, value in values.items():
-    if key in ("tokens", "lr", "steps_per_s", "tokens_per_s"):
+    if key in ("tokens", "lr", "steps_per_s", "tokens_per_s", "finite"):
       continue
     parts.append(f"{key} {value:.4g}")
   if "lr" in values:
@@ -191,14 +252,20 @@ class LoopSettings:
 
 
 class _StopSignal:
-  """Turns SIGTERM/SIGINT into a flag the loop checks between steps."""
+  """Turns SIGTERM/SIGINT into a flag the loop checks after every step.
 
-  def __init__(self):
+  In a multi-host run with JAX's preemption service, SIGTERM belongs to
+  that service (it agrees on one step for every host, see
+  `_preemption_sync`), so only SIGINT is handled here.
+  """
+
+  def __init__(self, signals=(signal.SIGTERM, signal.SIGINT)):
     self.signum: int | None = None
+    self._signals = signals
     self._old: dict[int, Any] = {}
 
   def __enter__(self):
-    for sig in (signal.SIGTERM, signal.SIGINT):
+    for sig in self._signals:
       try:
         self._old[sig] = signal.signal(sig, self._handle)
       except ValueError:  # not the main thread: no handlers
@@ -210,24 +277,101 @@ class _StopSignal:
     if self.signum is not None:  # second signal: give up at once
       raise KeyboardInterrupt
     self.signum = signum
-    log.warning("signal %d: stopping after this step", signum)
+    log.warning("signal %d: saving the current step, then stopping", signum)
 
   def __exit__(self, *exc):
     for sig, old in self._old.items():
       signal.signal(sig, old)
 
 
-def _check_finite(values: Mapping[str, float], first: int, last: int) -> None:
-  bad = [
-    k
-    for k in ("loss", "grad_norm")
-    if k in values and not math.isfinite(values[k])
+def _preemption_sync() -> Callable[[int], bool] | None:
+  """`reached_preemption_sync_point` where it works, else None.
+
+  It needs `jax.distributed` with the preemption service (Cloud TPU
+  multi-host); single-process CPU/GPU runs have no client (it returns
+  False) and a client without the service raises: both mean "not here".
+  """
+  if jax.process_count() <= 1:
+    return None
+  from jax.experimental import multihost_utils  # noqa: PLC0415
+
+  try:
+    multihost_utils.reached_preemption_sync_point(0)
+  except RuntimeError as e:
+    log.warning(
+      "no preemption service (%s): a SIGTERM on one host is not "
+      "synchronised; enable jax_enable_preemption_service",
+      str(e).splitlines()[0],
+    )
+    return None
+  return multihost_utils.reached_preemption_sync_point
+
+
+@jax.jit
+def _tree_finite(tree: Any) -> jax.Array:
+  leaves = [
+    jnp.all(jnp.isfinite(x))
+    for x in jax.tree.leaves(tree)
+    if jnp.issubdtype(jnp.asarray(x).dtype, jnp.inexact)
   ]
-  if bad:
+  return jnp.all(jnp.stack(leaves)) if leaves else jnp.bool_(True)
+
+
+def state_is_finite(state: Any) -> bool:
+  """True when every floating leaf of `state` is finite (one host sync)."""
+  return bool(jax.device_get(_tree_finite(state)))
+
+
+class _FiniteGuard:
+  """The per-step "finite" flags since the last sync, kept on device.
+
+  `check(step)` reads them (one transfer) and raises NonFiniteLoss naming
+  the first non-finite step; steps whose metrics lack "finite" (custom
+  step functions) are judged by their loss and grad_norm.
+  """
+
+  def __init__(self, checkpointer):
+    self._flags: list[tuple[int, Any, Mapping[str, Any]]] = []
+    self._checkpointer = checkpointer
+
+  def add(self, step: int, metrics: Mapping[str, Any]) -> None:
+    flag = metrics.get("finite")
+    if flag is None:
+      flag = {k: metrics[k] for k in ("loss", "grad_norm") if k in metrics}
+    self._flags.append((step, flag, metrics))
+
+  def check(self) -> None:
+    if not self._flags:
+      return
+    flags = jax.device_get([f for _, f, _ in self._flags])
+    entries, self._flags = self._flags, []
+    for (step, _, metrics), flag in zip(entries, flags, strict=True):
+      if isinstance(flag, dict):
+        ok = all(math.isfinite(float(v)) for v in flag.values())
+      else:
+        ok = float(flag) > 0.5
+      if not ok:
+        names = [
+          k
+          for k in ("loss", "grad_norm")
+          if k in metrics and not math.isfinite(float(metrics[k]))
+        ]
+        self.fail(step, " and ".join(names) or "loss")
+
+  def fail(self, step: int, what: str) -> None:
+    last = None
+    if self._checkpointer is not None:
+      self._checkpointer.wait()
+      last = self._checkpointer.latest_step()
+    kept = (
+      f"the last finite checkpoint is step {last}"
+      if last is not None
+      else "no checkpoint was saved"
+    )
     raise NonFiniteLoss(
-      f"non-finite {' and '.join(bad)} between steps {first} and {last}; "
-      "lower the learning rate or check the data (the last checkpoint is "
-      "kept)"
+      f"non-finite {what} at step {step}; {kept}; resume with a lower "
+      "optim.learning_rate (or optim.clip_norm / optim.warmup_steps: "
+      "allowed on resume without --overwrite), or check the data"
     )
 
 
@@ -261,17 +405,21 @@ def run_loop(
     (final state, the last logged train metrics).
 
   Raises:
-    NonFiniteLoss: a logged loss or gradient norm is NaN/inf.
-    Preempted: a stop signal arrived; a checkpoint of the last completed
-      step was saved.
+    NonFiniteLoss: a step's loss or gradient norm is NaN/inf (named
+      exactly); no checkpoint at or after it was written.
+    Preempted: a stop signal arrived; a checkpoint of the step at which the
+      loop saw it was saved.
   """
   total = settings.num_steps
   fault_at = int(os.environ.get(FAULT_ENV, "-1"))
+  signal_at = int(os.environ.get(SIGNAL_ENV, "-1"))
   pending: list[dict[str, Any]] = []
   last_values: dict[str, float] = {}
   t_log, step_log = time.perf_counter(), start_step
   off = settings.step_offset
   p = settings.prefix
+  guard = _FiniteGuard(checkpointer)
+  sync_point = _preemption_sync()
 
   def evaluate(step: int):
     if eval_fn is None:
@@ -281,25 +429,45 @@ def run_loop(
     writer.scalars(step + off, {f"eval/{k}": v for k, v in values.items()})
     shown = ", ".join(f"{k} {v:.4g}" for k, v in values.items())
     log.info(
-      "eval at step %d (%.1fs): %s", step, time.perf_counter() - t0, shown
+      "%s eval at step %d (%.1fs): %s",
+      p,
+      step,
+      time.perf_counter() - t0,
+      shown,
     )
 
   def save(step: int, force: bool = False):
-    if checkpointer is not None:
-      checkpointer.save(step, state, data_state(), force=force)
+    if checkpointer is None:
+      return
+    # Never write a poisoned checkpoint: every step so far was finite, and
+    # the state itself (the update of the last step) holds no NaN/inf.
+    guard.check()
+    if not state_is_finite(state):
+      guard.fail(step, "parameters")
+    checkpointer.save(step, state, data_state(), force=force)
 
   step = start_step
-  with _StopSignal() as stop:
+  previous = None  # the metrics of the step before the one just queued
+  signals = (signal.SIGINT,) if sync_point else (signal.SIGTERM, signal.SIGINT)
+  with _StopSignal(signals) as stop:
     while step < total:
       batch = next(batches)
       state, metrics = step_fn(state, batch)
-      pending.append(metrics)
       step += 1
+      pending.append(metrics)
+      guard.add(step, metrics)
+      # Bounded dispatch: step `step` is queued, so waiting for the one
+      # before keeps the device busy and the host at most one step ahead.
+      if previous is not None:
+        jax.block_until_ready(previous)
+      previous = metrics
+      if step == signal_at:
+        os.kill(os.getpid(), signal.SIGTERM)
       if step % settings.log_every == 0 or step == total:
         host = jax.device_get(pending)
         pending = []
+        guard.check()
         values = reduce_metrics(host)
-        _check_finite(values, step - len(host) + 1, step)
         now = time.perf_counter()
         rate = (step - step_log) / max(now - t_log, 1e-9)
         values["steps_per_s"] = rate
@@ -307,7 +475,7 @@ def run_loop(
           values["tokens_per_s"] = values.pop("tokens") / max(now - t_log, 1e-9)
         t_log, step_log = now, step
         writer.scalars(step + off, {f"{p}/{k}": v for k, v in values.items()})
-        log.info("%s", format_progress(step, total, values, rate))
+        log.info("%s", format_progress(step, total, values, rate, p))
         last_values = values
       if checkpointer is not None and checkpointer.should_save(step):
         save(step)
@@ -315,23 +483,25 @@ def run_loop(
         if step < total:
           evaluate(step)
       if step == fault_at:
-        if pending:  # make the guard see the steps before the fault
-          jax.device_get(pending)
+        guard.check()  # make the guard see the steps before the fault
         if checkpointer is not None:
           checkpointer.wait()
         writer.close()
         log.warning("fault injection: exiting hard after step %d", step)
         os._exit(137)
-      if stop.signum is not None and step < total:
+      preempted = sync_point is not None and sync_point(step)
+      if (stop.signum is not None or preempted) and step < total:
         save(step, force=True)
         if checkpointer is not None:
           checkpointer.wait()
         writer.flush()
+        why = f"signal {stop.signum}" if stop.signum else "preemption"
         raise Preempted(
-          f"stopped by signal {stop.signum} after step {step}; the state "
-          "is saved, rerun the same command to resume"
+          f"stopped by {why} at {p} step {step}; the state is saved, rerun "
+          "the same command to resume"
         )
   # The last step is always a log step, so no metrics are pending here.
+  guard.check()
   evaluate(step)
   save(step, force=True)
   if checkpointer is not None:

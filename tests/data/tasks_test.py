@@ -314,7 +314,7 @@ class ReadersTest(TmpDirTest):
     p = self.write("y.txt", "")
     with open(p, "wb") as f:
       f.write(b"a O\n\xff\xfe O\n")
-    with self.assertRaisesRegex(BistilError, f"{p} is not valid UTF-8"):
+    with self.assertRaisesRegex(BistilError, f"{p}:2: not valid UTF-8"):
       tasks.read_conll_ner(p)
 
   def test_read_task_rejects_unknown_task_and_bad_specs(self):

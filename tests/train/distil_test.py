@@ -344,8 +344,8 @@ class DistilCliTest(absltest.TestCase):
     self.assertEqual(run_cli(["distil", "--workdir", wd, *args])[0], 0)
     run_json = open(os.path.join(wd, "run.json")).read()
     self.assert_refused(
-      ["distil", "--workdir", wd, *args, "--config.optim.learning_rate=0.5"],
-      "holds another run .*optim.learning_rate",
+      ["distil", "--workdir", wd, *args, "--config.data.mlm_probability=0.2"],
+      "holds another run .*data.mlm_probability",
       wd,
     )
     self.assertEqual(open(os.path.join(wd, "run.json")).read(), run_json)
@@ -355,16 +355,16 @@ class DistilCliTest(absltest.TestCase):
         "--workdir",
         wd,
         *args,
-        "--config.optim.learning_rate=0.5",
+        "--config.data.mlm_probability=0.2",
         "--overwrite",
       ]
     )
     self.assertEqual(code, 0, err)
     self.assertEqual(
-      json.load(open(os.path.join(wd, "run.json")))["config"]["optim"][
-        "learning_rate"
+      json.load(open(os.path.join(wd, "run.json")))["config"]["data"][
+        "mlm_probability"
       ],
-      0.5,
+      0.2,
     )
 
     foreign = self.workdir("foreign")

@@ -579,13 +579,11 @@ class PhaseTwoCliTest(absltest.TestCase):
     for k in first:
       np.testing.assert_array_equal(first[k], again[k], err_msg=k)
     with self.assertLogs("bistil_jax.train.driver", "INFO") as logs:
-      must_run([*args, "--config.optim.learning_rate=0.05", "--overwrite"])
+      # The seed is no recovery key (a learning rate would resume).
+      must_run([*args, "--config.seed=7", "--overwrite"])
     self.assertNotIn("resuming", "\n".join(logs.output))
     self.assertEqual(
-      read_json(os.path.join(wd, "run.json"))["config"]["optim"][
-        "learning_rate"
-      ],
-      0.05,
+      read_json(os.path.join(wd, "run.json"))["config"]["seed"], 7
     )
     other = export_params()
     self.assertFalse(
