@@ -252,9 +252,18 @@ def _select(d, e, t, cut, row_limit, sharding):
 
 
 def _per_leaf(fn, ds, es, limits, *args) -> np.ndarray:
-  """fn over all leaves, dispatched first and fetched together: [leaves]."""
-  out = [fn(d, e, *args, r) for d, e, r in zip(ds, es, limits, strict=True)]
-  return np.asarray(jax.device_get(out), dtype=np.int64).reshape(-1)
+  """fn over all leaves, dispatched first and fetched together: [leaves].
+
+  NOTE: across processes each count is a collective; dispatched together,
+  the gloo CPU collectives of different leaves can run in different orders
+  on different hosts and deadlock, so multi-host runs fetch one at a time.
+  """
+  leaves = zip(ds, es, limits, strict=True)
+  if jax.process_count() > 1:
+    out = [jax.device_get(fn(d, e, *args, r)) for d, e, r in leaves]
+  else:
+    out = jax.device_get([fn(d, e, *args, r) for d, e, r in leaves])
+  return np.asarray(out, dtype=np.int64).reshape(-1)
 
 
 def _zeros_like_mask(x: Any) -> jax.Array:
@@ -322,7 +331,9 @@ def select_top_k(
     if isinstance(c, np.ndarray):
       if not c.any():
         continue
-      c = None if c.all() else jnp.asarray(c)
+      # numpy, not a device array: a host constant is replicated on every
+      # process, where a committed single-device array would not be.
+      c = None if c.all() else np.asarray(c)
     if math.prod(shape) > _MAX_LEAF:
       raise BistilError(f"{path} has more than 2**31-1 entries")
     limit = None
