@@ -96,7 +96,7 @@ class EncoderTest(parameterized.TestCase):
       {"params": params}, ids, attention_mask=mask, output_attentions=layers
     )
     # Layers without probabilities run the fused attention: same states.
-    for a, b in zip(full.hidden_states, part.hidden_states):
+    for a, b in zip(full.hidden_states, part.hidden_states, strict=True):
       np.testing.assert_allclose(a, b, atol=2e-6, rtol=2e-6)
     np.testing.assert_allclose(full.logits, part.logits, atol=2e-5, rtol=1e-5)
     if not layers:
