@@ -16,9 +16,8 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-import jax  # noqa: E402
-
 import common  # noqa: E402
+import jax  # noqa: E402
 
 
 def build(name, b, l, vocab, kl):

@@ -13,7 +13,8 @@ import functools
 import json
 import statistics
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -266,3 +267,129 @@ def torch_phase1(b, l, vocab, *, kl=False, dropout=0.1, device="cpu",
     return float(loss.detach())
 
   return {"step": step, "teacher": teacher, "student": student}
+
+
+# -------------------------------------------------------------- phase 2
+PHASE2_DENSITY = 0.1  # share of body entries the sparse stage trains
+
+
+def _random_mask(tree, density, seed=0):
+  rng = np.random.default_rng(seed)
+  return jax.tree.map(lambda x: rng.random(x.shape) < density, tree)
+
+
+def jax_phase2(b, l, vocab, *, dtype="float32", dropout=0.1, labels=9):
+  """task.task_step (LT-SFT sparse stage): soft CE + hidden + attention."""
+  from bistil_jax.train import task
+
+  tcfg, scfg = configs(vocab, dtype, head="token_classification",
+                       num_labels=labels, dropout=dropout)
+  tparams = jax.tree.map(np.asarray, init_params(tcfg, jax.random.PRNGKey(0)))
+  sparams = jax.tree.map(
+    np.asarray, init_params(scfg, jax.random.PRNGKey(1))
+  )
+  mask = jax.device_put(_random_mask(sparams, PHASE2_DENSITY))
+  tx = state_lib.make_optimizer(state_lib.OptimConfig(total_steps=100000))
+  state = jax.jit(state_lib.create_state, static_argnums=1)(sparams, tx)
+  origin = jax.device_put(sparams)
+  cdt = jnp.dtype(dtype)
+  teacher = jax.device_put(jax.tree.map(lambda x: x.astype(cdt), tparams))
+  batch = synthetic_batch(b, l, vocab)
+  batch = jax.device_put({
+    k: batch[k]
+    for k in ("input_ids", "attention_mask", "token_type_ids", "labels")
+  })
+  step = jax.jit(
+    functools.partial(
+      task.task_step,
+      model=Model(scfg),
+      teacher_model=Model(tcfg),
+      tx=tx,
+      loss_cfg=task.TaskLossConfig(),
+      kind="token",
+      lr_schedule=None,
+    ),
+    donate_argnums=(0,),
+  )
+  holder = {"state": state}
+  key = jax.random.PRNGKey(0)
+
+  def run():
+    holder["state"], m = step(holder["state"], origin, teacher, mask, batch,
+                              key)
+    return m["loss"]
+
+  return {"tcfg": tcfg, "scfg": scfg, "run": run, "logits_rows": l}
+
+
+def torch_phase2(b, l, vocab, *, dropout=0.1, device="cpu", dtype="float32",
+                 labels=9):
+  """PyTorch LT-SFT sparse-stage step: BertForTokenClassification pair,
+  soft CE (T=2) at labelled tokens + hidden + attention MSE, gradients
+  masked before clipping and AdamW (weight decay 0, so masked entries,
+  whose moments stay 0, do not move)."""
+  import torch
+  import transformers
+
+  torch.manual_seed(0)
+  tdt = getattr(torch, dtype)
+  kw = dict(
+    vocab_size=vocab, hidden_size=768, num_attention_heads=12,
+    intermediate_size=3072, hidden_dropout_prob=dropout,
+    attention_probs_dropout_prob=dropout, num_labels=labels,
+    attn_implementation="eager",
+  )
+  cls = transformers.BertForTokenClassification
+  teacher = cls(transformers.BertConfig(num_hidden_layers=12, **kw)).to(
+    device, tdt).eval()
+  student = cls(transformers.BertConfig(num_hidden_layers=6, **kw)).to(
+    device).train()
+  for p in teacher.parameters():
+    p.requires_grad_(False)
+  gen = torch.Generator().manual_seed(0)
+  masks = [
+    (torch.rand(p.shape, generator=gen) < PHASE2_DENSITY).to(device)
+    for p in student.parameters()
+  ]
+  params = list(student.parameters())
+  opt = torch.optim.AdamW(params, lr=1e-4, weight_decay=0.0)
+  data = synthetic_batch(b, l, vocab)
+  ids = torch.as_tensor(data["input_ids"]).long().to(device)
+  mask = torch.as_tensor(data["attention_mask"]).long().to(device)
+  sel = torch.ones_like(ids, dtype=torch.bool)  # every token labelled
+  real = mask.bool()
+  hidden_pairs, attn_pairs = losses.layer_maps(12, 6)
+  autocast = dtype != "float32"
+
+  def step():
+    with torch.no_grad(), torch.autocast(device, tdt, enabled=autocast):
+      t = teacher(ids, attention_mask=mask, output_hidden_states=True,
+                  output_attentions=True)
+    with torch.autocast(device, tdt, enabled=autocast):
+      s = student(ids, attention_mask=mask, output_hidden_states=True,
+                  output_attentions=True)
+    pt = torch.softmax(t.logits.float()[sel] / 2.0, -1)
+    kl = -(pt * torch.log_softmax(s.logits.float()[sel] / 2.0, -1)).sum(
+      -1).mean()
+    m = real[..., None].float()
+    hid = sum(
+      (((s.hidden_states[i].float() - t.hidden_states[j].float()) * m) ** 2
+       ).sum() for i, j in hidden_pairs
+    ) / (len(hidden_pairs) * m.sum() * 768)
+    km = real[:, None, None, :].float()
+    att = sum(
+      (((s.attentions[i].float() - t.attentions[j].float()) * km) ** 2
+       ).sum() for i, j in attn_pairs
+    ) / (len(attn_pairs) * km.sum() * 12 * l)
+    loss = kl + hid + att
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    for p, mk in zip(params, masks, strict=True):
+      p.grad.mul_(mk)
+    torch.nn.utils.clip_grad_norm_(params, 1.0)
+    opt.step()
+    if device != "cpu":
+      torch.cuda.synchronize()
+    return float(loss.detach())
+
+  return {"step": step}

@@ -1,8 +1,10 @@
-"""Phase-1 step tokens/s: the JAX distil_step against a PyTorch reference.
+"""Step tokens/s, JAX against a PyTorch reference: phase 1 and phase 2.
 
 mBERT-base-shaped teacher (12L/768/12 heads, vocabulary --vocab), 6-layer
 student, batch --batch, at each --seq; two loss mixes: the released one
-(hidden + attention MSE) and KL + hidden. The PyTorch reference step
+(hidden + attention MSE) and KL + hidden; and the phase-2 LT-SFT
+sparse-stage step (token classification teacher + student, soft CE +
+hidden + attention MSE, masked update; `--mix phase2`). The PyTorch reference step
 (transformers BertModel / BertForMaskedLM, same losses, AdamW, clip 1.0,
 dropout) lives in benchmarks/common.py. Rounds alternate JAX and PyTorch
 so both see the same machine load; the figures are medians over rounds,
@@ -17,6 +19,7 @@ common.train_flops_per_token) x tokens/s / the peak (on CPU a jitted fp32
 from __future__ import annotations
 
 import argparse
+import functools
 import gc
 import os
 import sys
@@ -24,9 +27,8 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-import jax  # noqa: E402
-
 import common  # noqa: E402
+import jax  # noqa: E402
 
 
 def main(argv=None):
@@ -34,7 +36,9 @@ def main(argv=None):
   p.add_argument("--batch", type=int, default=8)
   p.add_argument("--seq", type=int, nargs="+", default=[128, 256])
   p.add_argument("--vocab", type=int, default=30000)
-  p.add_argument("--mix", nargs="+", default=["released", "kl_hidden"])
+  p.add_argument("--mix", nargs="+", default=["released", "kl_hidden", "phase2"],
+                 help="released, kl_hidden (phase 1), phase2 (LT-SFT sparse "
+                 "stage, token classification)")
   p.add_argument("--rounds", type=int, default=5)
   p.add_argument("--dtype", default="float32")
   p.add_argument("--dropout", type=float, default=0.1)
@@ -60,24 +64,33 @@ def main(argv=None):
     for mix in args.mix:
       kl = mix == "kl_hidden"
       b = args.batch
-      js = common.jax_phase1(b, l, args.vocab, kl=kl, dtype=args.dtype,
-                             dropout=args.dropout)
-      jrun = common.jax_runner(js)
-      fpt = common.train_flops_per_token(
-        js["tcfg"], js["scfg"], b, l, js["logits_rows"]
-      )
-      fpt_ref = common.train_flops_per_token(
-        js["tcfg"], js["scfg"], b, l, l if kl else None
-      )
+      if mix == "phase2":
+        js = common.jax_phase2(b, l, args.vocab, dtype=args.dtype,
+                               dropout=args.dropout)
+        jrun = js["run"]
+        fpt = fpt_ref = common.train_flops_per_token(
+          js["tcfg"], js["scfg"], b, l, l
+        )
+      else:
+        js = common.jax_phase1(b, l, args.vocab, kl=kl, dtype=args.dtype,
+                               dropout=args.dropout)
+        jrun = common.jax_runner(js)
+        fpt = common.train_flops_per_token(
+          js["tcfg"], js["scfg"], b, l, js["logits_rows"]
+        )
+        fpt_ref = common.train_flops_per_token(
+          js["tcfg"], js["scfg"], b, l, l if kl else None
+        )
       t0 = time.perf_counter()
       common.sync(jrun())  # compile
       compile_s = time.perf_counter() - t0
       common.sync(jrun())
       trun = None
       if not args.no_torch:
-        ts = common.torch_phase1(b, l, args.vocab, kl=kl, dropout=args.dropout,
-                                 device=device, dtype=args.dtype)
-        trun = ts["step"]
+        make = common.torch_phase2 if mix == "phase2" else functools.partial(
+          common.torch_phase1, kl=kl)
+        trun = make(b, l, args.vocab, dropout=args.dropout, device=device,
+                    dtype=args.dtype)["step"]
         trun()
       jt, tt = [], []
       for r in range(args.rounds):

@@ -23,9 +23,8 @@ import tempfile
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-import jax  # noqa: E402
-
 import common  # noqa: E402
+import jax  # noqa: E402
 
 
 def summarise(trace_file, steps):
