@@ -188,6 +188,17 @@ def jax_runner(setup) -> Callable[[], Any]:
 
 
 # -------------------------------------------------------------- PyTorch
+def _torch_matmul_setup(device: str) -> None:
+  """On GPU with TORCH_ALLOW_TF32=1, TF32 matmuls like JAX's default."""
+  import os
+
+  import torch
+
+  if device != "cpu" and os.environ.get("TORCH_ALLOW_TF32") == "1":
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
+
+
 def torch_phase1(b, l, vocab, *, kl=False, dropout=0.1, device="cpu",
                  dtype="float32"):
   """A PyTorch phase-1 step: transformers BERT, the same losses, AdamW.
@@ -199,6 +210,8 @@ def torch_phase1(b, l, vocab, *, kl=False, dropout=0.1, device="cpu",
   """
   import torch
   import transformers
+
+  _torch_matmul_setup(device)
 
   torch.manual_seed(0)
   tdt = getattr(torch, dtype)
@@ -330,6 +343,8 @@ def torch_phase2(b, l, vocab, *, dropout=0.1, device="cpu", dtype="float32",
   whose moments stay 0, do not move)."""
   import torch
   import transformers
+
+  _torch_matmul_setup(device)
 
   torch.manual_seed(0)
   tdt = getattr(torch, dtype)

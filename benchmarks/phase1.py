@@ -10,7 +10,8 @@ dropout) lives in benchmarks/common.py. Rounds alternate JAX and PyTorch
 so both see the same machine load; the figures are medians over rounds,
 with min/max as the spread. MFU: analytic training FLOPs per token (see
 common.train_flops_per_token) x tokens/s / the peak (on CPU a jitted fp32
-2048^2 matmul measured in this run; on GPU --peak-tflops).
+2048^2 matmul measured in every round, median over the rounds, so it sees
+the same load as the steps; on GPU --peak-tflops).
 
   python benchmarks/phase1.py --quick          # seq 128, 3 rounds
   python benchmarks/phase1.py                  # seq 128 and 256, 5 rounds
@@ -22,6 +23,7 @@ import argparse
 import functools
 import gc
 import os
+import statistics
 import sys
 import time
 
@@ -57,6 +59,7 @@ def main(argv=None):
   device = "cuda" if jax.default_backend() == "gpu" else "cpu"
   peak = args.peak_tflops or common.cpu_matmul_peak(dtype=args.dtype)
   peak_src = "given" if args.peak_tflops else "measured_matmul"
+  peaks = [] if args.peak_tflops else [peak]
   common.emit({"what": "peak_tflops", "value": peak, "source": peak_src,
                "device": jax.devices()[0].device_kind})
   rows = []
@@ -94,6 +97,9 @@ def main(argv=None):
         trun()
       jt, tt = [], []
       for r in range(args.rounds):
+        if not args.peak_tflops:  # the peak under this round's load
+          peaks.append(common.cpu_matmul_peak(repeats=2, dtype=args.dtype))
+          peak = statistics.median(peaks)
         for who in (("jax", "torch") if r % 2 == 0 else ("torch", "jax")):
           if who == "torch" and trun is None:
             continue
@@ -123,9 +129,9 @@ def main(argv=None):
         common.emit(row)
         rows.append(row)
       if tt:
-        ratio = statistics_ratio(jt, tt)
+        ratio = statistics.median(tt) / statistics.median(jt)
         common.emit({"what": "phase1_ratio", "mix": mix, "seq": l,
-                     "jax_over_torch": ratio})
+                     "jax_over_torch": ratio, "peak_tflops": peak})
         rows.append({"what": "ratio", "mix": mix, "seq": l, "impl": "ratio",
                      "tokens_per_s": ratio})
       del js, jrun, trun
@@ -143,12 +149,6 @@ def main(argv=None):
       print(f"ratio jax/torch {r['mix']} seq {r['seq']}: "
             f"{r['tokens_per_s']:.2f}x")
   return rows
-
-
-def statistics_ratio(jt, tt):
-  import statistics
-
-  return statistics.median(tt) / statistics.median(jt)
 
 
 if __name__ == "__main__":
