@@ -38,8 +38,8 @@ run() {  # run NAME CMD...: under the time left, output to $OUT/NAME.txt
 if [ $DRY = 1 ]; then
   KIND=cpu-dry-run
   PEAK_FP32=0; PEAK_BF16=0   # 0: the scripts measure a matmul peak
-  SHAPES=(--batch 2 --seq 32 --rounds 1 --vocab 2000)
-  INF=(--batches 1 2 --seq 32 --rounds 1 --vocab 2000 --full-vocab 4000)
+  SHAPES=(--batch 2 --seq 32 --rounds 1 --vocab 2000 --mix released phase2)
+  INF=(--batches 2 --seq 32 --rounds 1 --vocab 2000 --full-vocab 4000)
 else
   if ! "$PY" -c "import jax, torch, sys; sys.exit(0 if jax.default_backend()=='gpu' and torch.cuda.is_available() else 1)"; then
     echo "no GPU visible to both jax and torch under $PY; use --dry-run on CPU" >&2
