@@ -31,8 +31,9 @@ def build(name, b, l, vocab, kl):
   holder = {"state": s["state"]}
 
   def run():
-    holder["state"], m = s["step"](holder["state"], s["teacher"], s["batch"],
-                                   key)
+    holder["state"], m = s["step"](
+      holder["state"], s["teacher"], s["batch"], key
+    )
     return m["loss"]
 
   return run
@@ -61,8 +62,13 @@ def main():
       times[v].append(time.perf_counter() - t)
   rows = []
   for v, ts in times.items():
-    row = {"what": "ab_step", "variant": v, "seq": args.seq, "kl": args.kl,
-           **common.spread(ts)}
+    row = {
+      "what": "ab_step",
+      "variant": v,
+      "seq": args.seq,
+      "kl": args.kl,
+      **common.spread(ts),
+    }
     common.emit(row)
     rows.append(row)
   print(common.table(rows, ["variant", "median_s", "min_s", "max_s"]))

@@ -97,8 +97,13 @@ def train_flops_per_token(
 
 
 # ------------------------------------------------------------------ JAX
-def configs(vocab: int, dtype: str = "float32", head: str = "mlm",
-            num_labels: int = 9, dropout: float = 0.1):
+def configs(
+  vocab: int,
+  dtype: str = "float32",
+  head: str = "mlm",
+  num_labels: int = 9,
+  dropout: float = 0.1,
+):
   tcfg = preset(
     "mbert",
     vocab_size=vocab,
@@ -199,8 +204,9 @@ def _torch_matmul_setup(device: str) -> None:
     torch.backends.cudnn.allow_tf32 = True
 
 
-def torch_phase1(b, l, vocab, *, kl=False, dropout=0.1, device="cpu",
-                 dtype="float32"):
+def torch_phase1(
+  b, l, vocab, *, kl=False, dropout=0.1, device="cpu", dtype="float32"
+):
   """A PyTorch phase-1 step: transformers BERT, the same losses, AdamW.
 
   Released mix (hidden + attention MSE): BertModel with hidden states and
@@ -226,10 +232,16 @@ def torch_phase1(b, l, vocab, *, kl=False, dropout=0.1, device="cpu",
   )
   cls = transformers.BertForMaskedLM if kl else transformers.BertModel
   extra = {} if kl else {"add_pooling_layer": False}
-  teacher = cls(transformers.BertConfig(num_hidden_layers=12, **common_kw),
-                **extra).to(device, tdt).eval()
-  student = cls(transformers.BertConfig(num_hidden_layers=6, **common_kw),
-                **extra).to(device).train()
+  teacher = (
+    cls(transformers.BertConfig(num_hidden_layers=12, **common_kw), **extra)
+    .to(device, tdt)
+    .eval()
+  )
+  student = (
+    cls(transformers.BertConfig(num_hidden_layers=6, **common_kw), **extra)
+    .to(device)
+    .train()
+  )
   for p in teacher.parameters():
     p.requires_grad_(False)
   opt = torch.optim.AdamW(student.parameters(), lr=1e-4, weight_decay=0.0)
@@ -244,15 +256,25 @@ def torch_phase1(b, l, vocab, *, kl=False, dropout=0.1, device="cpu",
 
   def step():
     with torch.no_grad(), torch.autocast(device, tdt, enabled=autocast):
-      t_out = teacher(ids, attention_mask=mask, output_hidden_states=True,
-                      output_attentions=not kl)
+      t_out = teacher(
+        ids,
+        attention_mask=mask,
+        output_hidden_states=True,
+        output_attentions=not kl,
+      )
     with torch.autocast(device, tdt, enabled=autocast):
-      s_out = student(ids, attention_mask=mask, output_hidden_states=True,
-                      output_attentions=not kl)
+      s_out = student(
+        ids,
+        attention_mask=mask,
+        output_hidden_states=True,
+        output_attentions=not kl,
+      )
     m = real[..., None].float()
     hid = sum(
-      (((s_out.hidden_states[s].float() - t_out.hidden_states[t].float())
-        * m) ** 2).sum()
+      (
+        ((s_out.hidden_states[s].float() - t_out.hidden_states[t].float()) * m)
+        ** 2
+      ).sum()
       for s, t in hidden_pairs
     ) / (len(hidden_pairs) * m.sum() * 768)
     loss = hid
@@ -266,8 +288,10 @@ def torch_phase1(b, l, vocab, *, kl=False, dropout=0.1, device="cpu",
     else:
       km = real[:, None, None, :].float()
       att = sum(
-        (((s_out.attentions[s].float() - t_out.attentions[t].float())
-          * km) ** 2).sum()
+        (
+          ((s_out.attentions[s].float() - t_out.attentions[t].float()) * km)
+          ** 2
+        ).sum()
         for s, t in attn_pairs
       ) / (len(attn_pairs) * km.sum() * 12 * l)
       loss = loss + att
@@ -295,12 +319,15 @@ def jax_phase2(b, l, vocab, *, dtype="float32", dropout=0.1, labels=9):
   """task.task_step (LT-SFT sparse stage): soft CE + hidden + attention."""
   from bistil_jax.train import task
 
-  tcfg, scfg = configs(vocab, dtype, head="token_classification",
-                       num_labels=labels, dropout=dropout)
-  tparams = jax.tree.map(np.asarray, init_params(tcfg, jax.random.PRNGKey(0)))
-  sparams = jax.tree.map(
-    np.asarray, init_params(scfg, jax.random.PRNGKey(1))
+  tcfg, scfg = configs(
+    vocab,
+    dtype,
+    head="token_classification",
+    num_labels=labels,
+    dropout=dropout,
   )
+  tparams = jax.tree.map(np.asarray, init_params(tcfg, jax.random.PRNGKey(0)))
+  sparams = jax.tree.map(np.asarray, init_params(scfg, jax.random.PRNGKey(1)))
   mask = jax.device_put(_random_mask(sparams, PHASE2_DENSITY))
   tx = state_lib.make_optimizer(state_lib.OptimConfig(total_steps=100000))
   state = jax.jit(state_lib.create_state, static_argnums=1)(sparams, tx)
@@ -308,10 +335,12 @@ def jax_phase2(b, l, vocab, *, dtype="float32", dropout=0.1, labels=9):
   cdt = jnp.dtype(dtype)
   teacher = jax.device_put(jax.tree.map(lambda x: x.astype(cdt), tparams))
   batch = synthetic_batch(b, l, vocab)
-  batch = jax.device_put({
-    k: batch[k]
-    for k in ("input_ids", "attention_mask", "token_type_ids", "labels")
-  })
+  batch = jax.device_put(
+    {
+      k: batch[k]
+      for k in ("input_ids", "attention_mask", "token_type_ids", "labels")
+    }
+  )
   step = jax.jit(
     functools.partial(
       task.task_step,
@@ -328,15 +357,17 @@ def jax_phase2(b, l, vocab, *, dtype="float32", dropout=0.1, labels=9):
   key = jax.random.PRNGKey(0)
 
   def run():
-    holder["state"], m = step(holder["state"], origin, teacher, mask, batch,
-                              key)
+    holder["state"], m = step(
+      holder["state"], origin, teacher, mask, batch, key
+    )
     return m["loss"]
 
   return {"tcfg": tcfg, "scfg": scfg, "run": run, "logits_rows": l}
 
 
-def torch_phase2(b, l, vocab, *, dropout=0.1, device="cpu", dtype="float32",
-                 labels=9):
+def torch_phase2(
+  b, l, vocab, *, dropout=0.1, device="cpu", dtype="float32", labels=9
+):
   """PyTorch LT-SFT sparse-stage step: BertForTokenClassification pair,
   soft CE (T=2) at labelled tokens + hidden + attention MSE, gradients
   masked before clipping and AdamW (weight decay 0, so masked entries,
@@ -349,16 +380,24 @@ def torch_phase2(b, l, vocab, *, dropout=0.1, device="cpu", dtype="float32",
   torch.manual_seed(0)
   tdt = getattr(torch, dtype)
   kw = dict(
-    vocab_size=vocab, hidden_size=768, num_attention_heads=12,
-    intermediate_size=3072, hidden_dropout_prob=dropout,
-    attention_probs_dropout_prob=dropout, num_labels=labels,
+    vocab_size=vocab,
+    hidden_size=768,
+    num_attention_heads=12,
+    intermediate_size=3072,
+    hidden_dropout_prob=dropout,
+    attention_probs_dropout_prob=dropout,
+    num_labels=labels,
     attn_implementation="eager",
   )
   cls = transformers.BertForTokenClassification
-  teacher = cls(transformers.BertConfig(num_hidden_layers=12, **kw)).to(
-    device, tdt).eval()
-  student = cls(transformers.BertConfig(num_hidden_layers=6, **kw)).to(
-    device).train()
+  teacher = (
+    cls(transformers.BertConfig(num_hidden_layers=12, **kw))
+    .to(device, tdt)
+    .eval()
+  )
+  student = (
+    cls(transformers.BertConfig(num_hidden_layers=6, **kw)).to(device).train()
+  )
   for p in teacher.parameters():
     p.requires_grad_(False)
   gen = torch.Generator().manual_seed(0)
@@ -378,23 +417,34 @@ def torch_phase2(b, l, vocab, *, dropout=0.1, device="cpu", dtype="float32",
 
   def step():
     with torch.no_grad(), torch.autocast(device, tdt, enabled=autocast):
-      t = teacher(ids, attention_mask=mask, output_hidden_states=True,
-                  output_attentions=True)
+      t = teacher(
+        ids,
+        attention_mask=mask,
+        output_hidden_states=True,
+        output_attentions=True,
+      )
     with torch.autocast(device, tdt, enabled=autocast):
-      s = student(ids, attention_mask=mask, output_hidden_states=True,
-                  output_attentions=True)
+      s = student(
+        ids,
+        attention_mask=mask,
+        output_hidden_states=True,
+        output_attentions=True,
+      )
     pt = torch.softmax(t.logits.float()[sel] / 2.0, -1)
-    kl = -(pt * torch.log_softmax(s.logits.float()[sel] / 2.0, -1)).sum(
-      -1).mean()
+    kl = (
+      -(pt * torch.log_softmax(s.logits.float()[sel] / 2.0, -1)).sum(-1).mean()
+    )
     m = real[..., None].float()
     hid = sum(
-      (((s.hidden_states[i].float() - t.hidden_states[j].float()) * m) ** 2
-       ).sum() for i, j in hidden_pairs
+      (
+        ((s.hidden_states[i].float() - t.hidden_states[j].float()) * m) ** 2
+      ).sum()
+      for i, j in hidden_pairs
     ) / (len(hidden_pairs) * m.sum() * 768)
     km = real[:, None, None, :].float()
     att = sum(
-      (((s.attentions[i].float() - t.attentions[j].float()) * km) ** 2
-       ).sum() for i, j in attn_pairs
+      (((s.attentions[i].float() - t.attentions[j].float()) * km) ** 2).sum()
+      for i, j in attn_pairs
     ) / (len(attn_pairs) * km.sum() * 12 * l)
     loss = kl + hid + att
     opt.zero_grad(set_to_none=True)

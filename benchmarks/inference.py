@@ -53,10 +53,12 @@ def main(argv=None):
   args = p.parse_args(argv)
   if args.quick:
     args.rounds = 2
-  full_t, _ = common.configs(args.full_vocab, args.dtype,
-                             head="token_classification")
-  trim_t, student = common.configs(args.vocab, args.dtype,
-                                   head="token_classification")
+  full_t, _ = common.configs(
+    args.full_vocab, args.dtype, head="token_classification"
+  )
+  trim_t, student = common.configs(
+    args.vocab, args.dtype, head="token_classification"
+  )
   models = {"teacher": full_t, "teacher_trimmed": trim_t, "student": student}
   params, info = {}, {}
   for name, cfg in models.items():
@@ -93,32 +95,58 @@ def main(argv=None):
     for n, ts in times.items():
       s = common.spread(ts)
       row = {
-        "what": "inference", "model": n, "batch": b, "seq": args.seq,
-        "dtype": args.dtype, "latency_ms": 1e3 * s["median_s"],
-        "latency_ms_min": 1e3 * s["min_s"], "latency_ms_max": 1e3 * s["max_s"],
+        "what": "inference",
+        "model": n,
+        "batch": b,
+        "seq": args.seq,
+        "dtype": args.dtype,
+        "latency_ms": 1e3 * s["median_s"],
+        "latency_ms_min": 1e3 * s["min_s"],
+        "latency_ms_max": 1e3 * s["max_s"],
         "sequences_per_s": b / s["median_s"],
-        "tokens_per_s": b * args.seq / s["median_s"], "gmacs": macs[n] / 1e9,
+        "tokens_per_s": b * args.seq / s["median_s"],
+        "gmacs": macs[n] / 1e9,
         **info[n],
       }
       if n != "student":
         row["student_speedup"] = s["median_s"] / statistics_median(
-          times["student"])
+          times["student"]
+        )
         row["flop_ratio"] = macs[n] / macs["student"]
-        row["speedup_over_flop_ratio"] = row["student_speedup"] / row[
-          "flop_ratio"]
+        row["speedup_over_flop_ratio"] = (
+          row["student_speedup"] / row["flop_ratio"]
+        )
       common.emit(row)
       rows.append(row)
   print()
-  print(f"device {jax.devices()[0].device_kind}, {args.dtype}, seq "
-        f"{args.seq}, rounds {args.rounds}")
-  print(common.table(
-    [{"model": n, **i} for n, i in info.items()],
-    ["model", "params", "params_embeddings", "disk_mb"]))
+  print(
+    f"device {jax.devices()[0].device_kind}, {args.dtype}, seq "
+    f"{args.seq}, rounds {args.rounds}"
+  )
+  print(
+    common.table(
+      [{"model": n, **i} for n, i in info.items()],
+      ["model", "params", "params_embeddings", "disk_mb"],
+    )
+  )
   print()
-  print(common.table(rows, [
-    "model", "batch", "latency_ms", "latency_ms_min", "latency_ms_max",
-    "sequences_per_s", "gmacs", "student_speedup", "flop_ratio",
-    "speedup_over_flop_ratio"]))
+  print(
+    common.table(
+      rows,
+      [
+        "model",
+        "batch",
+        "latency_ms",
+        "latency_ms_min",
+        "latency_ms_max",
+        "sequences_per_s",
+        "gmacs",
+        "student_speedup",
+        "flop_ratio",
+        "speedup_over_flop_ratio",
+      ],
+    )
+  )
   return rows
 
 

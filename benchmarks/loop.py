@@ -67,13 +67,25 @@ def make_tokenizer(path: str, vocab: int) -> list[str]:
   tok.save(os.path.join(path, "tokenizer.json"))
   with open(os.path.join(path, "vocab.txt"), "w", encoding="utf-8") as f:
     f.writelines(p + "\n" for p in pieces)
-  specials = dict(unk_token="[UNK]", sep_token="[SEP]", pad_token="[PAD]",
-                  cls_token="[CLS]", mask_token="[MASK]")
+  specials = dict(
+    unk_token="[UNK]",
+    sep_token="[SEP]",
+    pad_token="[PAD]",
+    cls_token="[CLS]",
+    mask_token="[MASK]",
+  )
   with open(os.path.join(path, "special_tokens_map.json"), "w") as f:
     json.dump(specials, f)
   with open(os.path.join(path, "tokenizer_config.json"), "w") as f:
-    json.dump(dict(specials, tokenizer_class="BertTokenizer",
-                   do_lower_case=True, model_max_length=512), f)
+    json.dump(
+      dict(
+        specials,
+        tokenizer_class="BertTokenizer",
+        do_lower_case=True,
+        model_max_length=512,
+      ),
+      f,
+    )
   return words
 
 
@@ -116,18 +128,30 @@ def main(argv=None):
     write_corpus(tgt, words, n_lines, args.seq + 16, 1)
     workdir = os.path.join(d, "run")
     over = {
-      "teacher.model": teacher, "data.source": src, "data.target": tgt,
-      "data.max_seq_len": args.seq, "data.batch_size": args.batch,
-      "optim.learning_rate": 1e-4, "train.num_steps": args.steps,
-      "train.log_every": args.log_every, "train.eval_every": 0,
+      "teacher.model": teacher,
+      "data.source": src,
+      "data.target": tgt,
+      "data.max_seq_len": args.seq,
+      "data.batch_size": args.batch,
+      "optim.learning_rate": 1e-4,
+      "train.num_steps": args.steps,
+      "train.log_every": args.log_every,
+      "train.eval_every": 0,
       "train.checkpoint_every": args.steps,
     }
-    cmd = [os.path.join(os.path.dirname(sys.executable), "bistil"), "distil",
-           "--config", os.path.join(REPO, "configs", "distil.py:tiny"),
-           "--workdir", workdir]
+    cmd = [
+      os.path.join(os.path.dirname(sys.executable), "bistil"),
+      "distil",
+      "--config",
+      os.path.join(REPO, "configs", "distil.py:tiny"),
+      "--workdir",
+      workdir,
+    ]
     cmd += [f"--config.{k}={v}" for k, v in over.items()]
-    env = dict(os.environ, PYTHONPATH=REPO + os.pathsep
-               + os.environ.get("PYTHONPATH", ""))
+    env = dict(
+      os.environ,
+      PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""),
+    )
     t0 = time.perf_counter()
     res = subprocess.run(cmd, env=env, capture_output=True, text=True)
     wall = time.perf_counter() - t0
@@ -143,15 +167,26 @@ def main(argv=None):
       if "metrics.jsonl" in files:
         with open(os.path.join(root, "metrics.jsonl")) as f:
           rows += [json.loads(x) for x in f if x.strip()]
-    tps = [r["train/tokens_per_s"] if "train/tokens_per_s" in r
-           else r.get("tokens_per_s") for r in rows]
+    tps = [
+      r["train/tokens_per_s"]
+      if "train/tokens_per_s" in r
+      else r.get("tokens_per_s")
+      for r in rows
+    ]
     tps = [x for x in tps if x]
   if len(tps) < 2:
     print(log[-3000:])
     raise SystemExit(f"no tokens/s in the run's metrics: {rows[:2]}")
   loop_tps = statistics.median(tps[1:])
-  common.emit({"what": "loop", "tokens_per_s": loop_tps, "windows": tps,
-               "wall_s": wall, "steps": args.steps})
+  common.emit(
+    {
+      "what": "loop",
+      "tokens_per_s": loop_tps,
+      "windows": tps,
+      "wall_s": wall,
+      "steps": args.steps,
+    }
+  )
   s = common.jax_phase1(args.batch, args.seq, args.vocab)
   run = common.jax_runner(s)
   common.sync(run())
@@ -161,13 +196,19 @@ def main(argv=None):
     common.sync(run())
     ts.append(time.perf_counter() - t)
   step_tps = args.batch * args.seq / statistics.median(ts)
-  common.emit({"what": "isolated_step", "tokens_per_s": step_tps,
-               **common.spread(ts)})
-  print(common.table(
-    [{"what": "bistil distil loop", "tokens_per_s": loop_tps},
-     {"what": "isolated step", "tokens_per_s": step_tps},
-     {"what": "loop / step", "tokens_per_s": loop_tps / step_tps}],
-    ["what", "tokens_per_s"]))
+  common.emit(
+    {"what": "isolated_step", "tokens_per_s": step_tps, **common.spread(ts)}
+  )
+  print(
+    common.table(
+      [
+        {"what": "bistil distil loop", "tokens_per_s": loop_tps},
+        {"what": "isolated step", "tokens_per_s": step_tps},
+        {"what": "loop / step", "tokens_per_s": loop_tps / step_tps},
+      ],
+      ["what", "tokens_per_s"],
+    )
+  )
 
 
 if __name__ == "__main__":

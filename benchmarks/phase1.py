@@ -38,17 +38,24 @@ def main(argv=None):
   p.add_argument("--batch", type=int, default=8)
   p.add_argument("--seq", type=int, nargs="+", default=[128, 256])
   p.add_argument("--vocab", type=int, default=30000)
-  p.add_argument("--mix", nargs="+", default=["released", "kl_hidden", "phase2"],
-                 help="released, kl_hidden (phase 1), phase2 (LT-SFT sparse "
-                 "stage, token classification)")
+  p.add_argument(
+    "--mix",
+    nargs="+",
+    default=["released", "kl_hidden", "phase2"],
+    help="released, kl_hidden (phase 1), phase2 (LT-SFT sparse "
+    "stage, token classification)",
+  )
   p.add_argument("--rounds", type=int, default=5)
   p.add_argument("--dtype", default="float32")
   p.add_argument("--dropout", type=float, default=0.1)
-  p.add_argument("--peak-tflops", type=float, default=0.0,
-                 help="device peak; default: measured matmul (CPU)")
+  p.add_argument(
+    "--peak-tflops",
+    type=float,
+    default=0.0,
+    help="device peak; default: measured matmul (CPU)",
+  )
   p.add_argument("--no-torch", action="store_true")
-  p.add_argument("--quick", action="store_true",
-                 help="seq 128 only, 3 rounds")
+  p.add_argument("--quick", action="store_true", help="seq 128 only, 3 rounds")
   args = p.parse_args(argv)
   if args.quick:
     args.seq, args.rounds = [128], 3
@@ -60,23 +67,31 @@ def main(argv=None):
   peak = args.peak_tflops or common.cpu_matmul_peak(dtype=args.dtype)
   peak_src = "given" if args.peak_tflops else "measured_matmul"
   peaks = [] if args.peak_tflops else [peak]
-  common.emit({"what": "peak_tflops", "value": peak, "source": peak_src,
-               "device": jax.devices()[0].device_kind})
+  common.emit(
+    {
+      "what": "peak_tflops",
+      "value": peak,
+      "source": peak_src,
+      "device": jax.devices()[0].device_kind,
+    }
+  )
   rows = []
   for l in args.seq:
     for mix in args.mix:
       kl = mix == "kl_hidden"
       b = args.batch
       if mix == "phase2":
-        js = common.jax_phase2(b, l, args.vocab, dtype=args.dtype,
-                               dropout=args.dropout)
+        js = common.jax_phase2(
+          b, l, args.vocab, dtype=args.dtype, dropout=args.dropout
+        )
         jrun = js["run"]
         fpt = fpt_ref = common.train_flops_per_token(
           js["tcfg"], js["scfg"], b, l, l
         )
       else:
-        js = common.jax_phase1(b, l, args.vocab, kl=kl, dtype=args.dtype,
-                               dropout=args.dropout)
+        js = common.jax_phase1(
+          b, l, args.vocab, kl=kl, dtype=args.dtype, dropout=args.dropout
+        )
         jrun = common.jax_runner(js)
         fpt = common.train_flops_per_token(
           js["tcfg"], js["scfg"], b, l, js["logits_rows"]
@@ -90,17 +105,26 @@ def main(argv=None):
       common.sync(jrun())
       trun = None
       if not args.no_torch:
-        make = common.torch_phase2 if mix == "phase2" else functools.partial(
-          common.torch_phase1, kl=kl)
-        trun = make(b, l, args.vocab, dropout=args.dropout, device=device,
-                    dtype=args.dtype)["step"]
+        make = (
+          common.torch_phase2
+          if mix == "phase2"
+          else functools.partial(common.torch_phase1, kl=kl)
+        )
+        trun = make(
+          b,
+          l,
+          args.vocab,
+          dropout=args.dropout,
+          device=device,
+          dtype=args.dtype,
+        )["step"]
         trun()
       jt, tt = [], []
       for r in range(args.rounds):
         if not args.peak_tflops:  # the peak under this round's load
           peaks.append(common.cpu_matmul_peak(repeats=2, dtype=args.dtype))
           peak = statistics.median(peaks)
-        for who in (("jax", "torch") if r % 2 == 0 else ("torch", "jax")):
+        for who in ("jax", "torch") if r % 2 == 0 else ("torch", "jax"):
           if who == "torch" and trun is None:
             continue
           t = time.perf_counter()
@@ -117,12 +141,19 @@ def main(argv=None):
         s = common.spread(times)
         tps = tokens / s["median_s"]
         row = {
-          "what": "phase1_step", "impl": who, "mix": mix, "seq": l,
-          "batch": b, "dtype": args.dtype, "tokens_per_s": tps,
+          "what": "phase1_step",
+          "impl": who,
+          "mix": mix,
+          "seq": l,
+          "batch": b,
+          "dtype": args.dtype,
+          "tokens_per_s": tps,
           "tokens_per_s_min": tokens / s["max_s"],
           "tokens_per_s_max": tokens / s["min_s"],
-          "flops_per_token": f, "tflops": f * tps / 1e12,
-          "mfu": f * tps / 1e12 / peak, **s,
+          "flops_per_token": f,
+          "tflops": f * tps / 1e12,
+          "mfu": f * tps / 1e12 / peak,
+          **s,
         }
         if who == "jax":
           row["compile_s"] = compile_s
@@ -130,24 +161,51 @@ def main(argv=None):
         rows.append(row)
       if tt:
         ratio = statistics.median(tt) / statistics.median(jt)
-        common.emit({"what": "phase1_ratio", "mix": mix, "seq": l,
-                     "jax_over_torch": ratio, "peak_tflops": peak})
-        rows.append({"what": "ratio", "mix": mix, "seq": l, "impl": "ratio",
-                     "tokens_per_s": ratio})
+        common.emit(
+          {
+            "what": "phase1_ratio",
+            "mix": mix,
+            "seq": l,
+            "jax_over_torch": ratio,
+            "peak_tflops": peak,
+          }
+        )
+        rows.append(
+          {
+            "what": "ratio",
+            "mix": mix,
+            "seq": l,
+            "impl": "ratio",
+            "tokens_per_s": ratio,
+          }
+        )
       del js, jrun, trun
       gc.collect()
   print()
-  print(f"device {jax.devices()[0].device_kind}, peak {peak:.3f} TFLOP/s "
-        f"({peak_src}), batch {args.batch}, {args.dtype}")
-  print(common.table(
-    [r for r in rows if r["what"] != "ratio"],
-    ["mix", "seq", "impl", "tokens_per_s", "tokens_per_s_min",
-     "tokens_per_s_max", "tflops", "mfu"],
-  ))
+  print(
+    f"device {jax.devices()[0].device_kind}, peak {peak:.3f} TFLOP/s "
+    f"({peak_src}), batch {args.batch}, {args.dtype}"
+  )
+  print(
+    common.table(
+      [r for r in rows if r["what"] != "ratio"],
+      [
+        "mix",
+        "seq",
+        "impl",
+        "tokens_per_s",
+        "tokens_per_s_min",
+        "tokens_per_s_max",
+        "tflops",
+        "mfu",
+      ],
+    )
+  )
   for r in rows:
     if r["what"] == "ratio":
-      print(f"ratio jax/torch {r['mix']} seq {r['seq']}: "
-            f"{r['tokens_per_s']:.2f}x")
+      print(
+        f"ratio jax/torch {r['mix']} seq {r['seq']}: {r['tokens_per_s']:.2f}x"
+      )
   return rows
 
 

@@ -84,7 +84,12 @@ def main():
       apply = staticmethod(fake_t)
 
     return steps.distil_losses(
-      params, teacher, batch, key, student_model=sm, teacher_model=Fake,
+      params,
+      teacher,
+      batch,
+      key,
+      student_model=sm,
+      teacher_model=Fake,
       loss_cfg=loss_cfg,
     )[0]
 
@@ -99,6 +104,7 @@ def main():
   def upd(st, g):
     u, o = tx.update(g, st.opt_state, st.params)
     import optax
+
     return st.replace(params=optax.apply_updates(st.params, u), opt_state=o)
 
   holder = {"s": jax.tree.map(jnp.copy, state)}

@@ -76,8 +76,15 @@ def main():
   step_s = max(by.values())
   rows = []
   for name, s in by.most_common():
-    rows.append({"op": name[:60], "s_per_step": s, "calls": count[name],
-                 "share": s / step_s, "kind": kind(name)})
+    rows.append(
+      {
+        "op": name[:60],
+        "s_per_step": s,
+        "calls": count[name],
+        "share": s / step_s,
+        "kind": kind(name),
+      }
+    )
   kinds = collections.Counter()
   for r in rows[1:]:
     kinds[r["kind"]] += r["s_per_step"]
@@ -87,9 +94,15 @@ def main():
     with open(args.dump_all, "w") as f:
       json.dump(rows, f)
   print(common.table(rows[: args.top], ["op", "calls", "s_per_step", "share"]))
-  print(common.table(
-    [{"kind": k, "s_per_step": v, "share": v / step_s}
-     for k, v in kinds.most_common(12)], ["kind", "s_per_step", "share"]))
+  print(
+    common.table(
+      [
+        {"kind": k, "s_per_step": v, "share": v / step_s}
+        for k, v in kinds.most_common(12)
+      ],
+      ["kind", "s_per_step", "share"],
+    )
+  )
 
 
 if __name__ == "__main__":

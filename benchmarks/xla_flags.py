@@ -64,8 +64,13 @@ def main():
   rows = []
   for name in args.sets:
     env = dict(os.environ, XLA_FLAGS=FLAG_SETS[name])
-    res = subprocess.run([sys.executable, "-c", CHILD], env=env,
-                         capture_output=True, text=True, timeout=600)
+    res = subprocess.run(
+      [sys.executable, "-c", CHILD],
+      env=env,
+      capture_output=True,
+      text=True,
+      timeout=600,
+    )
     line = [x for x in res.stdout.splitlines() if x.startswith("RESULT ")]
     if not line:
       row = {"set": name, "error": res.stderr.strip().splitlines()[-1:]}
@@ -73,13 +78,25 @@ def main():
       row = {"set": name, "flags": FLAG_SETS[name], **json.loads(line[0][7:])}
     print(json.dumps(row), flush=True)
     rows.append(row)
-  cols = ["set", "peak", "ffn_fwd", "ffn_dw", "ffn_dx", "scores",
-          "teacher_fwd_s"]
+  cols = [
+    "set",
+    "peak",
+    "ffn_fwd",
+    "ffn_dw",
+    "ffn_dx",
+    "scores",
+    "teacher_fwd_s",
+  ]
   print("| " + " | ".join(cols) + " |\n|" + "---|" * len(cols))
   for r in rows:
-    print("| " + " | ".join(
-      f"{r[c]:.3f}" if isinstance(r.get(c), float) else str(r.get(c, ""))
-      for c in cols) + " |")
+    print(
+      "| "
+      + " | ".join(
+        f"{r[c]:.3f}" if isinstance(r.get(c), float) else str(r.get(c, ""))
+        for c in cols
+      )
+      + " |"
+    )
 
 
 if __name__ == "__main__":
