@@ -134,7 +134,7 @@ def synthetic_batch(b: int, l: int, vocab: int, seed: int = 0):
 
 
 def jax_phase1(b, l, vocab, *, kl=False, dtype="float32", dropout=0.1):
-  """The jitted, donating distil_step plus what it needs."""
+  """The jitted, donating train_step with the phase-1 loss."""
   tcfg, scfg = configs(vocab, dtype, dropout=dropout)
   tparams = jax.tree.map(np.asarray, init_params(tcfg, jax.random.PRNGKey(0)))
   sparams = student_init.init_student(
@@ -156,11 +156,14 @@ def jax_phase1(b, l, vocab, *, kl=False, dtype="float32", dropout=0.1):
   batch = jax.device_put(batch)
   step = jax.jit(
     functools.partial(
-      steps.distil_step,
-      student_model=Model(scfg),
-      teacher_model=Model(tcfg),
+      steps.train_step,
+      loss_fn=functools.partial(
+        steps.distil_losses,
+        student_model=Model(scfg),
+        teacher_model=Model(tcfg),
+        loss_cfg=loss_cfg,
+      ),
       tx=tx,
-      loss_cfg=loss_cfg,
     ),
     donate_argnums=(0,),
   )
@@ -316,7 +319,8 @@ def _random_mask(tree, density, seed=0):
 
 
 def jax_phase2(b, l, vocab, *, dtype="float32", dropout=0.1, labels=9):
-  """task.task_step (LT-SFT sparse stage): soft CE + hidden + attention."""
+  """train_step with task.task_losses, LT-SFT sparse stage (the mask in the
+  state): soft CE + hidden + attention."""
   from bistil_jax.train import task
 
   tcfg, scfg = configs(
@@ -330,10 +334,10 @@ def jax_phase2(b, l, vocab, *, dtype="float32", dropout=0.1, labels=9):
   sparams = jax.tree.map(np.asarray, init_params(scfg, jax.random.PRNGKey(1)))
   mask = jax.device_put(_random_mask(sparams, PHASE2_DENSITY))
   tx = state_lib.make_optimizer(state_lib.OptimConfig(total_steps=100000))
-  state = jax.jit(state_lib.create_state, static_argnums=1)(sparams, tx)
-  origin = jax.device_put(sparams)
+  state = jax.jit(state_lib.create_state, static_argnums=1)(sparams, tx, mask)
   cdt = jnp.dtype(dtype)
   teacher = jax.device_put(jax.tree.map(lambda x: x.astype(cdt), tparams))
+  frozen = {"teacher": teacher, "origin": None}
   batch = synthetic_batch(b, l, vocab)
   batch = jax.device_put(
     {
@@ -343,13 +347,15 @@ def jax_phase2(b, l, vocab, *, dtype="float32", dropout=0.1, labels=9):
   )
   step = jax.jit(
     functools.partial(
-      task.task_step,
-      model=Model(scfg),
-      teacher_model=Model(tcfg),
+      steps.train_step,
+      loss_fn=functools.partial(
+        task.task_losses,
+        model=Model(scfg),
+        teacher_model=Model(tcfg),
+        loss_cfg=task.TaskLossConfig(kl=1.0, hidden=1.0, attention=1.0),
+        kind="token",
+      ),
       tx=tx,
-      loss_cfg=task.TaskLossConfig(),
-      kind="token",
-      lr_schedule=None,
     ),
     donate_argnums=(0,),
   )
@@ -357,9 +363,7 @@ def jax_phase2(b, l, vocab, *, dtype="float32", dropout=0.1, labels=9):
   key = jax.random.PRNGKey(0)
 
   def run():
-    holder["state"], m = step(
-      holder["state"], origin, teacher, mask, batch, key
-    )
+    holder["state"], m = step(holder["state"], frozen, batch, key)
     return m["loss"]
 
   return {"tcfg": tcfg, "scfg": scfg, "run": run, "logits_rows": l}

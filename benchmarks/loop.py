@@ -7,7 +7,7 @@ synthetic word) and two corpora of long lines, runs `bistil distil` on it
 steps, logging every --log-every, no evaluation, one checkpoint at the
 end) and reads its tokens/s from the metrics it writes (the first log
 window, which holds compilation, is dropped). Then times the isolated
-jitted distil_step at the same shapes in this process (common.jax_phase1)
+jitted phase-1 train_step at the same shapes in this process (common.jax_phase1)
 and prints loop / step.
 
   python benchmarks/loop.py --quick      # 8 x 128, 9 steps

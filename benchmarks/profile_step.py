@@ -2,7 +2,7 @@
 
 Times, each jitted on its own, at mBERT-base shapes: the teacher forward,
 the student forward + backward against fixed teacher outputs, the AdamW
-update alone, the whole distil_step, and a large fp32 matmul (the CPU
+update alone, the whole phase-1 train_step, and a large fp32 matmul (the CPU
 peak). Prints one JSON line per part and a table.
 
   python benchmarks/profile_step.py --seq 128 [--kl] [--dump DIR]

@@ -1,6 +1,6 @@
 """Where the phase-1 step's time goes: a jax.profiler trace, summarised.
 
-Runs the jitted distil_step a few times under jax.profiler.trace with a
+Runs the jitted phase-1 train_step a few times under jax.profiler.trace with a
 Perfetto trace, then sums event durations by XLA op name (fusions, dots,
 custom calls) and prints the top ops as JSON lines and a table, with the
 share of the step each one takes. Fused element-wise work shows as
