@@ -13,6 +13,7 @@ family's HF names.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import flax.linen as nn
@@ -45,8 +46,9 @@ class EncoderOutput:
     logits: MLM logits [b, l, padded_vocab] (padded columns hold MASK_VALUE),
       token-classification logits [b, l, labels], sequence-classification
       logits [b, labels], or None without a head.
-    attentions: tuple of L arrays [b, heads, l, l] of post-softmax attention
-      probabilities, when requested.
+    attentions: tuple of L entries, [b, heads, l, l] post-softmax attention
+      probabilities for the requested layers and None for the others; None
+      when none was requested.
     pooled: the pooler output [b, d] when the model has a pooler.
   """
 
@@ -160,9 +162,16 @@ class Embeddings(nn.Module):
 
 
 class SelfAttention(nn.Module):
-  """Multi-head self-attention; returns context and attention probabilities."""
+  """Multi-head self-attention; returns context and attention probabilities.
+
+  With `want_probs` False and no active attention dropout the layer calls
+  `jax.nn.dot_product_attention` and returns probs None: the probabilities
+  never leave the fused attention, which is what a teacher layer without an
+  attention loss term and inference need.
+  """
 
   config: ModelConfig
+  want_probs: bool = True
 
   @nn.compact
   def __call__(self, x, bias, deterministic):
@@ -176,6 +185,11 @@ class SelfAttention(nn.Module):
       return _constrain(y, ("batch", "length", "act_heads", "kv"))
 
     q, k, v = heads("query"), heads("key"), heads("value")
+    no_dropout = deterministic or cfg.attention_probs_dropout_prob == 0.0
+    if not self.want_probs and no_dropout:
+      ctx = jax.nn.dot_product_attention(q, k, v, bias=bias.astype(q.dtype))
+      # ctx: [b, l, h, dh]
+      return ctx.reshape(b, l, h * dh), None
     q = q / jnp.sqrt(dh).astype(q.dtype)
     scores = jnp.einsum("bqhd,bkhd->bhqk", q, k)  # [b, h, l, l]
     # Softmax in float32 whatever the compute dtype.
@@ -205,10 +219,13 @@ class AttentionOutput(nn.Module):
 
 class Attention(nn.Module):
   config: ModelConfig
+  want_probs: bool = True
 
   @nn.compact
   def __call__(self, x, bias, deterministic):
-    ctx, probs = SelfAttention(self.config, name="self")(x, bias, deterministic)
+    ctx, probs = SelfAttention(self.config, self.want_probs, name="self")(
+      x, bias, deterministic
+    )
     out = AttentionOutput(self.config, "joined_kv", name="output")(
       ctx, x, deterministic
     )
@@ -230,10 +247,11 @@ class Layer(nn.Module):
   """One post-LN transformer layer (BERT layout)."""
 
   config: ModelConfig
+  want_probs: bool = True
 
   @nn.compact
   def __call__(self, x, bias, deterministic):
-    attn, probs = Attention(self.config, name="attention")(
+    attn, probs = Attention(self.config, self.want_probs, name="attention")(
       x, bias, deterministic
     )
     y = Intermediate(self.config, name="intermediate")(attn)
@@ -244,15 +262,21 @@ class Layer(nn.Module):
 
 
 class LayerCollection(nn.Module):
-  """Holds layers named "0".."L-1" so paths read `encoder/layer/3/...`."""
+  """Holds layers named "0".."L-1" so paths read `encoder/layer/3/...`.
+
+  `prob_layers`: the layers whose attention probabilities are returned
+  (the others return None and may use the fused attention path).
+  """
 
   config: ModelConfig
+  prob_layers: tuple[int, ...] = ()
 
   @nn.compact
   def __call__(self, x, bias, deterministic):
     states, probs = [], []
     for i in range(self.config.num_hidden_layers):
-      x, p = Layer(self.config, name=str(i))(x, bias, deterministic)
+      layer = Layer(self.config, i in self.prob_layers, name=str(i))
+      x, p = layer(x, bias, deterministic)
       states.append(x)
       probs.append(p)
     return states, probs
@@ -260,10 +284,13 @@ class LayerCollection(nn.Module):
 
 class Encoder(nn.Module):
   config: ModelConfig
+  prob_layers: tuple[int, ...] = ()
 
   @nn.compact
   def __call__(self, x, bias, deterministic):
-    return LayerCollection(self.config, name="layer")(x, bias, deterministic)
+    return LayerCollection(self.config, self.prob_layers, name="layer")(
+      x, bias, deterministic
+    )
 
 
 class Pooler(nn.Module):
@@ -346,7 +373,7 @@ class Model(nn.Module):
     position_ids: jax.Array | None = None,
     *,
     deterministic: bool = True,
-    output_attentions: bool = False,
+    output_attentions: bool | Sequence[int] = False,
     logits_positions: jax.Array | None = None,
   ) -> EncoderOutput:
     """Runs the encoder and head.
@@ -357,7 +384,12 @@ class Model(nn.Module):
       token_type_ids: [b, l] segment ids (default 0).
       position_ids: [b, l] (default: as HF derives them, see position_ids_for).
       deterministic: False enables dropout (needs a "dropout" rng).
-      output_attentions: also return attention probabilities.
+      output_attentions: also return attention probabilities: True for
+        every layer, or a sequence of layer indices (the other entries of
+        `attentions` are then None and those layers use the fused
+        `jax.nn.dot_product_attention`, which never materialises the
+        probabilities outside the attention). False: no probabilities, every
+        layer fused.
       logits_positions: [b, p] int positions; per-token heads (MLM, token
         classification) then run only there and logits are [b, p, ...]. The
         MLM head over a 120k-250k vocabulary is most of a step's FLOPs, so
@@ -378,7 +410,16 @@ class Model(nn.Module):
     # Additive key-padding bias [b, 1, 1, l], float32 like the scores.
     bias = jnp.where(attention_mask[:, None, None, :] > 0, 0.0, MASK_VALUE)
     bias = bias.astype(jnp.float32)
-    states, probs = Encoder(cfg, name="encoder")(x, bias, deterministic)
+    n = cfg.num_hidden_layers
+    if isinstance(output_attentions, bool):
+      prob_layers = tuple(range(n)) if output_attentions else ()
+    else:
+      prob_layers = tuple(sorted({int(i) for i in output_attentions}))
+      if any(not 0 <= i < n for i in prob_layers):
+        raise ValueError(f"output_attentions {prob_layers} not in [0, {n})")
+    states, probs = Encoder(cfg, prob_layers, name="encoder")(
+      x, bias, deterministic
+    )
     hidden_states = (x, *states)
     last = hidden_states[-1]  # [b, l, d]
     pooled = Pooler(cfg, name="pooler")(last) if cfg.add_pooler else None
@@ -412,7 +453,7 @@ class Model(nn.Module):
     return EncoderOutput(
       hidden_states=hidden_states,
       logits=logits,
-      attentions=tuple(probs) if output_attentions else None,
+      attentions=tuple(probs) if prob_layers else None,
       pooled=pooled,
     )
 

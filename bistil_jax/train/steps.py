@@ -103,20 +103,27 @@ def distil_losses(
   common = dict(
     attention_mask=mask,
     token_type_ids=batch.get("token_type_ids"),
-    output_attentions=want_attn,
     logits_positions=positions,
   )
+  # Attention probabilities only for the layers the loss compares; the
+  # other teacher layers run fused attention (encoder.SelfAttention).
+  t_attn = tuple(t for _, t in attn_pairs) if want_attn else False
+  s_attn = tuple(s for s, _ in attn_pairs) if want_attn else False
   t_out = None
   if teacher_model is not None:  # None: MLM pre-training, no teacher
     t_params = jax.lax.stop_gradient(teacher["params"])
     t_out = teacher_model.apply(
-      {"params": t_params}, batch["input_ids"], **common
+      {"params": t_params},
+      batch["input_ids"],
+      output_attentions=t_attn,
+      **common,
     )
   s_out = student_model.apply(
     {"params": params},
     batch["input_ids"],
     deterministic=False,
     rngs={"dropout": key},
+    output_attentions=s_attn,
     **common,
   )
   terms = {}

@@ -80,6 +80,42 @@ class EncoderTest(parameterized.TestCase):
     )
     self.assertIsNone(out2.attentions)
 
+  @parameterized.parameters((0,), (1,), ((1,),), ((0, 1),), (False,))
+  def test_selected_attention_layers_match_full_attention(self, layers):
+    cfg = config_for("tiny", "mlm")
+    params = init_params(cfg, jax.random.PRNGKey(0))
+    ids = jnp.array([[5, 6, 7, 8, 9], [5, 6, 0, 0, 0]])
+    mask = (ids != 0).astype(jnp.int32)
+    model = Model(cfg)
+    full = model.apply(
+      {"params": params}, ids, attention_mask=mask, output_attentions=True
+    )
+    if isinstance(layers, int) and not isinstance(layers, bool):
+      layers = (layers,)
+    part = model.apply(
+      {"params": params}, ids, attention_mask=mask, output_attentions=layers
+    )
+    # Layers without probabilities run the fused attention: same states.
+    for a, b in zip(full.hidden_states, part.hidden_states, strict=True):
+      np.testing.assert_allclose(a, b, atol=2e-6, rtol=2e-6)
+    np.testing.assert_allclose(full.logits, part.logits, atol=2e-5, rtol=1e-5)
+    if not layers:
+      self.assertIsNone(part.attentions)
+      return
+    for i in range(cfg.num_hidden_layers):
+      if i in layers:
+        np.testing.assert_allclose(part.attentions[i], full.attentions[i])
+      else:
+        self.assertIsNone(part.attentions[i])
+
+  def test_attention_layer_out_of_range_is_refused(self):
+    cfg = config_for("tiny", "none")
+    params = init_params(cfg, jax.random.PRNGKey(0))
+    with self.assertRaisesRegex(ValueError, "output_attentions"):
+      Model(cfg).apply(
+        {"params": params}, jnp.ones((1, 4), jnp.int32), output_attentions=(2,)
+      )
+
   @parameterized.parameters("mlm", "token_classification")
   def test_logits_positions_gather_per_token_heads(self, head):
     cfg = config_for("tiny", head)
