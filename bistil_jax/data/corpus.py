@@ -23,12 +23,14 @@ from __future__ import annotations
 import codecs
 import dataclasses
 import gzip
+import io
 import logging
 import os
 from collections.abc import Iterator
 
 from etils import epath
 
+from bistil_jax import paths
 from bistil_jax.errors import BistilError
 
 log = logging.getLogger(__name__)
@@ -171,11 +173,15 @@ PROBE_BYTES = 1 << 16
 
 def _open_binary(path: str):
   """Opens a plain or gzipped file as a binary stream, failing in one line."""
-  p = epath.Path(path)
+  p = paths.path(path)
   try:
     if p.is_dir():
       raise IsADirectoryError(path)
     raw = p.open("rb")
+    if not isinstance(raw, io.BufferedIOBase):
+      # fsspec files (gs://) lack readline(size): give them the standard
+      # buffered reader, which bounds memory on long lines too.
+      raw = io.BufferedReader(raw, buffer_size=1 << 20)
   except FileNotFoundError:
     raise BistilError(f"corpus file not found: {path}") from None
   except IsADirectoryError:

@@ -197,7 +197,7 @@ def _lines(path: str, what: str) -> Iterator[tuple[int, str]]:
   """(1-based line number, line without its end) of a text file."""
   _open(path, what).close()  # one-line errors for missing/unreadable files
   # Decoded line by line (not in chunks), so an error names its own line.
-  with open(path, "rb") as f:
+  with paths.path(path).open("rb") as f:
     for lineno, raw in enumerate(f, start=1):
       try:
         line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")

@@ -28,6 +28,7 @@ import logging
 import math
 import os
 import signal
+import tempfile
 import time
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
@@ -37,6 +38,7 @@ import jax.numpy as jnp
 import numpy as np
 from etils import epath
 
+from bistil_jax import paths
 from bistil_jax.checkpoint import manager as ckpt
 from bistil_jax.errors import BistilError
 
@@ -98,6 +100,10 @@ class MetricWriter:
   Paths are `etils.epath` paths, so `gs://...` works: local files are
   appended to; on object stores (no append) the rows are kept and the whole
   file is rewritten at flush/close and at most every `rewrite_secs`.
+  TensorBoard events for a remote logdir are written to a local staging dir
+  and copied up at the same times: tensorboardX's own GCS writer re-uploads
+  its whole buffer at every flush and again from `__del__` at interpreter
+  exit (which hangs once the store is unreachable).
   """
 
   def __init__(
@@ -106,6 +112,7 @@ class MetricWriter:
     self.enabled = jax.process_index() == 0
     self.logdir = logdir
     self._tb = None
+    self._tb_local: str | None = None  # remote logdir: local event files
     self._jsonl = None
     self._rows: list[str] | None = None  # remote: every row, rewritten
     self._path = epath.Path(logdir) / "metrics.jsonl"
@@ -133,9 +140,12 @@ class MetricWriter:
     except ImportError:  # pragma: no cover - a runtime dependency
       log.warning("tensorboardX missing: metrics go to metrics.jsonl only")
       return
+    tb_dir = str(logdir)
+    if self._rows is not None:
+      self._tb_local = tb_dir = tempfile.mkdtemp(prefix="bistil-tb-")
     # purge_step hides events a killed run wrote after its last checkpoint.
     self._tb = SummaryWriter(
-      str(logdir),
+      tb_dir,
       purge_step=start_step + 1 if start_step > 0 else None,
       flush_secs=10,
     )
@@ -160,6 +170,11 @@ class MetricWriter:
     if self._rows is not None:
       self._path.write_text("".join(self._rows))
       self._written = time.monotonic()
+    if self._tb_local is not None:
+      if self._tb is not None:
+        self._tb.flush()
+      for f in epath.Path(self._tb_local).iterdir():
+        paths.copy_file(f, epath.Path(self.logdir) / f.name)
 
   def text(self, step: int, tag: str, text: str) -> None:
     if self.enabled and self._tb is not None:
@@ -180,6 +195,9 @@ class MetricWriter:
     if self._rows is not None:
       self._rewrite()
       self._rows = None
+    if self._tb_local is not None:
+      paths.rmtree(self._tb_local)
+      self._tb_local = None
 
 
 def _is_remote(path: epath.Path) -> bool:
