@@ -303,6 +303,7 @@ def prepare(config, phase: str) -> Inputs:
   train = tasks.encode_task(
     task, examples, tokenizer, tasks.label_ids(labels), max_len
   )
+  tasks.TaskBatches(train, config.data.batch_size, config.seed)  # >= 1 batch
   evals = [
     (name, encode_split(task, spec, tokenizer, labels, max_len))
     for name, spec in configlib.parse_named_list(config.eval.sets)

@@ -100,13 +100,22 @@ class TwoProcessTest(absltest.TestCase):
       },
     )
     one, two = (os.path.join(self.root, n) for n in ("one", "two"))
-    procs = launch(
-      ["distil", "--workdir", one, *args, "--config.mesh.shape=(1,8,1)"], 1, 8
+    # One after the other: 8 device threads per run on 2 cores already wait
+    # long for each other's collectives (XLA's rendezvous gives up at 40 s).
+    logs = finish(
+      launch(
+        ["distil", "--workdir", one, *args, "--config.mesh.shape=(1,8,1)"],
+        1,
+        8,
+      )
     )
-    procs += launch(
-      ["distil", "--workdir", two, *args, "--config.mesh.shape=(2,4,1)"], 2, 4
+    logs += finish(
+      launch(
+        ["distil", "--workdir", two, *args, "--config.mesh.shape=(2,4,1)"],
+        2,
+        4,
+      )
     )
-    logs = finish(procs)
     self.assertIn("process 1 of 2, 4 local / 8 global devices", logs[2])
     self.assertEqual(ckpt.Checkpointer(two, every=3).all_steps(), [3, 6])
     self.assertIn("exported the model", logs[1])
@@ -133,9 +142,8 @@ class TwoProcessTest(absltest.TestCase):
       "--config.mesh.shape=(1,8,1)",
     ]
     one, two = (os.path.join(self.root, n) for n in ("ft1", "ft2"))
-    procs = launch(["finetune", "--workdir", one, *args], 1, 8)
-    procs += launch(["finetune", "--workdir", two, *args], 2, 4)
-    finish(procs)
+    finish(launch(["finetune", "--workdir", one, *args], 1, 8))
+    finish(launch(["finetune", "--workdir", two, *args], 2, 4))
     a = sparse.load_sft(os.path.join(one, "export"))
     b = sparse.load_sft(os.path.join(two, "export"))
     self.assertEqual(sorted(a.diffs), sorted(b.diffs))
