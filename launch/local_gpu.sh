@@ -28,11 +28,16 @@ fi
 bash launch/on_host.sh "${dry[@]}" --help >/dev/null  # bootstrap the venv once
 pids=()
 for ((i = 0; i < NPROC; i++)); do
-  run env CUDA_VISIBLE_DEVICES="$i" BISTIL_DISTRIBUTED=1 \
-    BISTIL_COORDINATOR="$COORDINATOR" \
-    BISTIL_NUM_PROCESSES=$((NPROC * NNODES)) \
-    BISTIL_PROCESS_ID=$((NODE_RANK * NPROC + i)) \
-    bash launch/on_host.sh "${dry[@]}" "${ARGS[@]}" &
+  cmd=(env CUDA_VISIBLE_DEVICES="$i" BISTIL_DISTRIBUTED=1
+    BISTIL_COORDINATOR="$COORDINATOR"
+    BISTIL_NUM_PROCESSES=$((NPROC * NNODES))
+    BISTIL_PROCESS_ID=$((NODE_RANK * NPROC + i))
+    bash launch/on_host.sh "${dry[@]}" "${ARGS[@]}")
+  if [ "$DRY_RUN" = 1 ]; then  # printed in order, nothing started
+    run "${cmd[@]}"
+    continue
+  fi
+  "${cmd[@]}" &
   pids+=($!)
 done
 status=0
