@@ -298,6 +298,7 @@ def run(
       frozen=lambda batch: frozen[int(batch["lang"])],
       eval_fn=_eval_fn(ctx, jax.jit(sums), dev, frozen) if dev else None,
       prefetch=config.data.prefetch,
+      batch_shape=(config.data.batch_size, batches.max_seq_len),
     )
     teacher_note = f" <- {ref.num_hidden_layers}-layer teacher"
     log.info(

@@ -170,6 +170,8 @@ class Stage:
     step_offset: added to the step in metrics (the sparse stage follows the
       dense one on one axis).
     prefetch: host batches prepared ahead in a thread (0: none).
+    batch_shape: (global rows, padded length) of the largest batch, for
+      the memory estimate.
   """
 
   name: str
@@ -183,6 +185,7 @@ class Stage:
   eval_fn: Callable[[Any], Mapping[str, float]] | None = None
   step_offset: int = 0
   prefetch: int = 0
+  batch_shape: tuple[int, int] = (0, 0)
 
 
 def optim_config(optim, num_steps: int) -> state_lib.OptimConfig:
@@ -381,13 +384,7 @@ def memory_report(
   """One log line: per-device parameters, optimiser state, activations, and
   the device's capacity where the backend reports it."""
   config = stage.model_config
-  b = stage.batches
-  batch = getattr(b, "batch_size", None) or (
-    getattr(b, "per_host_batch", 0) * jax.process_count()
-  )
-  length = getattr(b, "max_seq_len", None) or getattr(
-    getattr(b, "data", None), "max_seq_len", 0
-  )
+  batch, length = stage.batch_shape
   shards = mesh.shape["data"] * mesh.shape["fsdp"]
   rows = max(batch // max(shards, 1), 1)
   parts = {

@@ -281,6 +281,7 @@ class Inputs:
   model: Model  # the trained model (student + task head)
   params0: Any  # its host params at step 0 (theta0 of LT-SFT)
   fresh: list[str]  # top-level groups created here (head, pooler)
+  per_epoch: int  # training batches per epoch
   teacher: Model | None
   teacher_params: Any
   tok_dir: str
@@ -303,7 +304,8 @@ def prepare(config, phase: str) -> Inputs:
   train = tasks.encode_task(
     task, examples, tokenizer, tasks.label_ids(labels), max_len
   )
-  tasks.TaskBatches(train, config.data.batch_size, config.seed)  # >= 1 batch
+  # Checks the split fills a batch; the stages' lengths are in epochs of it.
+  per_epoch = tasks.TaskBatches(train, config.data.batch_size, 0).per_epoch
   evals = [
     (name, encode_split(task, spec, tokenizer, labels, max_len))
     for name, spec in configlib.parse_named_list(config.eval.sets)
@@ -337,7 +339,16 @@ def prepare(config, phase: str) -> Inputs:
     teacher = Model(tcfg.replace(dtype=config.teacher.dtype))
     tp = driver.cast(tp, config.teacher.dtype)
   return Inputs(
-    labels, train, evals, Model(cfg), params0, fresh, teacher, tp, tok_dir
+    labels,
+    train,
+    evals,
+    Model(cfg),
+    params0,
+    fresh,
+    per_epoch,
+    teacher,
+    tp,
+    tok_dir,
   )
 
 
@@ -377,7 +388,6 @@ def train_stages(ctx, inp: Inputs, loss_cfg, jpredict):
   }
   inp.teacher_params = None  # on the devices now
   bs = config.data.batch_size
-  per_epoch = tasks.TaskBatches(inp.train, bs, 0).per_epoch
   hosts = dict(
     process_index=jax.process_index(), num_processes=jax.process_count()
   )
@@ -404,12 +414,13 @@ def train_stages(ctx, inp: Inputs, loss_cfg, jpredict):
         eligible=eligible,
       ),
       batches=tasks.TaskBatches(inp.train, bs, seed, **hosts),
-      num_steps=math.ceil(epochs * per_epoch),
+      num_steps=math.ceil(epochs * inp.per_epoch),
       frozen=lambda batch: frozen,
       mask=mask,
       eval_fn=eval_fn if inp.evals else None,
       step_offset=offset,
       prefetch=config.data.prefetch,
+      batch_shape=(bs, inp.train.max_seq_len),
     )
 
   dense = stage("dense", None, config.train.epochs, 0, config.seed)
