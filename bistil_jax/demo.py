@@ -33,12 +33,21 @@ from bistil_jax.errors import BistilError
 
 log = logging.getLogger(__name__)
 
-MODELS = ("teacher", "bistil", "scratch", "multi")
+MODELS = ("teacher", "bistil", "scratch", "multi", "majority")
 MODEL_NAMES = {
   "teacher": "teacher (MMT, task-tuned)",
   "bistil": "BiStil student",
   "scratch": "scratch bilingual",
   "multi": "multilingual distilled",
+  "majority": "majority tag (no model)",
+}
+# One colour per model in every plot (tab10 entries).
+COLOURS = {
+  "teacher": "tab:blue",
+  "bistil": "tab:red",
+  "scratch": "tab:green",
+  "multi": "tab:purple",
+  "majority": "tab:gray",
 }
 
 
@@ -199,6 +208,24 @@ def _scored(model_dir, sft, data, langs, out: str, b: Budget) -> dict:
   }
 
 
+def majority_scores(data, src: str, langs) -> dict[str, float]:
+  """Accuracy of tagging every word with the source training set's most
+  frequent tag: the floor a transferring model must clear."""
+  import collections
+
+  from bistil_jax.data import tasks
+
+  train = tasks.read_task("pos", str(data.pos[src]["train"]))
+  counts = collections.Counter(t for ex in train for t in ex.labels)
+  top = counts.most_common(1)[0][0]
+  scores = {}
+  for lang in langs:
+    test = tasks.read_task("pos", str(data.pos[lang]["test"]))
+    tags = [t for ex in test for t in ex.labels]
+    scores[lang] = sum(t == top for t in tags) / len(tags)
+  return scores
+
+
 def run_seed(out: str, seed: int, b: Budget) -> dict[str, Any]:
   """The whole pipeline for one seed; returns its measurements."""
   from bistil_jax import synthetic
@@ -306,6 +333,12 @@ def run_seed(out: str, seed: int, b: Budget) -> dict[str, Any]:
   ev_dir = os.path.join(root, "eval")
   os.makedirs(ev_dir, exist_ok=True)
   models = results["models"]
+  models["majority"] = {
+    "scores": majority_scores(data, src, [src, close, distant]),
+    "params": 0,
+    "macs": 0,
+    "latency_ms": 0.0,
+  }
   models["teacher"] = _scored(
     teacher_pos, None, data, [src, close, distant],
     os.path.join(ev_dir, "teacher.json"), b,
@@ -383,6 +416,11 @@ def run_seed(out: str, seed: int, b: Budget) -> dict[str, Any]:
   return results
 
 
+# Models trained once per seed and shown under both targets.
+SHARED = ("teacher", "multi", "majority")
+# Claim 1's threshold: the student keeps this share of the teacher's score.
+KEEP_RATIO = 0.95
+
 ABLATION_INITS = ("teacher_layers", "svd_embeddings", "random")
 ABLATION_LOSSES = {
   "hidden+attention": ["--config.loss.hidden=1", "--config.loss.attention=1"],
@@ -437,6 +475,14 @@ def run_ablation(out: str, seed: int, b: Budget) -> list[dict[str, Any]]:
   return rows_
 
 
+def _mean_std(vals: list[float]) -> tuple[float, float | None]:
+  """Mean and sample std; the std is None for a single seed (no spread
+  can be estimated from one run)."""
+  if len(vals) > 1:
+    return statistics.mean(vals), statistics.stdev(vals)
+  return statistics.mean(vals), None
+
+
 def format_ablation(rows_: list[dict[str, Any]]) -> str:
   by = {}
   for r in rows_:
@@ -446,19 +492,20 @@ def format_ablation(rows_: list[dict[str, Any]]) -> str:
     "|---|---|---:|---:|---:|",
   ]
   for (init, loss), rs in by.items():
-    src = statistics.mean(r["source"] for r in rs)
-    tgt = statistics.mean(r["target"] for r in rs)
-    lines.append(f"| {init} | {loss} | {len(rs)} | {src:.3f} | {tgt:.3f} |")
+    src = _mean_std([r["source"] for r in rs])
+    tgt = _mean_std([r["target"] for r in rs])
+    lines.append(f"| {init} | {loss} | {len(rs)} | {_pm(src)} | {_pm(tgt)} |")
   return "\n".join(lines)
 
 
 # ------------------------------------------------------------------ report
 def rows(all_results: list[dict[str, Any]]) -> list[dict[str, Any]]:
-  """Per (target kind, model): mean/std over seeds of each measurement."""
+  """Per (target kind, model): mean (and std over seeds, None for one
+  seed) of each measurement."""
   out = []
   for kind in ("close", "distant"):
     for model in MODELS:
-      key = model if model in ("teacher", "multi") else f"{model}_{kind}"
+      key = model if model in SHARED else f"{model}_{kind}"
       per_seed = [r for r in all_results if key in r["models"]]
       if not per_seed:
         continue
@@ -466,11 +513,7 @@ def rows(all_results: list[dict[str, Any]]) -> list[dict[str, Any]]:
       tgt, src = langs[kind], langs["source"]
 
       def stat(f, key=key, per_seed=per_seed):
-        vals = [f(r["models"][key]) for r in per_seed]
-        return (
-          statistics.mean(vals),
-          statistics.stdev(vals) if len(vals) > 1 else 0.0,
-        )
+        return _mean_std([f(r["models"][key]) for r in per_seed])
 
       row = {
         "target": f"{kind} ({tgt})",
@@ -481,14 +524,27 @@ def rows(all_results: list[dict[str, Any]]) -> list[dict[str, Any]]:
         "source": stat(lambda m, s=src: m["scores"][s]),
         "target_score": stat(lambda m, t=tgt: m["scores"][t]),
         "seeds": len(per_seed),
+        "per_seed": {
+          str(r["seed"]): {
+            "source": r["models"][key]["scores"][src],
+            "target": r["models"][key]["scores"][tgt],
+          }
+          for r in per_seed
+        },
       }
-      tvals = [r["models"]["teacher"]["scores"][tgt] for r in per_seed]
-      mvals = [r["models"][key]["scores"][tgt] for r in per_seed]
-      row["vs_teacher"] = statistics.mean(
-        m / t for m, t in zip(mvals, tvals, strict=True)
-      )
+      for which, lang in (("vs_teacher", tgt), ("source_vs_teacher", src)):
+        tvals = [r["models"]["teacher"]["scores"][lang] for r in per_seed]
+        mvals = [r["models"][key]["scores"][lang] for r in per_seed]
+        row[which] = statistics.mean(
+          m / t for m, t in zip(mvals, tvals, strict=True)
+        )
       out.append(row)
   return out
+
+
+def _pm(v) -> str:
+  """mean ± std, or the mean alone for one seed."""
+  return f"{v[0]:.3f}" if v[1] is None else f"{v[0]:.3f} ± {v[1]:.3f}"
 
 
 def format_table(table: list[dict[str, Any]]) -> str:
@@ -498,21 +554,76 @@ def format_table(table: list[dict[str, Any]]) -> str:
   )
   lines = [head]
   for r in table:
-
-    def pm(v):
-      return f"{v[0]:.3f} ± {v[1]:.3f}"
-
+    if r["model"] == "majority":
+      size = "– | – | –"
+    else:
+      size = (
+        f"{r['params'] / 1e3:.0f}k | {r['macs'] / 1e6:.2f}M | "
+        f"{r['latency_ms'][0]:.2f}"
+      )
     lines.append(
-      f"| {r['target']} | {MODEL_NAMES[r['model']]} | {r['params'] / 1e3:.0f}k "
-      f"| {r['macs'] / 1e6:.2f}M | {r['latency_ms'][0]:.2f} | "
-      f"{pm(r['source'])} | {pm(r['target_score'])} | "
+      f"| {r['target']} | {MODEL_NAMES[r['model']]} | {size} | "
+      f"{_pm(r['source'])} | {_pm(r['target_score'])} | "
       f"{100 * r['vs_teacher']:.0f}% |"
     )
   return "\n".join(lines)
 
 
+def claims(table: list[dict[str, Any]]) -> list[tuple[str, bool, str]]:
+  """The paper's three claims (METHOD.md section 0), each checked on this
+  run's mean scores: (claim, holds, the numbers that decide it)."""
+  by = {(r["target"].split()[0], r["model"]): r for r in table}
+  kinds = [k for k in ("close", "distant") if (k, "bistil") in by]
+
+  def acc(kind, model):
+    return by[(kind, model)]["target_score"][0]
+
+  keep = [
+    by[(k, "bistil")]["vs_teacher"] >= KEEP_RATIO
+    and by[(k, "bistil")]["params"] < by[(k, "teacher")]["params"]
+    and by[(k, "bistil")]["latency_ms"][0] < by[(k, "teacher")]["latency_ms"][0]
+    for k in kinds
+  ]
+  out = [
+    (
+      f"BiStil keeps >= {KEEP_RATIO:.0%} of the teacher's target accuracy "
+      "while smaller and faster",
+      all(keep),
+      ", ".join(
+        f"{k} {100 * by[(k, 'bistil')]['vs_teacher']:.0f}%, "
+        f"{by[(k, 'bistil')]['params'] / 1e3:.0f}k vs "
+        f"{by[(k, 'teacher')]['params'] / 1e3:.0f}k params, "
+        f"{by[(k, 'bistil')]['latency_ms'][0]:.2f} vs "
+        f"{by[(k, 'teacher')]['latency_ms'][0]:.2f} ms"
+        for k in kinds
+      ),
+    )
+  ]
+  for other, what in (
+    ("multi", "the multilingually distilled student of the same depth"),
+    ("scratch", "the bilingual model trained from scratch"),
+  ):
+    out.append(
+      (
+        f"BiStil beats {what} on the target",
+        all(acc(k, "bistil") > acc(k, other) for k in kinds),
+        ", ".join(
+          f"{k} {acc(k, 'bistil'):.3f} vs {acc(k, other):.3f}" for k in kinds
+        ),
+      )
+    )
+  return out
+
+
+def format_claims(table: list[dict[str, Any]]) -> str:
+  return "\n".join(
+    f"- {'holds' if ok else 'does NOT hold'}: {text} ({nums})."
+    for text, ok, nums in claims(table)
+  )
+
+
 def plots(out: str, all_results, table) -> list[str]:
-  """Training curves of seed 0 and the size/accuracy trade-off."""
+  """Training curves of the first seed and the size/accuracy trade-off."""
   try:
     import matplotlib
 
@@ -524,44 +635,53 @@ def plots(out: str, all_results, table) -> list[str]:
   from bistil_jax.train import loop
 
   written = []
-  root = os.path.join(out, "seed" + str(all_results[0]["seed"]))
+  seed = all_results[0]["seed"]
+  root = os.path.join(out, f"seed{seed}")
+  curves = (
+    ("teacher_mlm", "train/mlm", "teacher", "teacher: MLM pre-training",
+     "MLM loss"),
+    ("distil_close", "train/loss", "bistil", "BiStil phase 1 (close target)",
+     "distillation loss"),
+    ("scratch_close", "train/mlm", "scratch", "scratch bilingual (close)",
+     "MLM loss"),
+  )  # fmt: skip
   fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
-  for ax, (run, key, title) in zip(
-    axes,
-    (
-      ("teacher_mlm", "train/mlm", "teacher MLM loss"),
-      ("distil_close", "train/loss", "phase 1 loss (close target)"),
-      ("scratch_close", "train/mlm", "scratch MLM loss (close target)"),
-    ),
-    strict=True,
-  ):
+  for ax, (run, key, model, title, ylabel) in zip(axes, curves, strict=True):
     rows_ = [
       r
       for r in loop.read_metrics(os.path.join(root, run, "metrics"))
       if key in r
     ]
-    ax.plot([r["step"] for r in rows_], [r[key] for r in rows_])
+    ax.plot(
+      [r["step"] for r in rows_], [r[key] for r in rows_],
+      color=COLOURS[model],
+    )  # fmt: skip
     ax.set_title(title)
-    ax.set_xlabel("step")
+    ax.set_xlabel("training step")
+    ax.set_ylabel(ylabel)
+  fig.suptitle(f"Training curves (seed {seed})")
   fig.tight_layout()
   path = os.path.join(out, "training_curves.png")
   fig.savefig(path, dpi=100)
   plt.close(fig)
   written.append(path)
 
-  fig, ax = plt.subplots(figsize=(6, 4))
+  fig, ax = plt.subplots(figsize=(6.5, 4.2))
   for r in table:
-    marker = "o" if r["target"].startswith("close") else "s"
+    kind = r["target"].split()[0]
+    x = r["params"] / 1e3
     ax.errorbar(
-      r["params"] / 1e3,
+      x,
       r["target_score"][0],
       yerr=r["target_score"][1],
-      fmt=marker,
-      label=f"{r['model']} / {r['target']}",
+      fmt="o" if kind == "close" else "s",
+      color=COLOURS[r["model"]],
+      label=f"{MODEL_NAMES[r['model']]}, {r['target']}",
     )
-  ax.set_xlabel("parameters (thousands)")
-  ax.set_ylabel("zero-shot target POS accuracy")
-  ax.legend(fontsize=7)
+  ax.set_title("Zero-shot target accuracy against model size")
+  ax.set_xlabel("parameters (thousands; majority tag at 0)")
+  ax.set_ylabel("target POS accuracy (test)")
+  ax.legend(fontsize=7, loc="best")
   fig.tight_layout()
   path = os.path.join(out, "tradeoff.png")
   fig.savefig(path, dpi=100)
@@ -575,16 +695,22 @@ def write_report(out: str, all_results, budget: Budget, quick: bool) -> str:
   text = format_table(table)
   pngs = plots(out, all_results, table)
   langs = all_results[0]["languages"]
+  n = len(all_results)
+  spread = "mean ± std over seeds" if n > 1 else "one seed: no spread is shown"
   md = [
     "# bistil demo report",
     "",
     f"Synthetic family seed 0: source {langs['source']}, close target "
     f"{langs['close']}, distant target {langs['distant']}; task POS; "
-    f"{len(all_results)} seed(s) ({'quick' if quick else 'full'} budget).",
-    "Scores are accuracy on each language's test set (mean ± std over "
-    "seeds); 'target vs teacher' is the mean per-seed ratio.",
+    f"{n} seed(s) ({'quick' if quick else 'full'} budget).",
+    f"Scores are accuracy on each language's test set ({spread}); 'target "
+    "vs teacher' is the mean per-seed ratio.",
     "",
     text,
+    "",
+    "The paper's claims on this run:",
+    "",
+    format_claims(table),
     "",
     f"Budget: {json.dumps(dataclasses.asdict(budget))}",
     "",
@@ -600,11 +726,15 @@ def write_report(out: str, all_results, budget: Budget, quick: bool) -> str:
         "quick": quick,
         "seeds": all_results,
         "table": table,
+        "claims": [
+          {"claim": c, "holds": ok, "numbers": nums}
+          for c, ok, nums in claims(table)
+        ],
       },
       f,
       indent=2,
     )
-  return text
+  return text + "\n\n" + format_claims(table)
 
 
 def check_report(out: str) -> None:
@@ -625,7 +755,7 @@ def check_report(out: str) -> None:
       raise BistilError(f"demo output {out} lacks {name}")
   with open(os.path.join(out, "results.json")) as f:
     res = json.load(f)
-  for key in ("budget", "seeds", "table"):
+  for key in ("budget", "seeds", "table", "claims"):
     if key not in res:
       raise BistilError(f"results.json lacks {key!r}")
   want = {(k, m) for k in ("close", "distant") for m in MODELS}
@@ -633,18 +763,26 @@ def check_report(out: str) -> None:
   if got != want:
     raise BistilError(f"results table rows {sorted(got)} != {sorted(want)}")
   for r in res["table"]:
-    for key in ("params", "macs"):
+    sized = ("params", "macs") if r["model"] != "majority" else ()
+    for key in sized:
       if not r[key] > 0:
         raise BistilError(f"{r['model']}/{r['target']}: {key} = {r[key]}")
     for key in ("source", "target_score", "latency_ms"):
       mean = r[key][0]
       if not math.isfinite(mean) or mean < 0:
         raise BistilError(f"{r['model']}/{r['target']}: {key} = {mean}")
+  if len(res["claims"]) != 3:
+    raise BistilError(f"results.json has {len(res['claims'])} claims, not 3")
   with open(os.path.join(out, "report.md")) as f:
     text = f.read()
   rows_md = [line for line in text.splitlines() if line.startswith("| ")]
   if len(rows_md) != 1 + len(want):
     raise BistilError(f"report.md has {len(rows_md) - 1} table rows")
+  verdicts = [
+    ln for ln in text.splitlines() if ln.startswith("- ") and "hold" in ln
+  ]
+  if len(verdicts) != 3:
+    raise BistilError(f"report.md states {len(verdicts)} claims, not 3")
 
 
 # ------------------------------------------------------------------ cli
@@ -655,13 +793,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     description=__doc__.split("\n\n")[0],
   )
   p.add_argument("--out", default="bistil_demo", help="output dir")
-  p.add_argument("--quick", action="store_true", help="~3 minute version")
+  p.add_argument("--quick", action="store_true", help="~4 minute version")
   p.add_argument("--seeds", default="0", help="comma-separated seeds")
   p.add_argument(
     "--ablation",
     action="store_true",
     help="also compare student inits x phase-1 loss mixes (close target, "
-    "first seed)",
+    "every seed of --seeds)",
   )
   p.set_defaults(func=run)
 
@@ -685,7 +823,7 @@ def run(args: argparse.Namespace) -> int:
   check_report(args.out)
   print(table)
   if args.ablation:
-    abl = run_ablation(args.out, seeds[0], budget)
+    abl = [r for seed in seeds for r in run_ablation(args.out, seed, budget)]
     text = format_ablation(abl)
     with open(os.path.join(args.out, "ablation.json"), "w") as f:
       json.dump(abl, f, indent=2)

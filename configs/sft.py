@@ -71,6 +71,11 @@ def get_config(arg=None, *, teacher=True):
   c.optim = common.optim(learning_rate=5e-5)
   c.mesh = common.mesh((-1, 1, 1))
   c.train = common.train(epochs=3.0, log_every=50, checkpoint_every=1000)
+  # "" = the last step's weights (NLI/QA as released); "SET/METRIC", e.g.
+  # "dev/accuracy": evaluate SET every epoch (unless train.eval_every is
+  # set) and keep each stage's best-scoring weights, as the released
+  # NER/DP training does (load_best_model_at_end on the source dev set).
+  c.train.select_best = ""
 
   if a.variant == "tiny":
     c.data.max_seq_len = 64

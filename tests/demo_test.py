@@ -32,6 +32,12 @@ def fake_seed(seed, shift):
       "scratch_close": model(150e3, 0.6, {"a2": 0.3}),
       "bistil_distant": model(155e3, 0.85, {"b1": 0.45}),
       "scratch_distant": model(155e3, 0.6, {"b1": 0.2}),
+      "majority": {
+        "params": 0,
+        "macs": 0,
+        "latency_ms": 0.0,
+        "scores": {"a1": 0.21, "a2": 0.21, "b1": 0.21},
+      },
     },
   }
 
@@ -56,6 +62,48 @@ class ReportTest(absltest.TestCase):
     self.assertEqual(row["seeds"], 2)
     self.assertAlmostEqual(table[("distant", "teacher")]["vs_teacher"], 1.0)
     self.assertAlmostEqual(table[("distant", "multi")]["target_score"][0], 0.4)
+
+  def test_one_seed_shows_no_spread(self):
+    one = [fake_seed(0, 0.0)]
+    table = demo.rows(one)
+    self.assertTrue(all(r["source"][1] is None for r in table))
+    text = demo.format_table(table)
+    self.assertNotIn("±", text)
+    self.assertIn("± 0.071", demo.format_table(demo.rows(self.results)))
+
+  def test_majority_row_has_no_size_columns(self):
+    text = demo.format_table(demo.rows(self.results))
+    row = [r for r in text.splitlines() if "majority tag" in r][0]
+    self.assertIn("| – | – | – | 0.210 | 0.210 |", row.replace(" ± 0.000", ""))
+
+  def test_claims_are_computed_from_the_numbers(self):
+    claims = demo.claims(demo.rows(self.results))
+    self.assertLen(claims, 3)
+    (keep, ok1, nums1), (multi, ok2, _), (scratch, ok3, _) = claims
+    # bistil keeps (0.7/0.8 + 0.8/0.8)/2 = 94% on close: below 95%.
+    self.assertFalse(ok1)
+    self.assertIn("close 94%", nums1)
+    self.assertTrue(ok2)  # 0.75 > 0.65 (close), 0.45 > 0.4 (distant)
+    self.assertTrue(ok3)
+    better = [fake_seed(0, 0.1), fake_seed(1, 0.1)]
+    for r in better:
+      r["models"]["multi"]["scores"]["b1"] = 0.5
+    _, ok2, nums2 = demo.claims(demo.rows(better))[1]
+    self.assertFalse(ok2)
+    self.assertIn("distant 0.450 vs 0.500", nums2)
+    with open(os.path.join(self.out, "report.md")) as f:
+      lines = [ln for ln in f.read().splitlines() if "hold" in ln]
+    self.assertLen(lines, 3)
+    self.assertTrue(lines[0].startswith("- does NOT hold: BiStil keeps"))
+
+  def test_ablation_table_over_seeds(self):
+    rows_ = [
+      {"seed": s, "init": "random", "loss": "kl", "source": v, "target": v}
+      for s, v in ((0, 0.5), (1, 0.7))
+    ]
+    text = demo.format_ablation(rows_)
+    self.assertIn("| random | kl | 2 | 0.600 ± 0.141 | 0.600 ± 0.141 |", text)
+    self.assertIn("| 0.500 | 0.500 |", demo.format_ablation(rows_[:1]))
 
   def test_check_report_accepts_a_complete_run(self):
     demo.check_report(self.out)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import json
 import logging
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
@@ -172,6 +173,11 @@ class Stage:
     prefetch: host batches prepared ahead in a thread (0: none).
     batch_shape: (global rows, padded length) of the largest batch, for
       the memory estimate.
+    eval_every: evaluation cadence in steps (None: `train.eval_every`).
+    select_best: an eval_fn key ("dev/accuracy", higher is better), or
+      None: the stage returns the evaluated state that scored best (kept in
+      workdir/.../best, so a resumed stage still knows it) instead of the
+      last one, as the released NER/DP training reloads its best epoch.
   """
 
   name: str
@@ -186,6 +192,8 @@ class Stage:
   step_offset: int = 0
   prefetch: int = 0
   batch_shape: tuple[int, int] = (0, 0)
+  eval_every: int | None = None
+  select_best: str | None = None
 
 
 def optim_config(optim, num_steps: int) -> state_lib.OptimConfig:
@@ -248,6 +256,12 @@ def run_stage(ctx: Context, stage: Stage) -> state_lib.TrainState:
     use_async=tcfg.async_checkpoints,
   )
   state, start = restore_latest(checkpointer, state, stage.batches)
+  best = eval_fn = None
+  if stage.eval_fn is not None and stage.select_best:
+    best = BestState(stage_dir(ctx, stage.name), stage.select_best)
+    eval_fn = best.wrap(stage.eval_fn)
+  else:
+    eval_fn = stage.eval_fn
 
   def step_fn(state, batch):
     return jstep(state, stage.frozen(batch), ctx.to_global(batch), ctx.key)
@@ -268,19 +282,25 @@ def run_stage(ctx: Context, stage: Stage) -> state_lib.TrainState:
         settings=loop.LoopSettings(
           num_steps=stage.num_steps,
           log_every=min(tcfg.log_every, stage.num_steps),
-          eval_every=tcfg.eval_every,
+          eval_every=tcfg.eval_every
+          if stage.eval_every is None
+          else stage.eval_every,
           prefix=stage.name,
           step_offset=stage.step_offset,
         ),
         checkpointer=checkpointer,
         writer=writer,
-        eval_fn=stage.eval_fn,
+        eval_fn=eval_fn,
       )
+    if best is not None:
+      state = best.select(state)
   finally:
     if stage.prefetch:
       batches.close()
     writer.close()
     checkpointer.close()
+    if best is not None:
+      best.close()
   # Bucketed batches compile one step per padded length (a bounded set).
   log.info(
     "%s: the step compiled for %d batch shape(s)",
@@ -288,6 +308,71 @@ def run_stage(ctx: Context, stage: Stage) -> state_lib.TrainState:
     jstep._cache_size(),  # noqa: SLF001 - jax has no public counter
   )
   return state
+
+
+class BestState:
+  """The best-scoring evaluated state of a stage, on disk beside its
+  checkpoints (`DIR/best`: one checkpoint and best.json), so that a
+  resumed stage compares against what it found before the interruption.
+  Ties keep the earlier state."""
+
+  def __init__(self, directory: str, key: str):
+    self.key = key
+    self.root = paths.path(directory) / "best"
+    self.ckpt = ckpt.Checkpointer(
+      str(self.root), every=1, keep=1, use_async=False
+    )
+    info = self.root / "best.json"
+    self.step, self.value = None, -float("inf")
+    if info.is_file():
+      found = json.loads(info.read_text())
+      if found.get("metric") == key and found["step"] in self.ckpt.all_steps():
+        self.step, self.value = int(found["step"]), float(found["value"])
+
+  def wrap(self, eval_fn):
+    def evaluated(state):
+      values = eval_fn(state)
+      if self.key not in values:
+        raise BistilError(
+          f"select_best metric {self.key!r} is not evaluated; known: "
+          f"{', '.join(sorted(values))}"
+        )
+      value = float(values[self.key])
+      if value > self.value:
+        self.offer(state, value)
+      return values
+
+    return evaluated
+
+  def offer(self, state, value: float) -> None:
+    step = int(jax.device_get(state.step))
+    # keep=1: orbax drops the previous best once this one is written.
+    self.ckpt.save(step, state, {"metric": self.key, "value": value})
+    self.ckpt.wait()
+    if jax.process_index() == 0:
+      (self.root / "best.json").write_text(
+        json.dumps({"metric": self.key, "value": value, "step": step})
+      )
+    self.step, self.value = step, value
+
+  def select(self, state):
+    """`state`, or the best state when an earlier one scored higher."""
+    final = int(jax.device_get(state.step))
+    if self.step is None or self.step == final:
+      log.info("best %s %.4f: the final step %d", self.key, self.value, final)
+      return state
+    restored, _ = self.ckpt.restore(self.step, ckpt.abstract_like(state))
+    log.info(
+      "best %s %.4f at step %d: the stage's result (not its last step %d)",
+      self.key,
+      self.value,
+      self.step,
+      final,
+    )
+    return restored
+
+  def close(self) -> None:
+    self.ckpt.close()
 
 
 def restore_latest(

@@ -267,6 +267,15 @@ def validate(config, phase: str) -> TaskLossConfig:
     raise BistilError("train.epochs must be >= 0")
   if s.enabled and s.epochs <= 0:
     raise BistilError("sparse.epochs must be positive")
+  best = config.train.select_best
+  if best:
+    names = [n for n, _ in configlib.parse_named_list(config.eval.sets)]
+    name, _, metric = best.partition("/")
+    if name not in names or not metric:
+      raise BistilError(
+        f"train.select_best={best!r} must be SET/METRIC with SET one of "
+        f"eval.sets ({', '.join(names) or 'none given'})"
+      )
   return lc
 
 
@@ -421,6 +430,11 @@ def train_stages(ctx, inp: Inputs, loss_cfg, jpredict):
       step_offset=offset,
       prefetch=config.data.prefetch,
       batch_shape=(bs, inp.train.max_seq_len),
+      # Best-epoch selection evaluates once per epoch by default.
+      eval_every=(config.train.eval_every or inp.per_epoch)
+      if config.train.select_best
+      else None,
+      select_best=config.train.select_best or None,
     )
 
   dense = stage("dense", None, config.train.epochs, 0, config.seed)

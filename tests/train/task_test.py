@@ -465,6 +465,53 @@ class PhaseTwoCliTest(absltest.TestCase):
     )
     self.assertEqual(read_json(ev)["dev"], res["dev"])
 
+  def test_best_epoch_selection_keeps_the_best_dev_score(self):
+    wd = self.path("ft_best")
+    must_run(
+      [
+        "finetune",
+        *tiny("pos", FINETUNE_CONFIG),
+        "--workdir",
+        wd,
+        f"--config.student.model={self.student}",
+        f"--config.data.train={self.pos['a1']['train']}",
+        f"--config.eval.sets=dev={self.pos['a1']['dev']}",
+        "--config.train.epochs=3",
+        "--config.optim.learning_rate=3e-2",  # noisy epochs: a real choice
+        "--config.train.select_best=dev/accuracy",
+      ]
+    )
+    from bistil_jax.train import loop
+
+    evals = [
+      (r["step"], r["eval/dev/accuracy"])
+      for r in loop.read_metrics(os.path.join(wd, "metrics"))
+      if "eval/dev/accuracy" in r
+    ]
+    self.assertLen(evals, 3)  # once per epoch (the last one at the end)
+    best_step, best = max(evals, key=lambda e: (e[1], -e[0]))
+    info = read_json(os.path.join(wd, "dense", "best", "best.json"))
+    self.assertEqual(info["step"], best_step)
+    self.assertAlmostEqual(info["value"], best, places=6)
+    res = read_json(os.path.join(wd, "results.json"))
+    self.assertAlmostEqual(res["dev"]["accuracy"], best, places=6)
+    # The export is the best epoch's model: evaluate agrees with it.
+    ev = self.path("ft_best_ev.json")
+    must_run(
+      [
+        "evaluate",
+        "--model",
+        os.path.join(wd, "export"),
+        "--task",
+        "pos",
+        "--data",
+        f"dev={self.pos['a1']['dev']}",
+        "--out",
+        ev,
+      ]
+    )
+    self.assertAlmostEqual(read_json(ev)["dev"]["accuracy"], best, places=6)
+
   def test_ner_finetune_reports_entity_f1(self):
     wd = self.path("ft_ner")
     must_run(
@@ -791,6 +838,12 @@ class PhaseTwoCliTest(absltest.TestCase):
     self.assert_refused(
       [*self.sft_args(wd), "--config.task=dep"],
       "task must be one of",
+      wd,
+    )
+    self.assert_refused(
+      [*self.sft_args(wd), "--config.train.select_best=test/accuracy"],
+      r"train.select_best='test/accuracy' must be SET/METRIC with SET one "
+      "of eval.sets",
       wd,
     )
     self.assert_refused(
