@@ -1,12 +1,14 @@
 """Phase-2 task data: readers, label sets, encoding and batches.
 
-METHOD.md 4.3, 4.4 and 5.1, host side, in NumPy. Three tasks:
+METHOD.md 4.3, 4.4 and 5.1, host side, in NumPy. Four tasks:
 
 - `pos`: UPOS tagging (token task) read from UD CoNLL-U files.
 - `ner`: IOB1/IOB2 named entities (token task) read from CoNLL-style column
   files (CoNLL-03, MasakhaNER).
 - `nli`: premise/hypothesis classification (pair task) read from JSON lines
   or TSV/CSV files with a header (MultiNLI, XNLI, AmericasNLI).
+- `dp`: dependency parsing (heads and relations of UD CoNLL-U files); its
+  reader, encoding and scoring live in data/dp.py.
 
 A task SPEC names one split:
 

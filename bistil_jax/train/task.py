@@ -163,7 +163,8 @@ def predict(params, batch, *, model: Model):
 # -------------------------------------------------------------- evaluation
 def encode_split(task, spec, tokenizer, labels, max_seq_len, *, train=False):
   """A split encoded for training (over-long sentences dropped, as
-  released) or evaluation (windowed: every gold word is scored)."""
+  released) or evaluation (windowed: every gold word is scored; dp: an
+  over-long sentence's words count as wrong, see data/dp.py)."""
   examples = tasks.read_task(task, configlib.expand(spec))
   return tasks.encode_task(
     task,
