@@ -60,9 +60,9 @@ class ParserTest(parameterized.TestCase):
     self.assertEqual(cfg.architecture, "XLMRobertaModel" if "x" in family
                      else "BertModel")  # fmt: skip
     ids, mask = inputs(cfg)
-    arc, rel = Model(cfg).apply(
-      {"params": params}, ids, attention_mask=mask
-    ).logits
+    arc, rel = (
+      Model(cfg).apply({"params": params}, ids, attention_mask=mask).logits
+    )
     self.assertEqual(arc.shape, (2, 7, 7))
     self.assertEqual(rel.shape, (2, 7, 4))
     np.testing.assert_array_equal(arc[1, :, 5:], MASK_VALUE)  # padded keys

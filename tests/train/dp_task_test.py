@@ -18,7 +18,7 @@ import torch
 import transformers
 from absl.testing import absltest
 
-from bistil_jax import sparse, synthetic
+from bistil_jax import configlib, sparse, synthetic
 from bistil_jax.checkpoint import hf
 from bistil_jax.checkpoint import manager as ckpt
 from bistil_jax.data import tasks, vocab
@@ -254,6 +254,23 @@ class DpCliTest(absltest.TestCase):
     self.assertEqual(
       self.evaluate_cli("hf_dp", "--model", out), self.sft_res["dev"]
     )
+
+
+class DpConfigTest(absltest.TestCase):
+  def test_released_values_and_tiny(self):
+    for name in ("finetune", "sft"):
+      c = configlib.build_config(f"configs/{name}.py:dp", {})
+      self.assertEqual(c.task, "dp")
+      # METHOD.md 4.4: DP 10 dense + 10 sparse epochs, density 0.08, bs 8,
+      # lr 5e-5.
+      self.assertEqual((c.train.epochs, c.sparse.epochs), (10.0, 10.0))
+      self.assertEqual((c.sparse.density, c.data.batch_size), (0.08, 8))
+      self.assertEqual(c.optim.learning_rate, 5e-5)
+      self.assertEqual(c.sparse.enabled, name == "sft")
+      t = configlib.build_config(f"configs/{name}.py:dp,variant=tiny", {})
+      self.assertLess(t.data.max_seq_len, c.data.max_seq_len)
+    pos = configlib.build_config("configs/sft.py:pos", {})
+    self.assertEqual(pos.train.epochs, 3.0)  # unchanged for the others
 
 
 def sft_head(sft):
