@@ -5,6 +5,9 @@
 - ner: entity-level micro precision, recall and F1 with the conlleval rules
   that seqeval applies by default (not its strict mode).
 - nli: accuracy.
+- dp: UAS and LAS as the CoNLL 2018 evaluation defines them: over every
+  word (punctuation included); UAS counts the right head, LAS the right
+  head and relation (`attachment_scores`).
 
 `task_metrics` turns a split's predicted label ids into a flat dict whose
 headline metric sits under `HEADLINE[task]`.
@@ -17,7 +20,7 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 
 IGNORE_LABEL = -100
-HEADLINE = {"pos": "accuracy", "ner": "f1", "nli": "accuracy"}
+HEADLINE = {"pos": "accuracy", "ner": "f1", "nli": "accuracy", "dp": "las"}
 
 Span = tuple[str, int, int]
 
@@ -67,6 +70,50 @@ def accuracy(pred: np.ndarray | Sequence, gold: np.ndarray | Sequence) -> float:
   if gold.size == 0:
     return 0.0
   return float(np.mean(pred == gold))
+
+
+def attachment_scores(
+  pred_heads: np.ndarray | Sequence,
+  pred_rels: np.ndarray | Sequence,
+  gold_heads: np.ndarray | Sequence,
+  gold_rels: np.ndarray | Sequence,
+  num_unscored: int = 0,
+) -> dict[str, float | int]:
+  """Unlabelled and labelled attachment scores (CoNLL 2018).
+
+  Every word counts, punctuation included; a word is attached right (UAS)
+  when its predicted head is the gold head, and labelled right (LAS) when
+  its relation is right too.
+
+  Args:
+    pred_heads: [n, L] predicted head positions (anything where gold is
+      -100).
+    pred_rels: [n, L] predicted relation ids.
+    gold_heads: [n, L] gold head positions, -100 off the words.
+    gold_rels: [n, L] gold relation ids, -100 off the words.
+    num_unscored: words that had no prediction (e.g. sentences too long to
+      encode): in the denominators, never right.
+
+  Returns:
+    {"uas", "las": float, "num_words", "num_unscored_words": int}; scores
+    are 0.0 when there is no word.
+  """
+  ph, pr = np.asarray(pred_heads), np.asarray(pred_rels)
+  gh, gr = np.asarray(gold_heads), np.asarray(gold_rels)
+  for p in (ph, pr, gr):
+    _check_shapes(p, gh)
+  words = gh != IGNORE_LABEL  # [n, L]
+  if np.any((gr != IGNORE_LABEL) != words):
+    raise ValueError("gold heads and relations label different positions")
+  total = int(words.sum()) + int(num_unscored)
+  head_ok = words & (ph == gh)
+  both_ok = head_ok & (pr == gr)
+  return {
+    "uas": float(head_ok.sum()) / total if total else 0.0,
+    "las": float(both_ok.sum()) / total if total else 0.0,
+    "num_words": total,
+    "num_unscored_words": int(num_unscored),
+  }
 
 
 def _split_tag(tag: str) -> tuple[str, str]:
@@ -215,9 +262,10 @@ def task_metrics(
   """The metrics of one evaluated split, as a flat dict.
 
   Args:
-    task: "pos", "ner" or "nli".
+    task: "pos", "ner", "nli" or "dp".
     predictions: predicted label ids, [n, L] (pos, ner) or [n] (nli), e.g.
-      the argmax of the logits of every eval batch, concatenated.
+      the argmax of the logits of every eval batch, concatenated; dp:
+      [n, L, 2] (head position, relation id).
     golds: the batches' gold labels, same shape, -100 off the labelled
       positions for token tasks.
     label_names: names by id (used by ner).
@@ -227,7 +275,8 @@ def task_metrics(
   Returns:
     pos: {"accuracy", "num_tokens"}; ner: {"f1", "precision", "recall",
     "num_pred", "num_gold", "num_correct", "f1/TYPE" per entity type};
-    nli: {"accuracy", "num_examples"}. `HEADLINE[task]` is always a key.
+    nli: {"accuracy", "num_examples"}; dp: {"uas", "las", "num_words",
+    "num_unscored_words"}. `HEADLINE[task]` is always a key.
 
   Raises:
     ValueError: an unknown task, or shapes that do not fit.
@@ -246,6 +295,12 @@ def task_metrics(
     pred, gold = pred[keep], gold[keep]
   if task == "nli":
     return {"accuracy": accuracy(pred, gold), "num_examples": int(gold.size)}
+  if task == "dp":
+    if gold.ndim != 3 or gold.shape[-1] != 2:
+      raise ValueError(f"dp labels must be [n, L, 2], got shape {gold.shape}")
+    return attachment_scores(
+      pred[..., 0], pred[..., 1], gold[..., 0], gold[..., 1]
+    )
   if gold.ndim != 2:
     raise ValueError(f"{task} labels must be [n, L], got shape {gold.shape}")
   if task == "pos":

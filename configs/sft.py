@@ -15,7 +15,8 @@ fields without a teacher, gold loss only, dense unless
 --config.sparse.enabled=true).
 
 Released values (METHOD.md 4.4): density 0.08, batch 8, lr 5e-5, NER 3
-dense + 10 sparse epochs, no warmup, grad-clip 1.
+dense + 10 sparse epochs, DP (`:dp`, biaffine parser, UAS/LAS) 10 + 10, no
+warmup, grad-clip 1.
 """
 
 import ml_collections
@@ -28,7 +29,7 @@ common = configlib.load_sibling(__file__, "common")
 def get_config(arg=None, *, teacher=True):
   a = common.parse_arg(arg, task="pos", variant="base")
   c = ml_collections.ConfigDict()
-  c.task = a.task  # pos | ner | nli
+  c.task = a.task  # pos | ner | nli | dp
   c.seed = 0
   c.student = ml_collections.ConfigDict()
   c.student.model = ""  # HF dir: the phase-1 student (sft) or the MMT
@@ -76,6 +77,8 @@ def get_config(arg=None, *, teacher=True):
   # set) and keep each stage's best-scoring weights, as the released
   # NER/DP training does (load_best_model_at_end on the source dev set).
   c.train.select_best = ""
+  if a.task == "dp":
+    c.train.epochs = 10.0  # DP: 10 dense + 10 sparse epochs (METHOD.md 4.4)
 
   if a.variant == "tiny":
     c.data.max_seq_len = 64
@@ -83,6 +86,8 @@ def get_config(arg=None, *, teacher=True):
     c.optim.learning_rate = 1e-3
     c.train.epochs = 2.0
     c.sparse.epochs = 2.0
+    if a.task == "dp":  # a zero-initialised parser needs more steps
+      c.train.epochs = c.sparse.epochs = 4.0
     c.train.log_every = 10
     c.train.async_checkpoints = False
   elif a.variant != "base":

@@ -28,6 +28,7 @@ from flax.traverse_util import flatten_dict, unflatten_dict
 
 from bistil_jax import paths
 from bistil_jax.errors import BistilError
+from bistil_jax.model import parser
 from bistil_jax.model.config import ModelConfig
 from bistil_jax.model.encoder import Model, abstract_params
 
@@ -579,6 +580,9 @@ def load_hf(
   kw.update(overrides)
   config = ModelConfig.from_hf_dict(hf, **kw)
   params = params_from_hf(state, config, fmt)
+  head_file = paths.path(path) / parser.HEAD_FILE
+  if config.head == "none" and head_file.is_file():  # a dp export
+    config, params = parser.attach_head(head_file, config, params)
   log.info(
     "loaded %s from %s (%s weights, vocab %d)",
     config.architecture,
@@ -656,6 +660,9 @@ def write_hf(
   config = model.config if isinstance(model, Model) else model
   params = _to_numpy(params)
   tmp = paths.path(out)
+  if config.head == parser.HEAD:  # no HF class: encoder + head file
+    config, params, head = parser.split_for_export(config, params)
+    paths.write_bytes(tmp / parser.HEAD_FILE, head)
   paths.write_text(
     tmp / CONFIG, json.dumps(config.to_hf_dict(), indent=2, sort_keys=True)
   )

@@ -1,12 +1,14 @@
 """Phase-2 task data: readers, label sets, encoding and batches.
 
-METHOD.md 4.3, 4.4 and 5.1, host side, in NumPy. Three tasks:
+METHOD.md 4.3, 4.4 and 5.1, host side, in NumPy. Four tasks:
 
 - `pos`: UPOS tagging (token task) read from UD CoNLL-U files.
 - `ner`: IOB1/IOB2 named entities (token task) read from CoNLL-style column
   files (CoNLL-03, MasakhaNER).
 - `nli`: premise/hypothesis classification (pair task) read from JSON lines
   or TSV/CSV files with a header (MultiNLI, XNLI, AmericasNLI).
+- `dp`: dependency parsing (heads and relations of UD CoNLL-U files); its
+  reader, encoding and scoring live in data/dp.py.
 
 A task SPEC names one split:
 
@@ -78,6 +80,49 @@ UPOS_LABELS = (
 # CoNLL-03 without MISC (METHOD.md 5.1: MISC and DATE -> O), sorted as the
 # released code sorts label names.
 NER_LABELS = ("B-LOC", "B-ORG", "B-PER", "I-LOC", "I-ORG", "I-PER", "O")
+# The 37 universal dependency relations of UD v2 and "_", sorted: the
+# released parser has 38 relation labels (UD_HEAD_LABELS incl. "_") and
+# sorts label names.
+DP_RELATIONS = (
+  "_",
+  "acl",
+  "advcl",
+  "advmod",
+  "amod",
+  "appos",
+  "aux",
+  "case",
+  "cc",
+  "ccomp",
+  "clf",
+  "compound",
+  "conj",
+  "cop",
+  "csubj",
+  "dep",
+  "det",
+  "discourse",
+  "dislocated",
+  "expl",
+  "fixed",
+  "flat",
+  "goeswith",
+  "iobj",
+  "list",
+  "mark",
+  "nmod",
+  "nsubj",
+  "nummod",
+  "obj",
+  "obl",
+  "orphan",
+  "parataxis",
+  "punct",
+  "reparandum",
+  "root",
+  "vocative",
+  "xcomp",
+)
 # MultiNLI / XNLI ClassLabel order, which the NLI teacher head uses.
 NLI_LABELS = ("entailment", "neutral", "contradiction")
 
@@ -100,7 +145,8 @@ class TaskSpec:
 
   Attributes:
     name: the task name ("pos", "ner", "nli").
-    kind: "token" (one label per word) or "pair" (one label per text pair).
+    kind: "token" (one label per word), "pair" (one label per text pair)
+      or "dp" (a head and a relation per word; see data/dp.py).
     default_labels: the label set used when the data's labels are a subset
       of it, in head order.
     hf_label_column: the tag or label column of Hugging Face datasets.
@@ -116,6 +162,7 @@ SPECS = {
   "pos": TaskSpec("pos", "token", UPOS_LABELS, "upos"),
   "ner": TaskSpec("ner", "token", NER_LABELS, "ner_tags"),
   "nli": TaskSpec("nli", "pair", NLI_LABELS, "label"),
+  "dp": TaskSpec("dp", "dp", DP_RELATIONS, "deprel"),
 }
 TASKS = tuple(SPECS)
 
@@ -561,15 +608,25 @@ def read_task(
       return read_conllu(source.path)
     if task == "ner":
       return read_conll_ner(source.path)
+    if task == "dp":
+      return _dp().read_conllu_dp(source.path)
     return read_nli(source.path, names, columns)
   ds = _load_dataset(source, spec)
-  if spec_.kind == "token":
+  if spec_.kind == "dp":
+    examples = list(_dp().dataset_rows(ds, spec, columns))
+  elif spec_.kind == "token":
     examples = list(_token_rows(ds, spec_, spec, names, columns))
   else:
     examples = list(_pair_rows(ds, spec, names, columns))
   if not examples:
     raise BistilError(f"task data {spec} holds no examples")
   return examples
+
+
+def _dp():
+  from bistil_jax.data import dp  # noqa: PLC0415 - dp imports this module
+
+  return dp
 
 
 def _load_dataset(source: TaskSource, spec: str):
@@ -1148,6 +1205,15 @@ def encode_task(
   passes `drop_long=False, window=True` so every gold word is scored (pairs
   are truncated: their one label survives).
   """
+  if task_spec(task).kind == "dp":
+    return _dp().encode_dp(
+      examples,
+      tokenizer,
+      label_to_id,
+      max_seq_len,
+      drop_long=drop_long,
+      task=task,
+    )
   if task_spec(task).kind == "token":
     return encode_token_task(
       examples,
@@ -1200,13 +1266,17 @@ def host_batch(
   labels[~real] = IGNORE_LABEL
   if labels.ndim == 2:
     labels = labels[:, :length]  # [b, l]
-  return {
+  out = {
     "input_ids": data.input_ids[rows, :length],  # [b, l]
     "attention_mask": data.attention_mask[rows, :length],  # [b, l]
     "token_type_ids": data.token_type_ids[rows, :length],  # [b, l]
     "labels": labels,
     "example_mask": real.astype(np.int32),  # [b]
   }
+  heads = _dp().host_heads(data, rows, real, length)  # dp only: [b, l]
+  if heads is not None:
+    out["heads"] = heads
+  return out
 
 
 class TaskBatches:

@@ -14,7 +14,13 @@ from typing import Any
 from bistil_jax.errors import BistilError
 
 MODEL_TYPES = ("bert", "xlm-roberta", "roberta")
-HEADS = ("none", "mlm", "token_classification", "sequence_classification")
+HEADS = (
+  "none",
+  "mlm",
+  "token_classification",
+  "sequence_classification",
+  "biaffine_parser",  # no HF class: exports as the bare encoder + a file
+)
 ACTIVATIONS = ("gelu", "gelu_new", "gelu_pytorch_tanh", "relu", "tanh")
 DTYPES = ("float32", "bfloat16", "float16")
 
@@ -47,6 +53,7 @@ _ARCH_SUFFIX = {
   "mlm": "ForMaskedLM",
   "token_classification": "ForTokenClassification",
   "sequence_classification": "ForSequenceClassification",
+  "biaffine_parser": "Model",  # the encoder; the head is model/parser.py's
 }
 
 

@@ -45,7 +45,8 @@ class EncoderOutput:
       output, index i the output of layer i (HF order).
     logits: MLM logits [b, l, padded_vocab] (padded columns hold MASK_VALUE),
       token-classification logits [b, l, labels], sequence-classification
-      logits [b, labels], or None without a head.
+      logits [b, labels], the biaffine parser's pair (arc [b, l, l], rel
+      [b, l, relations]; see model/parser.py), or None without a head.
     attentions: tuple of L entries, [b, heads, l, l] post-softmax attention
       probabilities for the requested layers and None for the others; None
       when none was requested.
@@ -375,6 +376,7 @@ class Model(nn.Module):
     deterministic: bool = True,
     output_attentions: bool | Sequence[int] = False,
     logits_positions: jax.Array | None = None,
+    heads: jax.Array | None = None,
   ) -> EncoderOutput:
     """Runs the encoder and head.
 
@@ -394,6 +396,9 @@ class Model(nn.Module):
         classification) then run only there and logits are [b, p, ...]. The
         MLM head over a 120k-250k vocabulary is most of a step's FLOPs, so
         distillation evaluates it at masked positions only.
+      heads: biaffine parser only: [b, l] head position of each position,
+        where its relation scores are computed (gold heads in training);
+        None: at the predicted (argmax arc) heads.
 
     Returns:
       EncoderOutput.
@@ -450,6 +455,12 @@ class Model(nn.Module):
       logits = _dense(cfg, cfg.num_labels, ("embed", "classes"), "classifier")(
         x
       )  # [b, labels]
+    elif cfg.head == "biaffine_parser":
+      from bistil_jax.model.parser import BiaffineParser  # noqa: PLC0415
+
+      logits = BiaffineParser(cfg, name="classifier")(
+        last, attention_mask, heads, deterministic
+      )  # (arc [b, l, l], rel [b, l, R])
     return EncoderOutput(
       hidden_states=hidden_states,
       logits=logits,

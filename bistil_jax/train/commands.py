@@ -114,7 +114,7 @@ def register_evaluate(subparsers: argparse._SubParsersAction) -> None:
   )
   p.add_argument("--model", required=True, help="HF model dir")
   p.add_argument("--sft", action="append", default=[], help="SFT dir(s)")
-  p.add_argument("--task", required=True, help="pos, ner or nli")
+  p.add_argument("--task", required=True, help="pos, ner, nli or dp")
   p.add_argument(
     "--data",
     action="append",
@@ -162,14 +162,14 @@ def run_evaluate(args: argparse.Namespace) -> int:
       )
   head = metrics.HEADLINE[args.task]
   # Sentences (pairs for nli) and what the metric counts: tokens (pos),
-  # gold entities (ner).
-  count = {"pos": "tokens", "ner": "entities"}.get(args.task)
+  # gold entities (ner), words (dp).
+  count = {"pos": "tokens", "ner": "entities", "dp": "words"}.get(args.task)
   print(
     f"{'split':<24} {head:>10} {'sentences':>9}"
     + (f" {count:>9}" if count else "")
   )
   for name, m in results.items():
-    n = m.get("num_tokens", m.get("num_gold"))
+    n = m.get("num_tokens", m.get("num_gold", m.get("num_words")))
     sentences = m.get("num_sentences", m.get("num_examples"))
     print(
       f"{name:<24} {m[head]:>10.4f} {sentences:>9}"

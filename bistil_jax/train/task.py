@@ -30,8 +30,9 @@ import numpy as np
 from bistil_jax import configlib, losses, metrics, paths, sparse
 from bistil_jax.checkpoint import hf, surgery
 from bistil_jax.checkpoint import manager as ckpt
-from bistil_jax.data import tasks, vocab
+from bistil_jax.data import dp, tasks, vocab
 from bistil_jax.errors import BistilError
+from bistil_jax.model import parser
 from bistil_jax.model.encoder import Model
 from bistil_jax.train import driver
 
@@ -66,7 +67,7 @@ class TaskLossConfig:
 def _selected(batch, kind: str) -> jax.Array:
   """Rows the logit losses average over: labelled first sub-words or
   real examples."""
-  if kind == "token":
+  if kind in ("token", "dp"):
     return batch["labels"] != tasks.IGNORE_LABEL  # [b, l]
   return batch["example_mask"] > 0  # [b]
 
@@ -96,6 +97,8 @@ def task_losses(
     token_type_ids=batch["token_type_ids"],
     output_attentions=want_attn,
   )
+  if kind == "dp":  # rel scores at the gold heads (both models)
+    kw["heads"] = parser.gold_heads(batch)
   out = model.apply(
     {"params": params},
     batch["input_ids"],
@@ -105,7 +108,9 @@ def task_losses(
   )
   sel = _selected(batch, kind)
   terms = {}
-  if loss_cfg.gold > 0:
+  if loss_cfg.gold > 0 and kind == "dp":
+    terms["gold"] = parser.gold_loss(out.logits, batch, sel)
+  elif loss_cfg.gold > 0:
     labels = jnp.where(sel, batch["labels"], tasks.IGNORE_LABEL)
     terms["gold"] = losses.token_cross_entropy(out.logits, labels)
   if teacher_model is not None and loss_cfg.needs_teacher:
@@ -115,7 +120,11 @@ def task_losses(
     hidden_pairs, attn_pairs = losses.layer_maps(
       teacher_model.config.num_hidden_layers, model.config.num_hidden_layers
     )
-    if loss_cfg.kl > 0:
+    if loss_cfg.kl > 0 and kind == "dp":
+      terms["kl"] = parser.soft_loss(
+        out.logits, t.logits, loss_cfg.temperature, sel, mask > 0
+      )
+    elif loss_cfg.kl > 0:
       terms["kl"] = losses.soft_cross_entropy(
         out.logits, t.logits, loss_cfg.temperature, mask=sel
       )
@@ -138,20 +147,24 @@ def task_losses(
 
 
 def predict(params, batch, *, model: Model):
-  """Argmax label ids: [b, l] for token tasks, [b] for pair tasks."""
+  """Argmax label ids: [b, l] for token tasks, [b] for pair tasks; dp:
+  [b, l, 2] (greedy head position, relation at it)."""
   out = model.apply(
     {"params": params},
     batch["input_ids"],
     attention_mask=batch["attention_mask"],
     token_type_ids=batch["token_type_ids"],
   )
+  if model.config.head == parser.HEAD:
+    return parser.predict(out.logits)
   return jnp.argmax(out.logits, -1)
 
 
 # -------------------------------------------------------------- evaluation
 def encode_split(task, spec, tokenizer, labels, max_seq_len, *, train=False):
   """A split encoded for training (over-long sentences dropped, as
-  released) or evaluation (windowed: every gold word is scored)."""
+  released) or evaluation (windowed: every gold word is scored; dp: an
+  over-long sentence's words count as wrong, see data/dp.py)."""
   examples = tasks.read_task(task, configlib.expand(spec))
   return tasks.encode_task(
     task,
@@ -196,12 +209,17 @@ def evaluate_data(
     p = np.asarray(
       jax.device_get(jpredict(params, ctx.to_global(arrays) if ctx else arrays))
     )  # [B, l] or [B]
-    if p.ndim == 2:  # bucketed length -> the split's length
-      p = np.pad(p, ((0, 0), (0, data.max_seq_len - p.shape[1])))
+    if p.ndim >= 2:  # bucketed length -> the split's length
+      pad = [(0, 0), (0, data.max_seq_len - p.shape[1])]
+      p = np.pad(p, pad + [(0, 0)] * (p.ndim - 2))
     keep = global_rows >= 0  # the last batch's filler rows are -1
     preds.append(p[keep])
     rows.append(global_rows[keep])
-  rows = np.concatenate(rows)
+  rows = np.concatenate(rows) if rows else np.zeros(0, np.int64)
+  if data.task == "dp":  # every word, the unencodable ones as wrong
+    width = (0, data.max_seq_len, 2)
+    pred = np.concatenate(preds) if preds else np.zeros(width, np.int64)
+    return dp.scores(pred, data, rows)
   pred, gold = np.concatenate(preds), data.labels[rows]
   if gold.ndim == 1:
     return metrics.task_metrics(data.task, pred, gold, data.label_names)

@@ -318,8 +318,8 @@ class ReadersTest(TmpDirTest):
       tasks.read_conll_ner(p)
 
   def test_read_task_rejects_unknown_task_and_bad_specs(self):
-    with self.assertRaisesRegex(BistilError, "unknown task 'dp'"):
-      tasks.read_task("dp", path("pos", "dev"))
+    with self.assertRaisesRegex(BistilError, "unknown task 'srl'"):
+      tasks.read_task("srl", path("pos", "dev"))
     with self.assertRaisesRegex(BistilError, "not found: /no/such"):
       tasks.read_task("ner", "/no/such")
     with self.assertRaisesRegex(BistilError, "not found: /no/such.json"):

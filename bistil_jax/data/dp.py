@@ -1,0 +1,376 @@
+"""Dependency-parsing data: UD CoNLL-U heads and relations, encoding, scoring.
+
+METHOD.md 4.3 and 5.1, host side, in NumPy. The task `dp` reads HEAD
+(column 7) and DEPREL (column 8) of the syntactic words of a CoNLL-U file:
+multiword-token ranges (`1-2`) and empty nodes (`1.1`) are skipped, as UD
+defines them (HEAD refers to word ids, 0 = root); relation subtypes are
+stripped (`nsubj:pass` -> `nsubj`), as released. Every sentence must be a
+tree: exactly one root and no cycle (the CoNLL 2018 evaluation's checks).
+
+Encoding puts each word on its first sub-word (as the token tasks do):
+
+- `labels` [n, L]: the relation id at each word's first sub-word, -100
+  elsewhere (continuation sub-words, special tokens, padding);
+- `heads` [n, L]: the *position* of the head word's first sub-word there
+  (position 0, the [CLS] / <s> token, is the root), -100 elsewhere.
+
+Training drops sentences longer than `max_seq_len` tokens (as released for
+token tasks). Evaluation never drops a word silently: a sentence longer than
+`max_seq_len` cannot be windowed (its arcs may leave any window), so it is
+left out of the model's rows and each of its words is scored as wrong (head
+and relation); `num_unscored_words` / `num_unscored_sentences` say how many,
+in the metrics too, and a warning names the first one. Raise max_seq_len to
+score them.
+
+Hugging Face datasets (`json:`, `csv:`, `parquet:`, `hf:` specs) need the
+columns of the UD dataset: `tokens`, `head` (ints or digit strings, 0 =
+root) and `deprel`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+from tokenizers import Tokenizer
+
+from bistil_jax.data import tasks, tokenize
+from bistil_jax.data.mlm import IGNORE_LABEL
+from bistil_jax.errors import BistilError
+
+log = logging.getLogger(__name__)
+
+# Relation labels, in head order (see tasks.DP_RELATIONS).
+UD_RELATIONS = tasks.DP_RELATIONS
+
+
+@dataclasses.dataclass(frozen=True)
+class DepExample(tasks.TokenExample):
+  """One parsed sentence: words, relations (`labels`) and heads.
+
+  Attributes:
+    heads: the head of each word, 1-based word ids (0 = root).
+  """
+
+  heads: tuple[int, ...] = ()
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class DepData(tasks.TaskData):
+  """An encoded dp split (see the module docstring).
+
+  Attributes:
+    heads: [n, L] int32 head positions on first sub-words, -100 elsewhere.
+    num_unscored_words: words of evaluation sentences too long to encode,
+      scored as wrong.
+    num_unscored_sentences: those sentences.
+  """
+
+  heads: np.ndarray | None = None
+  num_unscored_words: int = 0
+  num_unscored_sentences: int = 0
+
+
+# ------------------------------------------------------------------ readers
+def strip_subtype(deprel: str) -> str:
+  """`nsubj:pass` -> `nsubj` (the released label set has no subtypes)."""
+  return deprel.split(":", 1)[0]
+
+
+def check_tree(heads: Sequence[int], where) -> None:
+  """Raises unless `heads` (1-based, 0 = root) form one rooted tree.
+
+  Args:
+    heads: one head per word.
+    where: word index -> `path:line` (or a row name) for messages.
+
+  Raises:
+    BistilError: a head out of range, no root or several, or a cycle.
+  """
+  n = len(heads)
+  for i, h in enumerate(heads):
+    if not 0 <= h <= n:
+      raise BistilError(
+        f"{where(i)}: HEAD {h} out of range 0..{n} (the sentence has {n} words)"
+      )
+  roots = [i for i, h in enumerate(heads) if h == 0]
+  if not roots:
+    raise BistilError(
+      f"{where(0)}: the sentence is not a tree: no word has HEAD 0 (root)"
+    )
+  if len(roots) > 1:
+    raise BistilError(
+      f"{where(roots[1])}: the sentence is not a tree: a second root (HEAD "
+      f"0; the first is word {roots[0] + 1})"
+    )
+  state = [0] * n  # 0 unseen, 1 on the current path, 2 reaches the root
+  for start in range(n):
+    path, i = [], start
+    while i >= 0 and state[i] == 0:
+      state[i] = 1
+      path.append(i)
+      i = heads[i] - 1
+    if i >= 0 and state[i] == 1:
+      cycle = path[path.index(i) :]
+      ids = " -> ".join(str(j + 1) for j in [*cycle, i])
+      raise BistilError(f"{where(i)}: the sentence is not a tree: cycle {ids}")
+    for j in path:
+      state[j] = 2
+
+
+def read_conllu_dp(path: str | os.PathLike[str]) -> list[DepExample]:
+  """Reads dependency trees from a UD CoNLL-U file.
+
+  Args:
+    path: the .conllu file.
+
+  Returns:
+    One example per sentence: FORM (column 2), DEPREL without subtype
+    (column 8) as labels and HEAD (column 7) as heads; its source is the
+    line where the sentence's block starts.
+
+  Raises:
+    BistilError: a missing or undecodable file, a line without 10 columns,
+      a bad or out-of-order word id, an empty FORM or DEPREL, a HEAD that
+      is not an integer or out of range (0..words), a sentence that is not
+      a tree (no root, two roots, a cycle), all with `path:line`; or a file
+      without sentences.
+  """
+  path = os.fspath(path)
+  examples = []
+  words, rels, heads, lines, start = [], [], [], [], 0
+
+  def close():
+    if words:
+      check_tree(heads, lambda i: f"{path}:{lines[i]}")
+      examples.append(
+        DepExample(
+          tuple(words),
+          tuple(rels),
+          f"{path}:{start}",
+          tuple(lines),
+          heads=tuple(heads),
+        )
+      )
+
+  for lineno, line in tasks._lines(path, "CoNLL-U"):
+    if not line.strip():
+      close()
+      words, rels, heads, lines, start = [], [], [], [], 0
+      continue
+    start = start or lineno
+    if line.startswith("#"):
+      continue
+    cols = line.split("\t")
+    if len(cols) != 10:
+      raise BistilError(
+        f"{path}:{lineno}: expected 10 tab-separated CoNLL-U columns, got "
+        f"{len(cols)}"
+      )
+    word_id = cols[0]
+    if "-" in word_id or "." in word_id:
+      continue  # Multiword range or empty node: not a syntactic word.
+    if not word_id.isdigit() or int(word_id) != len(words) + 1:
+      raise BistilError(
+        f"{path}:{lineno}: word id {word_id!r} where {len(words) + 1} was "
+        "expected (missing blank line between sentences?)"
+      )
+    form, head, deprel = cols[1], cols[6].strip(), cols[7].strip()
+    if not form or not deprel:
+      raise BistilError(f"{path}:{lineno}: empty FORM or DEPREL column")
+    if not head.isdigit():
+      raise BistilError(
+        f"{path}:{lineno}: HEAD {head!r} is not an integer word id"
+      )
+    words.append(form)
+    rels.append(strip_subtype(deprel))
+    heads.append(int(head))
+    lines.append(lineno)
+  close()
+  return tasks._nonempty(examples, path, "CoNLL-U")
+
+
+def dataset_rows(
+  ds, spec: str, columns: Mapping[str, str] | None = None
+) -> Iterator[DepExample]:
+  """DepExamples from rows with `tokens`, `head` and `deprel` columns."""
+  columns = dict(columns or {})
+  names = {k: columns.get(k, k) for k in ("tokens", "head", "deprel")}
+  for i, row in tasks._rows(ds, spec):
+    where = f"{spec} row {i}"
+    words, heads, rels = (tasks._column(row, names[k], spec) for k in names)
+    if not all(isinstance(x, list | tuple) for x in (words, heads, rels)):
+      raise BistilError(f"{where}: tokens, head and deprel must be lists")
+    if not len(words) == len(heads) == len(rels):
+      raise BistilError(
+        f"{where}: {len(words)} tokens, {len(heads)} heads and "
+        f"{len(rels)} relations"
+      )
+    if not words:
+      continue
+    out = []
+    for h in heads:
+      text = str(h).strip()
+      if isinstance(h, bool) or not text.isdigit():
+        raise BistilError(f"{where}: HEAD {h!r} is not an integer word id")
+      out.append(int(text))
+    check_tree(out, lambda _, w=where: w)
+    yield DepExample(
+      tuple(str(w) for w in words),
+      tuple(strip_subtype(str(r)) for r in rels),
+      where,
+      heads=tuple(out),
+    )
+
+
+# ------------------------------------------------------------------ encoding
+def encode_dp(
+  examples: Sequence[DepExample],
+  tokenizer: Tokenizer,
+  label_to_id: Mapping[str, int],
+  max_seq_len: int,
+  *,
+  drop_long: bool = True,
+  task: str = "dp",
+) -> DepData:
+  """Encodes trees on first sub-words (see the module docstring).
+
+  Args:
+    examples: the sentences.
+    tokenizer: the student's tokenizer (its truncation/padding ignored).
+    label_to_id: {relation: id}, ids 0..R-1.
+    max_seq_len: L, the padded length including special tokens.
+    drop_long: training: drop sentences longer than L tokens (counted in
+      `num_dropped`). Evaluation (False): such sentences get no row; their
+      words count as wrong (`num_unscored_words`).
+    task: the task name stored in the result.
+
+  Raises:
+    BistilError: bad labels or max_seq_len, no examples, an unknown
+      relation, a word without sub-words and no unknown token, every
+      training sentence too long, or an example without heads.
+  """
+  tasks._check_max_seq_len(max_seq_len)
+  names = tasks._check_labels(label_to_id)
+  if not examples:
+    raise BistilError(f"no {task} examples to encode")
+  tok = tokenize.without_truncation(tokenizer)
+  pad_id = tasks.pad_token_id(tok)
+  unk = tasks._unk_token(tok)
+  encodings = tok.encode_batch(
+    [list(ex.words) for ex in examples], is_pretokenized=True
+  )
+  rows, kept = [], []
+  num_dropped = num_unk = unscored_words = unscored_sents = 0
+  first_long = None
+  for i, (ex, enc) in enumerate(zip(examples, encodings, strict=True)):
+    if len(getattr(ex, "heads", ())) != len(ex.words):
+      raise BistilError(
+        f"{ex.source or '?'}: a dp example needs one head per word"
+      )
+    lost = tasks._lost_words(enc, len(ex.words))
+    if lost:
+      if unk is None:
+        raise BistilError(
+          f"word {ex.words[lost[0]]!r} at {ex.where(lost[0])} produces no "
+          "sub-word and the tokenizer has no unknown token"
+        )
+      words = [unk if w in lost else x for w, x in enumerate(ex.words)]
+      enc = tok.encode(words, is_pretokenized=True)
+      if tasks._lost_words(enc, len(words)):
+        raise BistilError(
+          f"word {ex.words[lost[0]]!r} at {ex.where(lost[0])} produces no "
+          f"sub-word, not even as {unk!r}"
+        )
+      num_unk += len(lost)
+    if len(enc.ids) > max_seq_len:
+      if drop_long:
+        num_dropped += 1
+      else:
+        unscored_sents += 1
+        unscored_words += len(ex.words)
+        first_long = first_long or ex.source or "?"
+      continue
+    first = np.full(len(ex.words), -1, np.int64)  # word -> first sub-word
+    prev = None
+    for pos, w in enumerate(enc.word_ids):
+      if w is not None and w != prev:
+        first[w] = pos
+      prev = w
+    rel = np.full(len(enc.ids), IGNORE_LABEL, np.int32)
+    head = np.full(len(enc.ids), IGNORE_LABEL, np.int32)
+    for w, pos in enumerate(first):
+      rel[pos] = tasks._label_id(label_to_id, ex.labels[w], ex)
+      h = ex.heads[w]
+      head[pos] = 0 if h == 0 else first[h - 1]
+    rows.append((enc.ids, enc.type_ids, rel, head))
+    kept.append(i)
+  if first_long is not None:
+    log.warning(
+      "%s: %d sentence(s) (%d words) longer than max_seq_len=%d tokens are "
+      "scored as wrong (first at %s); raise max_seq_len to score them",
+      task,
+      unscored_sents,
+      unscored_words,
+      max_seq_len,
+      first_long,
+    )
+  if not rows and drop_long:
+    raise BistilError(
+      f"all {len(examples)} {task} examples are longer than "
+      f"max_seq_len={max_seq_len} tokens (first at "
+      f"{examples[0].source or '?'})"
+    )
+  ids, mask, types = tasks._pad(
+    [(r[0], r[1]) for r in rows], max_seq_len, pad_id
+  )
+  labels = np.full((len(rows), max_seq_len), IGNORE_LABEL, np.int32)
+  heads = labels.copy()  # [n, L]
+  for j, (_, _, rel, head) in enumerate(rows):
+    labels[j, : len(rel)] = rel
+    heads[j, : len(head)] = head
+  return DepData(
+    task=task,
+    input_ids=ids,
+    attention_mask=mask,
+    token_type_ids=types,
+    labels=labels,
+    label_names=names,
+    example_index=np.asarray(kept, np.int64),
+    num_dropped=num_dropped,
+    num_unk_words=num_unk,
+    heads=heads,
+    num_unscored_words=unscored_words,
+    num_unscored_sentences=unscored_sents,
+  )
+
+
+def host_heads(data: tasks.TaskData, rows: np.ndarray, real, length: int):
+  """The `heads` batch entry of `tasks.host_batch`, or None (not dp)."""
+  heads = getattr(data, "heads", None)
+  if heads is None:
+    return None
+  out = heads[rows, :length].copy()  # [b, l]
+  out[~real] = IGNORE_LABEL
+  return out
+
+
+def scores(pred: np.ndarray, data: DepData, rows: np.ndarray) -> dict[str, Any]:
+  """UAS/LAS of predictions [n, L, 2] (head position, relation id) for the
+  given rows of `data`, with its unscored words counted as wrong."""
+  from bistil_jax import metrics  # noqa: PLC0415
+
+  out = metrics.attachment_scores(
+    pred[..., 0],
+    pred[..., 1],
+    data.heads[rows],
+    data.labels[rows],
+    num_unscored=data.num_unscored_words,
+  )
+  out["num_sentences"] = int(len(rows)) + data.num_unscored_sentences
+  out["num_unscored_sentences"] = data.num_unscored_sentences
+  return out
