@@ -65,6 +65,9 @@ def get_config(arg=None, *, teacher=True):
   c.sparse = ml_collections.ConfigDict()
   c.sparse.enabled = True  # LT-SFT; False = dense fine-tuning
   c.sparse.density = 0.08  # K = density x eligible body entries
+  # K as a count instead (the released ft_params_num; 0 = use density):
+  # students with different vocabularies then get the same budget.
+  c.sparse.num_entries = 0
   c.sparse.embeddings = True  # word/position/type embeddings eligible
   c.sparse.layer_norm = True  # LayerNorms eligible
   c.sparse.epochs = 10.0  # the sparse stage (train.epochs: the dense one)

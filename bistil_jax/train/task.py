@@ -279,6 +279,8 @@ def validate(config, phase: str) -> TaskLossConfig:
   elif lc.gold <= 0:
     raise BistilError("finetune needs loss.gold > 0")
   s = config.sparse
+  if s.num_entries < 0:
+    raise BistilError(f"sparse.num_entries must be >= 0, got {s.num_entries}")
   if s.enabled and not 0 < s.density <= 1:
     raise BistilError(f"sparse.density must be in (0, 1], got {s.density}")
   if config.train.epochs < 0:
@@ -354,6 +356,14 @@ def prepare(config, phase: str) -> Inputs:
   s = config.student
   cfg = cfg.replace(dtype=s.dtype, param_dtype=s.param_dtype)
   log.info("%s: new %s head (%s)", model_dir, cfg.head, ", ".join(fresh))
+  if config.sparse.enabled and config.sparse.num_entries:
+    eligible = eligible_entries(config, cfg, params0, fresh)
+    n_eligible = sum(int(np.sum(x)) for x in jax.tree.leaves(eligible))
+    if config.sparse.num_entries > n_eligible:
+      raise BistilError(
+        f"sparse.num_entries={config.sparse.num_entries} exceeds the "
+        f"{n_eligible} eligible body entries of {model_dir}"
+      )
   driver.check_seq_len(cfg, max_len, "model")
   if teacher is not None:
     tp, tcfg = surgery.map_teacher_vocab(tp, teacher.config, t_dir, tok_dir)
@@ -519,7 +529,7 @@ def select_mask(config, cfg, params0, trained, eligible, fresh) -> Any:
   eligible body; the head and the fresh groups are trainable whole."""
   s = config.sparse
   n_eligible = sum(int(np.sum(x)) for x in jax.tree.leaves(eligible))
-  k = sparse.k_from_density(eligible, s.density)
+  k = s.num_entries or sparse.k_from_density(eligible, s.density)
   delta = jax.tree.map(  # theta0 placed like the trained params
     lambda a, b: jnp.abs(a - jax.device_put(b, a.sharding)), trained, params0
   )
@@ -563,6 +573,7 @@ def export(out, config, inp: Inputs, final, mask) -> None:
       "num_labels": len(inp.labels),
       "add_pooler": cfg.add_pooler,
       "density": config.sparse.density,
+      "num_entries": config.sparse.num_entries,  # 0: K from density
       "base_model": configlib.expand(config.student.model),
     },
   )

@@ -433,6 +433,7 @@ class PhaseTwoCliTest(absltest.TestCase):
         f"--config.data.train={self.pos['a1']['train']}",
         f"--config.eval.sets=dev={self.pos['a1']['dev']}",
         "--config.sparse.enabled=true",
+        "--config.sparse.num_entries=2000",  # K as a count, not a density
         "--config.train.epochs=0.5",
         "--config.sparse.epochs=0.5",
       ]
@@ -444,7 +445,8 @@ class PhaseTwoCliTest(absltest.TestCase):
     )
     meta = read_json(os.path.join(export, sparse.SFT_META))
     self.assertEqual((meta["kind"], meta["task"]), ("task", "pos"))
-    self.assertGreater(meta["nnz"], 0)
+    self.assertEqual(meta["num_entries"], 2000)
+    self.assertBetween(sparse.load_sft(export).nnz, 1900, 2000)
     res = read_json(os.path.join(wd, "results.json"))
     self.assertEqual(res["phase"], "finetune")
     ev = self.path("ft_sparse_ev.json")
@@ -554,6 +556,7 @@ class PhaseTwoCliTest(absltest.TestCase):
         f"--config.data.train={self.nli['a1']['train']}",
         f"--config.eval.sets=dev={self.nli['a1']['dev']}",
         "--config.sparse.enabled=true",
+        "--config.sparse.num_entries=2000",  # K as a count, not a density
         "--config.train.epochs=0.5",
         "--config.sparse.epochs=0.5",
       ]
@@ -838,6 +841,11 @@ class PhaseTwoCliTest(absltest.TestCase):
     self.assert_refused(
       [*self.sft_args(wd), "--config.task=dep"],
       "task must be one of",
+      wd,
+    )
+    self.assert_refused(
+      [*self.sft_args(wd), "--config.sparse.num_entries=100000000"],
+      r"sparse.num_entries=100000000 exceeds the \d+ eligible body entries",
       wd,
     )
     self.assert_refused(
