@@ -25,6 +25,7 @@ log = logging.getLogger(__name__)
 HEAD_OF_KIND = {
   "token": "token_classification",
   "pair": "sequence_classification",
+  "qa": "question_answering",
 }
 LANGS = ("source", "target")
 

@@ -7,6 +7,8 @@ METHOD.md 4.3, 4.4 and 5.1, host side, in NumPy. Three tasks:
   files (CoNLL-03, MasakhaNER).
 - `nli`: premise/hypothesis classification (pair task) read from JSON lines
   or TSV/CSV files with a header (MultiNLI, XNLI, AmericasNLI).
+- `qa`: extractive question answering (SQuAD v1.1 JSON, XQuAD); its
+  readers, windows and decoding live in data/qa.py.
 
 A task SPEC names one split:
 
@@ -100,7 +102,8 @@ class TaskSpec:
 
   Attributes:
     name: the task name ("pos", "ner", "nli").
-    kind: "token" (one label per word) or "pair" (one label per text pair).
+    kind: "token" (one label per word), "pair" (one label per text pair)
+      or "qa" (an answer span in a context, see data/qa.py).
     default_labels: the label set used when the data's labels are a subset
       of it, in head order.
     hf_label_column: the tag or label column of Hugging Face datasets.
@@ -116,6 +119,7 @@ SPECS = {
   "pos": TaskSpec("pos", "token", UPOS_LABELS, "upos"),
   "ner": TaskSpec("ner", "token", NER_LABELS, "ner_tags"),
   "nli": TaskSpec("nli", "pair", NLI_LABELS, "label"),
+  "qa": TaskSpec("qa", "qa", ("start", "end"), "answers"),
 }
 TASKS = tuple(SPECS)
 
@@ -554,6 +558,10 @@ def read_task(
       malformed rows, or an empty split.
   """
   spec_ = task_spec(task)
+  if spec_.kind == "qa":
+    from bistil_jax.data import qa  # noqa: PLC0415 - qa imports this module
+
+    return qa.read_qa(spec)
   names = tuple(label_names or spec_.default_labels)
   source = parse_source(spec)
   if source.kind == "file":
@@ -1141,14 +1149,28 @@ def encode_task(
   *,
   drop_long: bool = True,
   window: bool = False,
+  **options: Any,
 ) -> TaskData:
-  """`encode_token_task` or `encode_pair_task`, by the task's kind.
+  """`encode_token_task`, `encode_pair_task` or `qa.encode_qa`, by the
+  task's kind.
 
   Training data drops over-long sentences (as released); evaluation data
   passes `drop_long=False, window=True` so every gold word is scored (pairs
-  are truncated: their one label survives).
+  are truncated: their one label survives). QA always windows long
+  contexts; `drop_long` says training features (answer positions) from
+  evaluation ones (offsets for decoding), and `options` carries its
+  doc_stride, n_best_size and max_answer_length.
   """
-  if task_spec(task).kind == "token":
+  kind = task_spec(task).kind
+  if kind == "qa":
+    from bistil_jax.data import qa  # noqa: PLC0415 - qa imports this module
+
+    return qa.encode_qa(
+      examples, tokenizer, max_seq_len, train=drop_long, task=task, **options
+    )
+  if options:
+    raise BistilError(f"task {task} takes no options {sorted(options)}")
+  if kind == "token":
     return encode_token_task(
       examples,
       tokenizer,
