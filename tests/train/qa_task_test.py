@@ -16,6 +16,7 @@ import random
 import tempfile
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import torch
 import transformers
@@ -26,6 +27,7 @@ from bistil_jax.checkpoint import hf, surgery
 from bistil_jax.data import qa as qa_data
 from bistil_jax.data import vocab
 from bistil_jax.model import Model, init_params, preset
+from bistil_jax.train import qa as qa_task
 from bistil_jax.train import task
 
 REPO = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
@@ -279,6 +281,34 @@ class QATaskCliTest(absltest.TestCase):
       mine[..., 1][real], theirs.end_logits.numpy()[real], atol=1e-4
     )
 
+  def test_lt_sft_finetune_exports_a_task_sft_with_the_span_head(self):
+    wd = os.path.join(self.root, "teacher_ltsft")
+    must_run(
+      [
+        "finetune",
+        "--config",
+        f"{FINETUNE}:qa,variant=tiny",
+        "--workdir",
+        wd,
+        f"--config.student.model={self.mmt}",
+        f"--config.data.train={self.train}",
+        f"--config.eval.sets=dev={self.dev}",
+        "--config.sparse.enabled=true",
+        "--config.train.epochs=1",
+        "--config.sparse.epochs=1",
+      ]
+    )
+    sft = sparse.load_sft(os.path.join(wd, "export"))
+    self.assertEqual(sft.meta["head"], "question_answering")
+    self.assertContainsSubset(
+      {"classifier/kernel", "classifier/bias"}, sft.dense
+    )
+    model, params = surgery.merged_model(self.mmt, [os.path.join(wd, "export")])
+    res = read_json(os.path.join(wd, "results.json"))
+    self.assertAlmostEqual(
+      dev_f1(model, params, self.dev_data), res["dev"]["f1"], places=5
+    )
+
   def test_bad_input_fails_with_one_line_and_no_workdir(self):
     bad = os.path.join(self.root, "bad.json")
     doc = make_squad(20, 5)
@@ -300,6 +330,58 @@ class QATaskCliTest(absltest.TestCase):
       self.assertEqual(code, 2, err)
       self.assertRegex(err, message)
       self.assertFalse(os.path.exists(wd))
+
+
+def _log_softmax(x):
+  x = x - x.max()
+  return x - np.log(np.exp(x).sum())
+
+
+class SpanLossTest(absltest.TestCase):
+  def setUp(self):
+    super().setUp()
+    rng = np.random.RandomState(0)
+    self.logits = rng.normal(size=(3, 6, 2)).astype(np.float32)
+    self.teacher = rng.normal(size=(3, 6, 2)).astype(np.float32)
+    mask = np.ones((3, 6), np.int32)
+    mask[1, 4:] = 0
+    self.batch = {
+      "attention_mask": mask,
+      "labels": np.array([[2, 3], [0, 0], [-100, -100]], np.int32),
+      "example_mask": np.array([1, 1, 0], np.int32),  # row 2: filler
+    }
+
+  def test_gold_is_the_mean_of_start_and_end_cross_entropy(self):
+    got = qa_task.gold_loss(jnp.asarray(self.logits), self.batch)
+    want = 0.0
+    for r in range(2):
+      real = self.batch["attention_mask"][r] > 0
+      for k in range(2):
+        lp = _log_softmax(self.logits[r, real, k])
+        want -= lp[self.batch["labels"][r, k]] / 2
+    self.assertAlmostEqual(float(got.count), 2.0)
+    self.assertAlmostEqual(float(got.total), want, places=5)
+
+  def test_soft_loss_sums_start_and_end_over_real_positions(self):
+    t = 2.0
+    got = qa_task.soft_loss(
+      jnp.asarray(self.logits), jnp.asarray(self.teacher), self.batch, t
+    )
+    want = 0.0
+    for r in range(2):
+      real = self.batch["attention_mask"][r] > 0
+      for k in range(2):
+        p = np.exp(_log_softmax(self.teacher[r, real, k] / t))
+        want -= np.sum(p * _log_softmax(self.logits[r, real, k] / t))
+    self.assertAlmostEqual(float(got.count), 2.0)
+    self.assertAlmostEqual(float(got.total), want, places=5)
+    # Padding logits do not count.
+    moved = self.logits.copy()
+    moved[1, 4:] += 50.0
+    again = qa_task.soft_loss(
+      jnp.asarray(moved), jnp.asarray(self.teacher), self.batch, t
+    )
+    self.assertAlmostEqual(float(again.total), float(got.total), places=5)
 
 
 class ExportParityTest(parameterized.TestCase):
