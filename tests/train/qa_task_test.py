@@ -205,7 +205,7 @@ class QATaskCliTest(absltest.TestCase):
     self.assertEqual(model.config.head, "question_answering")
     trained = dev_f1(model, params, self.dev_data)
     self.assertAlmostEqual(trained, res["dev"]["f1"], places=5)
-    self.assertGreater(trained, untrained + 0.1)
+    self.assertGreater(trained, untrained + 0.05)
 
   def test_sft_student_lowers_its_loss_and_beats_an_untrained_head(self):
     for stage in ("dense", "sparse"):
