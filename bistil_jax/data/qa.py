@@ -177,6 +177,8 @@ def _dataset_rows(ds, spec: str) -> Iterator[QAExample]:
   """Examples of a `datasets` split with SQuAD columns."""
   for i, row in tasks._rows(ds, spec):  # noqa: SLF001
     where = f"{spec} row {i}"
+    if "id" in row:
+      where += f" (question {str(row['id'])!r})"
     for col in ("context", "question", "answers"):
       tasks._column(row, col, spec)  # noqa: SLF001 - names the columns
     context, question = row["context"], row["question"]
@@ -232,6 +234,7 @@ class QAData(tasks.TaskData):
     offsets: [n, L, 2] int32 character span in the context of each context
       token, NO_OFFSET elsewhere; None for training features (not needed).
     examples: the encoded examples (`example_index` points into them).
+    doc_stride: the overlap of consecutive windows it was encoded with.
     n_best_size, max_answer_length: decoding settings (see `decode`).
   """
 
@@ -240,10 +243,6 @@ class QAData(tasks.TaskData):
   doc_stride: int = DOC_STRIDE
   n_best_size: int = N_BEST_SIZE
   max_answer_length: int = MAX_ANSWER_LENGTH
-
-  @property
-  def num_qa_examples(self) -> int:
-    return len(self.examples)
 
 
 def _check_int(name: str, value: Any, low: int) -> int:

@@ -148,7 +148,9 @@ class ReaderTest(parameterized.TestCase):
     ]
     path = os.path.join(self.dir, "rows.jsonl")
     write(path, "\n".join(json.dumps(r) for r in rows))
-    with self.assertRaisesRegex(BistilError, r"row 1: answer 0 'pu'"):
+    with self.assertRaisesRegex(
+      BistilError, r"row 1 \(question 'r2'\): answer 0 'pu'"
+    ):
       tasks.read_task("qa", f"json:{path}")
     rows[1]["answers"]["answer_start"] = [3]
     write(path, "\n".join(json.dumps(r) for r in rows))
