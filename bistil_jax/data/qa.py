@@ -260,21 +260,28 @@ def _window_tokenizer(tok: Tokenizer, max_seq_len: int, stride: int):
   return out
 
 
-def _span_labels(enc, start: int, end: int) -> tuple[int, int]:
+def _context_offsets(enc, length: int) -> np.ndarray:
+  """[length, 2] character offsets of the window's context tokens,
+  NO_OFFSET on the question, special tokens and padding."""
+  is_ctx = np.fromiter(
+    (s == 1 for s in enc.sequence_ids), bool, len(enc.sequence_ids)
+  )
+  off = np.full((length, 2), NO_OFFSET, np.int32)  # [L, 2]
+  off[: len(is_ctx)][is_ctx] = np.asarray(enc.offsets, np.int32)[is_ctx]
+  return off
+
+
+def _span_labels(off: np.ndarray, start: int, end: int) -> tuple[int, int]:
   """(start token, end token) of the character span [start, end) in one
-  window, or (0, 0) when the window does not hold all of it."""
-  ctx = [i for i, s in enumerate(enc.sequence_ids) if s == 1]
-  offsets = enc.offsets
-  if not ctx or offsets[ctx[0]][0] > start or offsets[ctx[-1]][1] < end:
+  window (offsets from `_context_offsets`), or (0, 0) when the window does
+  not hold all of it."""
+  ctx = np.flatnonzero(off[:, 0] != NO_OFFSET)
+  if not ctx.size or off[ctx[0], 0] > start or off[ctx[-1], 1] < end:
     return 0, 0
-  first = ctx[0]
-  for i in ctx:  # the last token starting at or before the answer
-    if offsets[i][0] <= start:
-      first = i
-  last = ctx[-1]
-  for i in reversed(ctx):  # the first token ending at or after it
-    if offsets[i][1] >= end:
-      last = i
+  # The last token starting at or before the answer, the first ending at or
+  # after it.
+  first = int(ctx[off[ctx, 0] <= start][-1])
+  last = int(ctx[off[ctx, 1] >= end][0])
   return first, max(first, last)
 
 
@@ -329,20 +336,25 @@ def encode_qa(
   q_lens = [
     len(e.ids) for e in plain.encode_batch(questions, add_special_tokens=False)
   ]
-  c_lens = [
-    len(e.ids)
-    for e in plain.encode_batch(
-      [ex.context for ex in examples], add_special_tokens=False
-    )
-  ]
-  for ex, q_len, c_len in zip(examples, q_lens, c_lens, strict=True):
-    room = max_seq_len - q_len - specials
+  rooms = [max_seq_len - q_len - specials for q_len in q_lens]
+  # Only contexts whose room is at most the stride need their length.
+  tight = [i for i, room in enumerate(rooms) if 1 <= room <= doc_stride]
+  c_lens = dict.fromkeys(range(len(examples)), 0)
+  for i, e in zip(
+    tight,
+    plain.encode_batch(
+      [examples[i].context for i in tight], add_special_tokens=False
+    ),
+    strict=True,
+  ):
+    c_lens[i] = len(e.ids)
+  for i, (ex, room) in enumerate(zip(examples, rooms, strict=True)):
     if room < 1:
       raise BistilError(
-        f"{ex.source or ex.id}: the question ({q_len} tokens) leaves no room "
-        f"for context in max_seq_len={max_seq_len}"
+        f"{ex.source or ex.id}: the question ({q_lens[i]} tokens) leaves no "
+        f"room for context in max_seq_len={max_seq_len}"
       )
-    if c_len > room and doc_stride >= room:
+    if c_lens[i] > room:
       raise BistilError(
         f"{ex.source or ex.id}: doc_stride={doc_stride} must be smaller "
         f"than the window's context room of {room} tokens (max_seq_len="
@@ -365,20 +377,20 @@ def encode_qa(
   except Exception as e:  # noqa: BLE001 - tokenizers raises plain Exception
     raise BistilError(f"cannot encode {task} windows: {e}") from None
   rows, spans, offsets, index = [], [], [], []
+  num_windowed = 0
   for i, (ex, enc) in enumerate(zip(examples, encodings, strict=True)):
-    for w in (enc, *enc.overflowing):
+    windows = [enc, *enc.overflowing]  # each .overflowing builds new objects
+    num_windowed += len(windows) > 1
+    for w in windows:
       rows.append((w.ids, w.type_ids))
       index.append(i)
+      off = _context_offsets(w, max_seq_len)
       if ex.answers:
         text, start = ex.answers[0]
-        spans.append(_span_labels(w, start, start + len(text)))
+        spans.append(_span_labels(off, start, start + len(text)))
       else:
         spans.append((0, 0))
       if not train:
-        off = np.full((max_seq_len, 2), NO_OFFSET, np.int32)  # [L, 2]
-        for t, (s, o) in enumerate(zip(w.sequence_ids, w.offsets, strict=True)):
-          if s == 1:
-            off[t] = o
         offsets.append(off)
   ids, mask, types = tasks._pad(rows, max_seq_len, pad_id)  # noqa: SLF001
   return QAData(
@@ -389,7 +401,7 @@ def encode_qa(
     labels=np.asarray(spans, np.int32).reshape(-1, 2),  # [n, 2]
     label_names=SPAN_LABELS,
     example_index=np.asarray(index, np.int64),
-    num_truncated=sum(1 for enc in encodings if enc.overflowing),
+    num_truncated=num_windowed,
     offsets=None if train else np.stack(offsets),
     examples=tuple(examples),
     doc_stride=doc_stride,
