@@ -408,7 +408,22 @@ class ExportParityTest(parameterized.TestCase):
           token_type_ids=torch.tensor(types),
         )
       back, back_params = hf.load_hf(d)
+      flax_cls = getattr(
+        transformers,
+        "FlaxXLMRobertaForQuestionAnswering"
+        if cfg.is_roberta
+        else "FlaxBertForQuestionAnswering",
+      )
+      flax_out = flax_cls.from_pretrained(d)(
+        input_ids=ids, attention_mask=mask, token_type_ids=types
+      )
     self.assertEqual(back.config.head, "question_answering")
+    real = mask > 0
+    np.testing.assert_allclose(  # flax_model.msgpack (transformers 4.57)
+      np.asarray(flax_out.start_logits)[real],
+      out.start_logits.numpy()[real],
+      atol=1e-4,
+    )
     for model, p in ((Model(cfg), params), (back, back_params)):
       logits = np.asarray(
         model.apply(
