@@ -408,6 +408,10 @@ class ExportParityTest(parameterized.TestCase):
           token_type_ids=torch.tensor(types),
         )
       back, back_params = hf.load_hf(d)
+      # A QA dir that transformers wrote itself imports too.
+      with tempfile.TemporaryDirectory() as d2:
+        ref.save_pretrained(d2)
+        theirs, theirs_params = hf.load_hf(d2)
       flax_cls = getattr(
         transformers,
         "FlaxXLMRobertaForQuestionAnswering"
@@ -424,7 +428,8 @@ class ExportParityTest(parameterized.TestCase):
       out.start_logits.numpy()[real],
       atol=1e-4,
     )
-    for model, p in ((Model(cfg), params), (back, back_params)):
+    models = (Model(cfg), params), (back, back_params), (theirs, theirs_params)
+    for model, p in models:
       logits = np.asarray(
         model.apply(
           {"params": p}, ids, attention_mask=mask, token_type_ids=types
