@@ -8,6 +8,8 @@
 - dp: UAS and LAS as the CoNLL 2018 evaluation defines them: over every
   word (punctuation included); UAS counts the right head, LAS the right
   head and relation (`attachment_scores`).
+- qa: SQuAD v1.1 token F1 and exact match of answer texts, with the official
+  answer normalisation (`squad_scores`; spans are decoded in data/qa.py).
 
 `task_metrics` turns a split's predicted label ids into a flat dict whose
 headline metric sits under `HEADLINE[task]`.
@@ -15,12 +17,21 @@ headline metric sits under `HEADLINE[task]`.
 
 from __future__ import annotations
 
+import collections
+import re
+import string
 from collections.abc import Mapping, Sequence
 
 import numpy as np
 
 IGNORE_LABEL = -100
-HEADLINE = {"pos": "accuracy", "ner": "f1", "nli": "accuracy", "dp": "las"}
+HEADLINE = {
+  "pos": "accuracy",
+  "ner": "f1",
+  "nli": "accuracy",
+  "dp": "las",
+  "qa": "f1",
+}
 
 Span = tuple[str, int, int]
 
@@ -283,6 +294,8 @@ def task_metrics(
   """
   if task not in HEADLINE:
     raise ValueError(f"unknown task {task!r}; known: {', '.join(HEADLINE)}")
+  if task == "qa":
+    raise ValueError("qa predictions are texts: use squad_scores")
   pred = np.asarray(predictions)
   gold = np.asarray(golds)
   _check_shapes(pred, gold)
@@ -316,3 +329,72 @@ def task_metrics(
   for kind, scores in per_type.items():
     out[f"f1/{kind}"] = scores["f1"]
   return out
+
+
+# ------------------------------------------------------------ SQuAD v1.1
+_PUNCTUATION = frozenset(string.punctuation)
+_ARTICLES = re.compile(r"\b(a|an|the)\b")
+
+
+def normalize_answer(text: str) -> str:
+  """The official SQuAD v1.1 answer normalisation: lowercase, drop ASCII
+  punctuation, drop the articles a/an/the, collapse whitespace."""
+  text = "".join(ch for ch in text.lower() if ch not in _PUNCTUATION)
+  text = _ARTICLES.sub(" ", text)
+  return " ".join(text.split())
+
+
+def squad_exact_match(prediction: str, gold: str) -> float:
+  """1.0 when both normalise to the same string, else 0.0."""
+  return float(normalize_answer(prediction) == normalize_answer(gold))
+
+
+def squad_f1(prediction: str, gold: str) -> float:
+  """Token F1 of the normalised texts (bag of whitespace tokens). As in the
+  v1.1 script, no common token (also two empty answers) scores 0."""
+  pred = normalize_answer(prediction).split()
+  ref = normalize_answer(gold).split()
+  same = sum((collections.Counter(pred) & collections.Counter(ref)).values())
+  if same == 0:
+    return 0.0
+  precision, recall = same / len(pred), same / len(ref)
+  return 2 * precision * recall / (precision + recall)
+
+
+def squad_scores(
+  predictions: Sequence[str], golds: Sequence[Sequence[str]]
+) -> dict[str, float]:
+  """SQuAD v1.1 F1 and exact match over examples.
+
+  Each example scores the max over its gold answers; the result is the
+  mean over examples, as a fraction (the official script prints 100x).
+  Examples without gold answers are skipped (counted in num_unanswerable).
+
+  Args:
+    predictions: one predicted answer text per example.
+    golds: the gold answer texts of each example.
+
+  Returns:
+    {"f1", "exact_match", "num_examples", "num_unanswerable"}.
+
+  Raises:
+    ValueError: different numbers of predictions and golds.
+  """
+  if len(predictions) != len(golds):
+    raise ValueError(
+      f"{len(predictions)} predictions for {len(golds)} gold answer lists"
+    )
+  f1 = em = 0.0
+  n = 0
+  for pred, answers in zip(predictions, golds, strict=True):
+    if not answers:
+      continue
+    n += 1
+    f1 += max(squad_f1(pred, g) for g in answers)
+    em += max(squad_exact_match(pred, g) for g in answers)
+  return {
+    "f1": f1 / n if n else 0.0,
+    "exact_match": em / n if n else 0.0,
+    "num_examples": n,
+    "num_unanswerable": len(golds) - n,
+  }

@@ -16,7 +16,15 @@ fields without a teacher, gold loss only, dense unless
 
 Released values (METHOD.md 4.4): density 0.08, batch 8, lr 5e-5, NER 3
 dense + 10 sparse epochs, DP (`:dp`, biaffine parser, UAS/LAS) 10 + 10, no
-warmup, grad-clip 1.
+warmup, grad-clip 1. QA (`sft.py:qa`, METHOD.md
+4.3, 4.4): 5 + 5 epochs at sequence length 384, windows overlapping by 128
+tokens, n-best 20, answers of at most 30 tokens; its teacher
+(`finetune.py:qa`): SQuAD v1.1, 2 + 2 epochs, batch 12, lr 3e-5:
+  bistil sft --config configs/sft.py:qa --workdir runs/sft-qa \
+    --config.student.model=runs/distil-mbert-en-ar/export \
+    --config.teacher.model=runs/teacher-qa/export \
+    --config.data.train=data/squad/train-v1.1.json \
+    --config.eval.sets=dev=data/squad/dev-v1.1.json,ar=data/xquad/xquad.ar.json
 """
 
 import ml_collections
@@ -29,7 +37,7 @@ common = configlib.load_sibling(__file__, "common")
 def get_config(arg=None, *, teacher=True):
   a = common.parse_arg(arg, task="pos", variant="base")
   c = ml_collections.ConfigDict()
-  c.task = a.task  # pos | ner | nli | dp
+  c.task = a.task  # pos | ner | nli | dp | qa
   c.seed = 0
   c.student = ml_collections.ConfigDict()
   c.student.model = ""  # HF dir: the phase-1 student (sft) or the MMT
@@ -83,6 +91,9 @@ def get_config(arg=None, *, teacher=True):
   if a.task == "dp":
     c.train.epochs = 10.0  # DP: 10 dense + 10 sparse epochs (METHOD.md 4.4)
 
+  if a.task == "qa":
+    _qa(c, student=teacher)
+
   if a.variant == "tiny":
     c.data.max_seq_len = 64
     c.data.batch_size = 16
@@ -93,6 +104,25 @@ def get_config(arg=None, *, teacher=True):
       c.train.epochs = c.sparse.epochs = 4.0
     c.train.log_every = 10
     c.train.async_checkpoints = False
+    if a.task == "qa":
+      c.data.doc_stride = 16  # < the context room of a 64-token window
   elif a.variant != "base":
     raise ValueError(f"unknown variant {a.variant!r}: base or tiny")
   return c
+
+
+def _qa(c, student):
+  """Extractive QA (METHOD.md 4.1, 4.3, 4.4): SQuAD v1.1 windows."""
+  c.data.max_seq_len = 384  # every window; long contexts are split
+  c.data.doc_stride = 128  # overlap of consecutive windows, in tokens
+  c.data.n_best_size = 20  # start/end candidates per window
+  c.data.max_answer_length = 30  # longest decoded answer, in tokens
+  if student:  # phase 2: the example launchers' QA student
+    c.train.epochs = 5.0
+    c.sparse.epochs = 5.0
+    c.train.eval_every = 2000
+  else:  # the teacher's task SFT (jobs/sft_qa.sh, train_qa.sh)
+    c.data.batch_size = 12
+    c.optim.learning_rate = 3e-5
+    c.train.epochs = 2.0
+    c.sparse.epochs = 2.0

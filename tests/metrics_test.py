@@ -188,8 +188,8 @@ class TaskMetricsTest(parameterized.TestCase):
     self.assertIn(metrics.HEADLINE[task], out)
 
   def test_errors(self):
-    with self.assertRaisesRegex(ValueError, "unknown task 'qa'"):
-      metrics.task_metrics("qa", [0], [0], ["a"])
+    with self.assertRaisesRegex(ValueError, "unknown task 'srl'"):
+      metrics.task_metrics("srl", [0], [0], ["a"])
     with self.assertRaisesRegex(ValueError, "example_mask"):
       metrics.task_metrics("nli", [0, 1], [0, 1], ["a", "b"], [1])
     with self.assertRaisesRegex(ValueError, r"must be \[n, L\]"):

@@ -137,6 +137,11 @@ _ROBERTA_SEQ = (
          "dense", body=False),
 )  # fmt: skip
 
+# HF's span head: one Linear to (start, end) logits, same in both families.
+_QA_SPAN = (
+  Rule("classifier", "qa_outputs", "qa_outputs", "dense", body=False),
+)
+
 # In HF the MLM decoder bias is the same tensor as the head bias; checkpoints
 # may store it under both names. alias -> canonical (prefix-free).
 BIAS_ALIASES = {
@@ -156,6 +161,8 @@ def head_rules(config: ModelConfig) -> tuple[Rule, ...]:
     return _LINEAR_CLS
   if config.head == "sequence_classification":
     return _ROBERTA_SEQ if config.is_roberta else _LINEAR_CLS
+  if config.head == "question_answering":
+    return _QA_SPAN
   return ()
 
 
@@ -540,6 +547,8 @@ def _infer_head(state: dict[str, Any], fmt: str) -> str:
     k.startswith((f"cls{sep}predictions", f"lm_head{sep}")) for k in state
   ):
     return "mlm"
+  if any(k.startswith(f"qa_outputs{sep}") for k in state):
+    return "question_answering"
   if any(k.startswith(f"classifier{sep}") for k in state):
     raise BistilError(
       "config.json has no 'architectures' and the checkpoint has a "

@@ -26,6 +26,7 @@ HEAD_OF_KIND = {
   "token": "token_classification",
   "pair": "sequence_classification",
   "dp": "biaffine_parser",
+  "qa": "question_answering",
 }
 LANGS = ("source", "target")
 

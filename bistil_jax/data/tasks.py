@@ -1,6 +1,6 @@
 """Phase-2 task data: readers, label sets, encoding and batches.
 
-METHOD.md 4.3, 4.4 and 5.1, host side, in NumPy. Four tasks:
+METHOD.md 4.3, 4.4 and 5.1, host side, in NumPy. The tasks:
 
 - `pos`: UPOS tagging (token task) read from UD CoNLL-U files.
 - `ner`: IOB1/IOB2 named entities (token task) read from CoNLL-style column
@@ -9,6 +9,8 @@ METHOD.md 4.3, 4.4 and 5.1, host side, in NumPy. Four tasks:
   or TSV/CSV files with a header (MultiNLI, XNLI, AmericasNLI).
 - `dp`: dependency parsing (heads and relations of UD CoNLL-U files); its
   reader, encoding and scoring live in data/dp.py.
+- `qa`: extractive question answering (SQuAD v1.1 JSON, XQuAD); its
+  readers, windows and decoding live in data/qa.py.
 
 A task SPEC names one split:
 
@@ -146,7 +148,8 @@ class TaskSpec:
   Attributes:
     name: the task name ("pos", "ner", "nli").
     kind: "token" (one label per word), "pair" (one label per text pair)
-      or "dp" (a head and a relation per word; see data/dp.py).
+      "dp" (a head and a relation per word; see data/dp.py)
+      or "qa" (an answer span in a context, see data/qa.py).
     default_labels: the label set used when the data's labels are a subset
       of it, in head order.
     hf_label_column: the tag or label column of Hugging Face datasets.
@@ -163,6 +166,7 @@ SPECS = {
   "ner": TaskSpec("ner", "token", NER_LABELS, "ner_tags"),
   "nli": TaskSpec("nli", "pair", NLI_LABELS, "label"),
   "dp": TaskSpec("dp", "dp", DP_RELATIONS, "deprel"),
+  "qa": TaskSpec("qa", "qa", ("start", "end"), "answers"),
 }
 TASKS = tuple(SPECS)
 
@@ -601,6 +605,10 @@ def read_task(
       malformed rows, or an empty split.
   """
   spec_ = task_spec(task)
+  if spec_.kind == "qa":
+    from bistil_jax.data import qa  # noqa: PLC0415 - qa imports this module
+
+    return qa.read_qa(spec)
   names = tuple(label_names or spec_.default_labels)
   source = parse_source(spec)
   if source.kind == "file":
@@ -1198,14 +1206,28 @@ def encode_task(
   *,
   drop_long: bool = True,
   window: bool = False,
+  **options: Any,
 ) -> TaskData:
-  """`encode_token_task` or `encode_pair_task`, by the task's kind.
+  """`encode_token_task`, `encode_pair_task` or `qa.encode_qa`, by the
+  task's kind.
 
   Training data drops over-long sentences (as released); evaluation data
   passes `drop_long=False, window=True` so every gold word is scored (pairs
-  are truncated: their one label survives).
+  are truncated: their one label survives). QA always windows long
+  contexts; `drop_long` says training features (answer positions) from
+  evaluation ones (offsets for decoding), and `options` carries its
+  doc_stride, n_best_size and max_answer_length.
   """
-  if task_spec(task).kind == "dp":
+  kind = task_spec(task).kind
+  if kind == "qa":
+    from bistil_jax.data import qa  # noqa: PLC0415 - qa imports this module
+
+    return qa.encode_qa(
+      examples, tokenizer, max_seq_len, train=drop_long, task=task, **options
+    )
+  if options:
+    raise BistilError(f"task {task} takes no options {sorted(options)}")
+  if kind == "dp":
     return _dp().encode_dp(
       examples,
       tokenizer,
@@ -1214,7 +1236,7 @@ def encode_task(
       drop_long=drop_long,
       task=task,
     )
-  if task_spec(task).kind == "token":
+  if kind == "token":
     return encode_token_task(
       examples,
       tokenizer,

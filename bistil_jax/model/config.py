@@ -20,6 +20,7 @@ HEADS = (
   "token_classification",
   "sequence_classification",
   "biaffine_parser",  # no HF class: exports as the bare encoder + a file
+  "question_answering",
 )
 ACTIVATIONS = ("gelu", "gelu_new", "gelu_pytorch_tanh", "relu", "tanh")
 DTYPES = ("float32", "bfloat16", "float16")
@@ -41,6 +42,9 @@ ARCHITECTURES = {
   "RobertaForMaskedLM": ("roberta", "mlm"),
   "RobertaForTokenClassification": ("roberta", "token_classification"),
   "RobertaForSequenceClassification": ("roberta", "sequence_classification"),
+  "BertForQuestionAnswering": ("bert", "question_answering"),
+  "XLMRobertaForQuestionAnswering": ("xlm-roberta", "question_answering"),
+  "RobertaForQuestionAnswering": ("roberta", "question_answering"),
 }
 
 _ARCH_PREFIX = {
@@ -54,6 +58,7 @@ _ARCH_SUFFIX = {
   "token_classification": "ForTokenClassification",
   "sequence_classification": "ForSequenceClassification",
   "biaffine_parser": "Model",  # the encoder; the head is model/parser.py's
+  "question_answering": "ForQuestionAnswering",
 }
 
 
@@ -114,6 +119,8 @@ class ModelConfig:
       )
     if self.vocab_pad_multiple < 1:
       bad("vocab_pad_multiple must be >= 1")
+    if self.head == "question_answering" and self.num_labels != 2:
+      bad(f"a question_answering head has 2 outputs, not {self.num_labels}")
     if self.id2label and len(self.id2label) != self.num_labels:
       bad(f"{len(self.id2label)} label names for num_labels={self.num_labels}")
     if self.max_position_embeddings <= self.position_offset:

@@ -45,8 +45,10 @@ class EncoderOutput:
       output, index i the output of layer i (HF order).
     logits: MLM logits [b, l, padded_vocab] (padded columns hold MASK_VALUE),
       token-classification logits [b, l, labels], sequence-classification
-      logits [b, labels], the biaffine parser's pair (arc [b, l, l], rel
-      [b, l, relations]; see model/parser.py), or None without a head.
+      logits [b, labels], span (question-answering) logits [b, l, 2] with
+      start at [..., 0] and end at [..., 1], the biaffine parser's pair (arc
+      [b, l, l], rel [b, l, relations]; see model/parser.py), or None
+      without a head.
     attentions: tuple of L entries, [b, heads, l, l] post-softmax attention
       probabilities for the requested layers and None for the others; None
       when none was requested.
@@ -461,6 +463,11 @@ class Model(nn.Module):
       logits = BiaffineParser(cfg, name="classifier")(
         last, attention_mask, heads, deterministic
       )  # (arc [b, l, l], rel [b, l, R])
+    elif cfg.head == "question_answering":
+      # HF's qa_outputs: one dense layer to (start, end), no dropout.
+      logits = _dense(cfg, cfg.num_labels, ("embed", "classes"), "classifier")(
+        last
+      ).astype(jnp.float32)  # [b, l, 2]
     return EncoderOutput(
       hidden_states=hidden_states,
       logits=logits,

@@ -114,7 +114,7 @@ def register_evaluate(subparsers: argparse._SubParsersAction) -> None:
   )
   p.add_argument("--model", required=True, help="HF model dir")
   p.add_argument("--sft", action="append", default=[], help="SFT dir(s)")
-  p.add_argument("--task", required=True, help="pos, ner, nli or dp")
+  p.add_argument("--task", required=True, help="pos, ner, nli, dp or qa")
   p.add_argument(
     "--data",
     action="append",
@@ -124,6 +124,15 @@ def register_evaluate(subparsers: argparse._SubParsersAction) -> None:
   p.add_argument("--out", help="write metrics JSON here")
   p.add_argument("--batch-size", type=int, default=32)
   p.add_argument("--max-seq-len", type=int, default=256)
+  qa = p.add_argument_group("qa (released values: METHOD.md 4.3)")
+  qa.add_argument(
+    "--doc-stride",
+    type=int,
+    default=128,
+    help="overlap of the windows of a long context, in tokens",
+  )
+  qa.add_argument("--n-best-size", type=int, default=20)
+  qa.add_argument("--max-answer-length", type=int, default=30)
   p.set_defaults(func=run_evaluate)
 
 
@@ -153,23 +162,40 @@ def run_evaluate(args: argparse.Namespace) -> int:
   labels = tuple(cfg.label_names)
   max_len = min(args.max_seq_len, cfg.max_length)
   jpredict = jax.jit(functools.partial(task_lib.predict, model=model))
+  options = {}
+  if args.task == "qa":
+    options = dict(
+      doc_stride=args.doc_stride,
+      n_best_size=args.n_best_size,
+      max_answer_length=args.max_answer_length,
+    )
   results = {}
   for item in args.data:
     for name, spec in configlib.parse_named_list(item):
-      data = task_lib.encode_split(args.task, spec, tokenizer, labels, max_len)
+      data = task_lib.encode_split(
+        args.task, spec, tokenizer, labels, max_len, **options
+      )
       results[name if "=" in item else spec] = task_lib.evaluate_data(
         jpredict, params, data, args.batch_size
       )
   head = metrics.HEADLINE[args.task]
   # Sentences (pairs for nli) and what the metric counts: tokens (pos),
-  # gold entities (ner), words (dp).
-  count = {"pos": "tokens", "ner": "entities", "dp": "words"}.get(args.task)
+  # gold entities (ner), words (dp), windows (qa).
+  count = {
+    "pos": "tokens",
+    "ner": "entities",
+    "dp": "words",
+    "qa": "windows",
+  }.get(args.task)
   print(
     f"{'split':<24} {head:>10} {'sentences':>9}"
     + (f" {count:>9}" if count else "")
   )
   for name, m in results.items():
-    n = m.get("num_tokens", m.get("num_gold", m.get("num_words")))
+    n = m.get(
+      "num_tokens",
+      m.get("num_gold", m.get("num_words", m.get("num_features"))),
+    )
     sentences = m.get("num_sentences", m.get("num_examples"))
     print(
       f"{name:<24} {m[head]:>10.4f} {sentences:>9}"

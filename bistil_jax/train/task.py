@@ -31,10 +31,12 @@ from bistil_jax import configlib, losses, metrics, paths, sparse
 from bistil_jax.checkpoint import hf, surgery
 from bistil_jax.checkpoint import manager as ckpt
 from bistil_jax.data import dp, tasks, vocab
+from bistil_jax.data import qa as qa_data
 from bistil_jax.errors import BistilError
 from bistil_jax.model import parser
 from bistil_jax.model.encoder import Model
 from bistil_jax.train import driver
+from bistil_jax.train import qa as qa_task
 
 log = logging.getLogger(__name__)
 
@@ -110,6 +112,8 @@ def task_losses(
   terms = {}
   if loss_cfg.gold > 0 and kind == "dp":
     terms["gold"] = parser.gold_loss(out.logits, batch, sel)
+  elif loss_cfg.gold > 0 and kind == "qa":
+    terms["gold"] = qa_task.gold_loss(out.logits, batch)
   elif loss_cfg.gold > 0:
     labels = jnp.where(sel, batch["labels"], tasks.IGNORE_LABEL)
     terms["gold"] = losses.token_cross_entropy(out.logits, labels)
@@ -123,6 +127,10 @@ def task_losses(
     if loss_cfg.kl > 0 and kind == "dp":
       terms["kl"] = parser.soft_loss(
         out.logits, t.logits, loss_cfg.temperature, sel, mask > 0
+      )
+    elif loss_cfg.kl > 0 and kind == "qa":
+      terms["kl"] = qa_task.soft_loss(
+        out.logits, t.logits, batch, loss_cfg.temperature
       )
     elif loss_cfg.kl > 0:
       terms["kl"] = losses.soft_cross_entropy(
@@ -148,7 +156,8 @@ def task_losses(
 
 def predict(params, batch, *, model: Model):
   """Argmax label ids: [b, l] for token tasks, [b] for pair tasks; dp:
-  [b, l, 2] (greedy head position, relation at it)."""
+  [b, l, 2] (greedy head position, relation at it); span logits [b, l, 2]
+  for qa (decoded on the host over all windows)."""
   out = model.apply(
     {"params": params},
     batch["input_ids"],
@@ -157,14 +166,19 @@ def predict(params, batch, *, model: Model):
   )
   if model.config.head == parser.HEAD:
     return parser.predict(out.logits)
+  if model.config.head == "question_answering":
+    return out.logits
   return jnp.argmax(out.logits, -1)
 
 
 # -------------------------------------------------------------- evaluation
-def encode_split(task, spec, tokenizer, labels, max_seq_len, *, train=False):
+def encode_split(
+  task, spec, tokenizer, labels, max_seq_len, *, train=False, **options
+):
   """A split encoded for training (over-long sentences dropped, as
   released) or evaluation (windowed: every gold word is scored; dp: an
-  over-long sentence's words count as wrong, see data/dp.py)."""
+  over-long sentence's words count as wrong, see data/dp.py).
+  `options`: the task's own encoding options (see `task_options`)."""
   examples = tasks.read_task(task, configlib.expand(spec))
   return tasks.encode_task(
     task,
@@ -174,6 +188,19 @@ def encode_split(task, spec, tokenizer, labels, max_seq_len, *, train=False):
     max_seq_len,
     drop_long=train,
     window=not train,
+    **options,
+  )
+
+
+def task_options(config) -> dict[str, Any]:
+  """Encoding options only some tasks have (qa: windows and decoding)."""
+  if config.task != "qa":
+    return {}
+  d = config.data
+  return dict(
+    doc_stride=d.doc_stride,
+    n_best_size=d.n_best_size,
+    max_answer_length=d.max_answer_length,
   )
 
 
@@ -202,6 +229,8 @@ def evaluate_data(
   of an over-long sentence are joined back, so every gold word counts once.
   With a driver Context, every host feeds its slice of each batch (the
   predictions come back replicated)."""
+  if data.task == "qa":
+    return qa_task.evaluate(jpredict, params, data, batch_size, ctx)
   hosts = (jax.process_index(), jax.process_count()) if ctx else (0, 1)
   preds, rows = [], []
   for global_rows, b in tasks.eval_batches(data, batch_size, *hosts):
@@ -244,6 +273,8 @@ def _task_teacher(config, task: str):
 
 
 def _labels(config, task, examples, teacher) -> tuple[str, ...]:
+  if tasks.task_spec(task).kind == "qa":
+    return qa_data.SPAN_LABELS  # the two outputs; nothing to match
   given = [x for x in config.data.labels.split(",") if x] or None
   if teacher is not None and given is None:
     given = list(teacher.config.label_names)
@@ -330,13 +361,14 @@ def prepare(config, phase: str) -> Inputs:
     teacher, tp, t_dir = _task_teacher(config, task)
   labels = _labels(config, task, examples, teacher)
   max_len = config.data.max_seq_len
+  options = task_options(config)
   train = tasks.encode_task(
-    task, examples, tokenizer, tasks.label_ids(labels), max_len
+    task, examples, tokenizer, tasks.label_ids(labels), max_len, **options
   )
   # Checks the split fills a batch; the stages' lengths are in epochs of it.
   per_epoch = tasks.TaskBatches(train, config.data.batch_size, 0).per_epoch
   evals = [
-    (name, encode_split(task, spec, tokenizer, labels, max_len))
+    (name, encode_split(task, spec, tokenizer, labels, max_len, **options))
     for name, spec in configlib.parse_named_list(config.eval.sets)
   ]
   log.info(
