@@ -185,6 +185,11 @@ class LangSftTest(absltest.TestCase):
     self.assertEqual(code, 2, err)
     self.assertIn("SFT was made for base model sha256:", err)
     self.assertFalse(os.path.exists(bad))  # refused before the workdir
+    # The same check wherever SFTs are applied (finetune, sft, evaluate).
+    model, params = surgery.merged_model(self.mmt, [self.sft_dir])
+    self.assertEqual(model.config.head, "mlm")
+    with self.assertRaisesRegex(BistilError, "SFT was made for base model"):
+      surgery.merged_model(self.other, [self.sft_dir])
 
   def test_applies_to_a_trimmed_teacher_of_its_base_only(self):
     model, base = hf.load_hf(self.mmt)
@@ -234,6 +239,30 @@ class LangSftTest(absltest.TestCase):
     self.assertEqual(code, 2)
     self.assertIn("sparse.density must be in (0, 1]", err)
     self.assertFalse(os.path.exists(os.path.join(self.root, "bad")))
+
+
+class ReleasedConfigTest(absltest.TestCase):
+  def test_density_gives_the_released_k_on_mbert(self):
+    from bistil_jax import configlib
+    from bistil_jax.model import init_params
+
+    c = configlib.build_config(os.path.join(REPO, "configs", "lang_sft.py"))
+    cfg = preset("mbert")
+    shapes = jax.eval_shape(
+      lambda k: init_params(cfg, k), jax.random.PRNGKey(0)
+    )
+    eligible = sparse.eligible_mask(
+      shapes, layer_norm=c.sparse.layer_norm, vocab_size=cfg.vocab_size
+    )
+    self.assertEqual(
+      sparse.k_from_density(eligible, c.sparse.density), 7_667_712
+    )
+    self.assertEqual(
+      (c.optim.learning_rate, c.data.batch_size, c.data.max_seq_len),
+      (5e-5, 8, 256),
+    )
+    self.assertEqual(c.loss.l1, 0.1)
+    self.assertTrue(c.sparse.freeze_decoder)
 
 
 if __name__ == "__main__":
