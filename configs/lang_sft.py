@@ -74,6 +74,10 @@ def get_config(arg=None):
   # Untie the output decoder from the word embeddings and freeze it
   # (--freeze_decoder); False keeps it tied (it moves with the embeddings).
   c.sparse.freeze_decoder = True
+  # Freeze the whole MLM head (composable-sft --freeze_head; not used for
+  # the released SFTs): the SFT is then body diffs only, all that phase 1
+  # applies.
+  c.sparse.freeze_head = False
   c.sparse.num_steps = 100_000  # the sparse stage (train.num_steps: dense)
 
   c.optim = common.optim(learning_rate=5e-5)

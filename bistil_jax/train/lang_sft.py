@@ -62,16 +62,19 @@ def untie_decoder(params: dict[str, Any], cfg: ModelConfig):
   return {**params, "lm_head": head}, cfg.replace(tie_word_embeddings=False)
 
 
-def head_trainable(head: Any, *, layer_norm: bool) -> Any:
+def head_trainable(head: Any, *, layer_norm: bool, frozen: bool = False) -> Any:
   """Bool tree over `lm_head`: the decoder and (unless `layer_norm`) the
-  LayerNorm frozen, the transform and output bias trainable."""
+  LayerNorm frozen, the transform and output bias trainable; everything
+  frozen with `frozen`."""
 
   def leaf(path, x):
     name = "/".join(str(getattr(k, "key", k)) for k in path)
-    frozen = name.startswith(DECODER) or (
-      "layer_norm" in name.lower() and not layer_norm
+    frozen_leaf = (
+      frozen
+      or name.startswith(DECODER)
+      or ("layer_norm" in name.lower() and not layer_norm)
     )
-    return np.full(np.shape(x), not frozen)
+    return np.full(np.shape(x), not frozen_leaf)
 
   return jax.tree_util.tree_map_with_path(leaf, head)
 
@@ -84,7 +87,9 @@ def trainable_mask(eligible: Any, params0: Any, sparse_cfg) -> Any:
     for k, sub in eligible.items()
   }
   out["lm_head"] = head_trainable(
-    params0["lm_head"], layer_norm=sparse_cfg.layer_norm
+    params0["lm_head"],
+    layer_norm=sparse_cfg.layer_norm,
+    frozen=sparse_cfg.freeze_head,
   )
   return out
 
@@ -204,6 +209,29 @@ def _data(config, tokenizer, cfg: ModelConfig):
   return batches, probe.max_seq_len, dev
 
 
+def evaluator(model: Model, loss_cfg, dev_arrays):
+  """params -> {"NAME/mlm": mean MLM loss, "NAME/mlm_acc": accuracy} on
+  fixed masked dev batches (the same rows and masks for every model)."""
+  sums = jax.jit(
+    functools.partial(
+      distil.eval_sums,
+      student_model=model,
+      teacher_model=None,
+      loss_cfg=loss_cfg,
+    )
+  )
+
+  def evaluate(params) -> dict[str, float]:
+    out = {}
+    for name, batches in dev_arrays.items():
+      host = jax.device_get([sums(params, None, b) for b in batches])
+      for k, v in loop.reduce_metrics(host).items():
+        out[f"{name}/{k}"] = v
+    return out
+
+  return evaluate
+
+
 # --------------------------------------------------------------------- run
 def run(
   config: ml_collections.ConfigDict, workdir: str, *, overwrite: bool = False
@@ -226,24 +254,8 @@ def run(
   with driver.start(
     config, workdir, PHASE, mesh, overwrite=overwrite, outputs=outputs
   ) as ctx:
-    sums = jax.jit(
-      functools.partial(
-        distil.eval_sums,
-        student_model=model,
-        teacher_model=None,
-        loss_cfg=loss_cfg,
-      )
-    )
     dev_arrays = {n: [ctx.to_global(b) for b in bs] for n, bs in dev.items()}
-
-    def evaluate(params) -> dict[str, float]:
-      out = {}
-      for name, batches in dev_arrays.items():
-        host = jax.device_get([sums(params, None, b) for b in batches])
-        for k, v in loop.reduce_metrics(host).items():
-          out[f"{name}/{k}"] = v
-      return out
-
+    evaluate = evaluator(model, loss_cfg, dev_arrays)
     frozen = {"origin": ctx.shard(params0, cfg) if config.loss.l1 > 0 else None}
 
     def stage(name, mask, num_steps, offset, seed):
@@ -298,21 +310,10 @@ def run(
     if dev:
       # As phase 1 applies it: the base (tied, its own head) + body diffs.
       teacher = sparse.apply_sft(base_params, sft, with_dense=False)
-      tmodel = Model(base.config)
-      tsums = jax.jit(
-        functools.partial(
-          distil.eval_sums,
-          student_model=tmodel,
-          teacher_model=None,
-          loss_cfg=loss_cfg,
-        )
-      )
       with ctx.activate():
-        tp = ctx.shard(teacher, base.config)
-        for name, batches in dev_arrays.items():
-          host = jax.device_get([tsums(tp, None, b) for b in batches])
-          for k, v in loop.reduce_metrics(host).items():
-            results.setdefault("base+diffs", {})[f"{name}/{k}"] = v
+        results["base+diffs"] = evaluator(
+          Model(base.config), loss_cfg, dev_arrays
+        )(ctx.shard(teacher, base.config))
       for key in ("base", "trained", "base+diffs"):
         log.info("%s: %s", key, results[key])
     out = str(paths.path(workdir) / ckpt.EXPORT)

@@ -120,22 +120,37 @@ class LangSftTest(absltest.TestCase):
     super().tearDownClass()
 
   def test_lowers_the_languages_mlm_loss_of_the_teacher(self):
+    dev = self.data.corpora["a1"]["dev"]
     _, base = hf.load_hf(self.mmt)
+    _, merged = surgery.merged_model(self.mmt, [self.sft_dir])  # whole SFT
+    self.assertLess(
+      mlm_loss(self.mmt, merged, dev), mlm_loss(self.mmt, base, dev)
+    )
+    # results.json: the same comparison on the run's dev batches.
+    with open(os.path.join(self.wd, "results.json")) as f:
+      results = json.load(f)
+    self.assertLess(results["trained"]["dev/mlm"], results["base"]["dev/mlm"])
+    self.assertIn("base+diffs", results)
+
+  def test_head_frozen_sft_lowers_the_loss_as_phase_1_applies_it(self):
+    # Phase 1 adds only the body diffs to its teacher; with the whole MLM
+    # head frozen those diffs are the whole SFT.
+    wd = os.path.join(self.root, "frozen_head")
+    code, err = run_cli(
+      [*self.lang_sft_argv(wd), "--config.sparse.freeze_head=true"]
+    )
+    self.assertEqual(code, 0, err)
+    sft = os.path.join(wd, "export")
+    self.assertEqual(sparse.load_sft(sft).dense, {})
+    model, base = hf.load_hf(self.mmt)
     teachers = surgery.language_teachers(
-      base, hf.load_hf(self.mmt)[0].config, self.mmt, ([self.sft_dir], [])
+      base, model.config, self.mmt, ([sft], [])
     )
     self.assertIs(teachers[1], base)  # the target has no SFT
     dev = self.data.corpora["a1"]["dev"]
-    before = mlm_loss(self.mmt, base, dev)
-    after = mlm_loss(self.mmt, teachers[0], dev)
-    self.assertLess(after, before)
-    # results.json reports the same comparison on the run's dev batches.
-    with open(os.path.join(self.wd, "results.json")) as f:
-      results = json.load(f)
     self.assertLess(
-      results["base+diffs"]["dev/mlm"], results["base"]["dev/mlm"]
+      mlm_loss(self.mmt, teachers[0], dev), mlm_loss(self.mmt, base, dev)
     )
-    self.assertLess(results["trained"]["dev/mlm"], results["base"]["dev/mlm"])
 
   def test_sft_is_a_sparse_language_diff_of_the_body(self):
     sft = sparse.load_sft(self.sft_dir)
