@@ -13,6 +13,7 @@ PHASES = {
   "pretrain": "configs/pretrain.py:tiny",
   "finetune": "configs/finetune.py:pos,variant=tiny",
   "sft": "configs/sft.py:pos,variant=tiny",
+  "lang-sft": "configs/lang_sft.py:tiny",
 }
 
 
@@ -40,7 +41,8 @@ class SchemaTest(parameterized.TestCase):
         "accumulate_steps",
       },
     )
-    length = "num_steps" if phase in ("distil", "pretrain") else "epochs"
+    steps = ("distil", "pretrain", "lang-sft")
+    length = "num_steps" if phase in steps else "epochs"
     self.assertIn(length, c.train)
     if "teacher" in c:
       self.assertEqual(set(c.teacher), {"model", "sfts", "dtype"})
@@ -54,6 +56,8 @@ class SchemaTest(parameterized.TestCase):
     ("distil", "student.model"),  # derived from the teacher
     ("distil", "loss.mask_padding"),  # removed: it could change nothing
     ("sft", "train.num_steps"),  # task stages count epochs
+    ("lang-sft", "teacher.model"),  # MLM on the corpus, no teacher
+    ("lang-sft", "sparse.epochs"),  # its stages count steps
   )
   def test_fields_a_phase_does_not_read_are_unknown(self, phase, key):
     with self.assertRaisesRegex(BistilError, f"unknown config key {key}"):

@@ -14,7 +14,7 @@ import jax
 import numpy as np
 
 from bistil_jax import paths, sparse
-from bistil_jax.checkpoint import hf
+from bistil_jax.checkpoint import hf, language
 from bistil_jax.data import tasks, vocab
 from bistil_jax.errors import BistilError
 from bistil_jax.model.config import ModelConfig
@@ -170,8 +170,9 @@ def language_teachers(
       continue
     params = base
     for path in dirs:
-      sft = sparse.load_sft(path, config=tcfg, keep_ids=keep_ids)
-      params = sparse.apply_sft(params, sft, with_dense=False)
+      # Checks the SFT's base; maps a full-vocabulary SFT of ours onto a
+      # trimmed teacher through its vocab map.
+      params = language.apply_language_sft(params, path, tcfg, keep_ids)
       log.info("%s teacher: + SFT %s", lang, path)
     out.append(params)
   return out

@@ -8,12 +8,13 @@ runs, and its claims can be checked, without downloads:
   print(family.describe())           # groups, word orders, close/distant pairs
   paths = synthetic.write_dataset("/tmp/synth", family, ["a1", "a2", "b1"])
   paths.corpora["a1"]["train"], paths.pos["a2"]["test"], paths.nli["b1"]["dev"]
+  # qa=True adds extractive QA (SQuAD v1.1): paths.qa["a1"]["train"]
 
   synthetic.train_wordpiece(                 # mBERT-style tokenizer
     [p["train"] for p in paths.corpora.values()], "/tmp/synth/tokenizer")
 
 Command line: `bistil synth --out DIR [--seed 0] [--languages a1 a2 b1]
-[--tokenizer-vocab 4000]`.
+[--tokenizer-vocab 4000] [--qa]`.
 """
 
 from bistil_jax.synthetic.languages import (

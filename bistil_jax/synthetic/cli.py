@@ -71,6 +71,12 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     "(balanced per language) into OUT/tokenizer (default: no tokenizer)",
   )
   p.add_argument(
+    "--qa",
+    action="store_true",
+    help="also write an extractive QA task per language, SQuAD v1.1 JSON "
+    "in OUT/qa/LANG/SPLIT.json (as many stories as tagging sentences)",
+  )
+  p.add_argument(
     "--overwrite",
     action="store_true",
     help="replace a dataset in a non-empty output directory",
@@ -100,7 +106,7 @@ def run(args: argparse.Namespace) -> int:
     }
   )
   paths = writer.write_dataset(
-    args.out, family, languages, sizes, overwrite=args.overwrite
+    args.out, family, languages, sizes, overwrite=args.overwrite, qa=args.qa
   )
   codes = list(paths.corpora)
   tok = None
@@ -126,6 +132,11 @@ def run(args: argparse.Namespace) -> int:
     f"{sizes.corpus_dev} dev lines; POS/NER/NLI {sizes.task_train} train, "
     f"{sizes.task_dev} dev, {sizes.task_test} test"
   )
+  if args.qa:
+    print(
+      f"  QA (SQuAD v1.1): {sizes.task_train} train, {sizes.task_dev} dev, "
+      f"{sizes.task_test} test stories, one question each"
+    )
   if tok is not None:
     print(
       f"  tokenizer: WordPiece, {tok.get_vocab_size()} tokens, "

@@ -11,6 +11,7 @@ train, dev, test):
   pos/{lang}/{split}.conllu   UD CoNLL-U: UPOS, features, heads, relations
   ner/{lang}/{split}.txt      two columns, token and IOB2 tag (PER/LOC/ORG)
   nli/{lang}/{split}.jsonl    {"id", "premise", "hypothesis", "label"}
+  qa/{lang}/{split}.json      SQuAD v1.1 (only with qa=True / `--qa`)
 
 Task files of different languages are translations of one another: the item
 with one id has the same latent content in every language.
@@ -26,13 +27,14 @@ from typing import Any
 
 from bistil_jax import paths
 from bistil_jax.errors import BistilError
+from bistil_jax.synthetic import qa as qa_lib
 from bistil_jax.synthetic import tasks
 from bistil_jax.synthetic.languages import Family
 
 MANIFEST_FORMAT = "bistil_jax.synthetic.dataset/1"
 TASKS = ("pos", "ner", "nli")
 # Entries of an output directory that write_dataset owns (and replaces).
-_OWNED = ("corpora", "pos", "ner", "nli", "family.json", "family.txt")
+_OWNED = ("corpora", "pos", "ner", "nli", "qa", "family.json", "family.txt")
 _MANIFEST = "manifest.json"
 
 
@@ -107,6 +109,7 @@ class DatasetPaths:
     pos: lang -> split -> CoNLL-U file.
     ner: lang -> split -> IOB2 file.
     nli: lang -> split -> JSONL file.
+    qa: lang -> split -> SQuAD v1.1 JSON file (empty unless written).
   """
 
   root: paths.Path
@@ -117,18 +120,21 @@ class DatasetPaths:
   pos: dict[str, dict[str, paths.Path]]
   ner: dict[str, dict[str, paths.Path]]
   nli: dict[str, dict[str, paths.Path]]
+  qa: dict[str, dict[str, paths.Path]] = dataclasses.field(default_factory=dict)
 
   def files(self) -> list[paths.Path]:
     """Every written file."""
     out = [self.family, self.description, self.manifest]
-    for table in (self.corpora, self.pos, self.ner, self.nli):
+    for table in (self.corpora, self.pos, self.ner, self.nli, self.qa):
       for by_split in table.values():
         out.extend(by_split.values())
     return out
 
 
-def _relative_layout(languages: Sequence[str]) -> dict[str, Any]:
-  return {
+def _relative_layout(
+  languages: Sequence[str], qa: bool = False
+) -> dict[str, Any]:
+  out = {
     "family": "family.json",
     "description": "family.txt",
     "corpora": {
@@ -148,6 +154,12 @@ def _relative_layout(languages: Sequence[str]) -> dict[str, Any]:
       for lang in languages
     },
   }
+  if qa:
+    out["qa"] = {
+      lang: {s: f"qa/{lang}/{s}.json" for s in tasks.SPLITS}
+      for lang in languages
+    }
+  return out
 
 
 def _paths(root: paths.Path, layout: Mapping[str, Any]) -> DatasetPaths:
@@ -166,6 +178,7 @@ def _paths(root: paths.Path, layout: Mapping[str, Any]) -> DatasetPaths:
     pos=table("pos"),
     ner=table("ner"),
     nli=table("nli"),
+    qa=table("qa") if "qa" in layout else {},
   )
 
 
@@ -216,6 +229,7 @@ def write_dataset(
   languages: Sequence[str] | None = None,
   sizes: Sizes | Mapping[str, int] | None = None,
   overwrite: bool = False,
+  qa: bool = False,
 ) -> DatasetPaths:
   """Generates and writes corpora and tasks for some languages of a family.
 
@@ -225,6 +239,8 @@ def write_dataset(
     languages: codes to emit (default: all of the family's).
     sizes: a `Sizes`, a mapping of overrides of its fields, or None.
     overwrite: replace a dataset in a non-empty `out_dir`.
+    qa: also write the extractive QA task (synthetic/qa.py), as many
+      stories per split as tagging sentences.
 
   Returns:
     The paths of everything written.
@@ -241,7 +257,7 @@ def write_dataset(
   sizes = Sizes.coerce(sizes)
   root = paths.path(out_dir)
   _prepare_dir(root, overwrite)
-  layout = _relative_layout(codes)
+  layout = _relative_layout(codes, qa)
   out = _paths(root, layout)
 
   data = tasks.make_task_data(family, sizes.task())
@@ -263,6 +279,12 @@ def write_dataset(
         for i, item in enumerate(data.nli[split])
       ]
       _write(out.nli[code][split], "\n".join(nli) + "\n")
+  if qa:
+    items = qa_lib.make_qa_items(family, sizes.task())
+    for code in codes:
+      for split in tasks.SPLITS:
+        text = qa_lib.squad_json(family, items[split], code, split)
+        _write(out.qa[code][split], text + "\n")
 
   family.save(out.family)
   _write(out.description, family.describe() + "\n")

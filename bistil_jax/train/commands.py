@@ -54,6 +54,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
   add_config_args(p, "configs/pretrain.py:tiny")
   p.set_defaults(func=functools.partial(run_distil, phase="pretrain"))
   register_task(subparsers)
+  register_lang_sft(subparsers)
   register_evaluate(subparsers)
 
 
@@ -99,6 +100,31 @@ def run_task(args: argparse.Namespace, phase: str) -> int:
   config = configlib.build_config(args.config, args.overrides)
   out = task.run(config, args.workdir, phase=phase, overwrite=args.overwrite)
   print(f"{phase}: {out}")
+  return 0
+
+
+def register_lang_sft(subparsers: argparse._SubParsersAction) -> None:
+  p = subparsers.add_parser(
+    "lang-sft",
+    help="train a language SFT: LT-SFT of an MMT with MLM on one corpus",
+    description=(
+      "LT-SFT of --config.student.model (an MLM model dir) on "
+      "--config.data.corpus with the MLM objective (configs/lang_sft.py); "
+      "exports a language SFT dir to WORKDIR/export for "
+      "--config.teacher.sfts of `bistil distil`."
+    ),
+  )
+  add_config_args(p, "configs/lang_sft.py")
+  p.set_defaults(func=run_lang_sft)
+
+
+def run_lang_sft(args: argparse.Namespace) -> int:
+  from bistil_jax.train import lang_sft
+
+  config = configlib.build_config(args.config, args.overrides)
+  out = lang_sft.run(config, args.workdir, overwrite=args.overwrite)
+  if out:
+    print(f"language SFT: {out}")
   return 0
 
 
