@@ -69,6 +69,7 @@ def get_config(arg=None):
 
   c.sparse = ml_collections.ConfigDict()
   c.sparse.density = RELEASED_K / MBERT_BODY  # K = density x eligible
+  c.sparse.num_entries = 0  # K as a count instead (0: use density)
   c.sparse.embeddings = True  # word/position/type embeddings eligible
   c.sparse.layer_norm = False  # LayerNorms frozen (--freeze_layer_norm)
   # Untie the output decoder from the word embeddings and freeze it

@@ -122,6 +122,8 @@ def validate(config) -> steps.DistilLossConfig:
   s = config.sparse
   if not 0 < s.density <= 1:
     raise BistilError(f"sparse.density must be in (0, 1], got {s.density}")
+  if s.num_entries < 0:
+    raise BistilError(f"sparse.num_entries must be >= 0, got {s.num_entries}")
   if config.train.num_steps < 1 or s.num_steps < 1:
     raise BistilError("train.num_steps and sparse.num_steps must be >= 1")
   if config.loss.l1 < 0:

@@ -562,6 +562,10 @@ def select_mask(config, cfg, params0, trained, eligible, fresh) -> Any:
   s = config.sparse
   n_eligible = sum(int(np.sum(x)) for x in jax.tree.leaves(eligible))
   k = s.num_entries or sparse.k_from_density(eligible, s.density)
+  if k > n_eligible:
+    raise BistilError(
+      f"sparse.num_entries={k} exceeds the {n_eligible} eligible body entries"
+    )
   delta = jax.tree.map(  # theta0 placed like the trained params
     lambda a, b: jnp.abs(a - jax.device_put(b, a.sharding)), trained, params0
   )
