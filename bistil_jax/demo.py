@@ -50,6 +50,53 @@ COLOURS = {
   "majority": "tab:gray",
 }
 
+# Tasks `bistil demo --tasks` runs: each gets its own task teacher and phase
+# 2 per student; data, teacher MLM, phase 1 and trimming are shared.
+TASKS = ("pos", "dp", "qa")
+# The headline metric (the table's score, phase 2's select_best) and the
+# other metrics kept in results.json.
+TASK_METRICS = {
+  "pos": ("accuracy", ()),
+  "dp": ("las", ("uas",)),
+  "qa": ("f1", ("exact_match",)),
+}
+TASK_TITLES = {
+  "pos": "POS accuracy",
+  "dp": "DP LAS (UAS in results.json)",
+  "qa": "QA F1 (EM in results.json)",
+}
+# The metric's short name in table headers and claims.
+METRIC_LABELS = {"pos": ("acc", "accuracy"), "dp": ("LAS", "LAS"),
+                 "qa": ("F1", "F1")}  # fmt: skip
+
+
+def task_models(task: str) -> tuple[str, ...]:
+  """The table's models of a task: the majority tag exists for POS only."""
+  return (
+    MODELS if task == "pos" else tuple(m for m in MODELS if m != "majority")
+  )
+
+
+def parse_tasks(text: str) -> tuple[str, ...]:
+  """`--tasks pos,dp,qa` -> ("pos", "dp", "qa"), in the given order.
+
+  Raises:
+    BistilError: no task, or a task the demo does not run.
+  """
+  names = []
+  for name in (t.strip() for t in text.split(",")):
+    if not name:
+      continue
+    if name not in TASKS:
+      raise BistilError(
+        f"--tasks: unknown task {name!r}; choose from {', '.join(TASKS)}"
+      )
+    if name not in names:
+      names.append(name)
+  if not names:
+    raise BistilError(f"--tasks needs at least one of {', '.join(TASKS)}")
+  return tuple(names)
+
 
 @dataclasses.dataclass(frozen=True)
 class Budget:
@@ -77,6 +124,15 @@ class Budget:
   # a fifth of a trimmed student's body) and 3 sparse epochs let the
   # students recover the teacher's source score after the LT-SFT reset.
   sparse_entries: int = 40000
+  # Teacher task-tuning, dense and sparse phase-2 epochs of the other tasks
+  # (POS: finetune_epochs, dense_epochs, sparse_epochs). The parser's
+  # arc/label scorers start at zero (as released) and need more steps.
+  dp_finetune_epochs: float = 6.0
+  dp_dense_epochs: float = 3.0
+  dp_sparse_epochs: float = 4.0
+  qa_finetune_epochs: float = 5.0
+  qa_dense_epochs: float = 3.0
+  qa_sparse_epochs: float = 3.0
   # Transfer languages of family 0. b1 and b2 share about two thirds of
   # their word tokens (names, digits, punctuation aside), as closely
   # related languages do; a1 has another lexicon, SOV order, postpositions
@@ -97,7 +153,29 @@ QUICK = Budget(
   finetune_epochs=2.0,
   dense_epochs=1.0,
   sparse_epochs=1.0,
+  dp_finetune_epochs=4.0,
+  dp_dense_epochs=2.0,
+  dp_sparse_epochs=2.0,
+  qa_finetune_epochs=4.0,
+  qa_dense_epochs=2.0,
+  qa_sparse_epochs=2.0,
 )
+
+
+def task_epochs(b: Budget, task: str) -> tuple[float, float, float]:
+  """(teacher finetune, phase-2 dense, phase-2 sparse) epochs of a task."""
+  if task == "pos":
+    return b.finetune_epochs, b.dense_epochs, b.sparse_epochs
+  return tuple(
+    getattr(b, f"{task}_{stage}_epochs")
+    for stage in ("finetune", "dense", "sparse")
+  )
+
+
+def _suffix(task: str) -> str:
+  """Workdir/eval-file infix: none for POS (the names before --tasks, so
+  earlier outputs resume), `dp_`, `qa_` for the others."""
+  return "" if task == "pos" else f"{task}_"
 
 
 def _run(argv: list[str]) -> None:
@@ -125,27 +203,47 @@ def _train_over(b: Budget, steps: int, seed: int) -> list[str]:
   ]
 
 
-def _task_over(b: Budget, seed: int, data, src: str) -> list[str]:
+def _task_over(b: Budget, seed: int, files, src: str) -> list[str]:
+  """Shared task-training flags; `files`: lang -> split -> the task's file."""
   return [
     f"--config.seed={seed}",
     f"--config.data.batch_size={b.batch}",
     f"--config.data.max_seq_len={b.seq_len}",
-    f"--config.data.train={data.pos[src]['train']}",
-    f"--config.eval.sets=dev={data.pos[src]['dev']}",
+    f"--config.data.train={files[src]['train']}",
+    f"--config.eval.sets=dev={files[src]['dev']}",
     "--config.train.async_checkpoints=false",
   ]
 
 
-def _evaluate(model: str, sft: str | None, data, langs, out: str) -> dict:
-  argv = ["evaluate", "--model", model, "--task", "pos", "--out", out]
+def _qa_doc_stride() -> int:
+  """The tiny QA config's window overlap: evaluation windows as trained."""
+  return configlib.build_config(_cfg("sft.py:qa,variant=tiny")).data.doc_stride
+
+
+def _evaluate_metrics(
+  model: str, sft: str | None, files, langs, out: str, task: str = "pos",
+  b: Budget | None = None,
+) -> dict[str, dict[str, float]]:  # fmt: skip
+  """`bistil evaluate --task TASK` on each language's test file; per
+  language the headline and other metrics of TASK_METRICS."""
+  argv = ["evaluate", "--model", model, "--task", task, "--out", out]
   if sft:
     argv += ["--sft", sft]
+  if task == "qa":  # the windows the QA models were trained on
+    argv += ["--max-seq-len", b.seq_len, "--doc-stride", _qa_doc_stride()]
   for lang in langs:
-    argv += ["--data", f"{lang}={data.pos[lang]['test']}"]
+    argv += ["--data", f"{lang}={files[lang]['test']}"]
   _run(argv)
   with open(out) as f:
     res = json.load(f)
-  return {lang: res[lang]["accuracy"] for lang in langs}
+  head, others = TASK_METRICS[task]
+  return {lang: {k: res[lang][k] for k in (head, *others)} for lang in langs}
+
+
+def _evaluate(model: str, sft: str | None, files, langs, out: str) -> dict:
+  """POS accuracy per language."""
+  res = _evaluate_metrics(model, sft, files, langs, out)
+  return {lang: m["accuracy"] for lang, m in res.items()}
 
 
 def _measure(
@@ -195,35 +293,43 @@ def _mlm_stage(
 
 
 def _phase2(
-  workdir: str, student: str, teacher_pos: str, b: Budget, seed, data, src
-) -> str:
+  workdir: str, student: str, teacher: str, b: Budget, seed, files, src,
+  task: str = "pos",
+) -> str:  # fmt: skip
   """`bistil sft` of a student against the task teacher; the SFT dir."""
+  _, dense, sparse = task_epochs(b, task)
   _run(
     [
       "sft",
       "--config",
-      _cfg("sft.py:pos,variant=tiny"),
+      _cfg(f"sft.py:{task},variant=tiny"),
       "--workdir",
       workdir,
       f"--config.student.model={student}",
-      f"--config.teacher.model={teacher_pos}",
-      f"--config.train.epochs={b.dense_epochs}",
-      f"--config.sparse.epochs={b.sparse_epochs}",
+      f"--config.teacher.model={teacher}",
+      f"--config.train.epochs={dense}",
+      f"--config.sparse.epochs={sparse}",
       f"--config.sparse.num_entries={b.sparse_entries}",
       # Each stage keeps its best epoch on source dev (released NER/DP).
-      "--config.train.select_best=dev/accuracy",
+      f"--config.train.select_best=dev/{TASK_METRICS[task][0]}",
     ]
-    + _task_over(b, seed, data, src)
+    + _task_over(b, seed, files, src)
   )
   return os.path.join(workdir, "export")
 
 
-def _scored(model_dir, sft, data, langs, out: str, b: Budget) -> dict:
-  """Test scores per language, size, MACs and latency of a model + SFT."""
-  return {
-    "scores": _evaluate(model_dir, sft, data, langs, out),
-    **_measure(model_dir, sft, b, os.path.splitext(out)[0] + ".measure.json"),
-  }
+def _scored(
+  model_dir, sft, files, langs, out: str, task: str, b: Budget,
+  size: dict[str, float],
+) -> dict[str, Any]:  # fmt: skip
+  """Test scores per language (the headline metric, and every metric under
+  "metrics" for tasks with more than one) plus the size columns."""
+  res = _evaluate_metrics(model_dir, sft, files, langs, out, task, b)
+  head, others = TASK_METRICS[task]
+  entry = {"scores": {lang: m[head] for lang, m in res.items()}}
+  if others:
+    entry["metrics"] = res
+  return {**entry, **size}
 
 
 def majority_scores(data, src: str, langs) -> dict[str, float]:
@@ -253,8 +359,33 @@ def transfer_languages(family, b: Budget) -> tuple[str, str, str]:
   return b.source, b.close, b.distant
 
 
-def run_seed(out: str, seed: int, b: Budget) -> dict[str, Any]:
-  """The whole pipeline for one seed; returns its measurements."""
+def _synth(out: str, langs, b: Budget, qa: bool, tokenizer: bool) -> None:
+  argv = [
+    "synth",
+    "--out",
+    out,
+    "--languages",
+    ",".join(langs),
+    "--corpus-sentences",
+    str(b.corpus),
+    "--corpus-dev-sentences",
+    str(max(b.corpus // 20, 100)),
+    "--task-sentences",
+    str(b.task_train),
+    "--task-eval-sentences",
+    str(b.task_eval),
+  ]
+  if tokenizer:
+    argv += ["--tokenizer-vocab", str(b.vocab)]
+  if qa:
+    argv.append("--qa")
+  _run(argv + ["--overwrite"])
+
+
+def run_seed(
+  out: str, seed: int, b: Budget, tasks: tuple[str, ...] = ("pos",)
+) -> dict[str, Any]:
+  """The whole pipeline for one seed and each task; its measurements."""
   from bistil_jax import synthetic
 
   root = os.path.join(out, f"seed{seed}")
@@ -269,27 +400,18 @@ def run_seed(out: str, seed: int, b: Budget) -> dict[str, Any]:
   langs += [c for c in family.codes if c not in langs][: b.languages - 3]
   data_dir = os.path.join(root, "data")
   if not os.path.isfile(os.path.join(data_dir, "tokenizer", "tokenizer.json")):
-    _run(
-      [
-        "synth",
-        "--out",
-        data_dir,
-        "--languages",
-        ",".join(langs),
-        "--corpus-sentences",
-        str(b.corpus),
-        "--corpus-dev-sentences",
-        str(max(b.corpus // 20, 100)),
-        "--task-sentences",
-        str(b.task_train),
-        "--task-eval-sentences",
-        str(b.task_eval),
-        "--tokenizer-vocab",
-        str(b.vocab),
-        "--overwrite",
-      ]
-    )
+    _synth(data_dir, langs, b, qa="qa" in tasks, tokenizer=True)
   data = synthetic.read_dataset(data_dir)
+  qa_files = data.qa
+  if "qa" in tasks and not qa_files:
+    # An earlier run's data without QA: the same (deterministic) stories in
+    # a directory of their own, so its tokenizer and files stay untouched.
+    qa_dir = os.path.join(root, "data_qa")
+    if not os.path.isfile(os.path.join(qa_dir, "manifest.json")):
+      _synth(qa_dir, langs, b, qa=True, tokenizer=False)
+    qa_files = synthetic.read_dataset(qa_dir).qa
+  # The dependency trees are in the POS CoNLL-U files.
+  files = {"pos": data.pos, "dp": data.pos, "qa": qa_files}
   all_txt = os.path.join(root, "all_languages.txt")
   if not os.path.isfile(all_txt):
     with open(all_txt, "w") as f:
@@ -337,56 +459,39 @@ def run_seed(out: str, seed: int, b: Budget) -> dict[str, Any]:
     "--config.optim.learning_rate=0.001",
     "--config.optim.warmup_steps=100",
   )
-  teacher_task = os.path.join(root, "teacher_pos")
-  _run(
-    [
-      "finetune",
-      "--config",
-      _cfg("finetune.py:pos,variant=tiny"),
-      "--workdir",
-      teacher_task,
-      f"--config.student.model={teacher}",
-      f"--config.train.epochs={b.finetune_epochs}",
-    ]
-    + _task_over(b, seed, data, src)
-  )
-  teacher_pos = os.path.join(teacher_task, "export")
+  task_teachers = {}
+  for task in tasks:
+    teacher_task = os.path.join(root, f"teacher_{task}")
+    _run(
+      [
+        "finetune",
+        "--config",
+        _cfg(f"finetune.py:{task},variant=tiny"),
+        "--workdir",
+        teacher_task,
+        f"--config.student.model={teacher}",
+        f"--config.train.epochs={task_epochs(b, task)[0]}",
+      ]
+      + _task_over(b, seed, files[task], src)
+    )
+    task_teachers[task] = os.path.join(teacher_task, "export")
   timings["teacher"] = time.perf_counter() - t
 
-  results: dict[str, Any] = {
-    "languages": {"source": src, "close": close, "distant": distant},
-    "models": {},
-  }
-  ev_dir = os.path.join(root, "eval")
-  os.makedirs(ev_dir, exist_ok=True)
-  models = results["models"]
-  models["majority"] = {
-    "scores": majority_scores(data, src, [src, close, distant]),
-    "params": 0,
-    "macs": 0,
-    "latency_ms": 0.0,
-  }
-  models["teacher"] = _scored(
-    teacher_pos, None, data, [src, close, distant],
-    os.path.join(ev_dir, "teacher.json"), b,
-  )  # fmt: skip
-
-  # --- multilingual distilled baseline: phase 1 on all languages, once
+  # --- phase 1 of every student, shared by the tasks
   t = time.perf_counter()
-  multi = _mlm_stage(
-    "distil", os.path.join(root, "distil_multi"), b, b.distil_steps, seed,
-    teacher, all_txt, all_txt,
-  )  # fmt: skip
-  multi_sft = _phase2(
-    os.path.join(root, "sft_multi"), multi, teacher_pos, b, seed, data, src
-  )
-  models["multi"] = _scored(
-    multi, multi_sft, data, [src, close, distant],
-    os.path.join(ev_dir, "multi.json"), b,
-  )  # fmt: skip
+  # (name, model dir, SFT workdir infix, languages scored)
+  students = [
+    (
+      "multi",
+      _mlm_stage(
+        "distil", os.path.join(root, "distil_multi"), b, b.distil_steps,
+        seed, teacher, all_txt, all_txt,
+      ),
+      "multi",
+      [src, close, distant],
+    )
+  ]  # fmt: skip
   timings["multi"] = time.perf_counter() - t
-
-  # --- per target: trim, BiStil phase 1 + 2, scratch bilingual + phase 2
   for kind, tgt in (("close", close), ("distant", distant)):
     t = time.perf_counter()
     trimmed = os.path.join(root, f"trimmed_{kind}")
@@ -425,19 +530,63 @@ def run_seed(out: str, seed: int, b: Budget) -> dict[str, Any]:
       "pretrain", os.path.join(root, f"scratch_{kind}"), b, b.distil_steps,
       seed, scratch_init, *corpora,
     )  # fmt: skip
-    for name, model_dir, sft_name in (
-      ("bistil", student, kind),
-      ("scratch", scratch, f"scratch_{kind}"),
-    ):
-      sft = _phase2(
-        os.path.join(root, f"sft_{sft_name}"), model_dir, teacher_pos, b,
-        seed, data, src,
-      )  # fmt: skip
-      models[f"{name}_{kind}"] = _scored(
-        model_dir, sft, data, [src, tgt],
-        os.path.join(ev_dir, f"{name}_{kind}.json"), b,
-      )  # fmt: skip
+    students += [
+      (f"bistil_{kind}", student, kind, [src, tgt]),
+      (f"scratch_{kind}", scratch, f"scratch_{kind}", [src, tgt]),
+    ]
     timings[kind] = time.perf_counter() - t
+
+  # --- per task: phase 2 of each student against that task's teacher,
+  # then test scores. Size and latency are measured once per model dir,
+  # with its POS SFT when POS runs (a POS head; the encoder, which the
+  # columns are about, is the same for every task), else without an SFT.
+  ev_dir = os.path.join(root, "eval")
+  os.makedirs(ev_dir, exist_ok=True)
+  sizes: dict[str, dict[str, float]] = {}
+
+  def size(key, model_dir, sft):
+    if key not in sizes:
+      out_ = os.path.join(ev_dir, f"{key}.measure.json")
+      sizes[key] = _measure(model_dir, sft, b, out_)
+    return sizes[key]
+
+  results: dict[str, Any] = {
+    "languages": {"source": src, "close": close, "distant": distant},
+    "tasks": {},
+  }
+  for task in sorted(tasks, key=lambda x: x != "pos"):  # POS measures first
+    t = time.perf_counter()
+    pre = _suffix(task)
+    fs = files[task]
+    models: dict[str, Any] = {}
+    if task == "pos":
+      models["majority"] = {
+        "scores": majority_scores(data, src, [src, close, distant]),
+        "params": 0,
+        "macs": 0,
+        "latency_ms": 0.0,
+      }
+    tt = task_teachers[task]
+    models["teacher"] = _scored(
+      tt, None, fs, [src, close, distant],
+      os.path.join(ev_dir, f"{pre}teacher.json"), task, b,
+      size("teacher", tt if task == "pos" else teacher, None),
+    )  # fmt: skip
+    for key, model_dir, sft_name, score_langs in students:
+      sft = _phase2(
+        os.path.join(root, f"sft_{pre}{sft_name}"), model_dir, tt, b, seed,
+        fs, src, task,
+      )  # fmt: skip
+      models[key] = _scored(
+        model_dir, sft, fs, score_langs,
+        os.path.join(ev_dir, f"{pre}{key}.json"), task, b,
+        size(key, model_dir, sft if task == "pos" else None),
+      )  # fmt: skip
+    results["tasks"][task] = {"metric": TASK_METRICS[task][0], "models": models}
+    timings[f"task_{task}"] = time.perf_counter() - t
+  if "pos" in results["tasks"]:
+    # The POS entries where they were before --tasks (report, older tools).
+    results["models"] = results["tasks"]["pos"]["models"]
   results["timings_s"] = timings
   results["total_s"] = time.perf_counter() - t0
   return results
@@ -483,10 +632,10 @@ def run_ablation(out: str, seed: int, b: Budget) -> list[dict[str, Any]]:
       )  # fmt: skip
       sft = _phase2(
         os.path.join(root, f"abl_sft_{tag}"), student, teacher_pos, b, seed,
-        data, src,
+        data.pos, src,
       )  # fmt: skip
       scores = _evaluate(
-        student, sft, data, [src, close],
+        student, sft, data.pos, [src, close],
         os.path.join(root, "eval", f"abl_{tag}.json"),
       )  # fmt: skip
       rows_.append(
@@ -525,23 +674,44 @@ def format_ablation(rows_: list[dict[str, Any]]) -> str:
 
 
 # ------------------------------------------------------------------ report
-def rows(all_results: list[dict[str, Any]]) -> list[dict[str, Any]]:
-  """Per (target kind, model): mean (and std over seeds, None for one
-  seed) of each measurement."""
+def seed_tasks(res: dict[str, Any]) -> list[str]:
+  """The tasks of one seed's results (a result from before --tasks: POS)."""
+  return list(res["tasks"]) if "tasks" in res else ["pos"]
+
+
+def _task_models_of(res: dict[str, Any], task: str) -> dict[str, Any]:
+  if "tasks" in res:
+    return res["tasks"].get(task, {}).get("models", {})
+  return res["models"] if task == "pos" else {}
+
+
+def rows(
+  all_results: list[dict[str, Any]], task: str = "pos"
+) -> list[dict[str, Any]]:
+  """Per (target kind, model) of a task: mean (and std over seeds, None
+  for one seed) of each measurement; scores are the task's headline metric
+  (TASK_METRICS), its other metrics under "source_M"/"target_M"."""
   out = []
+  head, others = TASK_METRICS[task]
   for kind in ("close", "distant"):
-    for model in MODELS:
+    for model in task_models(task):
       key = model if model in SHARED else f"{model}_{kind}"
-      per_seed = [r for r in all_results if key in r["models"]]
+      per_seed = [
+        (r, _task_models_of(r, task))
+        for r in all_results
+        if key in _task_models_of(r, task)
+      ]
       if not per_seed:
         continue
-      langs = per_seed[0]["languages"]
+      langs = per_seed[0][0]["languages"]
       tgt, src = langs[kind], langs["source"]
 
       def stat(f, key=key, per_seed=per_seed):
-        return _mean_std([f(r["models"][key]) for r in per_seed])
+        return _mean_std([f(ms[key]) for _, ms in per_seed])
 
       row = {
+        "task": task,
+        "metric": head,
         "target": f"{kind} ({tgt})",
         "model": model,
         "params": stat(lambda m: m["params"])[0],
@@ -552,17 +722,25 @@ def rows(all_results: list[dict[str, Any]]) -> list[dict[str, Any]]:
         "seeds": len(per_seed),
         "per_seed": {
           str(r["seed"]): {
-            "source": r["models"][key]["scores"][src],
-            "target": r["models"][key]["scores"][tgt],
+            "source": ms[key]["scores"][src],
+            "target": ms[key]["scores"][tgt],
           }
-          for r in per_seed
+          for r, ms in per_seed
         },
       }
+      for metric in others:
+        for which, lang in (("source", src), ("target", tgt)):
+          row[f"{which}_{metric}"] = stat(
+            lambda m, lang=lang, metric=metric: m["metrics"][lang][metric]
+          )
       for which, lang in (("vs_teacher", tgt), ("source_vs_teacher", src)):
-        tvals = [r["models"]["teacher"]["scores"][lang] for r in per_seed]
-        mvals = [r["models"][key]["scores"][lang] for r in per_seed]
-        row[which] = statistics.mean(
-          m / t for m, t in zip(mvals, tvals, strict=True)
+        tvals = [ms["teacher"]["scores"][lang] for _, ms in per_seed]
+        mvals = [ms[key]["scores"][lang] for _, ms in per_seed]
+        # A teacher at 0 (an untrained QA head can score F1 0) has no ratio.
+        row[which] = (
+          statistics.mean(m / t for m, t in zip(mvals, tvals, strict=True))
+          if all(tvals)
+          else float("nan")
         )
       out.append(row)
   return out
@@ -573,10 +751,17 @@ def _pm(v) -> str:
   return f"{v[0]:.3f}" if v[1] is None else f"{v[0]:.3f} ± {v[1]:.3f}"
 
 
+def _pct(ratio: float) -> str:
+  return "–" if ratio != ratio else f"{100 * ratio:.0f}%"  # NaN: no ratio
+
+
 def format_table(table: list[dict[str, Any]]) -> str:
+  """The markdown table of rows() (of one task)."""
+  short = METRIC_LABELS[table[0].get("task", "pos") if table else "pos"][0]
   head = (
-    "| target | model | params | MACs/seq | CPU ms (8x64) | source acc | "
-    "target acc | target vs teacher |\n|---|---|---:|---:|---:|---:|---:|---:|"
+    f"| target | model | params | MACs/seq | CPU ms (8x64) | source {short} | "
+    f"target {short} | target vs teacher |\n"
+    "|---|---|---:|---:|---:|---:|---:|---:|"
   )
   lines = [head]
   for r in table:
@@ -590,16 +775,18 @@ def format_table(table: list[dict[str, Any]]) -> str:
     lines.append(
       f"| {r['target']} | {MODEL_NAMES[r['model']]} | {size} | "
       f"{_pm(r['source'])} | {_pm(r['target_score'])} | "
-      f"{100 * r['vs_teacher']:.0f}% |"
+      f"{_pct(r['vs_teacher'])} |"
     )
   return "\n".join(lines)
 
 
 def claims(table: list[dict[str, Any]]) -> list[tuple[str, bool, str]]:
   """The paper's three claims (METHOD.md section 0), each checked on this
-  run's mean scores: (claim, holds, the numbers that decide it)."""
+  run's mean scores of one task: (claim, holds, the numbers that decide
+  it)."""
   by = {(r["target"].split()[0], r["model"]): r for r in table}
   kinds = [k for k in ("close", "distant") if (k, "bistil") in by]
+  metric = METRIC_LABELS[table[0].get("task", "pos") if table else "pos"][1]
 
   def acc(kind, model):
     return by[(kind, model)]["target_score"][0]
@@ -612,11 +799,11 @@ def claims(table: list[dict[str, Any]]) -> list[tuple[str, bool, str]]:
   ]
   out = [
     (
-      f"BiStil keeps >= {KEEP_RATIO:.0%} of the teacher's target accuracy "
+      f"BiStil keeps >= {KEEP_RATIO:.0%} of the teacher's target {metric} "
       "while smaller and faster",
       all(keep),
       ", ".join(
-        f"{k} {100 * by[(k, 'bistil')]['vs_teacher']:.0f}%, "
+        f"{k} {_pct(by[(k, 'bistil')]['vs_teacher'])}, "
         f"{by[(k, 'bistil')]['params'] / 1e3:.0f}k vs "
         f"{by[(k, 'teacher')]['params'] / 1e3:.0f}k params, "
         f"{by[(k, 'bistil')]['latency_ms'][0]:.2f} vs "
@@ -648,8 +835,9 @@ def format_claims(table: list[dict[str, Any]]) -> str:
   )
 
 
-def plots(out: str, all_results, table) -> list[str]:
-  """Training curves of the first seed and the size/accuracy trade-off."""
+def plots(out: str, all_results, table, tables=None) -> list[str]:
+  """Training curves of the first seed and the size/score trade-off (one
+  panel per task of `tables`, task -> rows; default POS `table`)."""
   try:
     import matplotlib
 
@@ -692,22 +880,30 @@ def plots(out: str, all_results, table) -> list[str]:
   plt.close(fig)
   written.append(path)
 
-  fig, ax = plt.subplots(figsize=(6.5, 4.2))
-  for r in table:
-    kind = r["target"].split()[0]
-    x = r["params"] / 1e3
-    ax.errorbar(
-      x,
-      r["target_score"][0],
-      yerr=r["target_score"][1],
-      fmt="o" if kind == "close" else "s",
-      color=COLOURS[r["model"]],
-      label=f"{MODEL_NAMES[r['model']]}, {r['target']}",
+  tables = tables or {"pos": table}
+  fig, axes = plt.subplots(
+    1, len(tables), figsize=(6.5 * len(tables), 4.2), squeeze=False
+  )
+  for ax, (task, tab) in zip(axes[0], tables.items(), strict=True):
+    for r in tab:
+      kind = r["target"].split()[0]
+      x = r["params"] / 1e3
+      ax.errorbar(
+        x,
+        r["target_score"][0],
+        yerr=r["target_score"][1],
+        fmt="o" if kind == "close" else "s",
+        color=COLOURS[r["model"]],
+        label=f"{MODEL_NAMES[r['model']]}, {r['target']}",
+      )
+    ax.set_title(f"Zero-shot target {TASK_TITLES[task].split(' (')[0]}")
+    ax.set_xlabel(
+      "parameters (thousands; majority tag at 0)"
+      if task == "pos"
+      else "parameters (thousands)"
     )
-  ax.set_title("Zero-shot target accuracy against model size")
-  ax.set_xlabel("parameters (thousands; majority tag at 0)")
-  ax.set_ylabel("target POS accuracy (test)")
-  ax.legend(fontsize=7, loc="best")
+    ax.set_ylabel(f"target {TASK_TITLES[task].split(' (')[0]} (test)")
+    ax.legend(fontsize=7, loc="best")
   fig.tight_layout()
   path = os.path.join(out, "tradeoff.png")
   fig.savefig(path, dpi=100)
@@ -716,28 +912,52 @@ def plots(out: str, all_results, table) -> list[str]:
   return written
 
 
+def _claims_json(table):
+  return [
+    {"claim": c, "holds": ok, "numbers": nums} for c, ok, nums in claims(table)
+  ]
+
+
 def write_report(out: str, all_results, budget: Budget, quick: bool) -> str:
-  table = rows(all_results)
-  text = format_table(table)
-  pngs = plots(out, all_results, table)
+  """report.md and results.json of a run: a table and claims per task.
+
+  Returns:
+    The printed text: every task's heading, table and claims.
+  """
+  tasks = seed_tasks(all_results[0])
+  tables = {task: rows(all_results, task) for task in tasks}
+  pngs = plots(out, all_results, tables.get("pos", []), tables)
   langs = all_results[0]["languages"]
   n = len(all_results)
   spread = "mean ± std over seeds" if n > 1 else "one seed: no spread is shown"
+  names = ", ".join(t.upper() for t in tasks)
   md = [
     "# bistil demo report",
     "",
     f"Synthetic family seed 0: source {langs['source']}, close target "
-    f"{langs['close']}, distant target {langs['distant']}; task POS; "
+    f"{langs['close']}, distant target {langs['distant']}; "
+    f"task{'s' if len(tasks) > 1 else ''} {names}; "
     f"{n} seed(s) ({'quick' if quick else 'full'} budget).",
-    f"Scores are accuracy on each language's test set ({spread}); 'target "
-    "vs teacher' is the mean per-seed ratio.",
+    f"Scores are each task's metric on each language's test set ({spread}); "
+    "'target vs teacher' is the mean per-seed ratio. Size and latency "
+    "columns are measured once per model (with its POS head when POS runs).",
     "",
-    text,
-    "",
-    "The paper's claims on this run:",
-    "",
-    format_claims(table),
-    "",
+  ]
+  printed = []
+  for task, table in tables.items():
+    section = [
+      f"## {TASK_TITLES[task]}",
+      "",
+      format_table(table),
+      "",
+      f"The paper's claims on this run ({task.upper()}):",
+      "",
+      format_claims(table),
+      "",
+    ]
+    md += section
+    printed.append("\n".join(section).rstrip())
+  md += [
     f"Budget: {json.dumps(dataclasses.asdict(budget))}",
     "",
     *[f"![{os.path.basename(p)}]({os.path.basename(p)})" for p in pngs],
@@ -745,32 +965,83 @@ def write_report(out: str, all_results, budget: Budget, quick: bool) -> str:
   ]
   with open(os.path.join(out, "report.md"), "w") as f:
     f.write("\n".join(md))
-  with open(os.path.join(out, "results.json"), "w") as f:
-    json.dump(
-      {
-        "budget": dataclasses.asdict(budget),
-        "quick": quick,
-        "seeds": all_results,
+  res = {
+    "budget": dataclasses.asdict(budget),
+    "quick": quick,
+    "task_names": tasks,
+    "seeds": all_results,
+    "tasks": {
+      task: {
+        "metric": TASK_METRICS[task][0],
+        "title": TASK_TITLES[task],
         "table": table,
-        "claims": [
-          {"claim": c, "holds": ok, "numbers": nums}
-          for c, ok, nums in claims(table)
-        ],
-      },
-      f,
-      indent=2,
-    )
-  return text + "\n\n" + format_claims(table)
+        "claims": _claims_json(table),
+      }
+      for task, table in tables.items()
+    },
+  }
+  if "pos" in tables:  # the POS keys from before --tasks
+    res["table"] = tables["pos"]
+    res["claims"] = _claims_json(tables["pos"])
+  with open(os.path.join(out, "results.json"), "w") as f:
+    json.dump(res, f, indent=2)
+  return "\n\n".join(printed)
 
 
-def check_report(out: str) -> None:
-  """Checks the structure (not the numbers) of a demo output directory.
+def _report_sections(text: str) -> dict[str, list[str]]:
+  """report.md's lines under each `## ` heading."""
+  sections: dict[str, list[str]] = {}
+  current = None
+  for line in text.splitlines():
+    if line.startswith("## "):
+      current = sections.setdefault(line[3:].strip(), [])
+    elif current is not None:
+      current.append(line)
+  return sections
 
-  Raises:
-    BistilError: a missing file, key, model row or non-finite score.
-  """
+
+def _check_table(task: str, table, claims_, lines: list[str]) -> None:
   import math
 
+  want = {(k, m) for k in ("close", "distant") for m in task_models(task)}
+  got = {(r["target"].split()[0], r["model"]) for r in table}
+  if got != want:
+    raise BistilError(
+      f"results table rows ({task}) {sorted(got)} != {sorted(want)}"
+    )
+  for r in table:
+    sized = ("params", "macs") if r["model"] != "majority" else ()
+    for key in sized:
+      if not r[key] > 0:
+        raise BistilError(
+          f"{task} {r['model']}/{r['target']}: {key} = {r[key]}"
+        )
+    for key in ("source", "target_score", "latency_ms"):
+      mean = r[key][0]
+      if not math.isfinite(mean) or mean < 0:
+        raise BistilError(f"{task} {r['model']}/{r['target']}: {key} = {mean}")
+  if len(claims_) != 3:
+    raise BistilError(f"results.json has {len(claims_)} {task} claims, not 3")
+  rows_md = [line for line in lines if line.startswith("| ")]
+  if len(rows_md) != 1 + len(want):
+    raise BistilError(f"report.md has {len(rows_md) - 1} {task} table rows")
+  verdicts = [ln for ln in lines if ln.startswith("- ") and "hold" in ln]
+  if len(verdicts) != 3:
+    raise BistilError(f"report.md states {len(verdicts)} {task} claims, not 3")
+
+
+def check_report(out: str, tasks: tuple[str, ...] | None = None) -> None:
+  """Checks the structure (not the numbers) of a demo output directory:
+  a table and three claims per task in results.json and report.md.
+
+  Args:
+    out: the demo's output directory.
+    tasks: the tasks it must hold (default: those results.json names).
+
+  Raises:
+    BistilError: a missing file, key, task table, model row or non-finite
+      score.
+  """
   for name in (
     "report.md",
     "results.json",
@@ -781,34 +1052,28 @@ def check_report(out: str) -> None:
       raise BistilError(f"demo output {out} lacks {name}")
   with open(os.path.join(out, "results.json")) as f:
     res = json.load(f)
-  for key in ("budget", "seeds", "table", "claims"):
+  for key in ("budget", "seeds", "tasks", "task_names"):
     if key not in res:
       raise BistilError(f"results.json lacks {key!r}")
-  want = {(k, m) for k in ("close", "distant") for m in MODELS}
-  got = {(r["target"].split()[0], r["model"]) for r in res["table"]}
-  if got != want:
-    raise BistilError(f"results table rows {sorted(got)} != {sorted(want)}")
-  for r in res["table"]:
-    sized = ("params", "macs") if r["model"] != "majority" else ()
-    for key in sized:
-      if not r[key] > 0:
-        raise BistilError(f"{r['model']}/{r['target']}: {key} = {r[key]}")
-    for key in ("source", "target_score", "latency_ms"):
-      mean = r[key][0]
-      if not math.isfinite(mean) or mean < 0:
-        raise BistilError(f"{r['model']}/{r['target']}: {key} = {mean}")
-  if len(res["claims"]) != 3:
-    raise BistilError(f"results.json has {len(res['claims'])} claims, not 3")
+  tasks = tuple(tasks or res["task_names"])
   with open(os.path.join(out, "report.md")) as f:
-    text = f.read()
-  rows_md = [line for line in text.splitlines() if line.startswith("| ")]
-  if len(rows_md) != 1 + len(want):
-    raise BistilError(f"report.md has {len(rows_md) - 1} table rows")
-  verdicts = [
-    ln for ln in text.splitlines() if ln.startswith("- ") and "hold" in ln
-  ]
-  if len(verdicts) != 3:
-    raise BistilError(f"report.md states {len(verdicts)} claims, not 3")
+    sections = _report_sections(f.read())
+  for task in tasks:
+    if task not in res["tasks"]:
+      raise BistilError(f"results.json lacks the {task} table")
+    if TASK_TITLES[task] not in sections:
+      raise BistilError(f"report.md lacks the section '## {TASK_TITLES[task]}'")
+    entry = res["tasks"][task]
+    _check_table(
+      task, entry["table"], entry["claims"], sections[TASK_TITLES[task]]
+    )
+  if "pos" in tasks:
+    for key in ("table", "claims"):
+      if key not in res:
+        raise BistilError(f"results.json lacks {key!r}")
+    _check_table(
+      "pos", res["table"], res["claims"], sections[TASK_TITLES["pos"]]
+    )
 
 
 # ------------------------------------------------------------------ cli
@@ -821,6 +1086,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
   p.add_argument("--out", default="bistil_demo", help="output dir")
   p.add_argument("--quick", action="store_true", help="~4 minute version")
   p.add_argument("--seeds", default="0", help="comma-separated seeds")
+  p.add_argument(
+    "--tasks",
+    default="pos",
+    help=f"comma-separated tasks, of {', '.join(TASKS)} (default pos): each "
+    "gets its task teacher, every student's phase 2 and a report table",
+  )
   p.add_argument(
     "--ablation",
     action="store_true",
@@ -837,16 +1108,19 @@ def run(args: argparse.Namespace) -> int:
   seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
   if not seeds:
     raise BistilError("--seeds needs at least one seed")
+  tasks = parse_tasks(getattr(args, "tasks", "pos"))
+  if args.ablation and "pos" not in tasks:
+    raise BistilError("--ablation compares POS students: add pos to --tasks")
   start = time.perf_counter()
   os.makedirs(args.out, exist_ok=True)
   log.info("demo on %s; output in %s", jax.devices()[0].platform, args.out)
   all_results = []
   for seed in seeds:
-    res = run_seed(args.out, seed, budget)
+    res = run_seed(args.out, seed, budget, tasks)
     res["seed"] = seed
     all_results.append(res)
   table = write_report(args.out, all_results, budget, args.quick)
-  check_report(args.out)
+  check_report(args.out, tasks)
   print(table)
   if args.ablation:
     abl = [r for seed in seeds for r in run_ablation(args.out, seed, budget)]

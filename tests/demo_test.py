@@ -126,6 +126,174 @@ class ReportTest(absltest.TestCase):
       demo.check_report(self.out)
 
 
+def fake_multitask_seed(seed, shift):
+  """fake_seed plus DP and QA entries (no majority row; UAS/EM extra)."""
+  res = fake_seed(seed, shift)
+  res["tasks"] = {"pos": {"metric": "accuracy", "models": res["models"]}}
+  for task, other, base in (("dp", "uas", 0.1), ("qa", "exact_match", -0.2)):
+    models = {}
+    for key, m in res["models"].items():
+      if key == "majority":
+        continue
+      scores = {lang: v - base for lang, v in m["scores"].items()}
+      models[key] = {
+        **{k: m[k] for k in ("params", "macs", "latency_ms")},
+        "scores": scores,
+        "metrics": {
+          lang: {demo.TASK_METRICS[task][0]: v, other: v + 0.05}
+          for lang, v in scores.items()
+        },
+      }
+    res["tasks"][task] = {
+      "metric": demo.TASK_METRICS[task][0],
+      "models": models,
+    }
+  return res
+
+
+class MultiTaskReportTest(absltest.TestCase):
+  def setUp(self):
+    super().setUp()
+    tmp = tempfile.TemporaryDirectory()
+    self.addCleanup(tmp.cleanup)
+    self.out = tmp.name
+    self.results = [fake_multitask_seed(0, 0.0), fake_multitask_seed(1, 0.1)]
+    self.printed = demo.write_report(
+      self.out, self.results, demo.QUICK, quick=True
+    )
+
+  def test_per_task_tables(self):
+    dp = demo.rows(self.results, "dp")
+    self.assertEqual(
+      {(r["target"].split()[0], r["model"]) for r in dp},
+      {(k, m) for k in ("close", "distant")
+       for m in ("teacher", "bistil", "scratch", "multi")},
+    )  # fmt: skip
+    by = {(r["target"].split()[0], r["model"]): r for r in dp}
+    row = by[("close", "bistil")]
+    self.assertEqual(row["metric"], "las")
+    self.assertAlmostEqual(row["target_score"][0], 0.65)  # (0.6 + 0.7) / 2
+    self.assertAlmostEqual(row["target_uas"][0], 0.70)
+    self.assertAlmostEqual(row["source_uas"][0], 0.80)
+    self.assertAlmostEqual(
+      row["vs_teacher"], (0.6 / 0.7 + 0.7 / 0.7) / 2
+    )  # fmt: skip
+    qa = {(r["target"].split()[0], r["model"]): r for r in demo.rows(
+      self.results, "qa")}  # fmt: skip
+    self.assertAlmostEqual(qa[("distant", "multi")]["target_score"][0], 0.6)
+    self.assertIn("target_exact_match", qa[("distant", "multi")])
+    text = demo.format_table(dp)
+    self.assertIn("| source LAS | target LAS |", text)
+    self.assertNotIn("majority", text)
+    self.assertIn("| target F1 |", demo.format_table(demo.rows(
+      self.results, "qa")))  # fmt: skip
+    # POS keeps its table, majority row included.
+    self.assertEqual(demo.rows(self.results), demo.rows(self.results, "pos"))
+    self.assertLen(demo.rows(self.results), 10)
+
+  def test_report_has_a_section_per_task(self):
+    with open(os.path.join(self.out, "report.md")) as f:
+      sections = demo._report_sections(f.read())
+    for task in ("pos", "dp", "qa"):
+      lines = sections[demo.TASK_TITLES[task]]
+      want = 11 if task == "pos" else 9  # the header + a row per model
+      self.assertLen([ln for ln in lines if ln.startswith("| ")], want)
+      self.assertLen([ln for ln in lines if ln.startswith("- ")], 3)
+      self.assertIn(demo.TASK_TITLES[task], self.printed)
+    self.assertIn("DP LAS (UAS in results.json)", sections)
+    with open(os.path.join(self.out, "results.json")) as f:
+      res = json.load(f)
+    self.assertEqual(res["task_names"], ["pos", "dp", "qa"])
+    self.assertEqual(res["table"], res["tasks"]["pos"]["table"])
+    self.assertIn("teacher's target LAS", res["tasks"]["dp"]["claims"][0][
+      "claim"])  # fmt: skip
+
+  def test_check_report_accepts_a_complete_multitask_run(self):
+    demo.check_report(self.out)
+    demo.check_report(self.out, ("pos", "dp", "qa"))
+
+  def test_check_report_rejects_a_missing_task_table(self):
+    path = os.path.join(self.out, "results.json")
+    with open(path) as f:
+      res = json.load(f)
+    del res["tasks"]["qa"]
+    with open(path, "w") as f:
+      json.dump(res, f)
+    with self.assertRaisesRegex(BistilError, "results.json lacks the qa table"):
+      demo.check_report(self.out)
+
+  def test_check_report_rejects_a_missing_report_section(self):
+    path = os.path.join(self.out, "report.md")
+    with open(path) as f:
+      text = f.read()
+    with open(path, "w") as f:
+      f.write(text.replace("## DP LAS", "## DP"))
+    with self.assertRaisesRegex(BistilError, "report.md lacks the section"):
+      demo.check_report(self.out)
+
+  def test_check_report_rejects_a_missing_dp_row(self):
+    path = os.path.join(self.out, "results.json")
+    with open(path) as f:
+      res = json.load(f)
+    dp = res["tasks"]["dp"]
+    dp["table"] = [r for r in dp["table"] if r["model"] != "multi"]
+    with open(path, "w") as f:
+      json.dump(res, f)
+    with self.assertRaisesRegex(BistilError, r"results table rows \(dp\)"):
+      demo.check_report(self.out)
+
+  def test_a_run_without_pos(self):
+    for r in self.results:
+      del r["models"], r["tasks"]["pos"]
+    out = os.path.join(self.out, "dp_only")
+    os.makedirs(out)
+    printed = demo.write_report(out, self.results, demo.QUICK, quick=True)
+    self.assertNotIn("POS", printed)
+    demo.check_report(out)
+    with self.assertRaisesRegex(BistilError, "lacks the pos table"):
+      demo.check_report(out, ("pos", "dp"))
+
+
+class ParseTasksTest(absltest.TestCase):
+  def test_parses_a_comma_list(self):
+    self.assertEqual(demo.parse_tasks("pos"), ("pos",))
+    self.assertEqual(demo.parse_tasks("dp, qa,dp"), ("dp", "qa"))
+
+  def test_rejects_unknown_and_empty(self):
+    with self.assertRaisesRegex(BistilError, "unknown task 'ner'"):
+      demo.parse_tasks("pos,ner")
+    with self.assertRaisesRegex(BistilError, "at least one"):
+      demo.parse_tasks(" , ")
+
+  def test_cli_rejects_an_unknown_task_in_one_line(self):
+    import contextlib
+    import io
+
+    from bistil_jax import cli
+
+    err = io.StringIO()
+    with tempfile.TemporaryDirectory() as tmp, contextlib.redirect_stderr(err):
+      code = cli.main(["demo", "--quick", "--tasks", "pos,xx", "--out", tmp])
+      self.assertEqual(os.listdir(tmp), [])
+    self.assertEqual(code, 2)
+    lines = [ln for ln in err.getvalue().splitlines() if ln.strip()]
+    self.assertLen(lines, 1)
+    self.assertIn("unknown task 'xx'", lines[0])
+
+  def test_epochs_and_workdir_names_per_task(self):
+    b = demo.QUICK
+    self.assertEqual(
+      demo.task_epochs(b, "pos"),
+      (b.finetune_epochs, b.dense_epochs, b.sparse_epochs),
+    )
+    self.assertEqual(
+      demo.task_epochs(b, "dp"),
+      (b.dp_finetune_epochs, b.dp_dense_epochs, b.dp_sparse_epochs),
+    )
+    self.assertEqual(demo._suffix("pos"), "")  # the names before --tasks
+    self.assertEqual(demo._suffix("qa"), "qa_")
+
+
 class MeasureColumnsTest(absltest.TestCase):
   def test_size_and_latency_columns_come_from_bistil_measure(self):
     import jax
