@@ -150,7 +150,7 @@ def register_evaluate(subparsers: argparse._SubParsersAction) -> None:
   p.add_argument("--out", help="write metrics JSON here")
   p.add_argument("--batch-size", type=int, default=32)
   p.add_argument("--max-seq-len", type=int, default=256)
-  qa = p.add_argument_group("qa (released values: METHOD.md 4.3)")
+  qa = p.add_argument_group("qa windows and decoding (released defaults)")
   qa.add_argument(
     "--doc-stride",
     type=int,
