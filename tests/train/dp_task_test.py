@@ -14,6 +14,7 @@ import os
 import tempfile
 
 import numpy as np
+import pytest
 import torch
 import transformers
 from absl.testing import absltest
@@ -199,6 +200,7 @@ class DpCliTest(absltest.TestCase):
       self.evaluate_cli("teacher", "--model", export), self.teacher_res["dev"]
     )
 
+  @pytest.mark.slow  # the same stage code as task_test's LT-SFT finetune
   def test_lt_sft_finetune_exports_an_sft_that_evaluate_applies(self):
     wd = self.path("ft_sparse")
     must_run(

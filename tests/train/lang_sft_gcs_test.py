@@ -4,6 +4,8 @@ tests/gcs.py), and phase 1 applying the remote language SFT."""
 import json
 import os
 
+import pytest
+
 from bistil_jax import paths, sparse
 from tests import fixtures
 from tests.paths_cli_test import run
@@ -15,6 +17,9 @@ def config(name):
   return os.path.join(REPO, "configs", name)
 
 
+# tests/train/gcs_train_test.py runs every other training command through the
+# same path layer on the emulator; this one adds lang-sft (slow: ~3 min).
+@pytest.mark.slow
 def test_lang_sft_on_gcs(gcs_root, tmp_path, monkeypatch):
   local = tmp_path / "local"
   teacher = fixtures.make_teacher_dir(str(local), layers=2)

@@ -18,6 +18,7 @@ import tempfile
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 import torch
 import transformers
 from absl.testing import absltest, parameterized
@@ -281,6 +282,7 @@ class QATaskCliTest(absltest.TestCase):
       mine[..., 1][real], theirs.end_logits.numpy()[real], atol=1e-4
     )
 
+  @pytest.mark.slow  # the same stage code as task_test's LT-SFT finetune
   def test_lt_sft_finetune_exports_a_task_sft_with_the_span_head(self):
     wd = os.path.join(self.root, "teacher_ltsft")
     must_run(
