@@ -111,6 +111,7 @@ class Budget:
   hidden: int = 64
   pretrain_steps: int = 2500
   distil_steps: int = 800  # phase 1, and the scratch MLM budget
+  student_init: str = "teacher_layers"  # phase 1's student.init
   finetune_epochs: float = 3.0
   dense_epochs: float = 2.0
   sparse_epochs: float = 3.0
@@ -486,6 +487,7 @@ def run_seed(
       _mlm_stage(
         "distil", os.path.join(root, "distil_multi"), b, b.distil_steps,
         seed, teacher, all_txt, all_txt,
+        f"--config.student.init={b.student_init}",
       ),
       "multi",
       [src, close, distant],
@@ -514,7 +516,7 @@ def run_seed(
     corpora = (data.corpora[src]["train"], data.corpora[tgt]["train"])
     student = _mlm_stage(
       "distil", os.path.join(root, f"distil_{kind}"), b, b.distil_steps,
-      seed, trimmed, *corpora,
+      seed, trimmed, *corpora, f"--config.student.init={b.student_init}",
     )  # fmt: skip
     # Scratch: the student's architecture and vocabulary, random weights,
     # MLM on the same two corpora for the same number of steps.
