@@ -7,9 +7,7 @@ the owner of one of them, so the answer is selected by the object the
 question names, not by its form: every sentence offers an owner.
 """
 
-import contextlib
 import functools
-import io
 import json
 import os
 import random
@@ -23,13 +21,14 @@ import torch
 import transformers
 from absl.testing import absltest, parameterized
 
-from bistil_jax import cli, sparse, synthetic
+from bistil_jax import sparse, synthetic
 from bistil_jax.checkpoint import hf, surgery
 from bistil_jax.data import qa as qa_data
 from bistil_jax.data import vocab
 from bistil_jax.model import Model, init_params, preset
 from bistil_jax.train import qa as qa_task
 from bistil_jax.train import task
+from tests.train.task_test import must_run, read_json, run_cli
 
 REPO = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
 SFT = os.path.join(REPO, "configs", "sft.py")
@@ -71,25 +70,6 @@ def make_squad(n: int, seed: int, long_every: int = 8) -> dict:
       }
     )
   return {"version": "1.1", "data": [{"title": "t", "paragraphs": paragraphs}]}
-
-
-def run_cli(argv):
-  out, err = io.StringIO(), io.StringIO()
-  with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-    code = cli.main([str(a) for a in argv])
-  return code, out.getvalue(), err.getvalue()
-
-
-def must_run(argv) -> str:
-  code, out, err = run_cli(argv)
-  if code != 0:
-    raise AssertionError(f"bistil {argv[0]} failed ({code}): {err[-3000:]}")
-  return out
-
-
-def read_json(path):
-  with open(path) as f:
-    return json.load(f)
 
 
 def logged(workdir, key):
