@@ -388,14 +388,8 @@ def prepare(config, phase: str) -> Inputs:
   s = config.student
   cfg = cfg.replace(dtype=s.dtype, param_dtype=s.param_dtype)
   log.info("%s: new %s head (%s)", model_dir, cfg.head, ", ".join(fresh))
-  if config.sparse.enabled and config.sparse.num_entries:
-    eligible = eligible_entries(config, cfg, params0, fresh)
-    n_eligible = sum(int(np.sum(x)) for x in jax.tree.leaves(eligible))
-    if config.sparse.num_entries > n_eligible:
-      raise BistilError(
-        f"sparse.num_entries={config.sparse.num_entries} exceeds the "
-        f"{n_eligible} eligible body entries of {model_dir}"
-      )
+  if config.sparse.enabled:  # K fits the model: checked before any work
+    trainable_count(config, eligible_entries(config, cfg, params0, fresh))
   driver.check_seq_len(cfg, max_len, "model")
   if teacher is not None:
     tp, tcfg = surgery.map_teacher_vocab(tp, teacher.config, t_dir, tok_dir)
@@ -556,9 +550,12 @@ def eligible_entries(config, cfg, params0, fresh) -> Any:
   return eligible
 
 
-def select_mask(config, cfg, params0, trained, eligible, fresh) -> Any:
-  """The LT-SFT mask (host bools): global top-K |theta - theta0| over the
-  eligible body; the head and the fresh groups are trainable whole."""
+def trainable_count(config, eligible) -> tuple[int, int]:
+  """(K, eligible entries): `sparse.num_entries`, or density x eligible.
+
+  Raises:
+    BistilError: a count larger than the eligible entries.
+  """
   s = config.sparse
   n_eligible = sum(int(np.sum(x)) for x in jax.tree.leaves(eligible))
   k = s.num_entries or sparse.k_from_density(eligible, s.density)
@@ -566,6 +563,13 @@ def select_mask(config, cfg, params0, trained, eligible, fresh) -> Any:
     raise BistilError(
       f"sparse.num_entries={k} exceeds the {n_eligible} eligible body entries"
     )
+  return k, n_eligible
+
+
+def select_mask(config, cfg, params0, trained, eligible, fresh) -> Any:
+  """The LT-SFT mask (host bools): global top-K |theta - theta0| over the
+  eligible body; the head and the fresh groups are trainable whole."""
+  k, n_eligible = trainable_count(config, eligible)
   delta = jax.tree.map(  # theta0 placed like the trained params
     lambda a, b: jnp.abs(a - jax.device_put(b, a.sharding)), trained, params0
   )
