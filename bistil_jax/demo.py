@@ -22,13 +22,11 @@ import argparse
 import dataclasses
 import json
 import logging
-import os
-import shutil
 import statistics
 import time
 from typing import Any
 
-from bistil_jax import cli, configlib
+from bistil_jax import cli, configlib, paths
 from bistil_jax.errors import BistilError
 
 log = logging.getLogger(__name__)
@@ -188,6 +186,20 @@ def _run(argv: list[str]) -> None:
     raise BistilError(f"demo stage failed (exit {code}): bistil {argv[0]}")
 
 
+def _join(base: str, *names: str) -> str:
+  """`base/names...` through the path layer (a local dir or gs://...)."""
+  return str(paths.path(base).joinpath(*names))
+
+
+def _savefig(fig, path: str) -> None:
+  """A matplotlib figure as a PNG at `path` (local or remote)."""
+  import io
+
+  buf = io.BytesIO()
+  fig.savefig(buf, format="png", dpi=100)
+  paths.write_bytes(path, buf.getvalue())
+
+
 def _cfg(name: str) -> str:
   return str(configlib.repo_configs_dir() / name)
 
@@ -235,8 +247,7 @@ def _evaluate_metrics(
   for lang in langs:
     argv += ["--data", f"{lang}={files[lang]['test']}"]
   _run(argv)
-  with open(out) as f:
-    res = json.load(f)
+  res = json.loads(paths.read_text(out))
   head, others = TASK_METRICS[task]
   return {lang: {k: res[lang][k] for k in (head, *others)} for lang in langs}
 
@@ -257,8 +268,7 @@ def _measure(
   if sft:
     argv += ["--sft", sft]
   _run(argv)
-  with open(out) as f:
-    res = json.load(f)
+  res = json.loads(paths.read_text(out))
   return {
     "params": res["parameters"]["total"],
     "macs": res["macs_per_sequence"]["analytic"],
@@ -290,7 +300,7 @@ def _mlm_stage(
       *extra,
     ]
   )
-  return os.path.join(workdir, "export")
+  return _join(workdir, "export")
 
 
 def _phase2(
@@ -316,7 +326,7 @@ def _phase2(
     ]
     + _task_over(b, seed, files, src)
   )
-  return os.path.join(workdir, "export")
+  return _join(workdir, "export")
 
 
 def _scored(
@@ -389,8 +399,8 @@ def run_seed(
   """The whole pipeline for one seed and each task; its measurements."""
   from bistil_jax import synthetic
 
-  root = os.path.join(out, f"seed{seed}")
-  os.makedirs(root, exist_ok=True)
+  root = _join(out, f"seed{seed}")
+  paths.mkdirs(root)
   timings = {}
   t0 = time.perf_counter()
 
@@ -399,35 +409,35 @@ def run_seed(
   src, close, distant = transfer_languages(family, b)
   langs = [src, close, distant]
   langs += [c for c in family.codes if c not in langs][: b.languages - 3]
-  data_dir = os.path.join(root, "data")
-  if not os.path.isfile(os.path.join(data_dir, "tokenizer", "tokenizer.json")):
+  data_dir = _join(root, "data")
+  if not paths.path(_join(data_dir, "tokenizer", "tokenizer.json")).is_file():
     _synth(data_dir, langs, b, qa="qa" in tasks, tokenizer=True)
   data = synthetic.read_dataset(data_dir)
   qa_files = data.qa
   if "qa" in tasks and not qa_files:
     # An earlier run's data without QA: the same (deterministic) stories in
     # a directory of their own, so its tokenizer and files stay untouched.
-    qa_dir = os.path.join(root, "data_qa")
-    if not os.path.isfile(os.path.join(qa_dir, "manifest.json")):
+    qa_dir = _join(root, "data_qa")
+    if not paths.path(_join(qa_dir, "manifest.json")).is_file():
       _synth(qa_dir, langs, b, qa=True, tokenizer=False)
     qa_files = synthetic.read_dataset(qa_dir).qa
   # The dependency trees are in the POS CoNLL-U files.
   files = {"pos": data.pos, "dp": data.pos, "qa": qa_files}
-  all_txt = os.path.join(root, "all_languages.txt")
-  if not os.path.isfile(all_txt):
-    with open(all_txt, "w") as f:
-      for lang in langs:
-        with open(data.corpora[lang]["train"]) as g:
-          shutil.copyfileobj(g, f)
-  init_dir = os.path.join(root, "teacher_init")
-  if not os.path.isdir(init_dir):
+  all_txt = _join(root, "all_languages.txt")
+  if not paths.path(all_txt).is_file():
+    texts = [paths.read_text(data.corpora[lang]["train"]) for lang in langs]
+    paths.write_text(
+      all_txt, "".join(t if t.endswith("\n") else t + "\n" for t in texts)
+    )
+  init_dir = _join(root, "teacher_init")
+  if not paths.path(init_dir).is_dir():
     _run(
       [
         "init",
         "--preset",
         "tiny",
         "--tokenizer",
-        os.path.join(data_dir, "tokenizer"),
+        _join(data_dir, "tokenizer"),
         "--out",
         init_dir,
         "--seed",
@@ -450,7 +460,7 @@ def run_seed(
   t = time.perf_counter()
   teacher = _mlm_stage(
     "pretrain",
-    os.path.join(root, "teacher_mlm"),
+    _join(root, "teacher_mlm"),
     b,
     b.pretrain_steps,
     seed,
@@ -462,7 +472,7 @@ def run_seed(
   )
   task_teachers = {}
   for task in tasks:
-    teacher_task = os.path.join(root, f"teacher_{task}")
+    teacher_task = _join(root, f"teacher_{task}")
     _run(
       [
         "finetune",
@@ -475,7 +485,7 @@ def run_seed(
       ]
       + _task_over(b, seed, files[task], src)
     )
-    task_teachers[task] = os.path.join(teacher_task, "export")
+    task_teachers[task] = _join(teacher_task, "export")
   timings["teacher"] = time.perf_counter() - t
 
   # --- phase 1 of every student, shared by the tasks
@@ -485,7 +495,7 @@ def run_seed(
     (
       "multi",
       _mlm_stage(
-        "distil", os.path.join(root, "distil_multi"), b, b.distil_steps,
+        "distil", _join(root, "distil_multi"), b, b.distil_steps,
         seed, teacher, all_txt, all_txt,
         f"--config.student.init={b.student_init}",
       ),
@@ -496,8 +506,8 @@ def run_seed(
   timings["multi"] = time.perf_counter() - t
   for kind, tgt in (("close", close), ("distant", distant)):
     t = time.perf_counter()
-    trimmed = os.path.join(root, f"trimmed_{kind}")
-    if not os.path.isfile(os.path.join(trimmed, "config.json")):
+    trimmed = _join(root, f"trimmed_{kind}")
+    if not paths.path(_join(trimmed, "config.json")).is_file():
       _run(
         [
           "trim-vocab",
@@ -515,13 +525,13 @@ def run_seed(
       )
     corpora = (data.corpora[src]["train"], data.corpora[tgt]["train"])
     student = _mlm_stage(
-      "distil", os.path.join(root, f"distil_{kind}"), b, b.distil_steps,
+      "distil", _join(root, f"distil_{kind}"), b, b.distil_steps,
       seed, trimmed, *corpora, f"--config.student.init={b.student_init}",
     )  # fmt: skip
     # Scratch: the student's architecture and vocabulary, random weights,
     # MLM on the same two corpora for the same number of steps.
-    scratch_init = os.path.join(root, f"scratch_init_{kind}")
-    if not os.path.isdir(scratch_init):
+    scratch_init = _join(root, f"scratch_init_{kind}")
+    if not paths.path(scratch_init).is_dir():
       _run(
         [
           "init", "--config", student, "--tokenizer", student,
@@ -529,7 +539,7 @@ def run_seed(
         ]
       )  # fmt: skip
     scratch = _mlm_stage(
-      "pretrain", os.path.join(root, f"scratch_{kind}"), b, b.distil_steps,
+      "pretrain", _join(root, f"scratch_{kind}"), b, b.distil_steps,
       seed, scratch_init, *corpora,
     )  # fmt: skip
     students += [
@@ -542,13 +552,13 @@ def run_seed(
   # then test scores. Size and latency are measured once per model dir,
   # with its POS SFT when POS runs (a POS head; the encoder, which the
   # columns are about, is the same for every task), else without an SFT.
-  ev_dir = os.path.join(root, "eval")
-  os.makedirs(ev_dir, exist_ok=True)
+  ev_dir = _join(root, "eval")
+  paths.mkdirs(ev_dir)
   sizes: dict[str, dict[str, float]] = {}
 
   def size(key, model_dir, sft):
     if key not in sizes:
-      out_ = os.path.join(ev_dir, f"{key}.measure.json")
+      out_ = _join(ev_dir, f"{key}.measure.json")
       sizes[key] = _measure(model_dir, sft, b, out_)
     return sizes[key]
 
@@ -571,17 +581,17 @@ def run_seed(
     tt = task_teachers[task]
     models["teacher"] = _scored(
       tt, None, fs, [src, close, distant],
-      os.path.join(ev_dir, f"{pre}teacher.json"), task, b,
+      _join(ev_dir, f"{pre}teacher.json"), task, b,
       size("teacher", tt if task == "pos" else teacher, None),
     )  # fmt: skip
     for key, model_dir, sft_name, score_langs in students:
       sft = _phase2(
-        os.path.join(root, f"sft_{pre}{sft_name}"), model_dir, tt, b, seed,
+        _join(root, f"sft_{pre}{sft_name}"), model_dir, tt, b, seed,
         fs, src, task,
       )  # fmt: skip
       models[key] = _scored(
         model_dir, sft, fs, score_langs,
-        os.path.join(ev_dir, f"{pre}{key}.json"), task, b,
+        _join(ev_dir, f"{pre}{key}.json"), task, b,
         size(key, model_dir, sft if task == "pos" else None),
       )  # fmt: skip
     results["tasks"][task] = {"metric": TASK_METRICS[task][0], "models": models}
@@ -618,27 +628,27 @@ def run_ablation(out: str, seed: int, b: Budget) -> list[dict[str, Any]]:
   """
   from bistil_jax import synthetic
 
-  root = os.path.join(out, f"seed{seed}")
-  data = synthetic.read_dataset(os.path.join(root, "data"))
+  root = _join(out, f"seed{seed}")
+  data = synthetic.read_dataset(_join(root, "data"))
   src, close, _ = transfer_languages(synthetic.make_family(0), b)
-  trimmed = os.path.join(root, "trimmed_close")
-  teacher_pos = os.path.join(root, "teacher_pos", "export")
+  trimmed = _join(root, "trimmed_close")
+  teacher_pos = _join(root, "teacher_pos", "export")
   rows_ = []
   for init in ABLATION_INITS:
     for mix, flags in ABLATION_LOSSES.items():
       tag = f"{init}_{mix.replace('+', '_')}"
       student = _mlm_stage(
-        "distil", os.path.join(root, f"abl_distil_{tag}"), b, b.distil_steps,
+        "distil", _join(root, f"abl_distil_{tag}"), b, b.distil_steps,
         seed, trimmed, data.corpora[src]["train"],
         data.corpora[close]["train"], f"--config.student.init={init}", *flags,
       )  # fmt: skip
       sft = _phase2(
-        os.path.join(root, f"abl_sft_{tag}"), student, teacher_pos, b, seed,
+        _join(root, f"abl_sft_{tag}"), student, teacher_pos, b, seed,
         data.pos, src,
       )  # fmt: skip
       scores = _evaluate(
         student, sft, data.pos, [src, close],
-        os.path.join(root, "eval", f"abl_{tag}.json"),
+        _join(root, "eval", f"abl_{tag}.json"),
       )  # fmt: skip
       rows_.append(
         {
@@ -852,7 +862,7 @@ def plots(out: str, all_results, table, tables=None) -> list[str]:
 
   written = []
   seed = all_results[0]["seed"]
-  root = os.path.join(out, f"seed{seed}")
+  root = _join(out, f"seed{seed}")
   curves = (
     ("teacher_mlm", "train/mlm", "teacher", "teacher: MLM pre-training",
      "MLM loss"),
@@ -864,9 +874,7 @@ def plots(out: str, all_results, table, tables=None) -> list[str]:
   fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
   for ax, (run, key, model, title, ylabel) in zip(axes, curves, strict=True):
     rows_ = [
-      r
-      for r in loop.read_metrics(os.path.join(root, run, "metrics"))
-      if key in r
+      r for r in loop.read_metrics(_join(root, run, "metrics")) if key in r
     ]
     ax.plot(
       [r["step"] for r in rows_], [r[key] for r in rows_],
@@ -877,8 +885,8 @@ def plots(out: str, all_results, table, tables=None) -> list[str]:
     ax.set_ylabel(ylabel)
   fig.suptitle(f"Training curves (seed {seed})")
   fig.tight_layout()
-  path = os.path.join(out, "training_curves.png")
-  fig.savefig(path, dpi=100)
+  path = _join(out, "training_curves.png")
+  _savefig(fig, path)
   plt.close(fig)
   written.append(path)
 
@@ -907,8 +915,8 @@ def plots(out: str, all_results, table, tables=None) -> list[str]:
     ax.set_ylabel(f"target {TASK_TITLES[task].split(' (')[0]} (test)")
     ax.legend(fontsize=7, loc="best")
   fig.tight_layout()
-  path = os.path.join(out, "tradeoff.png")
-  fig.savefig(path, dpi=100)
+  path = _join(out, "tradeoff.png")
+  _savefig(fig, path)
   plt.close(fig)
   written.append(path)
   return written
@@ -962,11 +970,10 @@ def write_report(out: str, all_results, budget: Budget, quick: bool) -> str:
   md += [
     f"Budget: {json.dumps(dataclasses.asdict(budget))}",
     "",
-    *[f"![{os.path.basename(p)}]({os.path.basename(p)})" for p in pngs],
+    *[f"![{paths.path(p).name}]({paths.path(p).name})" for p in pngs],
     "",
   ]
-  with open(os.path.join(out, "report.md"), "w") as f:
-    f.write("\n".join(md))
+  paths.write_text(_join(out, "report.md"), "\n".join(md))
   res = {
     "budget": dataclasses.asdict(budget),
     "quick": quick,
@@ -985,8 +992,7 @@ def write_report(out: str, all_results, budget: Budget, quick: bool) -> str:
   if "pos" in tables:  # the POS keys from before --tasks
     res["table"] = tables["pos"]
     res["claims"] = _claims_json(tables["pos"])
-  with open(os.path.join(out, "results.json"), "w") as f:
-    json.dump(res, f, indent=2)
+  paths.write_text(_join(out, "results.json"), json.dumps(res, indent=2))
   return "\n\n".join(printed)
 
 
@@ -1050,16 +1056,14 @@ def check_report(out: str, tasks: tuple[str, ...] | None = None) -> None:
     "training_curves.png",
     "tradeoff.png",
   ):
-    if not os.path.isfile(os.path.join(out, name)):
+    if not paths.path(_join(out, name)).is_file():
       raise BistilError(f"demo output {out} lacks {name}")
-  with open(os.path.join(out, "results.json")) as f:
-    res = json.load(f)
+  res = json.loads(paths.read_text(_join(out, "results.json")))
   for key in ("budget", "seeds", "tasks", "task_names"):
     if key not in res:
       raise BistilError(f"results.json lacks {key!r}")
   tasks = tuple(tasks or res["task_names"])
-  with open(os.path.join(out, "report.md")) as f:
-    sections = _report_sections(f.read())
+  sections = _report_sections(paths.read_text(_join(out, "report.md")))
   for task in tasks:
     if task not in res["tasks"]:
       raise BistilError(f"results.json lacks the {task} table")
@@ -1114,7 +1118,7 @@ def run(args: argparse.Namespace) -> int:
   if args.ablation and "pos" not in tasks:
     raise BistilError("--ablation compares POS students: add pos to --tasks")
   start = time.perf_counter()
-  os.makedirs(args.out, exist_ok=True)
+  paths.mkdirs(args.out)
   log.info("demo on %s; output in %s", jax.devices()[0].platform, args.out)
   all_results = []
   for seed in seeds:
@@ -1127,11 +1131,17 @@ def run(args: argparse.Namespace) -> int:
   if args.ablation:
     abl = [r for seed in seeds for r in run_ablation(args.out, seed, budget)]
     text = format_ablation(abl)
-    with open(os.path.join(args.out, "ablation.json"), "w") as f:
-      json.dump(abl, f, indent=2)
-    with open(os.path.join(args.out, "report.md"), "a") as f:
-      f.write("\n## Student initialisation x phase-1 loss (close target)\n\n")
-      f.write(text + "\n")
+    paths.write_text(
+      _join(args.out, "ablation.json"), json.dumps(abl, indent=2)
+    )
+    report = _join(args.out, "report.md")
+    paths.write_text(
+      report,
+      paths.read_text(report)
+      + "\n## Student initialisation x phase-1 loss (close target)\n\n"
+      + text
+      + "\n",
+    )
     print("\n" + text)
   print(
     f"\nwrote {args.out}/report.md, results.json and plots in "

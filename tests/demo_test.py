@@ -324,3 +324,60 @@ class MeasureColumnsTest(absltest.TestCase):
 
 if __name__ == "__main__":
   absltest.main()
+
+
+# ------------------------------------------------------------ gs:// output
+def test_report_written_and_checked_on_gcs(gcs_root):
+  """write_report / check_report / plots go through the path layer: a
+  `--out gs://...` run's report lands in the bucket (STYLE 16)."""
+  from bistil_jax import paths
+
+  out = f"{gcs_root}/demo"
+  demo.write_report(
+    out, [fake_seed(0, 0.0), fake_seed(1, 0.1)], demo.QUICK, quick=True
+  )
+  demo.check_report(out)
+  names = {p.name for p in paths.list_files(out)}
+  assert {"report.md", "results.json", "tradeoff.png"} <= names
+  png = paths.path(f"{out}/tradeoff.png").read_bytes()
+  assert png.startswith(b"\x89PNG")
+  paths.path(f"{out}/tradeoff.png").unlink()
+  try:
+    demo.check_report(out)
+  except BistilError as e:
+    assert "lacks tradeoff.png" in str(e)
+  else:
+    raise AssertionError("check_report accepted a run without tradeoff.png")
+
+
+def test_run_seed_data_stage_on_gcs(gcs_root, monkeypatch):
+  """The demo's data stage (synth, the all-languages corpus, the teacher's
+  init) writes under a gs:// --out; the run is stopped at pre-training."""
+  from bistil_jax import paths, synthetic
+
+  seen = []
+  real = demo._run
+
+  def run(argv):
+    seen.append(argv[0])
+    if argv[0] == "pretrain":
+      raise BistilError("stop: the data stage is done")
+    real(argv)
+
+  monkeypatch.setattr(demo, "_run", run)
+  b = demo.dataclasses.replace(
+    demo.QUICK, corpus=200, task_train=40, task_eval=20, vocab=300
+  )
+  out = f"{gcs_root}/demo"
+  try:
+    demo.run_seed(out, 0, b)
+  except BistilError as e:
+    assert "stop" in str(e)
+  assert seen == ["synth", "init", "pretrain"]
+  root = paths.path(f"{out}/seed0")
+  data = synthetic.read_dataset(str(root / "data"))
+  want = "".join(
+    paths.read_text(data.corpora[lang]["train"]) for lang in ("b1", "b2", "a1")
+  )
+  assert paths.read_text(root / "all_languages.txt") == want
+  assert (root / "teacher_init" / "config.json").is_file()
