@@ -272,21 +272,8 @@ def encode_dp(
       raise BistilError(
         f"{ex.source or '?'}: a dp example needs one head per word"
       )
-    lost = tasks._lost_words(enc, len(ex.words))
-    if lost:
-      if unk is None:
-        raise BistilError(
-          f"word {ex.words[lost[0]]!r} at {ex.where(lost[0])} produces no "
-          "sub-word and the tokenizer has no unknown token"
-        )
-      words = [unk if w in lost else x for w, x in enumerate(ex.words)]
-      enc = tok.encode(words, is_pretokenized=True)
-      if tasks._lost_words(enc, len(words)):
-        raise BistilError(
-          f"word {ex.words[lost[0]]!r} at {ex.where(lost[0])} produces no "
-          f"sub-word, not even as {unk!r}"
-        )
-      num_unk += len(lost)
+    enc, _, n_unk = tasks.with_unknown_words(tok, ex, enc, unk)
+    num_unk += n_unk
     if len(enc.ids) > max_seq_len:
       if drop_long:
         num_dropped += 1
@@ -328,11 +315,8 @@ def encode_dp(
   ids, mask, types = tasks._pad(
     [(r[0], r[1]) for r in rows], max_seq_len, pad_id
   )
-  labels = np.full((len(rows), max_seq_len), IGNORE_LABEL, np.int32)
-  heads = labels.copy()  # [n, L]
-  for j, (_, _, rel, head) in enumerate(rows):
-    labels[j, : len(rel)] = rel
-    heads[j, : len(head)] = head
+  labels = tasks.pad_labels([r[2] for r in rows], max_seq_len)  # [n, L]
+  heads = tasks.pad_labels([r[3] for r in rows], max_seq_len)  # [n, L]
   return DepData(
     task=task,
     input_ids=ids,

@@ -1049,23 +1049,8 @@ def encode_token_task(
   rows, kept = [], []
   num_dropped = num_truncated = num_unk = 0
   for i, (ex, enc) in enumerate(zip(examples, encodings, strict=True)):
-    lost = _lost_words(enc, len(ex.words))
-    if lost:
-      if unk is None:
-        raise BistilError(
-          f"word {ex.words[lost[0]]!r} at {ex.where(lost[0])} produces no "
-          "sub-word and the tokenizer has no unknown token"
-        )
-      words = [unk if w in lost else x for w, x in enumerate(ex.words)]
-      enc = tok.encode(words, is_pretokenized=True)
-      if _lost_words(enc, len(words)):
-        raise BistilError(
-          f"word {ex.words[lost[0]]!r} at {ex.where(lost[0])} produces no "
-          f"sub-word, not even as {unk!r}"
-        )
-      num_unk += len(lost)
-    else:
-      words = list(ex.words)
+    enc, words, n_unk = with_unknown_words(tok, ex, enc, unk)
+    num_unk += n_unk
     if len(enc.ids) > max_seq_len:
       if drop_long:
         num_dropped += 1
@@ -1094,9 +1079,7 @@ def encode_token_task(
       f"{examples[0].source or '?'})"
     )
   ids, mask, types = _pad([(r[0], r[1]) for r in rows], max_seq_len, pad_id)
-  labels = np.full((len(rows), max_seq_len), IGNORE_LABEL, np.int32)  # [n, L]
-  for j, (_, _, lab) in enumerate(rows):
-    labels[j, : len(lab)] = lab
+  labels = pad_labels([r[2] for r in rows], max_seq_len)
   return TaskData(
     task=task,
     input_ids=ids,
@@ -1109,6 +1092,41 @@ def encode_token_task(
     num_truncated=num_truncated,
     num_unk_words=num_unk,
   )
+
+
+def with_unknown_words(tok: Tokenizer, ex, enc, unk: str | None):
+  """(encoding, words, number replaced) of an example whose words that
+  produce no sub-word are replaced by the unknown token `unk` (see
+  `encode_token_task`'s NOTE); `enc` is the example's plain encoding.
+
+  Raises:
+    BistilError: such a word and no unknown token, or one that produces no
+      sub-word even as the unknown token.
+  """
+  lost = _lost_words(enc, len(ex.words))
+  if not lost:
+    return enc, list(ex.words), 0
+  if unk is None:
+    raise BistilError(
+      f"word {ex.words[lost[0]]!r} at {ex.where(lost[0])} produces no "
+      "sub-word and the tokenizer has no unknown token"
+    )
+  words = [unk if w in lost else x for w, x in enumerate(ex.words)]
+  enc = tok.encode(words, is_pretokenized=True)
+  if _lost_words(enc, len(words)):
+    raise BistilError(
+      f"word {ex.words[lost[0]]!r} at {ex.where(lost[0])} produces no "
+      f"sub-word, not even as {unk!r}"
+    )
+  return enc, words, len(lost)
+
+
+def pad_labels(rows: Sequence[np.ndarray], max_seq_len: int) -> np.ndarray:
+  """Per-row label vectors -> [n, L] int32, IGNORE_LABEL past each row."""
+  out = np.full((len(rows), max_seq_len), IGNORE_LABEL, np.int32)  # [n, L]
+  for j, lab in enumerate(rows):
+    out[j, : len(lab)] = lab
+  return out
 
 
 def _unk_token(tokenizer: Tokenizer) -> str | None:
