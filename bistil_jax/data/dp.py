@@ -142,55 +142,28 @@ def read_conllu_dp(path: str | os.PathLike[str]) -> list[DepExample]:
   """
   path = os.fspath(path)
   examples = []
-  words, rels, heads, lines, start = [], [], [], [], 0
-
-  def close():
-    if words:
-      check_tree(heads, lambda i: f"{path}:{lines[i]}")
-      examples.append(
-        DepExample(
-          tuple(words),
-          tuple(rels),
-          f"{path}:{start}",
-          tuple(lines),
-          heads=tuple(heads),
+  for start, rows in tasks.conllu_sentences(path):
+    heads = []
+    for lineno, cols in rows:
+      head, deprel = cols[6].strip(), cols[7].strip()
+      if not cols[1] or not deprel:
+        raise BistilError(f"{path}:{lineno}: empty FORM or DEPREL column")
+      if not head.isdigit():
+        raise BistilError(
+          f"{path}:{lineno}: HEAD {head!r} is not an integer word id"
         )
+      heads.append(int(head))
+    lines = tuple(lineno for lineno, _ in rows)
+    check_tree(heads, lambda i, lines=lines: f"{path}:{lines[i]}")
+    examples.append(
+      DepExample(
+        tuple(cols[1] for _, cols in rows),
+        tuple(strip_subtype(cols[7].strip()) for _, cols in rows),
+        f"{path}:{start}",
+        lines,
+        heads=tuple(heads),
       )
-
-  for lineno, line in tasks._lines(path, "CoNLL-U"):
-    if not line.strip():
-      close()
-      words, rels, heads, lines, start = [], [], [], [], 0
-      continue
-    start = start or lineno
-    if line.startswith("#"):
-      continue
-    cols = line.split("\t")
-    if len(cols) != 10:
-      raise BistilError(
-        f"{path}:{lineno}: expected 10 tab-separated CoNLL-U columns, got "
-        f"{len(cols)}"
-      )
-    word_id = cols[0]
-    if "-" in word_id or "." in word_id:
-      continue  # Multiword range or empty node: not a syntactic word.
-    if not word_id.isdigit() or int(word_id) != len(words) + 1:
-      raise BistilError(
-        f"{path}:{lineno}: word id {word_id!r} where {len(words) + 1} was "
-        "expected (missing blank line between sentences?)"
-      )
-    form, head, deprel = cols[1], cols[6].strip(), cols[7].strip()
-    if not form or not deprel:
-      raise BistilError(f"{path}:{lineno}: empty FORM or DEPREL column")
-    if not head.isdigit():
-      raise BistilError(
-        f"{path}:{lineno}: HEAD {head!r} is not an integer word id"
-      )
-    words.append(form)
-    rels.append(strip_subtype(deprel))
-    heads.append(int(head))
-    lines.append(lineno)
-  close()
+    )
   return tasks._nonempty(examples, path, "CoNLL-U")
 
 

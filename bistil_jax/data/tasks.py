@@ -265,6 +265,48 @@ def _nonempty(examples: list[Any], path: str, what: str) -> list[Any]:
   return examples
 
 
+def conllu_sentences(
+  path: str,
+) -> Iterator[tuple[int, list[tuple[int, list[str]]]]]:
+  """The sentences of a CoNLL-U file: (the line where the sentence's block,
+  comments included, starts; [(line number, its 10 columns)] of the
+  syntactic words). Comments, multiword-token ranges (`1-2`) and empty
+  nodes (`1.1`) are skipped, as UD scores syntactic words.
+
+  Raises:
+    BistilError: a missing or undecodable file, a line without 10
+      tab-separated columns or a bad or out-of-order word id (`path:line`).
+  """
+  rows: list[tuple[int, list[str]]] = []
+  start = 0
+  for lineno, line in _lines(path, "CoNLL-U"):
+    if not line.strip():
+      if rows:
+        yield start, rows
+      rows, start = [], 0
+      continue
+    start = start or lineno
+    if line.startswith("#"):
+      continue
+    cols = line.split("\t")
+    if len(cols) != 10:
+      raise BistilError(
+        f"{path}:{lineno}: expected 10 tab-separated CoNLL-U columns, got "
+        f"{len(cols)}"
+      )
+    word_id = cols[0]
+    if "-" in word_id or "." in word_id:
+      continue
+    if not word_id.isdigit() or int(word_id) != len(rows) + 1:
+      raise BistilError(
+        f"{path}:{lineno}: word id {word_id!r} where {len(rows) + 1} was "
+        "expected (missing blank line between sentences?)"
+      )
+    rows.append((lineno, cols))
+  if rows:
+    yield start, rows
+
+
 def read_conllu(path: str | os.PathLike[str]) -> list[TokenExample]:
   """Reads UPOS-tagged sentences from a UD CoNLL-U file.
 
@@ -286,43 +328,17 @@ def read_conllu(path: str | os.PathLike[str]) -> list[TokenExample]:
   """
   path = os.fspath(path)
   examples = []
-  words, tags, start, lines = [], [], 0, []
-  for lineno, line in _lines(path, "CoNLL-U"):
-    if not line.strip():
-      if words:
-        examples.append(
-          TokenExample(
-            tuple(words), tuple(tags), f"{path}:{start}", tuple(lines)
-          )
-        )
-      words, tags, start, lines = [], [], 0, []
-      continue
-    start = start or lineno  # The block's first line, comments included.
-    if line.startswith("#"):
-      continue
-    cols = line.split("\t")
-    if len(cols) != 10:
-      raise BistilError(
-        f"{path}:{lineno}: expected 10 tab-separated CoNLL-U columns, got "
-        f"{len(cols)}"
-      )
-    word_id = cols[0]
-    if "-" in word_id or "." in word_id:
-      continue  # Multiword range or empty node.
-    if not word_id.isdigit() or int(word_id) != len(words) + 1:
-      raise BistilError(
-        f"{path}:{lineno}: word id {word_id!r} where {len(words) + 1} was "
-        "expected (missing blank line between sentences?)"
-      )
-    form, upos = cols[1], cols[3]
-    if not form or not upos:
-      raise BistilError(f"{path}:{lineno}: empty FORM or UPOS column")
-    words.append(form)
-    tags.append(upos)
-    lines.append(lineno)
-  if words:
+  for start, rows in conllu_sentences(path):
+    for lineno, cols in rows:
+      if not cols[1] or not cols[3]:
+        raise BistilError(f"{path}:{lineno}: empty FORM or UPOS column")
     examples.append(
-      TokenExample(tuple(words), tuple(tags), f"{path}:{start}", tuple(lines))
+      TokenExample(
+        tuple(cols[1] for _, cols in rows),
+        tuple(cols[3] for _, cols in rows),
+        f"{path}:{start}",
+        tuple(lineno for lineno, _ in rows),
+      )
     )
   return _nonempty(examples, path, "CoNLL-U")
 
