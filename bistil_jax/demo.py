@@ -139,6 +139,18 @@ class Budget:
   source: str = "b1"
   close: str = "b2"
   distant: str = "a1"
+  # Sentences of each target language in the MMT's pre-training corpus,
+  # which the multilingually distilled student is distilled on too (0:
+  # the whole corpus). The targets are low-resource there, as Maltese or
+  # Uyghur are in mBERT's Wikipedia; the user's monolingual corpus of the
+  # target (`corpus` sentences) trains its language SFT and BiStil's phase
+  # 1, as released (METHOD.md 2.1).
+  mmt_target_sentences: int = 0
+  # Dense and sparse steps of each language SFT (`bistil lang-sft` of the
+  # teacher on the source, close and distant corpora), applied to the
+  # phase-1 teacher per batch language (METHOD.md 2.1). 0: no language
+  # SFTs (phase 1 distils the bare teacher).
+  lang_sft_steps: int = 0
 
 
 QUICK = Budget(
@@ -370,6 +382,42 @@ def transfer_languages(family, b: Budget) -> tuple[str, str, str]:
   return b.source, b.close, b.distant
 
 
+def mmt_corpus(data, langs, targets, b: Budget) -> str:
+  """The MMT's pre-training corpus: every language's training corpus, the
+  targets' cut to their first `b.mmt_target_sentences` lines (if set)."""
+  parts = []
+  for lang in langs:
+    lines = paths.read_text(data.corpora[lang]["train"]).splitlines()
+    if lang in targets and b.mmt_target_sentences:
+      lines = lines[: b.mmt_target_sentences]
+    parts.append("".join(f"{line}\n" for line in lines))
+  return "".join(parts)
+
+
+def _lang_sft(root: str, lang: str, teacher: str, b: Budget, seed, data):
+  """`bistil lang-sft` of the teacher on one language's corpus; its SFT."""
+  workdir = _join(root, f"lang_sft_{lang}")
+  steps = b.lang_sft_steps
+  _run(
+    [
+      "lang-sft", "--config", _cfg("lang_sft.py:tiny"), "--workdir", workdir,
+      f"--config.student.model={teacher}",
+      f"--config.data.corpus={data.corpora[lang]['train']}",
+      f"--config.eval.sets=dev={data.corpora[lang]['dev']}",
+      f"--config.sparse.num_steps={steps}",
+    ]
+    + _train_over(b, steps, seed)
+  )  # fmt: skip
+  return _join(workdir, "export")
+
+
+def _teacher_sfts(sfts: dict[str, str], src: str, tgt: str) -> list[str]:
+  """Phase 1's per-language teachers (teacher.sfts), if any were made."""
+  if not sfts:
+    return []
+  return [f"--config.teacher.sfts=source={sfts[src]},target={sfts[tgt]}"]
+
+
 def _synth(out: str, langs, b: Budget, qa: bool, tokenizer: bool) -> None:
   argv = [
     "synth",
@@ -425,10 +473,7 @@ def run_seed(
   files = {"pos": data.pos, "dp": data.pos, "qa": qa_files}
   all_txt = _join(root, "all_languages.txt")
   if not paths.path(all_txt).is_file():
-    texts = [paths.read_text(data.corpora[lang]["train"]) for lang in langs]
-    paths.write_text(
-      all_txt, "".join(t if t.endswith("\n") else t + "\n" for t in texts)
-    )
+    paths.write_text(all_txt, mmt_corpus(data, langs, (close, distant), b))
   init_dir = _join(root, "teacher_init")
   if not paths.path(init_dir).is_dir():
     _run(
@@ -487,6 +532,12 @@ def run_seed(
     )
     task_teachers[task] = _join(teacher_task, "export")
   timings["teacher"] = time.perf_counter() - t
+  t = time.perf_counter()
+  sfts = {}
+  if b.lang_sft_steps:
+    for lang in (src, close, distant):
+      sfts[lang] = _lang_sft(root, lang, teacher, b, seed, data)
+    timings["lang_sfts"] = time.perf_counter() - t
 
   # --- phase 1 of every student, shared by the tasks
   t = time.perf_counter()
@@ -527,6 +578,7 @@ def run_seed(
     student = _mlm_stage(
       "distil", _join(root, f"distil_{kind}"), b, b.distil_steps,
       seed, trimmed, *corpora, f"--config.student.init={b.student_init}",
+      *_teacher_sfts(sfts, src, tgt),
     )  # fmt: skip
     # Scratch: the student's architecture and vocabulary, random weights,
     # MLM on the same two corpora for the same number of steps.
@@ -633,6 +685,11 @@ def run_ablation(out: str, seed: int, b: Budget) -> list[dict[str, Any]]:
   src, close, _ = transfer_languages(synthetic.make_family(0), b)
   trimmed = _join(root, "trimmed_close")
   teacher_pos = _join(root, "teacher_pos", "export")
+  sfts = (
+    {lang: _join(root, f"lang_sft_{lang}", "export") for lang in (src, close)}
+    if b.lang_sft_steps
+    else {}
+  )
   rows_ = []
   for init in ABLATION_INITS:
     for mix, flags in ABLATION_LOSSES.items():
@@ -641,6 +698,7 @@ def run_ablation(out: str, seed: int, b: Budget) -> list[dict[str, Any]]:
         "distil", _join(root, f"abl_distil_{tag}"), b, b.distil_steps,
         seed, trimmed, data.corpora[src]["train"],
         data.corpora[close]["train"], f"--config.student.init={init}", *flags,
+        *_teacher_sfts(sfts, src, close),
       )  # fmt: skip
       sft = _phase2(
         _join(root, f"abl_sft_{tag}"), student, teacher_pos, b, seed,

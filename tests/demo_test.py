@@ -294,6 +294,39 @@ class ParseTasksTest(absltest.TestCase):
     self.assertEqual(demo._suffix("qa"), "qa_")
 
 
+class MmtCorpusTest(absltest.TestCase):
+  def test_targets_are_cut_to_their_low_resource_share(self):
+    import types
+
+    with tempfile.TemporaryDirectory() as tmp:
+      corpora = {}
+      for lang in ("b1", "b2", "a1"):
+        path = os.path.join(tmp, f"{lang}.txt")
+        with open(path, "w") as f:
+          f.write("".join(f"{lang} {i}\n" for i in range(5)))
+        corpora[lang] = {"train": path}
+      data = types.SimpleNamespace(corpora=corpora)
+      cut = demo.dataclasses.replace(demo.QUICK, mmt_target_sentences=2)
+      text = demo.mmt_corpus(data, ["b1", "b2", "a1"], ("b2", "a1"), cut)
+      whole = demo.dataclasses.replace(demo.QUICK, mmt_target_sentences=0)
+      full = demo.mmt_corpus(data, ["b1", "b2", "a1"], ("b2", "a1"), whole)
+    lines = text.splitlines()
+    self.assertEqual(sum(ln.startswith("b1 ") for ln in lines), 5)
+    self.assertEqual(
+      [ln for ln in lines if ln.startswith("b2")], ["b2 0", "b2 1"]
+    )
+    self.assertEqual(sum(ln.startswith("a1 ") for ln in lines), 2)
+    self.assertLen(full.splitlines(), 15)
+
+  def test_phase1_teachers_get_the_language_sfts(self):
+    sfts = {"b1": "/s/b1", "b2": "/s/b2"}
+    self.assertEqual(
+      demo._teacher_sfts(sfts, "b1", "b2"),
+      ["--config.teacher.sfts=source=/s/b1,target=/s/b2"],
+    )
+    self.assertEqual(demo._teacher_sfts({}, "b1", "b2"), [])
+
+
 class MeasureColumnsTest(absltest.TestCase):
   def test_size_and_latency_columns_come_from_bistil_measure(self):
     import jax
