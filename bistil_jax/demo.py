@@ -150,7 +150,7 @@ class Budget:
   # teacher on the source, close and distant corpora), applied to the
   # phase-1 teacher per batch language (METHOD.md 2.1). 0: no language
   # SFTs (phase 1 distils the bare teacher).
-  lang_sft_steps: int = 0
+  lang_sft_steps: int = 300
 
 
 QUICK = Budget(
@@ -170,6 +170,7 @@ QUICK = Budget(
   qa_finetune_epochs=4.0,
   qa_dense_epochs=2.0,
   qa_sparse_epochs=2.0,
+  lang_sft_steps=10,
 )
 
 
