@@ -5,7 +5,9 @@ WordPiece tokenizer on all of them, MLM-pretrain a small multilingual
 teacher, task-tune it on the source language, and for two targets (one
 close to the source, one distant) build and compare, on the same budget:
 
-  bistil      trimmed bilingual vocabulary -> phase 1 -> phase 2 (LT-SFT)
+  bistil      trimmed bilingual vocabulary -> phase 1 (per-language
+              teachers: the MMT plus each language's SFT, `bistil
+              lang-sft`) -> phase 2 (LT-SFT)
   scratch     a bilingual model of the student's size, trimmed vocabulary,
               MLM from scratch -> the same phase 2
   multi       a multilingually distilled student (phase 1 on all
