@@ -222,6 +222,12 @@ class PhaseTwoCliTest(absltest.TestCase):
         cls.ev_path,
       ]
     )
+    # The student + SFT as a plain HF dir (read, never written, by tests).
+    cls.hf_pos = os.path.join(root, "hf_pos")
+    must_run(
+      ["export-hf", "--model", cls.student, "--sft", cls.sft, "--out",
+       cls.hf_pos]
+    )  # fmt: skip
 
   @classmethod
   def tearDownClass(cls):
@@ -325,11 +331,7 @@ class PhaseTwoCliTest(absltest.TestCase):
       )
 
   def test_export_hf_with_the_sft_loads_in_transformers(self):
-    out = self.path("hf_pos")
-    code, stdout, err = run_cli(
-      ["export-hf", "--model", self.student, "--sft", self.sft, "--out", out]
-    )
-    self.assertEqual(code, 0, err)
+    out = self.hf_pos
     pt = transformers.AutoModelForTokenClassification.from_pretrained(out)
     pt.eval()
     self.assertEqual(pt.config.id2label, dict(enumerate(tasks.UPOS_LABELS)))
@@ -361,14 +363,7 @@ class PhaseTwoCliTest(absltest.TestCase):
     np.testing.assert_allclose(ours, ref, atol=1e-4)
 
   def test_export_hf_equals_student_plus_sft(self):
-    out = self.path("hf_pos_again")
-    self.assertEqual(
-      run_cli(
-        ["export-hf", "--model", self.student, "--sft", self.sft, "--out", out]
-      )[0],
-      0,
-    )
-    _, exported = hf.load_hf(out)
+    _, exported = hf.load_hf(self.hf_pos)
     _, merged = surgery.merged_model(self.student, [self.sft])
     a, b = flat(exported), flat(merged)
     self.assertEqual(sorted(a), sorted(b))
@@ -421,52 +416,6 @@ class PhaseTwoCliTest(absltest.TestCase):
     self.assertGreater(step, 0)
 
   # ------------------------------------------------------ other task paths
-  def test_sparse_finetune_exports_an_sft_that_evaluate_applies(self):
-    wd = self.path("ft_sparse")
-    out = must_run(
-      [
-        "finetune",
-        *tiny("pos", FINETUNE_CONFIG),
-        "--workdir",
-        wd,
-        f"--config.student.model={self.student}",
-        f"--config.data.train={self.pos['a1']['train']}",
-        f"--config.eval.sets=dev={self.pos['a1']['dev']}",
-        "--config.sparse.enabled=true",
-        "--config.sparse.num_entries=2000",  # K as a count, not a density
-        "--config.train.epochs=0.5",
-        "--config.sparse.epochs=0.5",
-      ]
-    )
-    export = os.path.join(wd, "export")
-    self.assertIn(export, out)
-    self.assertEqual(
-      sorted(os.listdir(export)), [sparse.SFT_META, sparse.SFT_WEIGHTS]
-    )
-    meta = read_json(os.path.join(export, sparse.SFT_META))
-    self.assertEqual((meta["kind"], meta["task"]), ("task", "pos"))
-    self.assertEqual(meta["num_entries"], 2000)
-    self.assertBetween(sparse.load_sft(export).nnz, 1900, 2000)
-    res = read_json(os.path.join(wd, "results.json"))
-    self.assertEqual(res["phase"], "finetune")
-    ev = self.path("ft_sparse_ev.json")
-    must_run(
-      [
-        "evaluate",
-        "--model",
-        self.student,
-        "--sft",
-        export,
-        "--task",
-        "pos",
-        "--data",
-        f"dev={self.pos['a1']['dev']}",
-        "--out",
-        ev,
-      ]
-    )
-    self.assertEqual(read_json(ev)["dev"], res["dev"])
-
   def test_best_epoch_selection_keeps_the_best_dev_score(self):
     wd = self.path("ft_best")
     must_run(
@@ -540,13 +489,16 @@ class PhaseTwoCliTest(absltest.TestCase):
     self.assertEqual(model.config.label_names, tasks.NER_LABELS)
 
   def test_nli_lt_sft_on_a_model_without_pooler(self):
+    # LT-SFT fine-tuning (K as a count) exports a task SFT that evaluate
+    # and export-hf apply. (LT-SFT of a token task: the sft phase above,
+    # multihost_test and lt_sft_resume_test.)
     # The student has no pooler: the sequence-classification head brings a
     # fresh one, which the SFT must carry whole (the base has no values to
     # diff against), or it could not be applied to its own base model.
     _, student = hf.load_hf(self.student)
     self.assertNotIn("pooler", student)
     wd = self.path("ft_nli")
-    must_run(
+    out = must_run(
       [
         "finetune",
         *tiny("nli", FINETUNE_CONFIG),
@@ -562,7 +514,14 @@ class PhaseTwoCliTest(absltest.TestCase):
       ]
     )
     export = os.path.join(wd, "export")
+    self.assertIn(export, out)
+    self.assertEqual(
+      sorted(os.listdir(export)), [sparse.SFT_META, sparse.SFT_WEIGHTS]
+    )
     sft = sparse.load_sft(export)
+    self.assertEqual((sft.meta["kind"], sft.meta["task"]), ("task", "nli"))
+    self.assertEqual(sft.meta["num_entries"], 2000)
+    self.assertBetween(sft.nnz, 1900, 2000)
     self.assertEqual(sft.meta["head"], "sequence_classification")
     self.assertTrue(sft.meta["add_pooler"])
     self.assertEqual(tuple(sft.meta["label_names"]), tasks.NLI_LABELS)
@@ -570,6 +529,7 @@ class PhaseTwoCliTest(absltest.TestCase):
     self.assertIn("classifier/kernel", sft.dense)
     self.assertFalse(any(p.startswith("pooler/") for p in sft.diffs))
     res = read_json(os.path.join(wd, "results.json"))
+    self.assertEqual(res["phase"], "finetune")
     self.assertEqual(set(res["dev"]), {"accuracy", "num_examples"})
     self.assertEqual(res["dev"]["num_examples"], SIZES.task_dev)
     # The pooler the sparse stage ended with is the one the SFT stores.
