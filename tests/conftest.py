@@ -33,6 +33,18 @@ if not os.environ.get("BISTIL_TEST_TMP"):
   tempfile.tempdir = _root
   atexit.register(shutil.rmtree, _root, ignore_errors=True)
 
+# One persistent XLA compilation cache for the session, under that root:
+# most of the suite's time is XLA compiling tiny programs, and its many CLI
+# runs (in-process, and subprocesses, which inherit these variables) build
+# many identical ones; each is now compiled once. What is traced, and so
+# every trace or compile count a test asserts, is unchanged. JAX reads these
+# variables when it loads.
+os.environ.setdefault(
+  "JAX_COMPILATION_CACHE_DIR",
+  os.path.join(os.environ["BISTIL_TEST_TMP"], "jax-cache"),
+)
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+
 import pytest  # noqa: E402
 
 
