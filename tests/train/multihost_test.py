@@ -30,16 +30,21 @@ def free_port():
     return s.getsockname()[1]
 
 
+def xla_flags(devices):
+  """The session's XLA flags (tests/conftest.py) with `devices` devices."""
+  count = "--xla_force_host_platform_device_count="
+  flags = os.environ.get("XLA_FLAGS", "").split()
+  return " ".join(
+    [*(f for f in flags if not f.startswith(count)), f"{count}{devices}"]
+  )
+
+
 def launch(argv, processes, devices):
   """Starts `bistil ARGV` as `processes` coordinated processes."""
   port = free_port()
   procs = []
   for i in range(processes):
-    env = dict(
-      os.environ,
-      XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
-      JAX_PLATFORMS="cpu",
-    )
+    env = dict(os.environ, XLA_FLAGS=xla_flags(devices), JAX_PLATFORMS="cpu")
     if processes > 1:
       env.update(
         BISTIL_DISTRIBUTED="1",
