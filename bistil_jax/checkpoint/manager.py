@@ -415,14 +415,16 @@ def _first_line(e: BaseException) -> str:
 
 
 def _drop_closed_loop_reports() -> None:
-  """Stops the stray "RuntimeError: Event loop is closed" tracebacks.
+  """Stops the stray tracebacks of a failed restore's other array reads.
 
   When one array of a restore fails, orbax's asyncio loop ends while
   TensorStore reads of the other arrays are still in flight; each of them
   then calls `loop.call_soon_threadsafe` on the closed loop from a
   TensorStore thread, and Python reports that as an unraisable exception
-  (one traceback per array). The failure itself is reported by
-  `Checkpointer.restore`; only these follow-up reports are dropped.
+  (one traceback per array), or asyncio logs "Task exception was never
+  retrieved" for their tasks when they are collected. The failure itself is
+  reported by `Checkpointer.restore`; only these follow-up reports are
+  dropped.
   """
   previous = sys.unraisablehook
   if getattr(previous, "_bistil", False):
@@ -436,6 +438,18 @@ def _drop_closed_loop_reports() -> None:
 
   hook._bistil = True  # type: ignore[attr-defined]
   sys.unraisablehook = hook
+  logging.getLogger("asyncio").addFilter(_drop_unretrieved_restore_reads)
+
+
+def _drop_unretrieved_restore_reads(record: logging.LogRecord) -> bool:
+  """False for asyncio's "Task exception was never retrieved" report of an
+  orbax array read: the other reads of a restore that already failed, whose
+  tasks are garbage-collected later (a full traceback each, at any time)."""
+  msg = record.getMessage()
+  return not (
+    msg.startswith("Task exception was never retrieved")
+    and "async_deserialize" in msg
+  )
 
 
 @contextlib.contextmanager

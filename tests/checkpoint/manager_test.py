@@ -1,5 +1,7 @@
 """Workdirs: recovery changes on resume, the lock, checkpoint fallback."""
 
+import asyncio
+import gc
 import glob
 import json
 import logging
@@ -147,6 +149,38 @@ def test_restore_latest_falls_back_and_moves_the_bad_step_aside(
   assert "Event loop is closed" not in capfd.readouterr().err
   assert os.path.isdir(os.path.join(wd, "checkpoints.bad", "6", "state"))
   assert sorted(os.listdir(os.path.join(wd, "checkpoints"))) == ["3"]
+
+
+def _unretrieved_failure(coro_fn):
+  """Runs a failing task whose exception nobody retrieves, then collects it
+  (asyncio then logs "Task exception was never retrieved")."""
+  loop = asyncio.new_event_loop()
+  task = loop.create_task(coro_fn())
+  loop.run_until_complete(asyncio.sleep(0.01))
+  loop.close()
+  del task
+  gc.collect()
+
+
+def test_unretrieved_reads_of_a_failed_restore_are_not_logged(tmp_path, caplog):
+  async def async_deserialize():  # the name of orbax's array read
+    raise ValueError("NOT_FOUND: a chunk of the bad step")
+
+  async def other():
+    raise ValueError("somebody else's failure")
+
+  wd = str(tmp_path / "wd")
+  save_steps(wd, [3, 6])
+  break_step(wd, 6)
+  c = ckpt.Checkpointer(wd, every=1, use_async=False)
+  c.restore_latest(target())  # installs the filter
+  c.close()
+  with caplog.at_level(logging.ERROR, logger="asyncio"):
+    _unretrieved_failure(async_deserialize)
+    _unretrieved_failure(other)
+  reports = [r.getMessage() for r in caplog.records if r.name == "asyncio"]
+  assert len(reports) == 1, reports
+  assert "other()" in reports[0]
 
 
 def test_restore_latest_error_when_none_restores_moves_nothing(tmp_path):
