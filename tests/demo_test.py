@@ -294,6 +294,22 @@ class ParseTasksTest(absltest.TestCase):
     self.assertEqual(demo._suffix("qa"), "qa_")
 
 
+class FamilyTest(absltest.TestCase):
+  def test_the_default_mmt_covers_a_bigger_family_with_the_same_pair(self):
+    from bistil_jax import synthetic
+
+    b = demo.Budget()
+    self.assertEqual(demo.family_size(b), b.languages)
+    self.assertGreater(b.languages, 8)
+    self.assertEqual(demo.family_size(demo.QUICK), 8)  # the default family
+    big = synthetic.make_family(0, num_languages=demo.family_size(b))
+    small = synthetic.make_family(0)
+    self.assertLen(big.codes, b.languages)
+    src, close, distant = demo.transfer_languages(big, b)
+    for code in (src, close, distant):
+      self.assertEqual(big.language(code), small.language(code), code)
+
+
 class MmtCorpusTest(absltest.TestCase):
   def test_targets_are_cut_to_their_low_resource_share(self):
     import types
