@@ -31,12 +31,10 @@ def free_port():
 
 
 def xla_flags(devices):
-  """The session's XLA flags (tests/conftest.py) with `devices` devices."""
-  count = "--xla_force_host_platform_device_count="
-  flags = os.environ.get("XLA_FLAGS", "").split()
-  return " ".join(
-    [*(f for f in flags if not f.startswith(count)), f"{count}{devices}"]
-  )
+  """XLA's default flags, as on a user's machine (not the session's
+  compile-for-speed ones, tests/conftest.py), with `devices` devices: the
+  one- and two-process runs are compared to float rounding."""
+  return f"--xla_force_host_platform_device_count={devices}"
 
 
 def launch(argv, processes, devices):
@@ -126,7 +124,11 @@ class TwoProcessTest(absltest.TestCase):
     a, b = flat(hf.load_hf(a_dir)[1]), flat(hf.load_hf(b_dir)[1])
     self.assertEqual(sorted(a), sorted(b))
     for k in a:
-      np.testing.assert_allclose(a[k], b[k], rtol=0, atol=1e-5, err_msg=k)
+      # Adam divides by sqrt(v): where a gradient is tiny, the ~1e-8 rounding
+      # of differently split reductions grows (one of 32768 embedding
+      # entries was 1.3e-5 apart, 5e-4 relative); wrong data or a missed
+      # all-reduce moves many entries by about the learning rate.
+      np.testing.assert_allclose(a[k], b[k], rtol=1e-3, atol=1e-5, err_msg=k)
 
   def test_phase_one_two_hosts_equal_one_host(self):
     args = fixtures.distil_args(
