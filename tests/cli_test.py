@@ -45,8 +45,6 @@ def bistil(*argv: str, cwd: str) -> subprocess.CompletedProcess:
   env = dict(os.environ)
   env.pop("JAX_PLATFORMS", None)  # as on a user's CPU machine
   env.pop("XLA_FLAGS", None)
-  env.pop("JAX_COMPILATION_CACHE_DIR", None)  # the suite's (conftest.py)
-  env.pop("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", None)
   env["PYTHONPATH"] = REPO + os.pathsep + env.get("PYTHONPATH", "")
   return subprocess.run(
     [sys.executable, "-m", "bistil_jax.cli", *argv],

@@ -3,11 +3,6 @@
 The environment is set here, before JAX, fsspec, gcsfs or tensorstore load.
 `gcs_emulator` / `gcs_root` give tests a Cloud Storage emulator on loopback
 (see tests/gcs.py for how to use them).
-
-Most of the suite's time is XLA compiling tiny programs, so the session
-compiles for compile speed (`FAST_COMPILE_FLAGS`; `BISTIL_TEST_XLA_FLAGS=...`
-replaces them, empty for XLA's defaults) and keeps one persistent
-compilation cache (below).
 """
 
 import atexit
@@ -17,20 +12,8 @@ import tempfile
 
 from tests import gcs
 
-# XLA's CPU backend without LLVM optimisation and with its classic fusion
-# emitters compiles the tiny test programs in about half the time; they run
-# a little slower, and results move by float rounding only (the suite
-# compares runs under the same flags, or within a tolerance).
-FAST_COMPILE_FLAGS = os.environ.get(
-  "BISTIL_TEST_XLA_FLAGS",
-  "--xla_backend_optimization_level=0 --xla_cpu_use_fusion_emitters=false",
-)
-os.environ["XLA_FLAGS"] = " ".join(
-  [
-    os.environ.get("XLA_FLAGS", ""),
-    FAST_COMPILE_FLAGS,
-    "--xla_force_host_platform_device_count=8",
-  ]
+os.environ["XLA_FLAGS"] = (
+  os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
 ).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ["HF_HUB_OFFLINE"] = "1"
@@ -49,17 +32,6 @@ if not os.environ.get("BISTIL_TEST_TMP"):
   os.environ["TMPDIR"] = _root
   tempfile.tempdir = _root
   atexit.register(shutil.rmtree, _root, ignore_errors=True)
-
-# One persistent XLA compilation cache for the session, under that root:
-# the suite's many CLI runs (in-process, and subprocesses, which inherit
-# these variables) build many identical programs; each is compiled once.
-# What is traced, and so every trace or compile count a test asserts, is
-# unchanged. JAX reads these variables when it loads.
-os.environ.setdefault(
-  "JAX_COMPILATION_CACHE_DIR",
-  os.path.join(os.environ["BISTIL_TEST_TMP"], "jax-cache"),
-)
-os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 
 import pytest  # noqa: E402
 
