@@ -188,6 +188,9 @@ QUICK = Budget(
   # Three language SFT runs cost ~110 s of --quick's ~390 s on 2 busy
   # cores, almost all of it compiling; --quick distils the bare teacher.
   lang_sft_steps=0,
+  # 60 phase-1 steps cannot build a student from random layers; --quick
+  # checks the pipeline and the report, so it copies the teacher's layers.
+  student_init="teacher_layers",
 )
 
 
