@@ -400,6 +400,13 @@ def family_size(b: Budget) -> int:
   return max(8, b.languages)
 
 
+def _family(b: Budget):
+  """The demo's synthetic family (seed 0; seeds vary training only)."""
+  from bistil_jax import synthetic
+
+  return synthetic.make_family(0, num_languages=family_size(b))
+
+
 def transfer_languages(family, b: Budget) -> tuple[str, str, str]:
   """(source, close, distant) of a budget, checked against the family."""
   if not family.related(b.source, b.close):
@@ -482,7 +489,7 @@ def run_seed(
   t0 = time.perf_counter()
 
   # --- data, tokenizer, teacher init (fixed family; seeds vary training)
-  family = synthetic.make_family(0, num_languages=family_size(b))
+  family = _family(b)
   src, close, distant = transfer_languages(family, b)
   langs = [src, close, distant]
   langs += [c for c in family.codes if c not in langs][: b.languages - 3]
@@ -711,9 +718,7 @@ def run_ablation(out: str, seed: int, b: Budget) -> list[dict[str, Any]]:
 
   root = _join(out, f"seed{seed}")
   data = synthetic.read_dataset(_join(root, "data"))
-  src, close, _ = transfer_languages(
-    synthetic.make_family(0, num_languages=family_size(b)), b
-  )
+  src, close, _ = transfer_languages(_family(b), b)
   trimmed = _join(root, "trimmed_close")
   teacher_pos = _join(root, "teacher_pos", "export")
   sfts = (

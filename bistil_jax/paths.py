@@ -204,6 +204,38 @@ def write_text(p: PathLike, text: str) -> epath.Path:
   return write_bytes(p, text.encode("utf-8"))
 
 
+def create_exclusive(p: PathLike, data: str) -> bool:
+  """Creates the file `p` holding `data` unless it exists; True if we made it.
+
+  Local and NFSv3+ paths: O_CREAT | O_EXCL, atomic. gs://: an upload with
+  the generation precondition ifGenerationMatch=0 (gcsfs "create" mode),
+  atomic on the server. Other remote filesystems: check, then write (a
+  race window between two starts in the same instant).
+  """
+  p = path(p)
+  s = os.fspath(p)
+  if "://" not in s:
+    try:
+      fd = os.open(s, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    except FileExistsError:
+      return False
+    with os.fdopen(fd, "w") as f:
+      f.write(data)
+    return True
+  if s.startswith("gs://"):
+    import fsspec  # noqa: PLC0415 - only for gs:// paths
+
+    try:
+      fsspec.filesystem("gs").pipe_file(s, data.encode(), mode="create")
+    except FileExistsError:
+      return False
+    return True
+  if p.exists():
+    return False
+  p.write_text(data)
+  return True
+
+
 def read_text(p: PathLike, encoding: str = "utf-8") -> str:
   """The text of a file (any encoding Python knows, e.g. `utf-8-sig`)."""
   return path(p).read_bytes().decode(encoding)

@@ -156,6 +156,7 @@ def test_cli_gs_without_network_one_line(tmp_path):
 # through bistil_jax.paths. Legitimate uses, allow-listed with the reason.
 CONVERTED = [
   "bistil_jax/checkpoint/hf.py",
+  "bistil_jax/checkpoint/manager.py",
   "bistil_jax/checkpoint/commands.py",
   "bistil_jax/checkpoint/student_init.py",
   "bistil_jax/data/mlm.py",
@@ -172,6 +173,7 @@ CONVERTED = [
   "bistil_jax/configlib.py",
   "bistil_jax/metrics.py",
   "bistil_jax/measure.py",
+  "bistil_jax/demo.py",
 ]
 FORBIDDEN = re.compile(
   r"os\.path\.|(?<![\w.])open\(|shutil\.|os\.makedirs|os\.listdir|"
@@ -223,3 +225,15 @@ def test_exports_get_umask_permissions(tmp_path):
     for f in os.listdir(tmp_path / d):
       mode = stat.S_IMODE(os.stat(tmp_path / d / f).st_mode)
       assert mode == 0o644, (d, f, oct(mode))
+
+
+@pytest.mark.parametrize("where", ["local", "gcs"])
+def test_create_exclusive_makes_a_file_once(where, tmp_path, request):
+  root = (
+    str(tmp_path) if where == "local" else request.getfixturevalue("gcs_root")
+  )
+  f = f"{root}/run/.lock"
+  paths.mkdirs(f"{root}/run")
+  assert paths.create_exclusive(f, "first")
+  assert not paths.create_exclusive(f, "second")
+  assert paths.read_text(f) == "first"

@@ -42,7 +42,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 
-from bistil_jax import configlib
+from bistil_jax import configlib, paths
 from bistil_jax.errors import BistilError
 
 log = logging.getLogger(__name__)
@@ -254,37 +254,6 @@ def _pid_alive(pid: int) -> bool:
   return True
 
 
-def _create_exclusive(path: epath.Path, data: str) -> bool:
-  """Creates `path` holding `data` unless it exists; True if we made it.
-
-  Local and NFSv3+ paths: O_CREAT | O_EXCL, atomic. gs://: an upload with
-  the generation precondition ifGenerationMatch=0 (gcsfs "create" mode),
-  atomic on the server. Other remote filesystems: check, then write (a
-  race window between two starts in the same instant).
-  """
-  s = os.fspath(path)
-  if "://" not in s:
-    try:
-      fd = os.open(s, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-    except FileExistsError:
-      return False
-    with os.fdopen(fd, "w") as f:
-      f.write(data)
-    return True
-  if s.startswith("gs://"):
-    import fsspec  # noqa: PLC0415 - only for gs:// workdirs
-
-    try:
-      fsspec.filesystem("gs").pipe_file(s, data.encode(), mode="create")
-    except FileExistsError:
-      return False
-    return True
-  if path.exists():
-    return False
-  path.write_text(data)
-  return True
-
-
 @contextlib.contextmanager
 def workdir_lock(workdir: str) -> Iterator[None]:
   """Holds `<workdir>/.lock` for the body: one run per workdir.
@@ -330,7 +299,7 @@ def workdir_lock(workdir: str) -> Iterator[None]:
   }
   text = json.dumps(me)
   for attempt in range(2):
-    if _create_exclusive(lock, text):
+    if paths.create_exclusive(lock, text):
       break
     try:
       other = json.loads(lock.read_text())
