@@ -12,6 +12,7 @@ import importlib
 import logging
 import sys
 
+from bistil_jax import paths
 from bistil_jax.errors import BistilError
 
 # Modules contributing subcommands, in help order.
@@ -115,6 +116,25 @@ def main(argv: list[str] | None = None) -> int:
   except KeyboardInterrupt:
     print("error: interrupted", file=sys.stderr)
     return 130
+  except Exception as e:
+    # Backstop: a storage request outside the path layer's check failed
+    # (the network went away mid-run, credentials expired). One line, not
+    # the client's chained tracebacks.
+    failure = paths.remote_failure(e)
+    if failure is None:
+      raise
+    print(f"error: {remote_failure_line(failure)}", file=sys.stderr)
+    return 2
+
+
+def remote_failure_line(err: BaseException) -> str:
+  """One line for a failed cloud storage request (see paths.remote_cause)."""
+  cause, advice = paths.remote_cause(err)
+  first = (str(err).strip().splitlines() or [""])[0][:200]
+  return (
+    f"a cloud storage request failed: {cause} "
+    f"({type(err).__name__}: {first}); {advice}"
+  )
 
 
 def _maybe_initialize_distributed() -> None:

@@ -36,8 +36,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-from etils import epath
 
+from bistil_jax import paths
 from bistil_jax.data import vocab as vocab_lib
 from bistil_jax.errors import BistilError
 from bistil_jax.model.config import ModelConfig
@@ -350,7 +350,7 @@ def disk_size(path: str) -> dict[str, int]:
   Raises:
     BistilError: the dir does not exist.
   """
-  root = epath.Path(path)
+  root = paths.path(path)
   if not root.is_dir():
     raise BistilError(f"model dir {path} does not exist")
   out = {p.name: p.stat().length for p in sorted(root.iterdir()) if p.is_file()}

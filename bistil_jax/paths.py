@@ -56,6 +56,21 @@ def is_remote(p: PathLike) -> bool:
   return os.fspath(p).startswith(_REMOTE_PREFIXES)
 
 
+def is_url(p: PathLike) -> bool:
+  """Whether `p` has a URL scheme (`x://`), one `path()` takes or not."""
+  return "://" in os.fspath(p)
+
+
+def is_path(p: PathLike) -> bool:
+  """Whether `path()` takes `p`: a local path or a remote URL.
+
+  For strings that may be a path or something else, such as a corpus or
+  task spec (`json:gs://b/f.json:text`, `hf:name:split`): test this before
+  asking whether the path exists.
+  """
+  return is_remote(p) or not is_url(p)
+
+
 def path(p: PathLike) -> epath.Path:
   """The `epath.Path` of a user-given path; `~` expanded on local paths.
 
@@ -80,7 +95,7 @@ def path(p: PathLike) -> epath.Path:
     # NOTE: `os.path.normpath("gs://b/x")` is "gs:/b/x"; treating that as a
     # local path would create a directory named `gs:` in the working dir.
     raise BistilError(f"{s}: looks like a URL that lost a slash (gs://...)")
-  if "://" in s:
+  if is_url(s):
     raise BistilError(
       f"{s}: unsupported URL; use a local path or gs://, s3://, az://"
     )
@@ -154,11 +169,82 @@ def _explain(p: epath.Path, err: BaseException) -> str:
   first = (str(err).strip().splitlines() or [type(err).__name__])[0]
   if isinstance(err, ImportError):  # e.g. s3:// without s3fs installed
     return f"{p}: this filesystem needs a package that is missing: {first}"
+  cause, advice = remote_cause(err)
   return (
-    f"{p}: cannot reach {_bucket(p)} ({type(err).__name__}: {first[:200]}); "
-    "check the network and the credentials (gcloud auth "
-    "application-default login, or a VM service account)"
+    f"{p}: cannot reach {_bucket(p)}: {cause} "
+    f"({type(err).__name__}: {first[:200]}); {advice}"
   )
+
+
+_LOGIN = "gcloud auth application-default login, or a VM service account"
+
+
+def _kinds(err: BaseException) -> set[str]:
+  """`module.Class` of the error's type and its bases (no client imports)."""
+  return {f"{c.__module__}.{c.__qualname__}" for c in type(err).__mro__}
+
+
+def remote_cause(err: BaseException) -> tuple[str, str]:
+  """(cause, what to do) of a failed request to an object store.
+
+  Classified by type, without importing the storage clients: a deadline or
+  a failed connection is "no network", a google.auth error or HTTP 401
+  "no credentials", HTTP 403 "permission denied", a 404 on the bucket "no
+  such bucket".
+
+  Args:
+    err: the exception the client raised (or our TimeoutError).
+
+  Returns:
+    Two short phrases for an error line.
+  """
+  kinds = _kinds(err)
+  code = getattr(err, "code", None)
+  text = str(err)
+  if any(k.startswith("google.auth.") for k in kinds) or code == 401:
+    return "no credentials", f"check the credentials ({_LOGIN})"
+  if isinstance(err, PermissionError) or code == 403 or "Forbidden" in text:
+    return "permission denied", (
+      f"grant this account access to the bucket, or use another ({_LOGIN})"
+    )
+  if isinstance(err, FileNotFoundError):
+    return "no such bucket", "check the bucket name"
+  if isinstance(err, (TimeoutError, ConnectionError, socket.gaierror)) or any(
+    k.startswith("aiohttp.client_exceptions.Client") for k in kinds
+  ):
+    return "no network", (
+      "check the network connection (and BISTIL_REMOTE_TIMEOUT, seconds, "
+      "on a slow link)"
+    )
+  return "request failed", f"check the network and the credentials ({_LOGIN})"
+
+
+# Error types of the storage clients (gcsfs over aiohttp, google.auth) that
+# mean the store could not be reached or would not let us in.
+_CLIENT_FAILURES = (
+  "aiohttp.client_exceptions.ClientError",
+  "google.auth.exceptions.GoogleAuthError",
+  "gcsfs.retry.HttpError",
+)
+
+
+def remote_failure(err: BaseException) -> BaseException | None:
+  """The storage client's network or credentials error behind `err`.
+
+  Follows the `__cause__`/`__context__` chain; for a last-resort handler
+  (the CLI's), where a request outside `path()`'s check failed.
+
+  Returns:
+    The first such error in the chain, or None.
+  """
+  seen: set[int] = set()
+  e: BaseException | None = err
+  while e is not None and id(e) not in seen:
+    seen.add(id(e))
+    if _kinds(e) & set(_CLIENT_FAILURES):
+      return e
+    e = e.__cause__ or e.__context__
+  return None
 
 
 def mkdirs(p: PathLike) -> epath.Path:
@@ -214,7 +300,7 @@ def create_exclusive(p: PathLike, data: str) -> bool:
   """
   p = path(p)
   s = os.fspath(p)
-  if "://" not in s:
+  if not is_remote(s):
     try:
       fd = os.open(s, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
     except FileExistsError:

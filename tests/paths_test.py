@@ -2,6 +2,7 @@
 
 import os
 import re
+import socket
 import stat
 import subprocess
 import sys
@@ -237,3 +238,41 @@ def test_create_exclusive_makes_a_file_once(where, tmp_path, request):
   assert paths.create_exclusive(f, "first")
   assert not paths.create_exclusive(f, "second")
   assert paths.read_text(f) == "first"
+
+
+def _client_errors():
+  import aiohttp  # noqa: PLC0415
+  import google.auth.exceptions as auth  # noqa: PLC0415
+  from aiohttp.client_reqrep import ConnectionKey  # noqa: PLC0415
+  from gcsfs.retry import HttpError  # noqa: PLC0415
+
+  key = ConnectionKey("127.0.0.1", 1, False, True, None, None, None)
+  return [
+    (TimeoutError("no answer within 3 s"), "no network"),
+    (socket.gaierror(-3, "Temporary failure in name resolution"), "no network"),
+    (aiohttp.ClientConnectorError(key, OSError(111, "refused")), "no network"),
+    (auth.DefaultCredentialsError("no default credentials"), "no credentials"),
+    (HttpError({"code": 401, "message": "Anonymous caller"}), "no credentials"),
+    (OSError("Forbidden: b/run\nno storage.objects.get"), "permission denied"),
+    (FileNotFoundError("bucket gs://b not found"), "no such bucket"),
+  ]
+
+
+def test_remote_cause_names_each_kind():
+  for err, cause in _client_errors():
+    got, advice = paths.remote_cause(err)
+    assert got == cause, (err, got)
+    assert advice
+
+
+def test_remote_failure_finds_the_client_error_in_the_chain():
+  err, _ = _client_errors()[2]
+  try:
+    try:
+      raise err
+    except Exception as e:
+      raise RuntimeError("checkpoint save failed") from e
+  except RuntimeError as outer:
+    assert paths.remote_failure(outer) is err
+  assert paths.remote_failure(RuntimeError("a bug")) is None
+  assert paths.remote_failure(OSError(28, "No space left on device")) is None

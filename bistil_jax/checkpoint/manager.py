@@ -19,9 +19,10 @@ the caller passes overwrite=True, except for the declared recovery keys
 change on resume and are recorded; a non-empty directory that is not a
 bistil workdir is always refused, so no user data is ever removed.
 
-Every file operation goes through `etils.epath`, so a workdir may be a
-`gs://` path (GCS has no empty directories and no rglob; a rename is a
-copy + delete, so nothing here relies on either being cheap or atomic).
+Every file operation goes through the path layer (`bistil_jax.paths`), so a
+workdir may be a `gs://` path (GCS has no empty directories and no rglob; a
+rename is a copy + delete, so nothing here relies on either being cheap or
+atomic).
 """
 
 from __future__ import annotations
@@ -84,7 +85,9 @@ def _recovery_refusal(key: str, old: Any, new: Any) -> str | None:
 
 
 def _path(p: str | os.PathLike) -> epath.Path:
-  return epath.Path(p)
+  # Through the path layer: a remote workdir's bucket answers in time or
+  # the user gets one line naming it (issue 21).
+  return paths.path(p)
 
 
 def _write_json_atomic(path: epath.Path, obj: Any) -> None:
@@ -461,7 +464,7 @@ class Checkpointer:
     if keep < 1:
       raise BistilError(f"checkpoints to keep must be >= 1, got {keep}")
     wd = _path(workdir)
-    if "://" not in os.fspath(wd):
+    if not paths.is_remote(wd):
       wd = wd.absolute()
     self.directory = wd / CHECKPOINTS
     self.every = every
@@ -611,7 +614,7 @@ def read_state(
   elif step not in steps:
     raise BistilError(f"{workdir} has no checkpoint {step}; it has {steps}")
   path = directory / str(step) / "state"
-  if "://" not in os.fspath(path):
+  if not paths.is_remote(path):
     path = path.absolute()
   ck = ocp.StandardCheckpointer()
   try:

@@ -28,8 +28,6 @@ import logging
 import os
 from collections.abc import Iterator
 
-from etils import epath
-
 from bistil_jax import paths
 from bistil_jax.errors import BistilError
 
@@ -62,6 +60,11 @@ class CorpusSpec:
   column: str = DEFAULT_COLUMN
 
 
+def _is_existing_path(s: str) -> bool:
+  """Whether `s` is a local or remote path that exists (not `hf:...`)."""
+  return paths.is_path(s) and paths.path(s).exists()
+
+
 def parse_spec(spec: str) -> CorpusSpec:
   """Parses a CORPUS spec string (see the module docstring).
 
@@ -76,7 +79,7 @@ def parse_spec(spec: str) -> CorpusSpec:
   """
   if not isinstance(spec, str) or not spec.strip():
     raise BistilError(f"empty corpus spec {spec!r}")
-  if epath.Path(spec).exists():
+  if _is_existing_path(spec):
     return CorpusSpec(kind="file", path=spec)
   prefix, sep, rest = spec.partition(":")
   if sep and prefix == "hf":
@@ -106,7 +109,7 @@ def parse_spec(spec: str) -> CorpusSpec:
     if prefix != "text":
       head, csep, tail = rest.rpartition(":")
       # A trailing `:COLUMN` unless the whole rest is an existing path.
-      if csep and head and not epath.Path(rest).exists():
+      if csep and head and not _is_existing_path(rest):
         path, column = head, tail
     if not path:
       raise BistilError(f"bad corpus spec {spec!r}: no path after {prefix}:")
@@ -389,7 +392,7 @@ def _check_local_files(path: str) -> None:
   """Fails early for a missing or unreadable data file (or glob)."""
   import glob  # noqa: PLC0415 - only for has_magic
 
-  p = epath.Path(path)
+  p = paths.path(path)
   if glob.has_magic(path):
     # Magic in the last part only (epath globs one level on remote paths).
     matches = sorted(p.parent.glob(p.name)) if p.parent.exists() else []
@@ -398,6 +401,6 @@ def _check_local_files(path: str) -> None:
   if not matches or not matches[0].exists():
     raise BistilError(f"corpus file not found: {path}")
   for m in matches:
-    local = "://" not in os.fspath(m)
+    local = not paths.is_remote(m)
     if local and m.is_file() and not os.access(m, os.R_OK):
       raise BistilError(f"cannot read corpus file {m}: permission denied")

@@ -567,7 +567,7 @@ def parse_source(spec: str) -> TaskSource:
   """
   if not isinstance(spec, str) or not spec.strip():
     raise BistilError(f"empty task data spec {spec!r}")
-  if (paths.is_remote(spec) or "://" not in spec) and paths.path(spec).exists():
+  if paths.is_path(spec) and paths.path(spec).exists():
     return TaskSource(kind="file", path=spec)
   prefix, sep, rest = spec.partition(":")
   if sep and prefix == "hf":

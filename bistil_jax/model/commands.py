@@ -22,8 +22,7 @@ import json
 import logging
 from typing import Any
 
-from etils import epath
-
+from bistil_jax import paths
 from bistil_jax.errors import BistilError
 from bistil_jax.model.config import ModelConfig, preset
 
@@ -64,7 +63,7 @@ def _config_from(config_path: str) -> ModelConfig:
   For a dir with model.safetensors, a BERT pooler in the weights is kept
   (config.json does not say whether a model has one).
   """
-  path = epath.Path(config_path)
+  path = paths.path(config_path)
   weights = None
   if path.is_dir():
     weights = path / "model.safetensors"
@@ -79,7 +78,10 @@ def _config_from(config_path: str) -> ModelConfig:
   if weights is not None and weights.is_file():
     from safetensors import safe_open  # noqa: PLC0415
 
-    with safe_open(str(weights), framework="numpy") as f:
+    with (
+      paths.local_copy(weights) as local,
+      safe_open(local, framework="numpy") as f,
+    ):
       kw["add_pooler"] = any(
         k.startswith("pooler.") or ".pooler." in k for k in f.keys()
       )
@@ -128,7 +130,7 @@ def init_model(
     cfg = cfg.replace(**overrides)
   except (TypeError, ValueError) as e:
     raise BistilError(f"bad model config override: {e}") from None
-  out_path = epath.Path(out)
+  out_path = paths.path(out)
   ours = (out_path / tok_lib.INIT_RECORD).is_file()
   record = {
     "preset": preset_name,
@@ -180,7 +182,7 @@ def _run_measure(args: argparse.Namespace) -> int:
   )
   text = json.dumps(info, indent=2)
   if args.out:
-    epath.Path(args.out).write_text(text + "\n")
+    paths.write_text(args.out, text + "\n")
   print(text if args.json else measure.format_measure(info))
   return 0
 

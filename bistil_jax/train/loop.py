@@ -36,7 +36,6 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-from etils import epath
 
 from bistil_jax import paths
 from bistil_jax.checkpoint import manager as ckpt
@@ -97,7 +96,7 @@ def reduce_metrics(history: list[Mapping[str, Any]]) -> dict[str, float]:
 class MetricWriter:
   """TensorBoard event files + metrics.jsonl, on process 0 only.
 
-  Paths are `etils.epath` paths, so `gs://...` works: local files are
+  Paths go through `bistil_jax.paths`, so `gs://...` works: local files are
   appended to; on object stores (no append) the rows are kept and the whole
   file is rewritten at flush/close and at most every `rewrite_secs`.
   TensorBoard events for a remote logdir are written to a local staging dir
@@ -115,12 +114,12 @@ class MetricWriter:
     self._tb_local: str | None = None  # remote logdir: local event files
     self._jsonl = None
     self._rows: list[str] | None = None  # remote: every row, rewritten
-    self._path = epath.Path(logdir) / "metrics.jsonl"
+    self._path = paths.path(logdir) / "metrics.jsonl"
     self._rewrite_secs = rewrite_secs
     self._written = time.monotonic()
     if not self.enabled:
       return
-    epath.Path(logdir).mkdir(parents=True, exist_ok=True)
+    paths.mkdirs(logdir)
     rows = []
     if self._path.exists():
       rows = [r + "\n" for r in self._path.read_text().splitlines() if r]
@@ -131,7 +130,7 @@ class MetricWriter:
         if len(kept) != len(rows):
           rows = kept
           self._path.write_text("".join(rows))
-    if _is_remote(self._path):
+    if paths.is_remote(self._path):
       self._rows = rows
     else:
       self._jsonl = self._path.open("a")  # noqa: SIM115 - closed in close()
@@ -173,8 +172,8 @@ class MetricWriter:
     if self._tb_local is not None:
       if self._tb is not None:
         self._tb.flush()
-      for f in epath.Path(self._tb_local).iterdir():
-        paths.copy_file(f, epath.Path(self.logdir) / f.name)
+      for f in paths.path(self._tb_local).iterdir():
+        paths.copy_file(f, paths.path(self.logdir) / f.name)
 
   def text(self, step: int, tag: str, text: str) -> None:
     if self.enabled and self._tb is not None:
@@ -200,13 +199,9 @@ class MetricWriter:
       self._tb_local = None
 
 
-def _is_remote(path: epath.Path) -> bool:
-  return "://" in os.fspath(path)
-
-
 def read_metrics(logdir: str) -> list[dict[str, float]]:
   """The rows of metrics.jsonl (for tests, reports and plots)."""
-  path = epath.Path(logdir) / "metrics.jsonl"
+  path = paths.path(logdir) / "metrics.jsonl"
   if not path.is_file():
     return []
   return [json.loads(r) for r in path.read_text().splitlines() if r.strip()]
