@@ -27,6 +27,7 @@ directory.
 from __future__ import annotations
 
 import contextlib
+import errno
 import io
 import logging
 import os
@@ -247,6 +248,70 @@ def remote_failure(err: BaseException) -> BaseException | None:
   return None
 
 
+# ---------------------------------------------------------------- disk full
+_NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
+# How tensorstore (orbax's array writer) reports ENOSPC: a ValueError whose
+# text ends "No space left on device [os_error_code='28']".
+_NO_SPACE_TEXT = ("No space left on device", "Disk quota exceeded")
+
+
+def is_disk_full(err: BaseException) -> bool:
+  """Whether `err`, or an error in its cause chain, is a full disk."""
+  seen: set[int] = set()
+  e: BaseException | None = err
+  while e is not None and id(e) not in seen:
+    seen.add(id(e))
+    if isinstance(e, DiskFullError):
+      return True
+    if isinstance(e, OSError) and e.errno in _NO_SPACE:
+      return True
+    if any(t in str(e) for t in _NO_SPACE_TEXT):
+      return True
+    e = e.__cause__ or e.__context__
+  return False
+
+
+def free_bytes(p: PathLike) -> int | None:
+  """Bytes free on the local filesystem of `p` (None on object stores)."""
+  if is_remote(p):
+    return None
+  d = os.path.abspath(os.fspath(p))
+  while not os.path.exists(d) and os.path.dirname(d) != d:
+    d = os.path.dirname(d)
+  try:
+    return shutil.disk_usage(d).free
+  except OSError:
+    return None
+
+
+class DiskFullError(BistilError):
+  """No space left on the filesystem where `path` is written.
+
+  One line naming the path, what was being written, the bytes it needed
+  (where known) and the bytes free.
+  """
+
+  def __init__(
+    self,
+    path: PathLike,
+    needed: int | None = None,
+    *,
+    what: str = "",
+    advice: str = "free some space or write elsewhere",
+  ):
+    self.path = os.fspath(path)
+    self.needed = needed
+    self.what = what
+    free = free_bytes(path)
+    facts = [what] if what else []
+    if needed:
+      facts.append(f"{needed:,} bytes needed")
+    if free is not None:
+      facts.append(f"{free:,} bytes free")
+    said = f" ({', '.join(facts)})" if facts else ""
+    super().__init__(f"{self.path}: the disk is full{said}; {advice}")
+
+
 def mkdirs(p: PathLike) -> epath.Path:
   """Creates a directory and its parents (a no-op on object stores)."""
   p = path(p)
@@ -280,6 +345,10 @@ def write_bytes(p: PathLike, data: bytes) -> epath.Path:
   try:
     tmp.write_bytes(data)
     tmp.replace(p)
+  except OSError as e:
+    if not is_disk_full(e):
+      raise
+    raise DiskFullError(p, len(data)) from None
   finally:
     tmp.unlink(missing_ok=True)
   return p
@@ -464,6 +533,15 @@ def atomic_dir(dst: PathLike, overwrite: bool = True) -> Iterator[epath.Path]:
     _move(tmp, dst)
     if old is not None:
       rmtree(old)
+  except Exception as e:
+    if not is_disk_full(e):
+      raise
+    # Name the directory the user asked for, not our temporary sibling.
+    what = ""
+    if isinstance(e, DiskFullError) and e.path.startswith(os.fspath(tmp)):
+      what = "writing " + e.path[len(os.fspath(tmp)) :].lstrip("/")
+    needed = e.needed if isinstance(e, DiskFullError) else None
+    raise DiskFullError(dst, needed, what=what) from None
   finally:
     rmtree(tmp)
 

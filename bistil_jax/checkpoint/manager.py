@@ -27,6 +27,7 @@ atomic).
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import datetime
 import json
@@ -443,6 +444,25 @@ def _quiet_orbax() -> Iterator[None]:
       lg.setLevel(level)
 
 
+class _DropDiskFull(logging.Filter):
+  """Drops orbax's logged tracebacks of a save that failed on a full disk.
+
+  Orbax's writer threads log the tensorstore error with its traceback
+  (absl, ERROR) before the save raises, and asyncio reports each write
+  whose failure nobody retrieved; Checkpointer reports the failure in one
+  line, so those records are noise. Every other record passes.
+  """
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    err = record.exc_info[1] if record.exc_info else None
+    if err is not None and paths.is_disk_full(err):
+      return False
+    return not paths.is_disk_full(Exception(record.getMessage()))
+
+
+_DROP_DISK_FULL = _DropDiskFull()
+
+
 class Checkpointer:
   """One Orbax CheckpointManager per workdir: state + data position.
 
@@ -477,6 +497,17 @@ class Checkpointer:
     self._mngr = ocp.CheckpointManager(
       self.directory, options=options, item_names=("state", "data")
     )
+    self._saving: tuple[int, int] | None = None  # (step, bytes) in flight
+    self._failed = False  # a save failed and was reported
+    # A failed save ends orbax's loop with writes in flight, as a failed
+    # restore does: their follow-up reports go too.
+    for name in ("absl", "asyncio"):  # writer threads; unretrieved writes
+      logging.getLogger(name).addFilter(_DROP_DISK_FULL)  # once: a set
+    _drop_closed_loop_reports()
+    # NOTE: orbax's threads still running when the interpreter tears down
+    # print thousands of lines (`sys.meta_path is None`); a caller whose
+    # own cleanup failed before `close` still gets them joined.
+    atexit.register(self._close_at_exit)
 
   def latest_step(self) -> int | None:
     return self._mngr.latest_step()
@@ -493,13 +524,20 @@ class Checkpointer:
     """Starts an (async) save of `state` and the data position at `step`."""
     if step in self.all_steps():
       return False
-    return self._mngr.save(
-      step,
-      args=ocp.args.Composite(
-        state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(dict(data))
-      ),
-      force=force,
-    )
+    self._saving = (step, _nbytes(state))
+    try:
+      return self._mngr.save(
+        step,
+        args=ocp.args.Composite(
+          state=ocp.args.StandardSave(state),
+          data=ocp.args.JsonSave(dict(data)),
+        ),
+        force=force,
+      )
+    except Exception as e:
+      if not paths.is_disk_full(e):
+        raise
+      raise self._disk_full() from None
 
   def restore(self, step: int, abstract_state: Any) -> tuple[Any, dict]:
     """Restores step `step` into the (sharded) abstract target."""
@@ -584,11 +622,73 @@ class Checkpointer:
     return dst
 
   def wait(self) -> None:
-    self._mngr.wait_until_finished()
+    """Waits for the async save in flight; raises what it raised."""
+    try:
+      self._mngr.wait_until_finished()
+    except Exception as e:
+      if not paths.is_disk_full(e):
+        raise
+      raise self._disk_full() from None
 
   def close(self) -> None:
-    self._mngr.wait_until_finished()
-    self._mngr.close()
+    """Waits for the save in flight and joins orbax's threads.
+
+    Always closes the manager, even after a failed save: its threads left
+    running at interpreter exit bury the error under thousands of lines
+    (`sys.meta_path is None`). A failure already raised by `save` or
+    `wait` is not raised again.
+    """
+    try:
+      self.wait()
+    except Exception:
+      if not self._failed:
+        raise
+    finally:
+      atexit.unregister(self._close_at_exit)
+      with contextlib.suppress(Exception):
+        self._mngr.close()
+
+  def _close_at_exit(self) -> None:
+    with contextlib.suppress(Exception):
+      self._mngr.close()
+
+  def _disk_full(self) -> BistilError:
+    """A failed save on a full disk as one line; the partial step removed.
+
+    Orbax writes a step into `<step>.orbax-checkpoint-tmp...` and renames
+    it when complete, so the last good step is untouched; the partial
+    directory is removed here to give the space back.
+    """
+    if self._failed:
+      return BistilError(f"checkpoint save in {self.directory} failed")
+    self._failed = True
+    step, nbytes = self._saving or (None, None)
+    with contextlib.suppress(Exception):
+      self._mngr.wait_until_finished()  # nothing may write while we clean
+    if step is not None and jax.process_index() == 0:
+      for d in self.directory.iterdir():
+        if d.name.startswith(f"{step}.orbax-checkpoint-tmp"):
+          with contextlib.suppress(OSError):
+            paths.rmtree(d)
+    last = self._mngr.latest_step()
+    resume = (
+      f"rerun the same command to resume from step {last}"
+      if last is not None
+      else "rerun the same command"
+    )
+    what = f"checkpoint step {step}" if step is not None else ""
+    if step is not None and nbytes:
+      what += f" of about {nbytes:,} bytes"  # before orbax's compression
+    return paths.DiskFullError(
+      self.directory,
+      what=what,
+      advice=f"nothing was saved for that step; free some space and {resume}",
+    )
+
+
+def _nbytes(tree: Any) -> int:
+  """Bytes of the arrays in a pytree (what a checkpoint of it needs)."""
+  return sum(int(getattr(x, "nbytes", 0)) for x in jax.tree.leaves(tree))
 
 
 def read_state(

@@ -22,6 +22,7 @@ step even though JAX dispatches asynchronously.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -162,12 +163,23 @@ class MetricWriter:
       if time.monotonic() - self._written > self._rewrite_secs:
         self._rewrite()
     elif self._jsonl is not None:
-      self._jsonl.write(line)
-      self._jsonl.flush()
+      with self._disk_full_is_one_line():
+        self._jsonl.write(line)
+        self._jsonl.flush()
+
+  @contextlib.contextmanager
+  def _disk_full_is_one_line(self) -> Iterator[None]:
+    """A full disk under the metrics as one line (paths.DiskFullError)."""
+    try:
+      yield
+    except OSError as e:
+      if not paths.is_disk_full(e):
+        raise
+      raise paths.DiskFullError(self._path) from None
 
   def _rewrite(self) -> None:
     if self._rows is not None:
-      self._path.write_text("".join(self._rows))
+      paths.write_text(self._path, "".join(self._rows))
       self._written = time.monotonic()
     if self._tb_local is not None:
       if self._tb is not None:
