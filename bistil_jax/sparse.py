@@ -33,7 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding
 
-from bistil_jax import paths
+from bistil_jax import partitioning, paths
 from bistil_jax.errors import BistilError
 
 log = logging.getLogger(__name__)
@@ -252,17 +252,14 @@ def _select(d, e, t, cut, row_limit, sharding):
 
 
 def _per_leaf(fn, ds, es, limits, *args) -> np.ndarray:
-  """fn over all leaves, dispatched first and fetched together: [leaves].
-
-  NOTE: across processes each count is a collective; dispatched together,
-  the gloo CPU collectives of different leaves can run in different orders
-  on different hosts and deadlock, so multi-host runs fetch one at a time.
-  """
-  leaves = zip(ds, es, limits, strict=True)
-  if jax.process_count() > 1:
-    out = [jax.device_get(fn(d, e, *args, r)) for d, e, r in leaves]
-  else:
-    out = jax.device_get([fn(d, e, *args, r) for d, e, r in leaves])
+  """fn over all leaves, dispatched and fetched as `partitioning.fetch_all`
+  finds safe (together on TPU/GPU, one at a time on CPU meshes and across
+  processes, where concurrent collectives can deadlock): [leaves]."""
+  calls = [
+    functools.partial(fn, d, e, *args, r)
+    for d, e, r in zip(ds, es, limits, strict=True)
+  ]
+  out = partitioning.fetch_all(calls)
   return np.asarray(out, dtype=np.int64).reshape(-1)
 
 

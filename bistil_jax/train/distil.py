@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from bistil_jax import configlib, paths
+from bistil_jax import configlib, partitioning, paths
 from bistil_jax.checkpoint import hf, student_init, surgery
 from bistil_jax.checkpoint import manager as ckpt
 from bistil_jax.data import corpus, pipeline, vocab
@@ -354,7 +354,9 @@ def _eval_fn(ctx, jsums, dev, frozen):
     out = {}
     for lang, batches in arrays.items():
       teacher = frozen[LANGS.index(lang)]
-      host = jax.device_get([jsums(state.params, teacher, b) for b in batches])
+      host = partitioning.fetch_all(
+        [functools.partial(jsums, state.params, teacher, b) for b in batches]
+      )
       for k, v in loop.reduce_metrics(host).items():
         out[f"{lang}/{k}"] = v
     return out

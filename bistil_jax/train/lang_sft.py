@@ -34,7 +34,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from bistil_jax import configlib, losses, paths, sparse
+from bistil_jax import configlib, losses, partitioning, paths, sparse
 from bistil_jax.checkpoint import hf
 from bistil_jax.checkpoint import language as lang_ckpt
 from bistil_jax.checkpoint import manager as ckpt
@@ -226,7 +226,9 @@ def evaluator(model: Model, loss_cfg, dev_arrays):
   def evaluate(params) -> dict[str, float]:
     out = {}
     for name, batches in dev_arrays.items():
-      host = jax.device_get([sums(params, None, b) for b in batches])
+      host = partitioning.fetch_all(
+        [functools.partial(sums, params, None, b) for b in batches]
+      )
       for k, v in loop.reduce_metrics(host).items():
         out[f"{name}/{k}"] = v
     return out
