@@ -61,7 +61,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run_distil(args: argparse.Namespace, phase: str = "distil") -> int:
   from bistil_jax.train import distil
 
-  config = configlib.build_config(args.config, args.overrides)
+  config = configlib.build_config(args.config, args.overrides, phase)
   out = distil.run(config, args.workdir, overwrite=args.overwrite, phase=phase)
   if out:
     print(f"{'student' if phase == 'distil' else 'model'}: {out}")
@@ -97,7 +97,7 @@ def register_task(subparsers: argparse._SubParsersAction) -> None:
 def run_task(args: argparse.Namespace, phase: str) -> int:
   from bistil_jax.train import task
 
-  config = configlib.build_config(args.config, args.overrides)
+  config = configlib.build_config(args.config, args.overrides, phase)
   out = task.run(config, args.workdir, phase=phase, overwrite=args.overwrite)
   print(f"{phase}: {out}")
   return 0
@@ -121,7 +121,7 @@ def register_lang_sft(subparsers: argparse._SubParsersAction) -> None:
 def run_lang_sft(args: argparse.Namespace) -> int:
   from bistil_jax.train import lang_sft
 
-  config = configlib.build_config(args.config, args.overrides)
+  config = configlib.build_config(args.config, args.overrides, "lang-sft")
   out = lang_sft.run(config, args.workdir, overwrite=args.overwrite)
   if out:
     print(f"language SFT: {out}")
