@@ -338,15 +338,47 @@ def check_keys_set(config: ConfigDict, keys: Iterable[str]) -> None:
       raise BistilError(f"config.{key} must be set (--config.{key}=...)")
 
 
+def split_escaped(spec: str) -> list[str]:
+  r"""Splits a comma-separated list at its unescaped commas.
+
+  `\,` is a comma inside an item (`dev=data/odd\,name.conllu` is one
+  item) and `\\` a backslash; any other backslash stays as it is. Items
+  are stripped; empty ones are dropped.
+  """
+  items, cur, i = [], [], 0
+  while i < len(spec):
+    c = spec[i]
+    if c == "\\" and i + 1 < len(spec) and spec[i + 1] in ",\\":
+      cur.append(spec[i + 1])
+      i += 2
+      continue
+    if c == ",":
+      items.append("".join(cur))
+      cur = []
+    else:
+      cur.append(c)
+    i += 1
+  items.append("".join(cur))
+  return [x.strip() for x in items if x.strip()]
+
+
+def parse_named_item(item: str) -> tuple[str | None, str]:
+  """ "dev=path" -> ("dev", "path"); a bare path -> (None, path). A name
+  holds no "/" or ":", so "data/a=b.txt" and "gs://b/x=1" are bare paths."""
+  name, sep, value = item.partition("=")
+  if not sep or not name.strip() or "/" in name or ":" in name:
+    return None, item.strip()
+  return name.strip(), value.strip()
+
+
 def parse_named_list(spec: str) -> list[tuple[str, str]]:
-  """ "dev=path,mt=path2" -> [(name, spec)]; a bare item is named by its
-  position ("set0", ...). Names must be unique."""
+  r""" "dev=path,mt=path2" -> [(name, spec)]; a bare item is named by its
+  position ("set0", ...). Names must be unique. A comma inside a path is
+  written `\,` (split_escaped)."""
   out: list[tuple[str, str]] = []
-  for i, item in enumerate(x.strip() for x in spec.split(",") if x.strip()):
-    name, sep, value = item.partition("=")
-    if not sep or "/" in name or ":" in name:
-      name, value = f"set{i}", item
-    out.append((name.strip(), value.strip()))
+  for i, item in enumerate(split_escaped(spec)):
+    name, value = parse_named_item(item)
+    out.append((f"set{i}" if name is None else name, value))
   names = [n for n, _ in out]
   dup = sorted({n for n in names if names.count(n) > 1})
   if dup:

@@ -145,7 +145,10 @@ def register_evaluate(subparsers: argparse._SubParsersAction) -> None:
     "--data",
     action="append",
     required=True,
-    help="NAME=SPEC (or SPEC) of a labelled split; repeatable",
+    help=(
+      "NAME=SPEC (or SPEC) of a labelled split; repeat the flag for more "
+      "splits (each value is one path, commas included)"
+    ),
   )
   p.add_argument("--out", help="write metrics JSON here")
   p.add_argument("--batch-size", type=int, default=32)
@@ -196,14 +199,17 @@ def run_evaluate(args: argparse.Namespace) -> int:
       max_answer_length=args.max_answer_length,
     )
   results = {}
-  for item in args.data:
-    for name, spec in configlib.parse_named_list(item):
-      data = task_lib.encode_split(
-        args.task, spec, tokenizer, labels, max_len, **options
-      )
-      results[name if "=" in item else spec] = task_lib.evaluate_data(
-        jpredict, params, data, args.batch_size
-      )
+  for item in args.data:  # one split per flag: a path may hold commas
+    name, spec = configlib.parse_named_item(item)
+    name = spec if name is None else name
+    if name in results:
+      raise BistilError(f"--data names {name} more than once")
+    data = task_lib.encode_split(
+      args.task, spec, tokenizer, labels, max_len, **options
+    )
+    results[name] = task_lib.evaluate_data(
+      jpredict, params, data, args.batch_size
+    )
   head = metrics.HEADLINE[args.task]
   # Sentences (pairs for nli) and what the metric counts: tokens (pos),
   # gold entities (ner), words (dp), windows (qa).
