@@ -140,12 +140,8 @@ def _data(config, tokenizer, model_cfg: ModelConfig, what: str):
   corpus.check_corpora(
     configlib.expand(x) for x in (d.source, d.target, *dict(dev_specs).values())
   )
-  num = d.shards or jax.process_count()
+  num = d.shards or jax.process_count()  # splits the batch (validate)
   mine = pipeline.owned_shards(num, jax.process_index(), jax.process_count())
-  if d.batch_size % num:
-    raise BistilError(
-      f"data.batch_size {d.batch_size} does not split over {num} data shards"
-    )
   mlm_kw = dict(
     vocab_size=size, mask_id=mask_id, mlm_probability=d.mlm_probability
   )
@@ -231,6 +227,13 @@ def validate(config, pretrain: bool) -> steps.DistilLossConfig:
     raise BistilError(
       f"student.init must be one of {student_init.STRATEGIES}, got "
       f"{config.student.init!r}"
+    )
+  d = config.data
+  num = d.shards or jax.process_count()
+  pipeline.owned_shards(num, jax.process_index(), jax.process_count())
+  if d.batch_size % num:
+    raise BistilError(
+      f"data.batch_size {d.batch_size} does not split over {num} data shards"
     )
   for name, spec in configlib.parse_named_list(config.eval.sets):
     if name not in LANGS:

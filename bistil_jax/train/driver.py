@@ -149,6 +149,17 @@ def check_config(config: ml_collections.ConfigDict) -> None:
   _at_least(config, "data.batch_size", 1)
   _at_least(config, "data.max_seq_len", 2, " (a row holds [CLS] and [SEP])")
   _at_least(config, "data.prefetch", 0)
+  _at_least(config, "data.max_lines", 0, " (0 reads every line)")
+  _at_least(config, "data.shards", 0, " (0: one per host)")
+  _at_least(config, "seed", 0)
+  p = config.data.get("mlm_probability")
+  if p is not None and not 0.0 <= p <= 1.0:
+    raise BistilError(f"config.data.mlm_probability must be in [0, 1], got {p}")
+  block = config.data.get("balance_block")
+  if block is not None and (block < 2 or block % 2):
+    raise BistilError(
+      f"config.data.balance_block must be even and >= 2, got {block}"
+    )
   _at_least(config, "eval.batches", 1)
   configlib.parse_named_list(config.eval.sets)  # duplicate names
 

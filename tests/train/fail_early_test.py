@@ -92,6 +92,25 @@ class FailEarlyTest(parameterized.TestCase):
       self.assertRegex(err.strip().splitlines()[-1], f"^error: .*{line}")
       self.assertFalse(os.path.exists(wd), f"{command} made its workdir")
 
+  @parameterized.parameters(
+    ("data.mlm_probability=1.5", "data.mlm_probability must be in \\[0, 1\\]"),
+    ("data.balance_block=3", "data.balance_block must be even and >= 2"),
+    ("data.shards=3", "data.batch_size 8 does not split over 3 data shards"),
+    ("student.init=copy", "student.init must be one of"),
+    ("eval.sets=dev=x.txt", "phase-1 dev sets are named source or target"),
+  )
+  def test_a_bad_phase_one_value_is_refused_before_anything_exists(
+    self, override, line
+  ):
+    wd = os.path.join(self.root, "run")
+    with mock.patch.object(distil, "_models", must_not_load):
+      code, err = run_cli(
+        ["distil", "--workdir", wd, *COMMANDS["distil"], f"--config.{override}"]
+      )
+    self.assertEqual(code, 2, err)
+    self.assertRegex(err.strip().splitlines()[-1], f"^error: .*{line}")
+    self.assertFalse(os.path.exists(wd))
+
   @parameterized.parameters(*COMMANDS)
   def test_a_busy_workdir_is_refused_before_the_loads(self, command):
     wd = os.path.join(self.root, "busy")
