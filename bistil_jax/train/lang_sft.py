@@ -254,6 +254,7 @@ def run(
     make_batches, seq_len, dev = _data(config, tokenizer, cfg)
     model = Model(cfg)
     eligible = task.eligible_entries(config, cfg, params0, [])
+    task.trainable_count(config, eligible)  # K fits, before run.json
     ctx = claim.open()
     dev_arrays = {n: [ctx.to_global(b) for b in bs] for n, bs in dev.items()}
     evaluate = evaluator(model, loss_cfg, dev_arrays)
