@@ -25,6 +25,7 @@ import json
 import logging
 import math
 import os
+import pickle
 from collections.abc import Sequence
 from typing import Any
 
@@ -777,6 +778,18 @@ def _torch_load(file: str) -> Any:
   try:
     with torch.serialization.safe_globals(allowed):
       return torch.load(file, map_location="cpu", weights_only=True)
+  except pickle.UnpicklingError as e:
+    if "unsupported global" in str(e).lower():
+      # torch's text advises weights_only=False, which would run the
+      # file's code: never pass that on.
+      raise BistilError(
+        f"{file} holds Python objects other than tensors and numbers; it is "
+        "refused for safety (loading it could run code). Ask its author for "
+        "a plain composable-sft diff"
+      ) from None
+    raise BistilError(
+      f"corrupt or unreadable {file} (not a torch file)"
+    ) from None
   except Exception as e:  # torch raises many types for bad files
     first = str(e).strip().splitlines()[0] if str(e).strip() else repr(e)
     raise BistilError(f"corrupt or unreadable {file}: {first}") from None

@@ -264,7 +264,7 @@ def encode_dp(
     rel = np.full(len(enc.ids), IGNORE_LABEL, np.int32)
     head = np.full(len(enc.ids), IGNORE_LABEL, np.int32)
     for w, pos in enumerate(first):
-      rel[pos] = tasks._label_id(label_to_id, ex.labels[w], ex)
+      rel[pos] = tasks._label_id(label_to_id, ex.labels[w], ex, w)
       h = ex.heads[w]
       head[pos] = 0 if h == 0 else first[h - 1]
     rows.append((enc.ids, enc.type_ids, rel, head))

@@ -932,11 +932,20 @@ def _check_labels(label_to_id: Mapping[str, int]) -> tuple[str, ...]:
   return tuple(names)
 
 
-def _label_id(label_to_id: Mapping[str, int], label: str, ex: Example) -> int:
+def _label_id(
+  label_to_id: Mapping[str, int],
+  label: str,
+  ex: Example,
+  word: int | None = None,
+) -> int:
+  """The id of `label`; an unknown one is named at its word's own line
+  (`word`: its index in a TokenExample), else at the example's."""
   if label not in label_to_id:
+    where = ex.source or "?"
+    if word is not None and isinstance(ex, TokenExample):
+      where = ex.where(word)
     raise BistilError(
-      f"unknown label {label!r} at {ex.source or '?'}; known: "
-      f"{', '.join(label_to_id)}"
+      f"unknown label {label!r} at {where}; known: {', '.join(label_to_id)}"
     )
   return label_to_id[label]
 
@@ -1079,7 +1088,7 @@ def encode_token_task(
     prev = None
     for pos, w in enumerate(enc.word_ids):
       if w is not None and w != prev:
-        labels[pos] = _label_id(label_to_id, ex.labels[w], ex)
+        labels[pos] = _label_id(label_to_id, ex.labels[w], ex, w)
       prev = w
     if len(enc.ids) > max_seq_len:  # window mode
       for row in _windows(enc, labels, max_seq_len):

@@ -24,6 +24,7 @@ from typing import Any
 
 from etils import epath
 
+from bistil_jax import paths
 from bistil_jax.errors import BistilError
 from bistil_jax.model.config import ModelConfig, preset
 
@@ -86,6 +87,24 @@ def _config_from(config_path: str) -> ModelConfig:
   return ModelConfig.from_hf_dict(d, **kw)
 
 
+def check_fast_tokenizer(tokenizer: str) -> None:
+  """Refuses a tokenizer dir without tokenizer.json, saying how to make it.
+
+  bistil reads tokenizers with the `tokenizers` library, from the one file
+  a transformers "fast" tokenizer saves; a dir with only vocab.txt or a
+  sentencepiece model has none.
+  """
+  d = paths.path(tokenizer)
+  if not d.is_dir():
+    raise BistilError(f"tokenizer dir {tokenizer} does not exist")
+  if not (d / "tokenizer.json").is_file():
+    raise BistilError(
+      f"{tokenizer} has no tokenizer.json (the fast-tokenizer file bistil "
+      "reads); write it with transformers: AutoTokenizer.from_pretrained("
+      f"'{tokenizer}').save_pretrained('{tokenizer}')"
+    )
+
+
 def init_model(
   out: str,
   tokenizer: str,
@@ -128,6 +147,7 @@ def init_model(
     cfg = cfg.replace(**overrides)
   except (TypeError, ValueError) as e:
     raise BistilError(f"bad model config override: {e}") from None
+  check_fast_tokenizer(tokenizer)
   out_path = epath.Path(out)
   ours = (out_path / tok_lib.INIT_RECORD).is_file()
   record = {

@@ -106,7 +106,13 @@ def run(args: argparse.Namespace) -> int:
     }
   )
   paths = writer.write_dataset(
-    args.out, family, languages, sizes, overwrite=args.overwrite, qa=args.qa
+    args.out,
+    family,
+    languages,
+    sizes,
+    overwrite=args.overwrite,
+    qa=args.qa,
+    overwrite_flag="--overwrite",
   )
   codes = list(paths.corpora)
   tok = None

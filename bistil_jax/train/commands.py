@@ -61,7 +61,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run_distil(args: argparse.Namespace, phase: str = "distil") -> int:
   from bistil_jax.train import distil
 
-  config = configlib.build_config(args.config, args.overrides)
+  config = configlib.build_config(args.config, args.overrides, phase)
   out = distil.run(config, args.workdir, overwrite=args.overwrite, phase=phase)
   if out:
     print(f"{'student' if phase == 'distil' else 'model'}: {out}")
@@ -97,7 +97,7 @@ def register_task(subparsers: argparse._SubParsersAction) -> None:
 def run_task(args: argparse.Namespace, phase: str) -> int:
   from bistil_jax.train import task
 
-  config = configlib.build_config(args.config, args.overrides)
+  config = configlib.build_config(args.config, args.overrides, phase)
   out = task.run(config, args.workdir, phase=phase, overwrite=args.overwrite)
   print(f"{phase}: {out}")
   return 0
@@ -121,7 +121,7 @@ def register_lang_sft(subparsers: argparse._SubParsersAction) -> None:
 def run_lang_sft(args: argparse.Namespace) -> int:
   from bistil_jax.train import lang_sft
 
-  config = configlib.build_config(args.config, args.overrides)
+  config = configlib.build_config(args.config, args.overrides, "lang-sft")
   out = lang_sft.run(config, args.workdir, overwrite=args.overwrite)
   if out:
     print(f"language SFT: {out}")
@@ -145,7 +145,10 @@ def register_evaluate(subparsers: argparse._SubParsersAction) -> None:
     "--data",
     action="append",
     required=True,
-    help="NAME=SPEC (or SPEC) of a labelled split; repeatable",
+    help=(
+      "NAME=SPEC (or SPEC) of a labelled split; repeat the flag for more "
+      "splits (each value is one path, commas included)"
+    ),
   )
   p.add_argument("--out", help="write metrics JSON here")
   p.add_argument("--batch-size", type=int, default=32)
@@ -196,14 +199,17 @@ def run_evaluate(args: argparse.Namespace) -> int:
       max_answer_length=args.max_answer_length,
     )
   results = {}
-  for item in args.data:
-    for name, spec in configlib.parse_named_list(item):
-      data = task_lib.encode_split(
-        args.task, spec, tokenizer, labels, max_len, **options
-      )
-      results[name if "=" in item else spec] = task_lib.evaluate_data(
-        jpredict, params, data, args.batch_size
-      )
+  for item in args.data:  # one split per flag: a path may hold commas
+    name, spec = configlib.parse_named_item(item)
+    name = spec if name is None else name
+    if name in results:
+      raise BistilError(f"--data names {name} more than once")
+    data = task_lib.encode_split(
+      args.task, spec, tokenizer, labels, max_len, **options
+    )
+    results[name] = task_lib.evaluate_data(
+      jpredict, params, data, args.batch_size
+    )
   head = metrics.HEADLINE[args.task]
   # Sentences (pairs for nli) and what the metric counts: tokens (pos),
   # gold entities (ner), words (dp), windows (qa).

@@ -243,21 +243,21 @@ def run(
   """Runs (or resumes) `bistil lang-sft`; returns the SFT dir
   (workdir/export), or "" when config.train.export is False."""
   loss_cfg = validate(config)
-  base, base_params, cfg, params0 = _model(config)
-  driver.check_seq_len(cfg, config.data.max_seq_len, "model")
-  tok_dir = configlib.expand(config.data.tokenizer) or configlib.expand(
-    config.student.model
-  )
-  tokenizer, _ = vocab.load_tokenizer_dir(tok_dir)
-  mesh = driver.build_mesh(config.mesh)
-  driver.per_host_batch(config.data.batch_size, mesh[0])
-  make_batches, seq_len, dev = _data(config, tokenizer, cfg)
-  model = Model(cfg)
-  eligible = task.eligible_entries(config, cfg, params0, [])
   outputs = STAGES + (RESULTS,)
   with driver.start(
-    config, workdir, PHASE, mesh, overwrite=overwrite, outputs=outputs
-  ) as ctx:
+    config, workdir, PHASE, overwrite=overwrite, outputs=outputs
+  ) as claim:
+    base, base_params, cfg, params0 = _model(config)
+    driver.check_seq_len(cfg, config.data.max_seq_len, "model")
+    tok_dir = configlib.expand(config.data.tokenizer) or configlib.expand(
+      config.student.model
+    )
+    tokenizer, _ = vocab.load_tokenizer_dir(tok_dir)
+    make_batches, seq_len, dev = _data(config, tokenizer, cfg)
+    model = Model(cfg)
+    eligible = task.eligible_entries(config, cfg, params0, [])
+    task.trainable_count(config, eligible)  # K fits, before run.json
+    ctx = claim.open()
     dev_arrays = {n: [ctx.to_global(b) for b in bs] for n, bs in dev.items()}
     evaluate = evaluator(model, loss_cfg, dev_arrays)
     frozen = {"origin": ctx.shard(params0, cfg) if config.loss.l1 > 0 else None}

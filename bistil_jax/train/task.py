@@ -425,13 +425,12 @@ def run(
   """Runs `bistil sft` (phase="sft") or `bistil finetune` and returns the
   export: an SFT dir (sparse) or an HF model dir (dense)."""
   loss_cfg = validate(config, phase)
-  inp = prepare(config, phase)
-  mesh = driver.build_mesh(config.mesh)
-  driver.per_host_batch(config.data.batch_size, mesh[0])
   outputs = STAGES + (RESULTS,)
   with driver.start(
-    config, workdir, phase, mesh, overwrite=overwrite, outputs=outputs
-  ) as ctx:
+    config, workdir, phase, overwrite=overwrite, outputs=outputs
+  ) as claim:
+    inp = prepare(config, phase)
+    ctx = claim.open()
     jpredict = jax.jit(
       functools.partial(predict, model=inp.model), out_shardings=ctx.replicated
     )

@@ -64,7 +64,9 @@ class SynthCommandTest(absltest.TestCase):
 
   def test_non_empty_out_needs_overwrite(self):
     _run(["synth", "--out", self.out, "--languages", "a1", *SMALL])
-    with self.assertRaisesRegex(BistilError, "not empty"):
+    with self.assertRaisesRegex(
+      BistilError, r"is not empty; pass --overwrite to replace the dataset"
+    ):
       _run(["synth", "--out", self.out, "--languages", "a1", *SMALL])
     status, _ = _run(
       ["synth", "--out", self.out, "--languages", "b1", "--overwrite", *SMALL]
