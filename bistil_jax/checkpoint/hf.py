@@ -349,6 +349,20 @@ def _canonical_torch_state(state, config):
   return out
 
 
+def without_pooler(params: dict[str, Any], config: ModelConfig):
+  """`params` less a pooler the HF class of `config` cannot hold (logged
+  once)."""
+  if "pooler" not in params or config.head in _POOLED:
+    return params
+  keys = ["/".join(("pooler", *p)) for p in flatten_dict(params["pooler"])]
+  log.info(
+    "%s has no pooler; not exporting %s",
+    config.architecture,
+    ", ".join(sorted(keys)),
+  )
+  return {k: v for k, v in params.items() if k != "pooler"}
+
+
 def params_to_hf(
   params: dict[str, Any], config: ModelConfig, fmt: str
 ) -> dict[str, np.ndarray]:
@@ -359,11 +373,8 @@ def params_to_hf(
   """
   table = _leaf_table(config)
   out = {}
-  for path, value in flatten_dict(params).items():
+  for path, value in flatten_dict(without_pooler(params, config)).items():
     key = "/".join(path)
-    if key.startswith("pooler/") and config.head not in _POOLED:
-      log.info("%s has no pooler; not exporting %s", config.architecture, key)
-      continue
     hit = _match(table, "ours", key)
     if hit is None:
       raise BistilError(f"no export rule for parameter {key}")
@@ -672,6 +683,8 @@ def write_hf(
   if config.head == parser.HEAD:  # no HF class: encoder + head file
     config, params, head = parser.split_for_export(config, params)
     paths.write_bytes(tmp / parser.HEAD_FILE, head)
+  # Dropped once here, not by each format's conversion below.
+  params = without_pooler(params, config)
   paths.write_text(
     tmp / CONFIG, json.dumps(config.to_hf_dict(), indent=2, sort_keys=True)
   )

@@ -257,6 +257,20 @@ class ExportTest(parameterized.TestCase):
     grand = student_init.student_config(cfg, layer_reduction=1)
     self.assertEqual(grand.to_hf_dict()["attention_probs_dropout_prob"], 0.15)
 
+  def test_a_pooler_the_class_cannot_hold_is_dropped_with_one_log_line(self):
+    from bistil_jax.model import preset
+
+    cfg = preset("tiny", head="token_classification", add_pooler=True)
+    params = init_params(cfg, jax.random.PRNGKey(0))
+    out = os.path.join(tempfile.mkdtemp(), "no_pooler")
+    with self.assertLogs("bistil_jax.checkpoint.hf", "INFO") as logs:
+      hf.save_hf(out, cfg, params)  # safetensors and msgpack
+    said = [x for x in logs.output if "has no pooler" in x]
+    self.assertLen(said, 1)
+    self.assertIn("pooler/dense/bias, pooler/dense/kernel", said[0])
+    _, back = hf.load_hf(out)
+    self.assertNotIn("pooler", back)
+
   def test_reads_pytorch_model_bin(self):
     path, _ = make_hf_dir("bert", "mlm", safe=False)
     self.assertTrue(os.path.isfile(os.path.join(path, hf.TORCH_BIN)))
