@@ -84,7 +84,8 @@ def get_config(arg=None):
   c.student = ml_collections.ConfigDict()
   c.student.layer_reduction = 2  # r: student layers = teacher layers / r
   c.student.hidden_reduction = 1  # width divisor (1 = teacher width)
-  # teacher_layers | svd_embeddings (released code) | random
+  # teacher_layers | svd_embeddings (released code; `bistil demo` passes
+  # it, see the README) | random
   c.student.init = "teacher_layers"
   c.student.dtype = "float32"  # compute dtype
   c.student.param_dtype = "float32"  # master weights
