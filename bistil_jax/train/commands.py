@@ -149,7 +149,16 @@ def register_evaluate(subparsers: argparse._SubParsersAction) -> None:
   )
   p.add_argument("--out", help="write metrics JSON here")
   p.add_argument("--batch-size", type=int, default=32)
-  p.add_argument("--max-seq-len", type=int, default=256)
+  p.add_argument(
+    "--max-seq-len",
+    type=int,
+    help=(
+      "tokens per window (default: the data.max_seq_len of the run that "
+      "made the last --sft, or --model, as recorded with its export, so "
+      "that its results.json is reproduced; min(256, the model's max "
+      "length) for a model dir with no record)"
+    ),
+  )
   qa = p.add_argument_group("qa windows and decoding (released defaults)")
   qa.add_argument(
     "--doc-stride",
@@ -162,13 +171,90 @@ def register_evaluate(subparsers: argparse._SubParsersAction) -> None:
   p.set_defaults(func=run_evaluate)
 
 
+# What each task's counts count, as (results key, column name): the unit
+# the task scores first (sentences; pairs for nli, questions for qa), then
+# what its metric counts.
+COUNTS = {
+  "pos": (("num_sentences", "sentences"), ("num_tokens", "tokens")),
+  "ner": (("num_sentences", "sentences"), ("num_gold", "entities")),
+  "nli": (("num_examples", "pairs"),),
+  "dp": (("num_sentences", "sentences"), ("num_words", "words")),
+  "qa": (("num_examples", "questions"), ("num_features", "windows")),
+}
+# Scores shown after the headline (metrics.HEADLINE), in this order; any
+# other score (ner's per-type f1) follows.
+SCORES = {
+  "ner": ("precision", "recall"),
+  "dp": ("uas",),
+  "qa": ("exact_match",),
+}
+
+
+def format_results(task: str, results: dict[str, dict]) -> str:
+  """`bistil evaluate`'s table: a row per split, every score of the task
+  (the headline first), then its counts named by what they count."""
+  from bistil_jax import metrics
+
+  scores = [metrics.HEADLINE[task], *SCORES.get(task, ())]
+  for m in results.values():
+    for k, v in m.items():
+      if isinstance(v, float) and k not in scores:
+        scores.append(k)
+  counts = list(COUNTS[task])
+  width = max([len("split"), *(len(n) for n in results)])
+  cols = [max(len(c), 9) for c in scores] + [max(len(n), 9) for _, n in counts]
+  names = scores + [n for _, n in counts]
+  lines = [
+    " ".join(
+      [f"{'split':<{width}}"]
+      + [f"{n:>{w}}" for n, w in zip(names, cols, strict=True)]
+    )
+  ]
+  for name, m in results.items():
+    cells = [f"{m[k]:.4f}" if k in m else "-" for k in scores]
+    cells += [str(m.get(k, "-")) for k, _ in counts]
+    lines.append(
+      " ".join(
+        [f"{name:<{width}}"]
+        + [f"{c:>{w}}" for c, w in zip(cells, cols, strict=True)]
+      )
+    )
+  return "\n".join(lines)
+
+
+# `bistil evaluate --max-seq-len` when nothing recorded the run's.
+FALLBACK_MAX_SEQ_LEN = 256
+
+
+def recorded_max_seq_len(
+  model_dir: str, sft_dirs: list[str]
+) -> tuple[int | None, str]:
+  """(max_seq_len, where it was read) of the run that made the last SFT
+  that records one, else the model dir's; (None, "") when none does."""
+  import json
+
+  from bistil_jax import paths, sparse
+  from bistil_jax.checkpoint import hf
+
+  for d in reversed(sft_dirs):
+    meta = paths.path(d) / sparse.SFT_META  # composable-sft dirs have none
+    if meta.is_file():
+      value = json.loads(paths.read_text(meta)).get("max_seq_len")
+      if value is not None:
+        return int(value), str(meta)
+  value = hf.read_run_record(model_dir).get("max_seq_len")
+  if value is not None:
+    return int(value), str(paths.path(model_dir) / hf.RUN_RECORD)
+  return None, ""
+
+
 def run_evaluate(args: argparse.Namespace) -> int:
   import functools
   import json
 
   import jax
 
-  from bistil_jax import configlib, metrics, paths
+  from bistil_jax import configlib, paths
   from bistil_jax.checkpoint import surgery
   from bistil_jax.data import tasks, vocab
   from bistil_jax.errors import BistilError
@@ -186,7 +272,15 @@ def run_evaluate(args: argparse.Namespace) -> int:
     )
   tokenizer, _ = vocab.load_tokenizer_dir(args.model)
   labels = tuple(cfg.label_names)
-  max_len = min(args.max_seq_len, cfg.max_length)
+  if args.max_seq_len is not None:
+    max_len, source = args.max_seq_len, "--max-seq-len"
+  else:
+    max_len, source = recorded_max_seq_len(args.model, args.sft)
+    if max_len is None:
+      max_len = FALLBACK_MAX_SEQ_LEN
+      source = "no run recorded one; the default"
+  max_len = min(max_len, cfg.max_length)
+  log.info("evaluating at max_seq_len %d (%s)", max_len, source)
   jpredict = jax.jit(functools.partial(task_lib.predict, model=model))
   options = {}
   if args.task == "qa":
@@ -204,29 +298,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
       results[name if "=" in item else spec] = task_lib.evaluate_data(
         jpredict, params, data, args.batch_size
       )
-  head = metrics.HEADLINE[args.task]
-  # Sentences (pairs for nli) and what the metric counts: tokens (pos),
-  # gold entities (ner), words (dp), windows (qa).
-  count = {
-    "pos": "tokens",
-    "ner": "entities",
-    "dp": "words",
-    "qa": "windows",
-  }.get(args.task)
-  print(
-    f"{'split':<24} {head:>10} {'sentences':>9}"
-    + (f" {count:>9}" if count else "")
-  )
-  for name, m in results.items():
-    n = m.get(
-      "num_tokens",
-      m.get("num_gold", m.get("num_words", m.get("num_features"))),
-    )
-    sentences = m.get("num_sentences", m.get("num_examples"))
-    print(
-      f"{name:<24} {m[head]:>10.4f} {sentences:>9}"
-      + (f" {n:>9}" if count else "")
-    )
+  print(format_results(args.task, results))
   if args.out:
     out = {"model": args.model, "sfts": args.sft, "task": args.task, **results}
     paths.write_text(args.out, json.dumps(out, indent=2))

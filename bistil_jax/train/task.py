@@ -593,8 +593,11 @@ def select_mask(config, cfg, params0, trained, eligible, fresh) -> Any:
 def export(out, config, inp: Inputs, final, mask) -> None:
   """The SFT dir (LT-SFT) or HF model dir (dense) of a task run."""
   cfg = inp.model.config.replace(param_dtype="float32")
+  # `bistil evaluate` reads max_seq_len back, so that evaluating the export
+  # reproduces results.json without flags.
+  record = {"max_seq_len": config.data.max_seq_len}
   if mask is None:
-    hf.save_hf(out, cfg, final, inp.tok_dir, True)
+    hf.save_hf(out, cfg, final, inp.tok_dir, True, record=record)
     log.info("wrote the task model to %s", out)
     return
   sft = sparse.sft_from_params(
@@ -615,6 +618,7 @@ def export(out, config, inp: Inputs, final, mask) -> None:
       "density": config.sparse.density,
       "num_entries": config.sparse.num_entries,  # 0: K from density
       "base_model": configlib.expand(config.student.model),
+      **record,
     },
   )
   sparse.save_sft(out, sft, overwrite=True)
