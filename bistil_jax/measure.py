@@ -1,4 +1,4 @@
-"""Model size, inference FLOPs and CPU latency (METHOD.md section 6).
+"""Model size, inference FLOPs and CPU latency (docs/method.md section 6).
 
   from bistil_jax import measure
   measure.count_parameters(params, model.config)   # total/embeddings/body/head

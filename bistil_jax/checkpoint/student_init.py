@@ -1,4 +1,5 @@
-"""Phase-1 student construction from a (trimmed) teacher. METHOD.md 2.2, 2.3.
+"""Phase-1 student construction from a (trimmed) teacher (docs/method.md 2.2,
+2.3).
 
 - `student_config`: teacher config with L/r layers, optionally width/h,
   dropout 0, same number of heads; the teacher's dropout is kept for the
@@ -177,7 +178,7 @@ def init_student(
 def hidden_projections(
   teacher_states: list[np.ndarray], width: int
 ) -> list[np.ndarray]:
-  """Fixed projections P_l [D_T, width] of teacher states (METHOD.md 2.3).
+  """Fixed projections P_l [D_T, width] of teacher states (docs/method.md 2.3).
 
   Args:
     teacher_states: per hidden-state index l, a matrix [N, D_T] of sampled
