@@ -278,7 +278,10 @@ def run_evaluate(args: argparse.Namespace) -> int:
     max_len, source = recorded_max_seq_len(args.model, args.sft)
     if max_len is None:
       max_len = FALLBACK_MAX_SEQ_LEN
-      source = "no run recorded one; the default"
+      source = (
+        f"no run recorded one: min({max_len}, the model's max length "
+        f"{cfg.max_length})"
+      )
   max_len = min(max_len, cfg.max_length)
   log.info("evaluating at max_seq_len %d (%s)", max_len, source)
   jpredict = jax.jit(functools.partial(task_lib.predict, model=model))
