@@ -159,15 +159,26 @@ def register_evaluate(subparsers: argparse._SubParsersAction) -> None:
       "length) for a model dir with no record)"
     ),
   )
-  qa = p.add_argument_group("qa windows and decoding (released defaults)")
+  qa = p.add_argument_group(
+    "qa windows and decoding (default: what the run that made the last "
+    "--sft, or --model, recorded; else the released values)"
+  )
   qa.add_argument(
     "--doc-stride",
     type=int,
-    default=128,
-    help="overlap of the windows of a long context, in tokens",
+    help="overlap of the windows of a long context, in tokens (default: "
+    "recorded, else 128)",
   )
-  qa.add_argument("--n-best-size", type=int, default=20)
-  qa.add_argument("--max-answer-length", type=int, default=30)
+  qa.add_argument(
+    "--n-best-size",
+    type=int,
+    help="start/end candidates per window (default: recorded, else 20)",
+  )
+  qa.add_argument(
+    "--max-answer-length",
+    type=int,
+    help="longest answer, in tokens (default: recorded, else 30)",
+  )
   p.set_defaults(func=run_evaluate)
 
 
@@ -222,15 +233,24 @@ def format_results(task: str, results: dict[str, dict]) -> str:
   return "\n".join(lines)
 
 
-# `bistil evaluate --max-seq-len` when nothing recorded the run's.
-FALLBACK_MAX_SEQ_LEN = 256
+# What a task run records with its export (the SFT's sft.json, or
+# bistil_run.json beside a dense export) so that `bistil evaluate` encodes
+# as the run did: the window length, and qa's window overlap and decoding.
+RECORDED = ("max_seq_len", "doc_stride", "n_best_size", "max_answer_length")
+# What evaluate uses when nothing recorded the run's (max_seq_len is also
+# capped at the model's max length; qa: the released run_qa values).
+FALLBACK = {
+  "max_seq_len": 256,
+  "doc_stride": 128,
+  "n_best_size": 20,
+  "max_answer_length": 30,
+}
 
 
-def recorded_max_seq_len(
-  model_dir: str, sft_dirs: list[str]
-) -> tuple[int | None, str]:
-  """(max_seq_len, where it was read) of the run that made the last SFT
-  that records one, else the model dir's; (None, "") when none does."""
+def recorded_run(model_dir: str, sft_dirs: list[str]) -> tuple[dict, str]:
+  """(the RECORDED values, the file they were read from) of the run that
+  made the last SFT that records them, else of the run that made the model
+  dir; ({}, "") when none does."""
   import json
 
   from bistil_jax import paths, sparse
@@ -239,13 +259,14 @@ def recorded_max_seq_len(
   for d in reversed(sft_dirs):
     meta = paths.path(d) / sparse.SFT_META  # composable-sft dirs have none
     if meta.is_file():
-      value = json.loads(paths.read_text(meta)).get("max_seq_len")
-      if value is not None:
-        return int(value), str(meta)
-  value = hf.read_run_record(model_dir).get("max_seq_len")
-  if value is not None:
-    return int(value), str(paths.path(model_dir) / hf.RUN_RECORD)
-  return None, ""
+      record = json.loads(paths.read_text(meta))
+      if record.get("max_seq_len") is not None:
+        return {k: int(record[k]) for k in RECORDED if k in record}, str(meta)
+  record = hf.read_run_record(model_dir)
+  if record.get("max_seq_len") is not None:
+    where = str(paths.path(model_dir) / hf.RUN_RECORD)
+    return {k: int(record[k]) for k in RECORDED if k in record}, where
+  return {}, ""
 
 
 def run_evaluate(args: argparse.Namespace) -> int:
@@ -272,25 +293,32 @@ def run_evaluate(args: argparse.Namespace) -> int:
     )
   tokenizer, _ = vocab.load_tokenizer_dir(args.model)
   labels = tuple(cfg.label_names)
-  if args.max_seq_len is not None:
-    max_len, source = args.max_seq_len, "--max-seq-len"
-  else:
-    max_len, source = recorded_max_seq_len(args.model, args.sft)
-    if max_len is None:
-      max_len = FALLBACK_MAX_SEQ_LEN
-      source = (
-        f"no run recorded one: min({max_len}, the model's max length "
-        f"{cfg.max_length})"
-      )
+  record, where = recorded_run(args.model, args.sft)
+
+  def setting(name: str) -> tuple[int, str]:
+    """A flag given, else the run's record, else the fallback."""
+    if getattr(args, name) is not None:
+      return getattr(args, name), "--" + name.replace("_", "-")
+    if name in record:
+      return record[name], where
+    return FALLBACK[name], ""
+
+  max_len, source = setting("max_seq_len")
+  if not source:
+    source = (
+      f"no run recorded one: min({max_len}, the model's max length "
+      f"{cfg.max_length})"
+    )
   max_len = min(max_len, cfg.max_length)
   log.info("evaluating at max_seq_len %d (%s)", max_len, source)
   jpredict = jax.jit(functools.partial(task_lib.predict, model=model))
   options = {}
   if args.task == "qa":
-    options = dict(
-      doc_stride=args.doc_stride,
-      n_best_size=args.n_best_size,
-      max_answer_length=args.max_answer_length,
+    chosen = {k: setting(k) for k in RECORDED[1:]}
+    options = {k: v for k, (v, _) in chosen.items()}
+    log.info(
+      "qa windows and decoding: %s",
+      ", ".join(f"{k} {v} ({w or 'default'})" for k, (v, w) in chosen.items()),
     )
   results = {}
   for item in args.data:

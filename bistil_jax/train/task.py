@@ -593,9 +593,9 @@ def select_mask(config, cfg, params0, trained, eligible, fresh) -> Any:
 def export(out, config, inp: Inputs, final, mask) -> None:
   """The SFT dir (LT-SFT) or HF model dir (dense) of a task run."""
   cfg = inp.model.config.replace(param_dtype="float32")
-  # `bistil evaluate` reads max_seq_len back, so that evaluating the export
-  # reproduces results.json without flags.
-  record = {"max_seq_len": config.data.max_seq_len}
+  # `bistil evaluate` reads these back (train/commands.py RECORDED), so that
+  # evaluating the export reproduces results.json without flags.
+  record = {"max_seq_len": config.data.max_seq_len, **task_options(config)}
   if mask is None:
     hf.save_hf(out, cfg, final, inp.tok_dir, True, record=record)
     log.info("wrote the task model to %s", out)

@@ -103,22 +103,27 @@ class RecordedMaxSeqLenTest(absltest.TestCase):
     lang = os.path.join(self.root, "lang")
     task = os.path.join(self.root, "task")
     write_json(os.path.join(lang, sparse.SFT_META), {"kind": "language"})
-    write_json(os.path.join(task, sparse.SFT_META), {"max_seq_len": 64})
+    write_json(
+      os.path.join(task, sparse.SFT_META),
+      {"kind": "task", "max_seq_len": 64, "doc_stride": 16},
+    )
     os.makedirs(model)
-    self.assertEqual(commands.recorded_max_seq_len(model, []), (None, ""))
+    self.assertEqual(commands.recorded_run(model, []), ({}, ""))
     self.assertEqual(
-      commands.recorded_max_seq_len(model, [task, lang]),
-      (64, os.path.join(task, sparse.SFT_META)),
+      commands.recorded_run(model, [task, lang]),
+      ({"max_seq_len": 64, "doc_stride": 16}, os.path.join(task, "sft.json")),
     )
     write_json(os.path.join(model, hf.RUN_RECORD), {"max_seq_len": 32})
     self.assertEqual(
-      commands.recorded_max_seq_len(model, [lang]),
-      (32, os.path.join(model, hf.RUN_RECORD)),
+      commands.recorded_run(model, [lang]),
+      ({"max_seq_len": 32}, os.path.join(model, hf.RUN_RECORD)),
     )
-    self.assertEqual(commands.recorded_max_seq_len(model, [task])[0], 64)
+    self.assertEqual(commands.recorded_run(model, [task])[0]["max_seq_len"], 64)
     # A composable-sft dir (no sft.json) records nothing.
     other = tempfile.mkdtemp(dir=self.root)
-    self.assertEqual(commands.recorded_max_seq_len(model, [other])[0], 32)
+    self.assertEqual(
+      commands.recorded_run(model, [other])[0], {"max_seq_len": 32}
+    )
 
   def test_help_names_the_default(self):
     from bistil_jax import cli
@@ -127,6 +132,7 @@ class RecordedMaxSeqLenTest(absltest.TestCase):
     text = " ".join(sub.choices["evaluate"].format_help().split())
     self.assertIn("default: the data.max_seq_len of the run", text)
     self.assertIn("min(256, the model's max length)", text)
+    self.assertIn("recorded, else 128", text)
 
 
 if __name__ == "__main__":
