@@ -1,6 +1,6 @@
 """Phase-2 task data: readers, label sets, encoding and batches.
 
-METHOD.md 4.3, 4.4 and 5.1, host side, in NumPy. The tasks:
+docs/method.md 4.3, 4.4 and 5.1, host side, in NumPy. The tasks:
 
 - `pos`: UPOS tagging (token task) read from UD CoNLL-U files.
 - `ner`: IOB1/IOB2 named entities (token task) read from CoNLL-style column
@@ -30,8 +30,8 @@ Integer tags map through the dataset's ClassLabel names when the features
 carry them, otherwise through `label_names` (default: the task's default
 label set). Datasets are streamed, so nothing is written to the HF cache.
 
-Encoding follows the released code (METHOD.md 4.3, 4.4): token tasks put the
-label id on the first sub-word of each word and -100 on every other position
+Encoding follows the released code (docs/method.md 4.3, 4.4): token tasks put
+the label id on the first sub-word of each word and -100 on every other position
 (continuation sub-words, special tokens, padding); examples longer than
 `max_seq_len` are dropped rather than truncated. NLI pairs are truncated
 longest-first, which loses no label. All arrays are padded to `max_seq_len`,
@@ -79,7 +79,7 @@ UPOS_LABELS = (
   "VERB",
   "X",
 )
-# CoNLL-03 without MISC (METHOD.md 5.1: MISC and DATE -> O), sorted as the
+# CoNLL-03 without MISC (docs/method.md 5.1: MISC and DATE -> O), sorted as the
 # released code sorts label names.
 NER_LABELS = ("B-LOC", "B-ORG", "B-PER", "I-LOC", "I-ORG", "I-PER", "O")
 # The 37 universal dependency relations of UD v2 and "_", sorted: the
@@ -759,7 +759,7 @@ def relabel(
 ) -> list[Example]:
   """Examples with some labels renamed, e.g. {"B-DATE": "O", "I-DATE": "O"}.
 
-  METHOD.md 5.1 maps MasakhaNER's DATE and CoNLL-03's MISC to O.
+  docs/method.md 5.1 maps MasakhaNER's DATE and CoNLL-03's MISC to O.
   """
   out = []
   for ex in examples:
@@ -1028,7 +1028,7 @@ def encode_token_task(
   Each sentence is encoded as pre-tokenized words with the tokenizer's
   special tokens. The label id of a word goes on its first sub-word; every
   other position (continuation sub-words, special tokens, padding) gets -100
-  (METHOD.md 4.3: distillation is masked to these positions).
+  (docs/method.md 4.3: distillation is masked to these positions).
 
   NOTE: a word that the tokenizer turns into no sub-word at all (e.g. a
   lone zero-width or control character, removed by the normaliser) would

@@ -192,7 +192,11 @@ def _run_measure(args: argparse.Namespace) -> int:
     args.model_dir,
     args.sft,
     seq_len=args.seq_len,
-    batch_shapes=measure.parse_batch_shapes(args.batch_shapes),
+    batch_shapes=(
+      measure.parse_batch_shapes(args.batch_shapes)
+      if args.batch_shapes
+      else None
+    ),
     warmup=args.warmup,
     repeats=args.repeats,
     with_latency=not args.no_latency,
@@ -259,12 +263,16 @@ def register(sub: argparse._SubParsersAction) -> None:
     help="SFT dir merged into the model first (repeatable)",
   )
   p.add_argument(
-    "--seq-len", type=int, default=128, help="length of the MAC count"
+    "--seq-len",
+    type=int,
+    help=(
+      "length of the MAC count (default: 128, or the model's max length "
+      "where that is shorter)"
+    ),
   )
   p.add_argument(
     "--batch-shapes",
-    default="8x128",
-    help="comma-separated BATCHxLENGTH shapes to time",
+    help="comma-separated BATCHxLENGTH shapes to time (default: 8xSEQ_LEN)",
   )
   p.add_argument(
     "--warmup", type=int, default=2, help="untimed passes per shape"

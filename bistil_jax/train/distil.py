@@ -1,6 +1,6 @@
 """Phase 1 (bilingual distillation) and MLM pre-training: their declarations.
 
-`bistil distil` (METHOD.md section 2) trains a student with fewer layers
+`bistil distil` (docs/method.md section 2) trains a student with fewer layers
 against the frozen (trimmed) teacher on monolingual source and target
 batches, 50/50; each batch uses its language's teacher (the base plus that
 language's SFTs). `bistil pretrain` MLM-trains `student.model` itself, no
@@ -45,7 +45,8 @@ def sample_projections(
   samples: int,
   seed: int,
 ) -> list[np.ndarray]:
-  """Fixed P_l from one random real position per sequence (METHOD 2.3)."""
+  """Fixed P_l from one random real position per sequence (docs/method.md
+  2.3)."""
   rng = np.random.default_rng(seed)
   n = min(samples, stream.num_rows)
   ids, _ = stream.take(0, n, seed, 0)  # [n, l]

@@ -1,5 +1,5 @@
 """Language SFTs (`bistil lang-sft`): LT-SFT with the MLM objective on one
-language's corpus (METHOD.md 4.1, last paragraph; 4.4-4.6).
+language's corpus (docs/method.md 4.1, last paragraph; 4.4-4.6).
 
 The same two Stages of the driver skeleton as task LT-SFT (train/task.py):
 a dense stage; the mask = global top-K |theta - theta0| over the eligible
@@ -16,7 +16,7 @@ optimiser gated by that mask. As the released language SFTs were trained
 
 The export is an SFT dir of kind "language" (sparse.save_sft) whose body
 diffs phase 1 adds to its teacher per language (surgery.language_teachers;
-the stored head is not applied there, METHOD.md 4.6). Its metadata records
+the stored head is not applied there, docs/method.md 4.6). Its metadata records
 the base body's fingerprint, checked wherever it is applied; and, so the
 SFT also applies to a vocabulary-trimmed copy of its base
 (checkpoint/language.py), the fingerprint of the base without its
