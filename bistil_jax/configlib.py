@@ -118,9 +118,45 @@ def _keys(config: ConfigDict, prefix: str = "") -> list[str]:
   return out
 
 
+def _closeness(typed: str, field: str) -> float:
+  """How close a typed field name is to a real one: difflib's ratio
+  against the name or its initials ("lr" for learning_rate)."""
+  initials = "".join(w[:1] for w in field.split("_") if w)
+  return max(
+    difflib.SequenceMatcher(None, typed, field).ratio(),
+    difflib.SequenceMatcher(None, typed, initials).ratio()
+    if len(initials) > 1
+    else 0.0,
+  )
+
+
+def suggest_key(key: str, keys: Sequence[str]) -> str | None:
+  """The known key a mistyped one most likely meant, or None.
+
+  Fields of the same block come first, compared by name alone (comparing
+  whole dotted keys lets the shared "optim." prefix outweigh the name:
+  optim.lrr looked closest to optim.clip_norm); then the same name in
+  another block (data.num_steps -> train.num_steps); then whole keys.
+  """
+  block, _, leaf = key.rpartition(".")
+  scored = [
+    (_closeness(leaf, k.rpartition(".")[2]), k)
+    for k in keys
+    if k.rpartition(".")[0] == block
+  ]
+  scored = [(v, k) for v, k in scored if v >= 0.6]
+  if scored:
+    return max(scored, key=lambda vk: vk[0])[1]
+  same = [k for k in keys if k.rpartition(".")[2] == leaf]
+  if len(same) == 1:
+    return same[0]
+  close = difflib.get_close_matches(key, keys, n=1, cutoff=0.75)
+  return close[0] if close else None
+
+
 def _unknown(config: ConfigDict, key: str) -> BistilError:
-  close = difflib.get_close_matches(key, _keys(config), n=1)
-  hint = f" (did you mean {close[0]}?)" if close else ""
+  close = suggest_key(key, _keys(config))
+  hint = f" (did you mean {close}?)" if close else ""
   return BistilError(f"unknown config key {key}{hint}")
 
 
@@ -194,9 +230,82 @@ def parse_override_args(argv: Sequence[str]) -> dict[str, str]:
   return out
 
 
-def build_config(spec: str, overrides: Mapping[str, str] | None = None):
-  """load_config + overrides, then locked (typos become errors)."""
+# The shipped config of each training command (configs/FILE).
+COMMAND_CONFIGS = {
+  "distil": "distil.py",
+  "pretrain": "pretrain.py",
+  "finetune": "finetune.py",
+  "sft": "sft.py",
+  "lang-sft": "lang_sft.py",
+}
+
+
+def _lookup(tree: Mapping[str, Any], key: str) -> Any:
+  for part in key.split("."):
+    tree = tree[part]
+  return tree
+
+
+def check_command(config: ConfigDict, spec: str, command: str) -> None:
+  """Refuses the config of another command in one line that says so.
+
+  Without this, `bistil distil --config configs/sft.py:pos` failed on the
+  first field distil reads ("unknown config key data.source"), which does
+  not tell the user they passed phase 2's config. Another command's config
+  is recognised by its file (a shipped config) or by its fields: it lacks
+  some of this command's fields and has all of another's.
+
+  Raises:
+    BistilError: the config belongs to another command.
+  """
+  if command not in COMMAND_CONFIGS:
+    return
+  path, _ = split_spec(spec)
+  shipped = repo_configs_dir()
+  own = COMMAND_CONFIGS[command]
+  resolved = _resolve(path).resolve()
+  for other, name in COMMAND_CONFIGS.items():
+    if other != command and resolved == (shipped / name).resolve():
+      raise BistilError(
+        f"{path} is the config of `bistil {other}`, not `bistil {command}` "
+        f"(its config is configs/{own})"
+      )
+  keys = set(_keys(config))
+  mine = to_dict(load_config(str(shipped / own)))
+  # Fields a user must set ("" by default, e.g. data.source) tell most.
+  missing = sorted(
+    set(_keys(ConfigDict(mine))) - keys,
+    key=lambda k: (_lookup(mine, k) != "", k),
+  )
+  if not missing:
+    return
+  for other, name in COMMAND_CONFIGS.items():
+    if (
+      other != command and set(_keys(load_config(str(shipped / name)))) <= keys
+    ):
+      raise BistilError(
+        f"{path} is a config of `bistil {other}` (it has no "
+        f"{', '.join(missing[:2])}), "
+        f"not of `bistil {command}` (its config is configs/{own})"
+      )
+
+
+def build_config(
+  spec: str,
+  overrides: Mapping[str, str] | None = None,
+  command: str | None = None,
+):
+  """load_config + overrides, then locked (typos become errors).
+
+  Args:
+    spec: `path.py[:arg]`.
+    overrides: dotted key -> value text.
+    command: the CLI command the config is for ("distil", ...): the config
+      of another command is refused in so many words.
+  """
   config = load_config(spec)
+  if command is not None:
+    check_command(config, spec, command)
   config.lock()
   apply_overrides(config, overrides or {})
   return config
@@ -229,15 +338,47 @@ def check_keys_set(config: ConfigDict, keys: Iterable[str]) -> None:
       raise BistilError(f"config.{key} must be set (--config.{key}=...)")
 
 
+def split_escaped(spec: str) -> list[str]:
+  r"""Splits a comma-separated list at its unescaped commas.
+
+  `\,` is a comma inside an item (`dev=data/odd\,name.conllu` is one
+  item) and `\\` a backslash; any other backslash stays as it is. Items
+  are stripped; empty ones are dropped.
+  """
+  items, cur, i = [], [], 0
+  while i < len(spec):
+    c = spec[i]
+    if c == "\\" and i + 1 < len(spec) and spec[i + 1] in ",\\":
+      cur.append(spec[i + 1])
+      i += 2
+      continue
+    if c == ",":
+      items.append("".join(cur))
+      cur = []
+    else:
+      cur.append(c)
+    i += 1
+  items.append("".join(cur))
+  return [x.strip() for x in items if x.strip()]
+
+
+def parse_named_item(item: str) -> tuple[str | None, str]:
+  """ "dev=path" -> ("dev", "path"); a bare path -> (None, path). A name
+  holds no "/" or ":", so "data/a=b.txt" and "gs://b/x=1" are bare paths."""
+  name, sep, value = item.partition("=")
+  if not sep or not name.strip() or "/" in name or ":" in name:
+    return None, item.strip()
+  return name.strip(), value.strip()
+
+
 def parse_named_list(spec: str) -> list[tuple[str, str]]:
-  """ "dev=path,mt=path2" -> [(name, spec)]; a bare item is named by its
-  position ("set0", ...). Names must be unique."""
+  r""" "dev=path,mt=path2" -> [(name, spec)]; a bare item is named by its
+  position ("set0", ...). Names must be unique. A comma inside a path is
+  written `\,` (split_escaped)."""
   out: list[tuple[str, str]] = []
-  for i, item in enumerate(x.strip() for x in spec.split(",") if x.strip()):
-    name, sep, value = item.partition("=")
-    if not sep or "/" in name or ":" in name:
-      name, value = f"set{i}", item
-    out.append((name.strip(), value.strip()))
+  for i, item in enumerate(split_escaped(spec)):
+    name, value = parse_named_item(item)
+    out.append((f"set{i}" if name is None else name, value))
   names = [n for n, _ in out]
   dup = sorted({n for n in names if names.count(n) > 1})
   if dup:

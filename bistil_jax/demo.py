@@ -159,11 +159,11 @@ class Budget:
   # the whole corpus). The targets are low-resource there, as Maltese or
   # Uyghur are in mBERT's Wikipedia; the user's monolingual corpus of the
   # target (`corpus` sentences) trains its language SFT and BiStil's phase
-  # 1, as released (METHOD.md 2.1).
+  # 1, as released (docs/method.md 2.1).
   mmt_target_sentences: int = 0
   # Dense and sparse steps of each language SFT (`bistil lang-sft` of the
   # teacher on the source, close and distant corpora), applied to the
-  # phase-1 teacher per batch language (METHOD.md 2.1). 0: no language
+  # phase-1 teacher per batch language (docs/method.md 2.1). 0: no language
   # SFTs (phase 1 distils the bare teacher).
   lang_sft_steps: int = 300
 
@@ -887,7 +887,7 @@ def format_table(table: list[dict[str, Any]]) -> str:
 
 
 def claims(table: list[dict[str, Any]]) -> list[tuple[str, bool, str]]:
-  """The paper's three claims (METHOD.md section 0), each checked on this
+  """The paper's three claims (docs/method.md section 0), each checked on this
   run's mean scores of one task: (claim, holds, the numbers that decide
   it)."""
   by = {(r["target"].split()[0], r["model"]): r for r in table}

@@ -6,7 +6,7 @@ to optimise is `term.mean` (0 when nothing is selected, never NaN); a training
 step reports `total` and `count` so that host-side averaging over steps and
 devices is exact (`sum(totals) / sum(counts)`).
 
-What each loss implements (METHOD.md):
+What each loss implements (docs/method.md):
 - `soft_cross_entropy`, `kl_divergence`: logit distillation, section 2.4
   ("Logit loss") and 4.3: -sum_c softmax(z_T/tau)_c log_softmax(z_S/tau)_c,
   averaged over selected rows, tau = 2, no tau^2 factor by default.
@@ -16,7 +16,7 @@ What each loss implements (METHOD.md):
   section 2.4, with an explicit key-padding mask instead of the released
   "teacher probability == 0" test (section 7, point 8).
 - `token_cross_entropy`: gold-label cross-entropy for task heads and the
-  student MLM term (METHOD.md "Project decisions"; alpha_task of 2.4).
+  student MLM term (docs/method.md "Project decisions"; alpha_task of 2.4).
 - `layer_maps`: the layer alignment of section 2.4.
 
 Conventions:
@@ -112,14 +112,14 @@ def masked_mean(values: jax.Array, mask: jax.Array | None = None) -> jax.Array:
 
 
 # ----------------------------------------------------------------------------
-# Layer alignment (METHOD.md 2.4).
+# Layer alignment (docs/method.md 2.4).
 # ----------------------------------------------------------------------------
 
 
 def layer_maps(
   num_teacher_layers: int, num_student_layers: int
 ) -> tuple[LayerPairs, LayerPairs]:
-  """Student/teacher layer alignment of METHOD.md 2.4.
+  """Student/teacher layer alignment of docs/method.md 2.4.
 
   With r = L_T / L_S:
   - hidden states (L+1 per model, index 0 = embedding output): student
@@ -169,7 +169,7 @@ def _sum_terms(terms: Sequence[LossTerm]) -> LossTerm:
 
 
 # ----------------------------------------------------------------------------
-# Logit losses (METHOD.md 2.4 "Logit loss", 4.3).
+# Logit losses (docs/method.md 2.4 "Logit loss", 4.3).
 # ----------------------------------------------------------------------------
 
 
@@ -242,7 +242,7 @@ def soft_cross_entropy(
   logits_mask: jax.Array | None = None,
   scale_by_t2: bool = False,
 ) -> LossTerm:
-  """Soft cross-entropy of student against teacher (METHOD.md 2.4, 4.3).
+  """Soft cross-entropy of student against teacher (docs/method.md 2.4, 4.3).
 
   Per row: -sum_c softmax(z_T / T)_c * log_softmax(z_S / T)_c, in float32.
   Reduction: mean over the selected rows (`count` = number of rows).
@@ -282,7 +282,7 @@ def kl_divergence(
   logits_mask: jax.Array | None = None,
   scale_by_t2: bool = False,
 ) -> LossTerm:
-  """KL(p_T || p_S) at temperature T (METHOD.md 2.4, project option).
+  """KL(p_T || p_S) at temperature T (docs/method.md 2.4, project option).
 
   Per row: sum_c p_T,c (log p_T,c - log p_S,c) with p = softmax(z / T):
   the soft cross-entropy minus the teacher entropy, so it has the same
@@ -309,7 +309,7 @@ def token_cross_entropy(
   ignore_index: int = -100,
   logits_mask: jax.Array | None = None,
 ) -> LossTerm:
-  """Gold-label cross-entropy (task losses, student MLM; METHOD.md 2.4).
+  """Gold-label cross-entropy (task losses, student MLM; docs/method.md 2.4).
 
   Per position: -log_softmax(logits)[label], in float32, over positions
   whose label != ignore_index.
@@ -338,7 +338,7 @@ def token_cross_entropy(
 
 
 # ----------------------------------------------------------------------------
-# Hidden-state MSE (METHOD.md 2.3, 2.4).
+# Hidden-state MSE (docs/method.md 2.3, 2.4).
 # ----------------------------------------------------------------------------
 
 
@@ -348,7 +348,7 @@ def hidden_mse(
   mask: jax.Array | None = None,
   projection: jax.Array | None = None,
 ) -> LossTerm:
-  """Mean squared error between hidden states (METHOD.md 2.4).
+  """Mean squared error between hidden states (docs/method.md 2.4).
 
   Reduction: mean over the real tokens and all d_S features, i.e.
   `count` = (number of True in mask) * d_S. mask=None averages over every
@@ -359,7 +359,7 @@ def hidden_mse(
     teacher_hidden: [b, l, d_T].
     mask: bool [b, l], True at real tokens; None = all positions.
     projection: fixed [d_T, d_S] matrix applied to the teacher states
-      first (METHOD.md 2.3); required when d_T != d_S.
+      first (docs/method.md 2.3); required when d_T != d_S.
 
   Returns:
     LossTerm(sum of squared errors, number of elements summed).
@@ -391,7 +391,7 @@ def hidden_mse_layers(
   mask: jax.Array | None = None,
   projections: Sequence[jax.Array] | jax.Array | None = None,
 ) -> LossTerm:
-  """L_hid = 1/|pairs| sum_(i,j) MSE(h_S^i, h_T^j P_j) (METHOD.md 2.4).
+  """L_hid = 1/|pairs| sum_(i,j) MSE(h_S^i, h_T^j P_j) (docs/method.md 2.4).
 
   With pairs = layer_maps(...)[0] this is 1/(L_S+1) sum_{i=0..L_S}.
   Every layer has the same count, so `mean` of the summed term equals the
@@ -426,7 +426,7 @@ def hidden_mse_layers(
 
 
 # ----------------------------------------------------------------------------
-# Attention-probability MSE (METHOD.md 2.4).
+# Attention-probability MSE (docs/method.md 2.4).
 # ----------------------------------------------------------------------------
 
 
@@ -436,7 +436,7 @@ def attention_mse(
   key_mask: jax.Array | None,
   query_mask: jax.Array | None = None,
 ) -> LossTerm:
-  """MSE between post-softmax attention probabilities (METHOD.md 2.4).
+  """MSE between post-softmax attention probabilities (docs/method.md 2.4).
 
   Entries at padded keys are excluded (the released code drops entries
   whose teacher probability is exactly 0; this uses the padding mask
@@ -478,7 +478,7 @@ def attention_mse_layers(
   key_mask: jax.Array | None,
   query_mask: jax.Array | None = None,
 ) -> LossTerm:
-  """L_att = 1/|pairs| sum_(i,j) MSE(A_S^i, A_T^j) (METHOD.md 2.4).
+  """L_att = 1/|pairs| sum_(i,j) MSE(A_S^i, A_T^j) (docs/method.md 2.4).
 
   With pairs = layer_maps(...)[1] this is 1/L_S sum_{i=0..L_S-1}, student
   layer i against teacher layer (i+1)*r-1. Every layer has the same count

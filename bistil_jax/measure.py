@@ -1,10 +1,10 @@
-"""Model size, inference FLOPs and CPU latency (METHOD.md section 6).
+"""Model size, inference FLOPs and CPU latency (docs/method.md section 6).
 
   from bistil_jax import measure
   measure.count_parameters(params, model.config)   # total/embeddings/body/head
   measure.inference_flops(model, params, 32, 128)  # XLA flops, MACs, analytic
   measure.cpu_latency(model, params, 32, 128)      # median/p90 ms
-  measure.measure_dir("model_dir", seq_len=128)    # all of it: bistil measure
+  measure.measure_dir("model_dir")                 # all of it: bistil measure
 
 Conventions. The original counts FLOPs with fvcore, which counts one per
 multiply-accumulate (MAC) of every matmul/linear/einsum and ignores
@@ -380,12 +380,18 @@ def parse_batch_shapes(spec: str) -> list[tuple[int, int]]:
   return shapes
 
 
+# `bistil measure`'s defaults, shortened to the model's max length (a tiny
+# model has 64 positions).
+DEFAULT_SEQ_LEN = 128
+DEFAULT_BATCH = 8
+
+
 def measure_dir(
   model_dir: str,
   sft_dirs: Sequence[str] = (),
   *,
-  seq_len: int = 128,
-  batch_shapes: Sequence[tuple[int, int]] = ((8, 128),),
+  seq_len: int | None = None,
+  batch_shapes: Sequence[tuple[int, int]] | None = None,
   warmup: int = 2,
   repeats: int = 10,
   with_latency: bool = True,
@@ -398,8 +404,10 @@ def measure_dir(
   Args:
     model_dir: an HF model dir.
     sft_dirs: SFT dirs applied to it (a task SFT brings its head).
-    seq_len: sequence length of the MAC count (per sequence).
-    batch_shapes: (batch, length) shapes to time.
+    seq_len: sequence length of the MAC count (per sequence); None:
+      DEFAULT_SEQ_LEN, or the model's max length where that is shorter.
+    batch_shapes: (batch, length) shapes to time; None: one batch of
+      DEFAULT_BATCH sequences of `seq_len`.
     warmup: untimed passes before each timing.
     repeats: timed passes (the median is reported).
     with_latency: time the shapes (False: sizes and MACs only).
@@ -425,6 +433,10 @@ def measure_dir(
   else:
     model, params = hf.load_hf(model_dir)
   config = model.config
+  if seq_len is None:
+    seq_len = min(DEFAULT_SEQ_LEN, config.max_length)
+  if batch_shapes is None:
+    batch_shapes = ((DEFAULT_BATCH, seq_len),)
   counts = count_parameters(params, config)
   flops = inference_flops(model, params, 1, seq_len, with_compiled=False)
   try:

@@ -1,4 +1,4 @@
-"""Evaluation metrics of the phase-2 tasks, in NumPy (METHOD.md 5.1).
+"""Evaluation metrics of the phase-2 tasks, in NumPy (docs/method.md 5.1).
 
 - pos: word accuracy over positions whose gold label is not -100 (the first
   sub-word of each word).

@@ -169,3 +169,39 @@ def activate(mesh: Mesh, rules: Rules = DEFAULT_RULES) -> Iterator[None]:
 def shard(tree: Any, shardings: Any) -> Any:
   """Places host arrays on devices with the given shardings."""
   return jax.device_put(tree, shardings)
+
+
+def programs_may_overlap() -> bool:
+  """Whether independent jitted programs may be in flight together.
+
+  False on a multi-device CPU backend and across processes. XLA's CPU
+  client runs each device's part of a program on one shared thread pool; a
+  program whose devices wait in an all-reduce can hold every pool thread
+  while its last device's part waits behind another program, and nothing
+  moves again (a 4-device LT-SFT mask selection hung so, and XLA aborts it
+  after its rendezvous timeout as "only N of them arrived on time"). Across
+  processes, gloo's collectives of two programs can run in different
+  orders on different hosts. TPU and GPU run each device's programs in
+  order on a stream and overlap safely.
+  """
+  if jax.process_count() > 1:
+    return False
+  return not (jax.default_backend() == "cpu" and jax.device_count() > 1)
+
+
+def fetch_all(calls: Sequence[Any]) -> list[Any]:
+  """`[jax.device_get(call()) for call in calls]`, overlapped where safe.
+
+  Where `programs_may_overlap()` every call is dispatched before the first
+  result is fetched, so the device never waits for the host; elsewhere each
+  result is fetched before the next call starts.
+
+  Args:
+    calls: zero-argument callables that dispatch a jitted computation.
+
+  Returns:
+    Their results as host (NumPy) values, in order.
+  """
+  if programs_may_overlap():
+    return list(jax.device_get([call() for call in calls]))
+  return [jax.device_get(call()) for call in calls]

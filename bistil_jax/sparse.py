@@ -1,7 +1,7 @@
 """LT-SFT: eligible entries, top-K selection, masked updates and SFT files.
 
-METHOD.md §4.4-4.6. Phase 2 trains densely, selects the K body entries that
-moved most (globally across all eligible tensors), resets, and trains again
+docs/method.md §4.4-4.6. Phase 2 trains densely, selects the K body entries
+that moved most (globally across all eligible tensors), resets, and trains again
 with every other body entry frozen; the result is stored as a sparse diff of
 the body plus the dense head (an "SFT").
 
@@ -25,6 +25,7 @@ import json
 import logging
 import math
 import os
+import pickle
 from collections.abc import Sequence
 from typing import Any
 
@@ -33,7 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding
 
-from bistil_jax import paths
+from bistil_jax import partitioning, paths
 from bistil_jax.errors import BistilError
 
 log = logging.getLogger(__name__)
@@ -99,7 +100,7 @@ def eligible_mask(
   position_embeddings: bool = True,
   vocab_size: int | None = None,
 ) -> Any:
-  """Which body entries LT-SFT may select (METHOD.md §4.4, group G1).
+  """Which body entries LT-SFT may select (docs/method.md §4.4, group G1).
 
   Head leaves (top-level keys in `HEAD_KEYS`) are never eligible: the head is
   trained densely and stored whole. Leaves are zero-copy numpy broadcast views
@@ -177,7 +178,7 @@ def _count(e: Any, shape: tuple[int, ...]) -> int:
 
 
 def k_from_density(eligible: Any, density: float) -> int:
-  """K = int(density * number of eligible entries) (METHOD.md §4.4)."""
+  """K = int(density * number of eligible entries) (docs/method.md §4.4)."""
   if not 0.0 < density <= 1.0:
     raise BistilError(f"SFT density must be in (0, 1], got {density}")
   paths, leaves, _ = _flatten(eligible)
@@ -252,17 +253,14 @@ def _select(d, e, t, cut, row_limit, sharding):
 
 
 def _per_leaf(fn, ds, es, limits, *args) -> np.ndarray:
-  """fn over all leaves, dispatched first and fetched together: [leaves].
-
-  NOTE: across processes each count is a collective; dispatched together,
-  the gloo CPU collectives of different leaves can run in different orders
-  on different hosts and deadlock, so multi-host runs fetch one at a time.
-  """
-  leaves = zip(ds, es, limits, strict=True)
-  if jax.process_count() > 1:
-    out = [jax.device_get(fn(d, e, *args, r)) for d, e, r in leaves]
-  else:
-    out = jax.device_get([fn(d, e, *args, r) for d, e, r in leaves])
+  """fn over all leaves, dispatched and fetched as `partitioning.fetch_all`
+  finds safe (together on TPU/GPU, one at a time on CPU meshes and across
+  processes, where concurrent collectives can deadlock): [leaves]."""
+  calls = [
+    functools.partial(fn, d, e, *args, r)
+    for d, e, r in zip(ds, es, limits, strict=True)
+  ]
+  out = partitioning.fetch_all(calls)
   return np.asarray(out, dtype=np.int64).reshape(-1)
 
 
@@ -282,8 +280,8 @@ def select_top_k(
 ) -> Any:
   """Exactly the k eligible entries with the largest |Δ|, globally.
 
-  METHOD.md §4.4 step 2: one threshold over all eligible tensors jointly, not
-  per matrix. Nothing is sorted or concatenated: the k-th largest value is
+  docs/method.md §4.4 step 2: one threshold over all eligible tensors jointly,
+  not per matrix. Nothing is sorted or concatenated: the k-th largest value is
   found by bisection on the float32 bit pattern (non-negative floats order
   like their int32 bits) using only per-leaf counts `sum(bits >= t)`, each a
   small jitted reduction that runs where the leaf lives (sharded leaves are
@@ -422,8 +420,8 @@ def l1_to_origin(
 ) -> jax.Array:
   """strength · Σ|θ − θ₀| over selected entries / number selected.
 
-  bistil's per-group L1 (METHOD.md §4.5): R = λ_g Σ|θ−θ₀| / N_reg with N_reg
-  the number of regularised elements (composable-sft divides by all model
+  bistil's per-group L1 (docs/method.md §4.5): R = λ_g Σ|θ−θ₀| / N_reg with
+  N_reg the number of regularised elements (composable-sft divides by all model
   parameters instead). Passing the eligible mask in both phases reproduces
   bistil exactly (frozen entries contribute 0 to the sum); passing the
   sparse training mask normalises by K instead. Call once per group with its
@@ -550,7 +548,7 @@ def sft_from_params(
   vocab_size: int | None = None,
   dense_keys: Sequence[str] = (),
 ) -> SFT:
-  """Exports trained − base as an SFT (METHOD.md §4.4 step 4).
+  """Exports trained − base as an SFT (docs/method.md §4.4 step 4).
 
   Body: Δ = float32(trained) − float32(base) where `mask` is True (or
   everywhere if mask is None) and |Δ| > tol; bistil zeroes |Δ| <= 1e-7.
@@ -780,6 +778,18 @@ def _torch_load(file: str) -> Any:
   try:
     with torch.serialization.safe_globals(allowed):
       return torch.load(file, map_location="cpu", weights_only=True)
+  except pickle.UnpicklingError as e:
+    if "unsupported global" in str(e).lower():
+      # torch's text advises weights_only=False, which would run the
+      # file's code: never pass that on.
+      raise BistilError(
+        f"{file} holds Python objects other than tensors and numbers; it is "
+        "refused for safety (loading it could run code). Ask its author for "
+        "a plain composable-sft diff"
+      ) from None
+    raise BistilError(
+      f"corrupt or unreadable {file} (not a torch file)"
+    ) from None
   except Exception as e:  # torch raises many types for bad files
     first = str(e).strip().splitlines()[0] if str(e).strip() else repr(e)
     raise BistilError(f"corrupt or unreadable {file}: {first}") from None
@@ -1136,7 +1146,7 @@ def densify(sft: SFT, params_like: Any) -> Any:
   """The body diffs as a dense tree like `params_like` (zeros elsewhere).
 
   Dense (head) tensors are not included: they replace rather than add. Use
-  it to build a teacher θ_base + Δ_lang on device (METHOD.md §4.6).
+  it to build a teacher θ_base + Δ_lang on device (docs/method.md §4.6).
 
   Args:
     sft: the SFT.

@@ -66,7 +66,8 @@ def teacher(dtype: str = "float32") -> ml_collections.ConfigDict:
 
 
 def eval_block(batches: int | None = None) -> ml_collections.ConfigDict:
-  """Evaluation sets, "name=spec,..." (a bare spec is named by position)."""
+  """Evaluation sets, "name=spec,..." (a bare spec is named by position;
+  a comma inside a path is written \\,)."""
   c = ml_collections.ConfigDict()
   c.sets = ""
   if batches is not None:

@@ -1,4 +1,4 @@
-r"""Phase 1: general bilingual distillation (METHOD.md section 2).
+r"""Phase 1: general bilingual distillation (docs/method.md section 2).
 
 Variants (the part after ":"):
 
@@ -10,7 +10,7 @@ Variants (the part after ":"):
 
   mbert,SRC,TGT       mBERT teacher trimmed to SRC+TGT, 6-layer student,
   xlmr,SRC,TGT        batch 8 x 256, lr 1e-4, 200k steps, no warmup: the
-                      released recipe (METHOD.md 2.6). First trim a local
+                      released recipe (docs/method.md 2.6). First trim a local
                       copy of the teacher (an HF model dir):
     bistil trim-vocab --model models/mbert \
       --source corpora/en.txt --target corpora/mt.txt --out models/mbert-en-mt
@@ -20,7 +20,7 @@ Variants (the part after ":"):
   corpora/LANG.dev.txt; override any of them with --config.a.b=...; on a
   pod every path may be gs://...)
 
-Per-language teachers (METHOD.md 2.1): --config.teacher.sfts=
+Per-language teachers (docs/method.md 2.1): --config.teacher.sfts=
 "source=sfts/en,target=sfts/mt" applies each language's SFT to the teacher
 for that language's batches (a bare DIR applies to both).
 
@@ -84,7 +84,8 @@ def get_config(arg=None):
   c.student = ml_collections.ConfigDict()
   c.student.layer_reduction = 2  # r: student layers = teacher layers / r
   c.student.hidden_reduction = 1  # width divisor (1 = teacher width)
-  # teacher_layers | svd_embeddings (released code) | random
+  # teacher_layers | svd_embeddings (released code; `bistil demo` passes
+  # it, see the README) | random
   c.student.init = "teacher_layers"
   c.student.dtype = "float32"  # compute dtype
   c.student.param_dtype = "float32"  # master weights

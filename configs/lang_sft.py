@@ -1,5 +1,5 @@
 r"""Language SFTs: LT-SFT of an MMT with the MLM objective on one language's
-corpus (METHOD.md 4.1, last paragraph; 4.4-4.6). ARG = variant (base|tiny).
+corpus (docs/method.md 4.1, last paragraph; 4.4-4.6). ARG = variant (base|tiny).
 
 The released language SFTs (composable-sft train_mlm.sh): K = 7,667,712 of
 mBERT's body (density below), LayerNorms frozen, the output decoder untied

@@ -1,5 +1,5 @@
 r"""Phase 2: LT-SFT of the phase-1 student against a task teacher
-(METHOD.md sections 4-5). ARG = TASK[,variant=tiny|base].
+(docs/method.md sections 4-5). ARG = TASK[,variant=tiny|base].
 
 The phase-1 student + a fresh task head, LT-SFT with soft cross-entropy
 (T=2) on the teacher's logits + hidden + attention MSE (the released mix),
@@ -14,9 +14,9 @@ Teacher task-tuning, `bistil finetune`, uses configs/finetune.py (these
 fields without a teacher, gold loss only, dense unless
 --config.sparse.enabled=true).
 
-Released values (METHOD.md 4.4): density 0.08, batch 8, lr 5e-5, NER 3
+Released values (docs/method.md 4.4): density 0.08, batch 8, lr 5e-5, NER 3
 dense + 10 sparse epochs, DP (`:dp`, biaffine parser, UAS/LAS) 10 + 10, no
-warmup, grad-clip 1. QA (`sft.py:qa`, METHOD.md
+warmup, grad-clip 1. QA (`sft.py:qa`, docs/method.md
 4.3, 4.4): 5 + 5 epochs at sequence length 384, windows overlapping by 128
 tokens, n-best 20, answers of at most 30 tokens; its teacher
 (`finetune.py:qa`): SQuAD v1.1, 2 + 2 epochs, batch 12, lr 3e-5:
@@ -89,7 +89,8 @@ def get_config(arg=None, *, teacher=True):
   # NER/DP training does (load_best_model_at_end on the source dev set).
   c.train.select_best = ""
   if a.task == "dp":
-    c.train.epochs = 10.0  # DP: 10 dense + 10 sparse epochs (METHOD.md 4.4)
+    # DP: 10 dense + 10 sparse epochs (docs/method.md 4.4)
+    c.train.epochs = 10.0
 
   if a.task == "qa":
     _qa(c, student=teacher)
@@ -112,7 +113,7 @@ def get_config(arg=None, *, teacher=True):
 
 
 def _qa(c, student):
-  """Extractive QA (METHOD.md 4.1, 4.3, 4.4): SQuAD v1.1 windows."""
+  """Extractive QA (docs/method.md 4.1, 4.3, 4.4): SQuAD v1.1 windows."""
   c.data.max_seq_len = 384  # every window; long contexts are split
   c.data.doc_stride = 128  # overlap of consecutive windows, in tokens
   c.data.n_best_size = 20  # start/end candidates per window

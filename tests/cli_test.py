@@ -45,6 +45,7 @@ def bistil(*argv: str, cwd: str) -> subprocess.CompletedProcess:
   env = dict(os.environ)
   env.pop("JAX_PLATFORMS", None)  # as on a user's CPU machine
   env.pop("XLA_FLAGS", None)
+  env.pop("JAX_COMPILATION_CACHE_DIR", None)
   env["PYTHONPATH"] = REPO + os.pathsep + env.get("PYTHONPATH", "")
   return subprocess.run(
     [sys.executable, "-m", "bistil_jax.cli", *argv],

@@ -1,11 +1,15 @@
 """The one config schema: shared blocks, only the fields a phase reads,
 mesh rules from the config, shipped configs found from anywhere."""
 
+import contextlib
+import io
 import os
+import shutil
+import tempfile
 
 from absl.testing import absltest, parameterized
 
-from bistil_jax import configlib, partitioning
+from bistil_jax import cli, configlib, partitioning
 from bistil_jax.errors import BistilError
 
 PHASES = {
@@ -94,6 +98,60 @@ class SchemaTest(parameterized.TestCase):
       self.assertEqual(configlib.load_config("sft").task, "pos")
     finally:
       os.chdir(old)
+
+
+class ConfigErrorsTest(parameterized.TestCase):
+  @parameterized.parameters(
+    ("optim.lrr", "optim.learning_rate"),  # was optim.clip_norm
+    ("optim.lr", "optim.learning_rate"),
+    ("optim.clipnorm", "optim.clip_norm"),
+    ("data.num_steps", "train.num_steps"),  # the name in another block
+    ("optimizer.learning_rate", "optim.learning_rate"),
+  )
+  def test_a_typo_suggests_the_closest_field(self, typo, meant):
+    with self.assertRaisesRegex(
+      BistilError, rf"^unknown config key {typo} \(did you mean {meant}\?\)$"
+    ):
+      load("distil", **{typo: "1"})
+
+  def test_no_suggestion_when_nothing_is_close(self):
+    with self.assertRaisesRegex(BistilError, r"^unknown config key optim.foo$"):
+      load("distil", **{"optim.foo": "1"})
+
+  def test_another_commands_config_is_named_as_such(self):
+    err = io.StringIO()
+    with tempfile.TemporaryDirectory() as tmp, contextlib.redirect_stderr(err):
+      wd = os.path.join(tmp, "run")
+      code = cli.main(
+        ["distil", "--config", "configs/sft.py:pos", "--workdir", wd]
+      )
+      self.assertFalse(os.path.exists(wd))
+    self.assertEqual(code, 2)
+    self.assertEqual(
+      err.getvalue().strip().splitlines()[-1],
+      "error: configs/sft.py is the config of `bistil sft`, not `bistil "
+      "distil` (its config is configs/distil.py)",
+    )
+    with self.assertRaisesRegex(
+      BistilError, "config of `bistil sft`, not `bistil finetune`"
+    ):
+      configlib.build_config("configs/sft.py:pos", command="finetune")
+    for command, spec in PHASES.items():  # each its own: accepted
+      configlib.build_config(spec, command=command)
+
+  def test_a_copy_of_another_commands_config_is_named_by_its_fields(self):
+    with tempfile.TemporaryDirectory() as tmp:
+      shipped = configlib.repo_configs_dir()
+      for name in ("common.py", "lang_sft.py"):
+        shutil.copy(shipped / name, os.path.join(tmp, name))
+      mine = os.path.join(tmp, "lang_sft.py")
+      with self.assertRaisesRegex(
+        BistilError,
+        r"lang_sft.py is a config of `bistil lang-sft` \(it has no "
+        r"data.source, data.target\), not of `bistil distil`",
+      ):
+        configlib.build_config(mine, command="distil")
+      configlib.build_config(mine, command="lang-sft")
 
 
 if __name__ == "__main__":

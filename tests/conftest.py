@@ -12,8 +12,13 @@ import tempfile
 
 from tests import gcs
 
+# 8 CPU devices for the meshes; a CPU collective whose 8 device threads have
+# not all arrived is aborted after 40 s by default, which a busy 2-core
+# machine can exceed, so the suite gives them 10 minutes.
 os.environ["XLA_FLAGS"] = (
-  os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+  os.environ.get("XLA_FLAGS", "")
+  + " --xla_force_host_platform_device_count=8"
+  + " --xla_cpu_collective_call_terminate_timeout_seconds=600"
 ).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ["HF_HUB_OFFLINE"] = "1"
@@ -32,6 +37,21 @@ if not os.environ.get("BISTIL_TEST_TMP"):
   os.environ["TMPDIR"] = _root
   tempfile.tempdir = _root
   atexit.register(shutil.rmtree, _root, ignore_errors=True)
+
+# A persistent XLA compilation cache shared by the whole session: most of
+# the suite's time is XLA compiling small programs, and its CLI runs (in this
+# process and in subprocesses, which inherit the variables) build the same
+# ones again and again. Every program is cached (no minimum compile time).
+# A cached executable is the one XLA would have compiled, so what tests
+# trace and assert is unchanged; tests/train/multihost_test.py, which
+# compares the float rounding of two device layouts, turns it off for its
+# processes. JAX reads these variables when it is imported.
+os.environ.setdefault(
+  "JAX_COMPILATION_CACHE_DIR",
+  os.path.join(os.environ["BISTIL_TEST_TMP"], "jax-cache"),
+)
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 
 import pytest  # noqa: E402
 

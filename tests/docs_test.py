@@ -23,6 +23,44 @@ REPO_PATH = re.compile(
 )
 
 
+# Citations of docs/method.md by section: "docs/method.md 2.4",
+# "docs/method.md §4.4-4.6", "docs/method.md sections 4-5", "[method.md](
+# method.md) 2.1", "docs/method.md 4.3, 7.4".
+_NUM = r"\d+(?:\.\d+)?"
+METHOD_REF = re.compile(
+  r"(?<![\w.-])(?:docs/)?method\.md\)?\s*(?:§\s*|sections?\s+)?"
+  rf"({_NUM}(?:(?:\s*[-,]\s*|\s+and\s+)§?{_NUM})*)"
+)
+METHOD_NAMED = re.compile(
+  r'(?<![\w.-])(?:docs/)?method\.md\)?\s+"([A-Z][^"\n]*)"'
+)
+# Every file that may cite the method (tests too: their comments do).
+CITING = [
+  REPO / "README.md",
+  *sorted((REPO / "docs").glob("*.md")),
+  *sorted(
+    p
+    for top in ("bistil_jax", "configs", "benchmarks", "launch")
+    for p in (REPO / top).rglob("*")
+    if p.suffix in (".py", ".md", ".sh")
+  ),
+  *sorted((REPO / "tests").rglob("*.py")),
+]
+
+
+def method_sections(text: str) -> list[str]:
+  """Section numbers cited in `text` ("4-5" and "4.4-4.6" give both ends)."""
+  return [n for m in METHOD_REF.finditer(text) for n in re.findall(_NUM, m[1])]
+
+
+def method_headings() -> tuple[set[str], set[str]]:
+  """(section numbers, heading titles) of docs/method.md."""
+  text = (REPO / "docs" / "method.md").read_text(encoding="utf-8")
+  titles = re.findall(r"^#{2,3} (.+?)\s*$", text, re.M)
+  numbers = {m[1] for t in titles if (m := re.match(r"(\d+(?:\.\d+)?)\.? ", t))}
+  return numbers, set(titles)
+
+
 def links(text: str) -> list[str]:
   return [m.group(1) for m in LINK.finditer(text)]
 
@@ -45,6 +83,7 @@ class DocsTest(parameterized.TestCase):
       "hf-conversion.md",
       "sft-format.md",
       "synthetic.md",
+      "method.md",
     ):
       self.assertIn(name, names)
 
@@ -80,6 +119,37 @@ class DocsTest(parameterized.TestCase):
       if page.parent.name == "docs" and page.name != "README.md":
         self.assertIn(page.name, targets)
     self.assertIn("docs/README.md", links((REPO / "README.md").read_text()))
+
+  def test_method_citations_name_sections_that_exist(self):
+    numbers, titles = method_headings()
+    self.assertContainsSubset({"0", "1.1", "2.4", "4.4", "6", "7.4"}, numbers)
+    cited = 0
+    for path in CITING:
+      text = path.read_text(encoding="utf-8")
+      where = str(path.relative_to(REPO))
+      for n in method_sections(text):
+        self.assertIn(n, numbers, f"{where} cites docs/method.md {n}")
+        cited += 1
+      for name in METHOD_NAMED.findall(text):
+        self.assertIn(name, titles, f"{where} cites docs/method.md {name!r}")
+      if path.parent.name != "tests":
+        # The method lives in the repository: no citation of a spec that
+        # a user's clone lacks.
+        self.assertNotRegex(text, r"\bMETHOD(\.md)?\b", where)
+    self.assertGreater(cited, 50)
+
+  def test_the_method_citation_finder_finds_citations(self):
+    text = (
+      "(docs/method.md 2.4). docs/method.md §4.4-4.6. docs/method.md "
+      "sections 4-5; [method.md](method.md) 2.1, docs/method.md 4.3, 7.4; "
+      'docs/method.md\n  2.3; docs/method.md "Project decisions"; '
+      "docs/method.md (no section); other_method.md 9.9"
+    )
+    self.assertEqual(
+      method_sections(text),
+      ["2.4", "4.4", "4.6", "4", "5", "2.1", "4.3", "7.4", "2.3"],
+    )
+    self.assertEqual(METHOD_NAMED.findall(text), ["Project decisions"])
 
   def test_the_path_finder_finds_paths(self):
     # A guard on the regular expression itself, so the tests above cannot

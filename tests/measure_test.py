@@ -1,10 +1,14 @@
 """Parameter counts, FLOPs (XLA vs analytic) and latency structure."""
 
+import contextlib
+import io
+import json
+
 import jax
 import numpy as np
 from absl.testing import absltest, parameterized
 
-from bistil_jax import measure
+from bistil_jax import cli, measure
 from bistil_jax.data import vocab
 from bistil_jax.errors import BistilError
 from bistil_jax.model import config as config_lib
@@ -258,6 +262,24 @@ class MeasureDirTest(absltest.TestCase):
     text = measure.format_measure(info)
     self.assertIn(f"parameters {p['total']:,}", text)
     self.assertIn("latency 1x32", text)
+
+  def test_defaults_fit_the_model(self):
+    # A tiny model has 64 positions: the defaults (128 tokens, 8x128) are
+    # shortened to it, by the function and by `bistil measure`.
+    self.assertEqual(self.config.max_length, 64)
+    info = measure.measure_dir(self.dir, warmup=0, repeats=1)
+    self.assertEqual(info["macs_per_sequence"]["seq_len"], 64)
+    shapes = [(t["batch_size"], t["seq_len"]) for t in info["latency"]]
+    self.assertEqual(shapes, [(8, 64)])
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+      code = cli.main(["measure", self.dir, "--repeats", "1", "--json"])
+    self.assertEqual(code, 0)
+    printed = json.loads(out.getvalue())
+    self.assertEqual(printed["macs_per_sequence"]["seq_len"], 64)
+    self.assertEqual(printed["latency"][0]["seq_len"], 64)
+    with self.assertRaisesRegex(BistilError, "exceeds"):  # asked for: kept
+      measure.measure_dir(self.dir, seq_len=128, with_latency=False)
 
   def test_without_latency(self):
     info = measure.measure_dir(self.dir, seq_len=8, with_latency=False)

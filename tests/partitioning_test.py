@@ -25,6 +25,52 @@ def config(name, head):
   )
 
 
+class FetchAllTest(absltest.TestCase):
+  def setUp(self):
+    super().setUp()
+    mesh = partitioning.make_mesh((1, 8, 1))
+    self.x = jax.device_put(
+      np.arange(64, dtype=np.float32).reshape(8, 8),
+      jax.sharding.NamedSharding(mesh, P("fsdp")),
+    )
+    self.count = jax.jit(lambda a, t: (a >= t).sum())  # an all-reduce
+    self.events = []
+    get = jax.device_get
+
+    def fetch(x):
+      self.events.append("fetch")
+      return get(x)
+
+    patch = absltest.mock.patch.object(jax, "device_get", fetch)
+    patch.start()
+    self.addCleanup(patch.stop)
+
+  def calls(self, ts):
+    def call(t):
+      self.events.append(f"run {t}")
+      return self.count(self.x, np.float32(t))
+
+    return [lambda t=t: call(t) for t in ts]
+
+  def test_cpu_mesh_fetches_each_program_before_the_next(self):
+    # The suite's 8 CPU devices: independent collective programs must not
+    # be in flight together (XLA's CPU client can deadlock on them).
+    self.assertFalse(partitioning.programs_may_overlap())
+    out = partitioning.fetch_all(self.calls([0, 60, 8]))
+    self.assertEqual([int(v) for v in out], [64, 4, 56])
+    self.assertEqual(
+      self.events, ["run 0", "fetch", "run 60", "fetch", "run 8", "fetch"]
+    )
+
+  def test_overlaps_where_safe(self):
+    with absltest.mock.patch.object(
+      partitioning, "programs_may_overlap", return_value=True
+    ):
+      out = partitioning.fetch_all(self.calls([0, 60]))
+    self.assertEqual([int(v) for v in out], [64, 4])
+    self.assertEqual(self.events, ["run 0", "run 60", "fetch"])
+
+
 class MeshTest(parameterized.TestCase):
   def test_eight_devices(self):
     self.assertLen(jax.devices(), 8)

@@ -20,6 +20,16 @@ from bistil_jax.model.encoder import abstract_params
 from bistil_jax.train import state as state_lib
 from bistil_jax.train import steps as train_steps
 
+RAN = []
+
+
+class Payload:
+  """A pickle that would run code when loaded unsafely."""
+
+  def __reduce__(self):
+    return (RAN.append, ("ran",))
+
+
 LABELS = 3
 
 
@@ -742,6 +752,25 @@ class ComposableTest(parameterized.TestCase):
       f.write(b"not a pickle")
     with self.assertRaisesRegex(BistilError, "corrupt or unreadable"):
       sparse.load_sft(garbage, config=cfg)
+
+  def test_a_pickle_with_code_is_refused_for_safety(self):
+    d = tempfile.mkdtemp()
+    diffs, absolute = default_tensors()
+    blob = {"diffs": {k: encode(v) for k, v in diffs.items()}, "abs": absolute}
+    blob["abs"]["evil"] = Payload()
+    torch.save(blob, os.path.join(d, "pytorch_diff.bin"))
+    with self.assertRaises(BistilError) as cm:
+      sparse.load_sft(d, config=tiny())
+    text = str(cm.exception)
+    self.assertRegex(
+      text,
+      "pytorch_diff.bin holds Python objects other than tensors and "
+      "numbers; it is refused for safety",
+    )
+    self.assertNotIn("weights_only", text)
+    self.assertNotIn("corrupt", text)
+    self.assertLen(text.splitlines(), 1)
+    self.assertEqual(RAN, [])
 
 
 if __name__ == "__main__":

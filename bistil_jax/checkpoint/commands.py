@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from collections import defaultdict
 from typing import Any
 
+import jax
 import numpy as np
 
 from bistil_jax import paths
@@ -123,22 +125,93 @@ def _model_from_workdir(workdir: str, step: int | None):
   raise BistilError(f"cannot export a {phase!r} workdir")
 
 
+# Trained BERT/XLM-R weights stay within a few units (LayerNorm scales near
+# 1, embeddings near 0.1); weights beyond this bound come from a run that
+# diverged (lr=1e6 with warm-up: 1.5e5 by step 3, loss 2.8e9).
+SANE_WEIGHT = 1e4
+
+
+def largest_weight(params: Any) -> tuple[float, str]:
+  """(max |w| over the floating leaves, the key of the leaf holding it)."""
+  best, where = 0.0, ""
+  for path, x in jax.tree_util.tree_leaves_with_path(params):
+    a = np.asarray(x)
+    if np.issubdtype(a.dtype, np.floating) and a.size:
+      m = float(np.max(np.abs(a)))
+      if m > best:
+        best, where = m, jax.tree_util.keystr(path)
+  return best, where
+
+
+def checkpoint_steps(workdir: str) -> list[int]:
+  """The finished checkpoint steps of a workdir, oldest first."""
+  from bistil_jax.checkpoint import manager
+
+  d = paths.path(workdir) / manager.CHECKPOINTS
+  if not d.is_dir():
+    return []
+  return sorted(int(c.name) for c in d.iterdir() if c.name.isdigit())
+
+
+def earlier_good_step(workdir: str, before: int) -> int | None:
+  """The newest step before `before` that reads and holds sane weights."""
+  for step in reversed([s for s in checkpoint_steps(workdir) if s < before]):
+    try:
+      _, params, _ = _model_from_workdir(workdir, step)
+    except BistilError:
+      continue
+    if largest_weight(params)[0] <= SANE_WEIGHT:
+      return step
+  return None
+
+
+def _earlier(workdir: str, step: int) -> str:
+  good = earlier_good_step(workdir, step)
+  if good is None:
+    return "no earlier step of it reads with sane weights"
+  return f"step {good} is intact: export it with --step {good}"
+
+
 def _run_export(args: argparse.Namespace) -> int:
   if (args.model is None) == (args.workdir is None):
     raise BistilError("export-hf needs exactly one of --model or --workdir")
   if args.workdir:
     from bistil_jax.checkpoint import manager
 
-    model, params, tok_dir = _model_from_workdir(args.workdir, args.step)
+    steps = checkpoint_steps(args.workdir)
+    step = args.step if args.step is not None else (steps or [None])[-1]
+    try:
+      model, params, tok_dir = _model_from_workdir(args.workdir, args.step)
+    except BistilError as e:
+      if args.step is not None or step is None:
+        raise
+      # The latest step is damaged: name the one that can be exported.
+      raise BistilError(f"{e}; {_earlier(args.workdir, step)}") from None
     manager.check_finite_tree(params, f"the checkpoint of {args.workdir}")
+    what = f"step {step} of {args.workdir}"
   elif args.sft:
     from bistil_jax.checkpoint import surgery
 
     model, params = surgery.merged_model(args.model, args.sft)
     tok_dir = args.model
+    what = f"{args.model} with {', '.join(args.sft)}"
   else:
     model, params = hf.load_hf(args.model)
     tok_dir = args.model
+    what = args.model
+  big, where = largest_weight(params)
+  if big > SANE_WEIGHT:
+    # Refused, not only warned about: a diverged model exports and loads
+    # fine and fails only downstream, after a fine-tuning run or an
+    # evaluation was spent on it; a warning in a pipeline's log is missed.
+    line = (
+      f"{what} holds weights up to {big:.3g} (at {where}; trained weights "
+      f"stay far below {SANE_WEIGHT:g}): the run diverged"
+    )
+    if not args.force:
+      hint = _earlier(args.workdir, step) if args.workdir else "retrain it"
+      raise BistilError(f"{line}; {hint}, or pass --force to export it")
+    print(f"warning: {line}; exporting it anyway (--force)", file=sys.stderr)
   tok = args.tokenizer or tok_dir
   has_tok = any((paths.path(tok) / n).is_file() for n in hf.TOKENIZER_FILES)
   if args.tokenizer and not has_tok:
@@ -184,6 +257,14 @@ def register(sub: argparse._SubParsersAction) -> None:
   p.add_argument("--tokenizer", help="tokenizer dir (default: --model)")
   p.add_argument("--out", required=True, help="output dir")
   p.add_argument("--overwrite", action="store_true")
+  p.add_argument(
+    "--force",
+    action="store_true",
+    help=(
+      f"export weights beyond |w| > {SANE_WEIGHT:g} (a diverged run), which "
+      "are refused otherwise"
+    ),
+  )
   p.add_argument(
     "--no-flax", action="store_true", help="skip flax_model.msgpack"
   )

@@ -39,6 +39,9 @@ SAFETENSORS_INDEX = "model.safetensors.index.json"
 TORCH_BIN = "pytorch_model.bin"
 FLAX_MSGPACK = "flax_model.msgpack"
 CONFIG = "config.json"
+# What the run that wrote a model dir used and a later command should reuse
+# (max_seq_len, read by `bistil evaluate`); not part of the HF format.
+RUN_RECORD = "bistil_run.json"
 TOKENIZER_FILES = (
   "tokenizer.json",
   "tokenizer_config.json",
@@ -349,6 +352,20 @@ def _canonical_torch_state(state, config):
   return out
 
 
+def without_pooler(params: dict[str, Any], config: ModelConfig):
+  """`params` less a pooler the HF class of `config` cannot hold (logged
+  once)."""
+  if "pooler" not in params or config.head in _POOLED:
+    return params
+  keys = ["/".join(("pooler", *p)) for p in flatten_dict(params["pooler"])]
+  log.info(
+    "%s has no pooler; not exporting %s",
+    config.architecture,
+    ", ".join(sorted(keys)),
+  )
+  return {k: v for k, v in params.items() if k != "pooler"}
+
+
 def params_to_hf(
   params: dict[str, Any], config: ModelConfig, fmt: str
 ) -> dict[str, np.ndarray]:
@@ -359,11 +376,8 @@ def params_to_hf(
   """
   table = _leaf_table(config)
   out = {}
-  for path, value in flatten_dict(params).items():
+  for path, value in flatten_dict(without_pooler(params, config)).items():
     key = "/".join(path)
-    if key.startswith("pooler/") and config.head not in _POOLED:
-      log.info("%s has no pooler; not exporting %s", config.architecture, key)
-      continue
     hit = _match(table, "ours", key)
     if hit is None:
       raise BistilError(f"no export rule for parameter {key}")
@@ -634,6 +648,7 @@ def save_hf(
   tokenizer_dir: paths.PathLike | None = None,
   overwrite: bool = False,
   write_flax: bool = True,
+  record: dict[str, Any] | None = None,
 ) -> None:
   """Writes an HF model dir: config.json, model.safetensors, flax msgpack.
 
@@ -648,12 +663,29 @@ def save_hf(
     tokenizer_dir: dir whose tokenizer files are copied in.
     overwrite: replace an existing non-empty dir.
     write_flax: also write flax_model.msgpack with HF-Flax names.
+    record: what the run that made the model used, written as RUN_RECORD
+      (e.g. {"max_seq_len": 64}; see `read_run_record`).
   """
   check_out_dir(path, overwrite)
   with paths.atomic_dir(path) as tmp:
     write_hf(tmp, model, params, tokenizer_dir, write_flax)
+    if record:
+      paths.write_text(
+        tmp / RUN_RECORD, json.dumps(record, indent=2, sort_keys=True)
+      )
   config = model.config if isinstance(model, Model) else model
   log.info("wrote %s (safetensors) to %s", config.architecture, path)
+
+
+def read_run_record(path: paths.PathLike) -> dict[str, Any]:
+  """The RUN_RECORD of a model dir; {} when it has none (any HF dir)."""
+  p = paths.path(path) / RUN_RECORD
+  if not p.is_file():
+    return {}
+  record = _read_json(p)
+  if not isinstance(record, dict):
+    raise BistilError(f"{p} holds no JSON object")
+  return record
 
 
 def write_hf(
@@ -672,6 +704,8 @@ def write_hf(
   if config.head == parser.HEAD:  # no HF class: encoder + head file
     config, params, head = parser.split_for_export(config, params)
     paths.write_bytes(tmp / parser.HEAD_FILE, head)
+  # Dropped once here, not by each format's conversion below.
+  params = without_pooler(params, config)
   paths.write_text(
     tmp / CONFIG, json.dumps(config.to_hf_dict(), indent=2, sort_keys=True)
   )

@@ -1,4 +1,4 @@
-"""Applying language SFTs to phase-1 teachers (METHOD.md 2.1, 4.6).
+"""Applying language SFTs to phase-1 teachers (docs/method.md 2.1, 4.6).
 
 A language SFT is made on the full MMT (`bistil lang-sft`); phase 1's
 teacher is usually a vocabulary-trimmed copy of it. An SFT of ours records
@@ -79,7 +79,7 @@ def apply_language_sft(
   keep_ids: np.ndarray | None,
 ) -> dict[str, Any]:
   """params + the body diffs of the language SFT at `path` (its dense head
-  tensors are not applied, METHOD.md 4.6).
+  tensors are not applied, docs/method.md 4.6).
 
   Args:
     params: the teacher's host params.

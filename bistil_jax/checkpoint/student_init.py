@@ -1,7 +1,9 @@
-"""Phase-1 student construction from a (trimmed) teacher. METHOD.md 2.2, 2.3.
+"""Phase-1 student construction from a (trimmed) teacher (docs/method.md 2.2,
+2.3).
 
 - `student_config`: teacher config with L/r layers, optionally width/h,
-  dropout 0, same number of heads.
+  dropout 0, same number of heads; the teacher's dropout is kept for the
+  exported config.json (`ModelConfig.export_dropout`).
 - `layer_map`: student layer i <- teacher layer (i+1)*r - 1 (0-based), the
   last teacher layer of each block of r; the same pairing the attention loss
   uses.
@@ -69,8 +71,11 @@ def student_config(
     num_hidden_layers=layers // layer_reduction,
     hidden_size=width,
     intermediate_size=teacher.intermediate_size // hidden_reduction,
+    # Trained without dropout, as released (docs/method.md 2.2); exported
+    # with the teacher's rates, for whoever fine-tunes the student later.
     hidden_dropout_prob=0.0,
     attention_probs_dropout_prob=0.0,
+    export_dropout=teacher.stated_dropout,
   )
   kw.update(overrides)
   return teacher.replace(**kw)
@@ -173,7 +178,7 @@ def init_student(
 def hidden_projections(
   teacher_states: list[np.ndarray], width: int
 ) -> list[np.ndarray]:
-  """Fixed projections P_l [D_T, width] of teacher states (METHOD.md 2.3).
+  """Fixed projections P_l [D_T, width] of teacher states (docs/method.md 2.3).
 
   Args:
     teacher_states: per hidden-state index l, a matrix [N, D_T] of sampled

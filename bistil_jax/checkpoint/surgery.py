@@ -40,7 +40,7 @@ def language_sfts(spec: str) -> tuple[list[str], list[str]]:
   """teacher.sfts of phase 1 -> ([source SFTs], [target SFTs]).
 
   Items "source=DIR" / "target=DIR" apply to that language's teacher; a bare
-  DIR applies to both (METHOD.md 2.1: per-language teachers are the MMT
+  DIR applies to both (docs/method.md 2.1: per-language teachers are the MMT
   plus that language's SFT).
   """
   out: dict[str, list[str]] = {lang: [] for lang in LANGS}
@@ -151,7 +151,7 @@ def language_teachers(
   teacher_dir: str,
   sft_paths: Sequence[Sequence[str]],
 ) -> list[dict[str, Any]]:
-  """[source teacher, target teacher] host params (METHOD.md 2.1).
+  """[source teacher, target teacher] host params (docs/method.md 2.1).
 
   Each is base + that language's SFT diffs (only the diffs: a language
   SFT's dense MLM-head values are not applied). The same object is reused
@@ -182,7 +182,7 @@ def map_teacher_vocab(
   params, tcfg: ModelConfig, teacher_dir: str, student_tok_dir: str
 ) -> tuple[dict[str, Any], ModelConfig]:
   """Slices the teacher's embeddings to the student's vocabulary by token
-  string (METHOD.md 1.2), so the teacher reads student ids."""
+  string (docs/method.md 1.2), so the teacher reads student ids."""
   t_tok, _ = vocab.load_tokenizer_dir(teacher_dir)
   s_tok, _ = vocab.load_tokenizer_dir(student_tok_dir)
   s_vocab = s_tok.get_vocab(with_added_tokens=True)

@@ -1,6 +1,6 @@
 """Dependency-parsing data: UD CoNLL-U heads and relations, encoding, scoring.
 
-METHOD.md 4.3 and 5.1, host side, in NumPy. The task `dp` reads HEAD
+docs/method.md 4.3 and 5.1, host side, in NumPy. The task `dp` reads HEAD
 (column 7) and DEPREL (column 8) of the syntactic words of a CoNLL-U file:
 multiword-token ranges (`1-2`) and empty nodes (`1.1`) are skipped, as UD
 defines them (HEAD refers to word ids, 0 = root); relation subtypes are
@@ -264,7 +264,7 @@ def encode_dp(
     rel = np.full(len(enc.ids), IGNORE_LABEL, np.int32)
     head = np.full(len(enc.ids), IGNORE_LABEL, np.int32)
     for w, pos in enumerate(first):
-      rel[pos] = tasks._label_id(label_to_id, ex.labels[w], ex)
+      rel[pos] = tasks._label_id(label_to_id, ex.labels[w], ex, w)
       h = ex.heads[w]
       head[pos] = 0 if h == 0 else first[h - 1]
     rows.append((enc.ids, enc.type_ids, rel, head))

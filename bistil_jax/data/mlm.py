@@ -1,6 +1,6 @@
 """BERT masked-language-model masking on the host (NumPy), seeded by step.
 
-METHOD.md 2.5: each non-special token is selected with probability
+docs/method.md 2.5: each non-special token is selected with probability
 `mlm_probability` (0.15); of the selected tokens 80% become the mask token,
 10% a uniformly random id in [0, vocab_size) and 10% stay unchanged. Labels
 hold the original id at selected positions and -100 elsewhere, as in Hugging

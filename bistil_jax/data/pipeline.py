@@ -1,6 +1,6 @@
 """Phase-1 input pipeline: packed rows -> bilingual MLM batches -> devices.
 
-METHOD.md 2.5, host side, in NumPy:
+docs/method.md 2.5, host side, in NumPy:
 
 1. `encode_and_pack` tokenises lines with special tokens ([CLS] ... [SEP]
    per line), concatenates them and cuts rows of exactly `max_seq_len`

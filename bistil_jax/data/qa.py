@@ -1,6 +1,6 @@
 """Extractive QA data: SQuAD readers, windowed features, span decoding.
 
-METHOD.md 4.3 and 5.1 (SQuAD v1.1 -> XQuAD), host side, in NumPy, as the
+docs/method.md 4.3 and 5.1 (SQuAD v1.1 -> XQuAD), host side, in NumPy, as the
 released code does it through HF run_qa:
 
 - Readers: SQuAD v1.1 JSON files (`data[].paragraphs[].{context,
@@ -38,7 +38,7 @@ from bistil_jax.errors import BistilError
 
 # The two outputs of the span head, in head order (its "labels").
 SPAN_LABELS = ("start", "end")
-# Released post-processing (METHOD.md 4.3: HF run_qa defaults).
+# Released post-processing (docs/method.md 4.3: HF run_qa defaults).
 DOC_STRIDE = 128
 N_BEST_SIZE = 20
 MAX_ANSWER_LENGTH = 30

@@ -1,6 +1,6 @@
 """Phase-2 task data: readers, label sets, encoding and batches.
 
-METHOD.md 4.3, 4.4 and 5.1, host side, in NumPy. The tasks:
+docs/method.md 4.3, 4.4 and 5.1, host side, in NumPy. The tasks:
 
 - `pos`: UPOS tagging (token task) read from UD CoNLL-U files.
 - `ner`: IOB1/IOB2 named entities (token task) read from CoNLL-style column
@@ -30,8 +30,8 @@ Integer tags map through the dataset's ClassLabel names when the features
 carry them, otherwise through `label_names` (default: the task's default
 label set). Datasets are streamed, so nothing is written to the HF cache.
 
-Encoding follows the released code (METHOD.md 4.3, 4.4): token tasks put the
-label id on the first sub-word of each word and -100 on every other position
+Encoding follows the released code (docs/method.md 4.3, 4.4): token tasks put
+the label id on the first sub-word of each word and -100 on every other position
 (continuation sub-words, special tokens, padding); examples longer than
 `max_seq_len` are dropped rather than truncated. NLI pairs are truncated
 longest-first, which loses no label. All arrays are padded to `max_seq_len`,
@@ -79,7 +79,7 @@ UPOS_LABELS = (
   "VERB",
   "X",
 )
-# CoNLL-03 without MISC (METHOD.md 5.1: MISC and DATE -> O), sorted as the
+# CoNLL-03 without MISC (docs/method.md 5.1: MISC and DATE -> O), sorted as the
 # released code sorts label names.
 NER_LABELS = ("B-LOC", "B-ORG", "B-PER", "I-LOC", "I-ORG", "I-PER", "O")
 # The 37 universal dependency relations of UD v2 and "_", sorted: the
@@ -759,7 +759,7 @@ def relabel(
 ) -> list[Example]:
   """Examples with some labels renamed, e.g. {"B-DATE": "O", "I-DATE": "O"}.
 
-  METHOD.md 5.1 maps MasakhaNER's DATE and CoNLL-03's MISC to O.
+  docs/method.md 5.1 maps MasakhaNER's DATE and CoNLL-03's MISC to O.
   """
   out = []
   for ex in examples:
@@ -932,11 +932,20 @@ def _check_labels(label_to_id: Mapping[str, int]) -> tuple[str, ...]:
   return tuple(names)
 
 
-def _label_id(label_to_id: Mapping[str, int], label: str, ex: Example) -> int:
+def _label_id(
+  label_to_id: Mapping[str, int],
+  label: str,
+  ex: Example,
+  word: int | None = None,
+) -> int:
+  """The id of `label`; an unknown one is named at its word's own line
+  (`word`: its index in a TokenExample), else at the example's."""
   if label not in label_to_id:
+    where = ex.source or "?"
+    if word is not None and isinstance(ex, TokenExample):
+      where = ex.where(word)
     raise BistilError(
-      f"unknown label {label!r} at {ex.source or '?'}; known: "
-      f"{', '.join(label_to_id)}"
+      f"unknown label {label!r} at {where}; known: {', '.join(label_to_id)}"
     )
   return label_to_id[label]
 
@@ -1019,7 +1028,7 @@ def encode_token_task(
   Each sentence is encoded as pre-tokenized words with the tokenizer's
   special tokens. The label id of a word goes on its first sub-word; every
   other position (continuation sub-words, special tokens, padding) gets -100
-  (METHOD.md 4.3: distillation is masked to these positions).
+  (docs/method.md 4.3: distillation is masked to these positions).
 
   NOTE: a word that the tokenizer turns into no sub-word at all (e.g. a
   lone zero-width or control character, removed by the normaliser) would
@@ -1079,7 +1088,7 @@ def encode_token_task(
     prev = None
     for pos, w in enumerate(enc.word_ids):
       if w is not None and w != prev:
-        labels[pos] = _label_id(label_to_id, ex.labels[w], ex)
+        labels[pos] = _label_id(label_to_id, ex.labels[w], ex, w)
       prev = w
     if len(enc.ids) > max_seq_len:  # window mode
       for row in _windows(enc, labels, max_seq_len):

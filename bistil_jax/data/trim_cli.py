@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 
 from bistil_jax.data import vocab
+from bistil_jax.errors import BistilError
 
 DEFAULT_THRESHOLD = 1e-6
 
@@ -116,6 +117,11 @@ def run(args: argparse.Namespace) -> int:
   Raises:
     BistilError: for any bad input.
   """
+  if args.counts_in is None and not (args.source and args.target):
+    raise BistilError(
+      "trim-vocab needs both corpora (--source and --target), or --counts-in "
+      "F with the counts an earlier --counts-out saved"
+    )
   threshold = args.threshold
   if threshold is None and args.coverage is None:
     threshold = DEFAULT_THRESHOLD

@@ -1,6 +1,6 @@
 """Vocabulary trimming: counts -> keep ids -> old->new map -> trimmed model.
 
-METHOD.md section 1. The steps, each importable on its own:
+docs/method.md section 1. The steps, each importable on its own:
 
 1. `count_tokens`: per-id token counts of a corpus under the original
    tokenizer, without special tokens (`save_counts`/`load_counts` cache them,
@@ -510,7 +510,7 @@ def select_keep_ids(
       (FREQ) and (COUNT)
 
   where FREQ is the union of the frequency criteria that are given:
-    - threshold: max(p_src, p_tgt) >= threshold (METHOD.md 1.1, default
+    - threshold: max(p_src, p_tgt) >= threshold (docs/method.md 1.1, default
       1e-6);
     - coverage: the id is in the smallest most-frequent-first set of the
       source covering >= `coverage` of its tokens, or in that of the target
@@ -659,7 +659,7 @@ def keep_mask_from_vocab(
 
   The result is a `keep_ids` array (position = new id) for
   `slice_vocab_params`, e.g. to map a full-vocab teacher or a language-SFT
-  embedding diff onto a trimmed vocab (METHOD.md 1.2).
+  embedding diff onto a trimmed vocab (docs/method.md 1.2).
 
   Args:
     old_vocab: token -> id of the original tokenizer (`get_vocab()`).

@@ -88,6 +88,24 @@ def _config_from(config_path: str) -> ModelConfig:
   return ModelConfig.from_hf_dict(d, **kw)
 
 
+def check_fast_tokenizer(tokenizer: str) -> None:
+  """Refuses a tokenizer dir without tokenizer.json, saying how to make it.
+
+  bistil reads tokenizers with the `tokenizers` library, from the one file
+  a transformers "fast" tokenizer saves; a dir with only vocab.txt or a
+  sentencepiece model has none.
+  """
+  d = paths.path(tokenizer)
+  if not d.is_dir():
+    raise BistilError(f"tokenizer dir {tokenizer} does not exist")
+  if not (d / "tokenizer.json").is_file():
+    raise BistilError(
+      f"{tokenizer} has no tokenizer.json (the fast-tokenizer file bistil "
+      "reads); write it with transformers: AutoTokenizer.from_pretrained("
+      f"'{tokenizer}').save_pretrained('{tokenizer}')"
+    )
+
+
 def init_model(
   out: str,
   tokenizer: str,
@@ -130,6 +148,7 @@ def init_model(
     cfg = cfg.replace(**overrides)
   except (TypeError, ValueError) as e:
     raise BistilError(f"bad model config override: {e}") from None
+  check_fast_tokenizer(tokenizer)
   out_path = paths.path(out)
   ours = (out_path / tok_lib.INIT_RECORD).is_file()
   record = {
@@ -174,7 +193,11 @@ def _run_measure(args: argparse.Namespace) -> int:
     args.model_dir,
     args.sft,
     seq_len=args.seq_len,
-    batch_shapes=measure.parse_batch_shapes(args.batch_shapes),
+    batch_shapes=(
+      measure.parse_batch_shapes(args.batch_shapes)
+      if args.batch_shapes
+      else None
+    ),
     warmup=args.warmup,
     repeats=args.repeats,
     with_latency=not args.no_latency,
@@ -241,12 +264,16 @@ def register(sub: argparse._SubParsersAction) -> None:
     help="SFT dir merged into the model first (repeatable)",
   )
   p.add_argument(
-    "--seq-len", type=int, default=128, help="length of the MAC count"
+    "--seq-len",
+    type=int,
+    help=(
+      "length of the MAC count (default: 128, or the model's max length "
+      "where that is shorter)"
+    ),
   )
   p.add_argument(
     "--batch-shapes",
-    default="8x128",
-    help="comma-separated BATCHxLENGTH shapes to time",
+    help="comma-separated BATCHxLENGTH shapes to time (default: 8xSEQ_LEN)",
   )
   p.add_argument(
     "--warmup", type=int, default=2, help="untimed passes per shape"

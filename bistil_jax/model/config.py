@@ -22,6 +22,13 @@ HEADS = (
   "biaffine_parser",  # no HF class: exports as the bare encoder + a file
   "question_answering",
 )
+# config.json states, in its standard keys, the dropout a user of the model
+# should fine-tune with; where this project trains the model with other
+# rates (a distilled student trains without dropout, docs/method.md 2.2 and
+# 4.2), they are recorded under this key, which our loader reads back and
+# transformers ignores.
+TRAINING_DROPOUT_KEY = "bistil_training_dropout"
+DROPOUT_KEYS = ("hidden_dropout_prob", "attention_probs_dropout_prob")
 ACTIVATIONS = ("gelu", "gelu_new", "gelu_pytorch_tanh", "relu", "tanh")
 DTYPES = ("float32", "bfloat16", "float16")
 
@@ -91,6 +98,11 @@ class ModelConfig:
   num_labels: int = 2
   id2label: tuple[str, ...] = ()  # label names; empty = LABEL_i
   classifier_dropout: float | None = None
+  # (hidden, attention) dropout that config.json states when it differs
+  # from the training rates above: a student exported with its teacher's
+  # rates, so that fine-tuning it in transformers regularises as the
+  # teacher did (see TRAINING_DROPOUT_KEY). None: the training rates.
+  export_dropout: tuple[float, float] | None = None
   # Embedding rows are padded to a multiple of this so the vocab axis shards
   # evenly; padded logits are masked (see encoder.mask_padded_logits).
   vocab_pad_multiple: int = 128
@@ -125,6 +137,13 @@ class ModelConfig:
       bad(f"{len(self.id2label)} label names for num_labels={self.num_labels}")
     if self.max_position_embeddings <= self.position_offset:
       bad("max_position_embeddings too small for the position offset")
+    if self.export_dropout is not None:
+      rates = tuple(self.export_dropout)
+      if len(rates) != 2 or not all(0.0 <= float(r) < 1.0 for r in rates):
+        bad(
+          f"export_dropout {self.export_dropout!r} is not two rates in [0, 1)"
+        )
+      object.__setattr__(self, "export_dropout", tuple(map(float, rates)))
 
   def replace(self, **changes: Any) -> ModelConfig:
     return dataclasses.replace(self, **changes)
@@ -137,6 +156,13 @@ class ModelConfig:
   def position_offset(self) -> int:
     """First position id of a real token (RoBERTa counts from pad + 1)."""
     return self.pad_token_id + 1 if self.is_roberta else 0
+
+  @property
+  def stated_dropout(self) -> tuple[float, float]:
+    """(hidden, attention) dropout that config.json states."""
+    if self.export_dropout is not None:
+      return self.export_dropout
+    return (self.hidden_dropout_prob, self.attention_probs_dropout_prob)
 
   @property
   def max_length(self) -> int:
@@ -202,7 +228,20 @@ class ModelConfig:
       id2label = {int(k): v for k, v in d["id2label"].items()}
       labels = tuple(id2label[i] for i in range(len(id2label)))
     fields = {f.name for f in dataclasses.fields(cls)}
-    kw = {k: d[k] for k in fields if k in d and k not in ("id2label",)}
+    own = ("id2label", "export_dropout")  # not config.json keys
+    kw = {k: d[k] for k in fields if k in d and k not in own}
+    training = d.get(TRAINING_DROPOUT_KEY)
+    if training is not None:
+      if not isinstance(training, dict) or set(training) != set(DROPOUT_KEYS):
+        raise BistilError(
+          f"config.json's {TRAINING_DROPOUT_KEY} must map "
+          f"{' and '.join(DROPOUT_KEYS)} to rates, got {training!r}"
+        )
+      defaults = {f.name: f.default for f in dataclasses.fields(cls)}
+      kw["export_dropout"] = tuple(
+        float(d.get(k, defaults[k])) for k in DROPOUT_KEYS
+      )
+      kw.update({k: float(training[k]) for k in DROPOUT_KEYS})
     kw["model_type"] = model_type
     if head is not None:
       kw["head"] = head
@@ -230,8 +269,7 @@ class ModelConfig:
       "num_attention_heads": self.num_attention_heads,
       "intermediate_size": self.intermediate_size,
       "hidden_act": self.hidden_act,
-      "hidden_dropout_prob": self.hidden_dropout_prob,
-      "attention_probs_dropout_prob": self.attention_probs_dropout_prob,
+      **dict(zip(DROPOUT_KEYS, self.stated_dropout, strict=True)),
       "max_position_embeddings": self.max_position_embeddings,
       "type_vocab_size": self.type_vocab_size,
       "layer_norm_eps": self.layer_norm_eps,
@@ -247,6 +285,11 @@ class ModelConfig:
       d["eos_token_id"] = self.eos_token_id
     if self.classifier_dropout is not None:
       d["classifier_dropout"] = self.classifier_dropout
+    if self.export_dropout is not None:
+      d[TRAINING_DROPOUT_KEY] = {
+        "hidden_dropout_prob": self.hidden_dropout_prob,
+        "attention_probs_dropout_prob": self.attention_probs_dropout_prob,
+      }
     # Label names are kept even for heads that do not use them (nothing lost).
     if self.id2label or self.head.endswith("classification"):
       names = self.label_names

@@ -1,4 +1,4 @@
-"""Biaffine dependency parser head (METHOD.md 4.2, 4.3, 5.1).
+"""Biaffine dependency parser head (docs/method.md 4.2, 4.3, 5.1).
 
 `config.head = "biaffine_parser"`; its params live under the top-level key
 `classifier`, so LT-SFT (sparse.HEAD_KEYS) trains and stores it densely, like
@@ -22,7 +22,7 @@ Output (EncoderOutput.logits) is the pair (arc [b, l, l], rel [b, l, R]):
 - arc[b, i, j]: score of position j as the head of position i, over every
   position; padded keys hold MASK_VALUE (probability 0).
 - rel[b, i, r]: relation scores of position i *at one head*: the `heads`
-  given to the model (gold heads in training, METHOD.md 4.3), else the
+  given to the model (gold heads in training, docs/method.md 4.3), else the
   argmax head of arc (prediction). Computing rel at one head per dependent
   keeps memory at O(b l R d) instead of the O(b l^2 R) of all head
   candidates (at l = 256, R = 38 that is 2.5M floats per sentence).
@@ -137,7 +137,7 @@ def gold_loss(logits, batch, words) -> Any:
 
   Returns:
     LossTerm(sum of both per-word CEs, number of words): its mean is
-    mean arc CE + mean rel CE (METHOD.md 5.1).
+    mean arc CE + mean rel CE (docs/method.md 5.1).
   """
   from bistil_jax import losses  # noqa: PLC0415
 
@@ -154,7 +154,7 @@ def gold_loss(logits, batch, words) -> Any:
 
 def soft_loss(student, teacher, temperature, words, key_mask) -> Any:
   """Phase 2: soft CE on the arc distribution + on the rel distribution at
-  the gold head, summed (METHOD.md 4.3), over words.
+  the gold head, summed (docs/method.md 4.3), over words.
 
   Args:
     student, teacher: (arc [b, l, l], rel [b, l, R]) logits, rel at the gold

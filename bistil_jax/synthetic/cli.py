@@ -106,7 +106,13 @@ def run(args: argparse.Namespace) -> int:
     }
   )
   paths = writer.write_dataset(
-    args.out, family, languages, sizes, overwrite=args.overwrite, qa=args.qa
+    args.out,
+    family,
+    languages,
+    sizes,
+    overwrite=args.overwrite,
+    qa=args.qa,
+    overwrite_flag="--overwrite",
   )
   codes = list(paths.corpora)
   tok = None
@@ -148,8 +154,13 @@ def run(args: argparse.Namespace) -> int:
   print(f"  close pairs (same group): {' '.join(close) or 'none'}")
   print(f"  distant pairs: {' '.join(distant) or 'none'}")
   source, close_target, distant_target = family.transfer_languages(codes)
-  print(
-    f"  suggested transfer: source {source}, close target {close_target}, "
-    f"distant target {distant_target}"
-  )
+  targets = [f"source {source}"]
+  missing = []
+  for kind, code in (("close", close_target), ("distant", distant_target)):
+    if code is None:  # every other language is in (or out of) its group
+      missing.append(kind)
+    else:
+      targets.append(f"{kind} target {code}")
+  note = f" (no {' or '.join(missing)} target among {' '.join(codes)})"
+  print(f"  suggested transfer: {', '.join(targets)}{note if missing else ''}")
   return 0

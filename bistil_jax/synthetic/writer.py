@@ -202,14 +202,14 @@ def _check_languages(
   return codes
 
 
-def _prepare_dir(root: paths.Path, overwrite: bool) -> None:
+def _prepare_dir(root: paths.Path, overwrite: bool, flag: str) -> None:
   if root.exists() and not root.is_dir():
     raise BistilError(f"output path {root} exists and is not a directory")
   if root.is_dir() and any(root.iterdir()):
     if not overwrite:
       raise BistilError(
-        f"output directory {root} is not empty; pass overwrite=True "
-        "(--overwrite) to replace the dataset in it"
+        f"output directory {root} is not empty; pass {flag} to replace "
+        "the dataset in it (files it did not write are kept)"
       )
     # Only what an earlier run wrote goes; other files stay.
     for name in (_MANIFEST, *_OWNED):
@@ -230,6 +230,7 @@ def write_dataset(
   sizes: Sizes | Mapping[str, int] | None = None,
   overwrite: bool = False,
   qa: bool = False,
+  overwrite_flag: str = "overwrite=True",
 ) -> DatasetPaths:
   """Generates and writes corpora and tasks for some languages of a family.
 
@@ -241,6 +242,8 @@ def write_dataset(
     overwrite: replace a dataset in a non-empty `out_dir`.
     qa: also write the extractive QA task (synthetic/qa.py), as many
       stories per split as tagging sentences.
+    overwrite_flag: how the caller's user sets `overwrite`, for the error
+      (the CLI's "--overwrite").
 
   Returns:
     The paths of everything written.
@@ -256,7 +259,7 @@ def write_dataset(
   codes = _check_languages(family, languages)
   sizes = Sizes.coerce(sizes)
   root = paths.path(out_dir)
-  _prepare_dir(root, overwrite)
+  _prepare_dir(root, overwrite, overwrite_flag)
   layout = _relative_layout(codes, qa)
   out = _paths(root, layout)
 

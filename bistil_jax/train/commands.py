@@ -61,7 +61,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run_distil(args: argparse.Namespace, phase: str = "distil") -> int:
   from bistil_jax.train import distil
 
-  config = configlib.build_config(args.config, args.overrides)
+  config = configlib.build_config(args.config, args.overrides, phase)
   out = distil.run(config, args.workdir, overwrite=args.overwrite, phase=phase)
   if out:
     print(f"{'student' if phase == 'distil' else 'model'}: {out}")
@@ -97,7 +97,7 @@ def register_task(subparsers: argparse._SubParsersAction) -> None:
 def run_task(args: argparse.Namespace, phase: str) -> int:
   from bistil_jax.train import task
 
-  config = configlib.build_config(args.config, args.overrides)
+  config = configlib.build_config(args.config, args.overrides, phase)
   out = task.run(config, args.workdir, phase=phase, overwrite=args.overwrite)
   print(f"{phase}: {out}")
   return 0
@@ -121,7 +121,7 @@ def register_lang_sft(subparsers: argparse._SubParsersAction) -> None:
 def run_lang_sft(args: argparse.Namespace) -> int:
   from bistil_jax.train import lang_sft
 
-  config = configlib.build_config(args.config, args.overrides)
+  config = configlib.build_config(args.config, args.overrides, "lang-sft")
   out = lang_sft.run(config, args.workdir, overwrite=args.overwrite)
   if out:
     print(f"language SFT: {out}")
@@ -145,21 +145,131 @@ def register_evaluate(subparsers: argparse._SubParsersAction) -> None:
     "--data",
     action="append",
     required=True,
-    help="NAME=SPEC (or SPEC) of a labelled split; repeatable",
+    help=(
+      "NAME=SPEC (or SPEC) of a labelled split; repeat the flag for more "
+      "splits (each value is one path, commas included)"
+    ),
   )
   p.add_argument("--out", help="write metrics JSON here")
   p.add_argument("--batch-size", type=int, default=32)
-  p.add_argument("--max-seq-len", type=int, default=256)
-  qa = p.add_argument_group("qa windows and decoding (released defaults)")
+  p.add_argument(
+    "--max-seq-len",
+    type=int,
+    help=(
+      "tokens per window (default: the data.max_seq_len of the run that "
+      "made the last --sft, or --model, as recorded with its export, so "
+      "that its results.json is reproduced; min(256, the model's max "
+      "length) for a model dir with no record)"
+    ),
+  )
+  qa = p.add_argument_group(
+    "qa windows and decoding (default: what the run that made the last "
+    "--sft, or --model, recorded; else the released values)"
+  )
   qa.add_argument(
     "--doc-stride",
     type=int,
-    default=128,
-    help="overlap of the windows of a long context, in tokens",
+    help="overlap of the windows of a long context, in tokens (default: "
+    "recorded, else 128)",
   )
-  qa.add_argument("--n-best-size", type=int, default=20)
-  qa.add_argument("--max-answer-length", type=int, default=30)
+  qa.add_argument(
+    "--n-best-size",
+    type=int,
+    help="start/end candidates per window (default: recorded, else 20)",
+  )
+  qa.add_argument(
+    "--max-answer-length",
+    type=int,
+    help="longest answer, in tokens (default: recorded, else 30)",
+  )
   p.set_defaults(func=run_evaluate)
+
+
+# What each task's counts count, as (results key, column name): the unit
+# the task scores first (sentences; pairs for nli, questions for qa), then
+# what its metric counts.
+COUNTS = {
+  "pos": (("num_sentences", "sentences"), ("num_tokens", "tokens")),
+  "ner": (("num_sentences", "sentences"), ("num_gold", "entities")),
+  "nli": (("num_examples", "pairs"),),
+  "dp": (("num_sentences", "sentences"), ("num_words", "words")),
+  "qa": (("num_examples", "questions"), ("num_features", "windows")),
+}
+# Scores shown after the headline (metrics.HEADLINE), in this order; any
+# other score (ner's per-type f1) follows.
+SCORES = {
+  "ner": ("precision", "recall"),
+  "dp": ("uas",),
+  "qa": ("exact_match",),
+}
+
+
+def format_results(task: str, results: dict[str, dict]) -> str:
+  """`bistil evaluate`'s table: a row per split, every score of the task
+  (the headline first), then its counts named by what they count."""
+  from bistil_jax import metrics
+
+  scores = [metrics.HEADLINE[task], *SCORES.get(task, ())]
+  for m in results.values():
+    for k, v in m.items():
+      if isinstance(v, float) and k not in scores:
+        scores.append(k)
+  counts = list(COUNTS[task])
+  width = max([len("split"), *(len(n) for n in results)])
+  cols = [max(len(c), 9) for c in scores] + [max(len(n), 9) for _, n in counts]
+  names = scores + [n for _, n in counts]
+  lines = [
+    " ".join(
+      [f"{'split':<{width}}"]
+      + [f"{n:>{w}}" for n, w in zip(names, cols, strict=True)]
+    )
+  ]
+  for name, m in results.items():
+    cells = [f"{m[k]:.4f}" if k in m else "-" for k in scores]
+    cells += [str(m.get(k, "-")) for k, _ in counts]
+    lines.append(
+      " ".join(
+        [f"{name:<{width}}"]
+        + [f"{c:>{w}}" for c, w in zip(cells, cols, strict=True)]
+      )
+    )
+  return "\n".join(lines)
+
+
+# What a task run records with its export (the SFT's sft.json, or
+# bistil_run.json beside a dense export) so that `bistil evaluate` encodes
+# as the run did: the window length, and qa's window overlap and decoding.
+RECORDED = ("max_seq_len", "doc_stride", "n_best_size", "max_answer_length")
+# What evaluate uses when nothing recorded the run's (max_seq_len is also
+# capped at the model's max length; qa: the released run_qa values).
+FALLBACK = {
+  "max_seq_len": 256,
+  "doc_stride": 128,
+  "n_best_size": 20,
+  "max_answer_length": 30,
+}
+
+
+def recorded_run(model_dir: str, sft_dirs: list[str]) -> tuple[dict, str]:
+  """(the RECORDED values, the file they were read from) of the run that
+  made the last SFT that records them, else of the run that made the model
+  dir; ({}, "") when none does."""
+  import json
+
+  from bistil_jax import paths, sparse
+  from bistil_jax.checkpoint import hf
+
+  for d in reversed(sft_dirs):
+    meta = paths.path(d) / sparse.SFT_META  # composable-sft dirs have none
+    if meta.is_file():
+      record = json.loads(paths.read_text(meta))
+      if record.get("max_seq_len") is not None:
+        return {k: int(record[k]) for k in RECORDED if k in record}, str(meta)
+  record = hf.read_run_record(model_dir)
+  if record.get("max_seq_len") is not None:
+    where = str(paths.path(model_dir) / hf.RUN_RECORD)
+    return {k: int(record[k]) for k in RECORDED if k in record}, where
+  return {}, ""
 
 
 def run_evaluate(args: argparse.Namespace) -> int:
@@ -168,7 +278,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
 
   import jax
 
-  from bistil_jax import configlib, metrics, paths
+  from bistil_jax import configlib, paths
   from bistil_jax.checkpoint import surgery
   from bistil_jax.data import tasks, vocab
   from bistil_jax.errors import BistilError
@@ -186,47 +296,46 @@ def run_evaluate(args: argparse.Namespace) -> int:
     )
   tokenizer, _ = vocab.load_tokenizer_dir(args.model)
   labels = tuple(cfg.label_names)
-  max_len = min(args.max_seq_len, cfg.max_length)
+  record, where = recorded_run(args.model, args.sft)
+
+  def setting(name: str) -> tuple[int, str]:
+    """A flag given, else the run's record, else the fallback."""
+    if getattr(args, name) is not None:
+      return getattr(args, name), "--" + name.replace("_", "-")
+    if name in record:
+      return record[name], where
+    return FALLBACK[name], ""
+
+  max_len, source = setting("max_seq_len")
+  if not source:
+    source = (
+      f"no run recorded one: min({max_len}, the model's max length "
+      f"{cfg.max_length})"
+    )
+  max_len = min(max_len, cfg.max_length)
+  log.info("evaluating at max_seq_len %d (%s)", max_len, source)
   jpredict = jax.jit(functools.partial(task_lib.predict, model=model))
   options = {}
   if args.task == "qa":
-    options = dict(
-      doc_stride=args.doc_stride,
-      n_best_size=args.n_best_size,
-      max_answer_length=args.max_answer_length,
+    chosen = {k: setting(k) for k in RECORDED[1:]}
+    options = {k: v for k, (v, _) in chosen.items()}
+    log.info(
+      "qa windows and decoding: %s",
+      ", ".join(f"{k} {v} ({w or 'default'})" for k, (v, w) in chosen.items()),
     )
   results = {}
-  for item in args.data:
-    for name, spec in configlib.parse_named_list(item):
-      data = task_lib.encode_split(
-        args.task, spec, tokenizer, labels, max_len, **options
-      )
-      results[name if "=" in item else spec] = task_lib.evaluate_data(
-        jpredict, params, data, args.batch_size
-      )
-  head = metrics.HEADLINE[args.task]
-  # Sentences (pairs for nli) and what the metric counts: tokens (pos),
-  # gold entities (ner), words (dp), windows (qa).
-  count = {
-    "pos": "tokens",
-    "ner": "entities",
-    "dp": "words",
-    "qa": "windows",
-  }.get(args.task)
-  print(
-    f"{'split':<24} {head:>10} {'sentences':>9}"
-    + (f" {count:>9}" if count else "")
-  )
-  for name, m in results.items():
-    n = m.get(
-      "num_tokens",
-      m.get("num_gold", m.get("num_words", m.get("num_features"))),
+  for item in args.data:  # one split per flag: a path may hold commas
+    name, spec = configlib.parse_named_item(item)
+    name = spec if name is None else name
+    if name in results:
+      raise BistilError(f"--data names {name} more than once")
+    data = task_lib.encode_split(
+      args.task, spec, tokenizer, labels, max_len, **options
     )
-    sentences = m.get("num_sentences", m.get("num_examples"))
-    print(
-      f"{name:<24} {m[head]:>10.4f} {sentences:>9}"
-      + (f" {n:>9}" if count else "")
+    results[name] = task_lib.evaluate_data(
+      jpredict, params, data, args.batch_size
     )
+  print(format_results(args.task, results))
   if args.out:
     out = {"model": args.model, "sfts": args.sft, "task": args.task, **results}
     paths.write_text(args.out, json.dumps(out, indent=2))

@@ -1,6 +1,6 @@
 """Phase 1 (bilingual distillation) and MLM pre-training: their declarations.
 
-`bistil distil` (METHOD.md section 2) trains a student with fewer layers
+`bistil distil` (docs/method.md section 2) trains a student with fewer layers
 against the frozen (trimmed) teacher on monolingual source and target
 batches, 50/50; each batch uses its language's teacher (the base plus that
 language's SFTs). `bistil pretrain` MLM-trains `student.model` itself, no
@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from bistil_jax import configlib, paths
+from bistil_jax import configlib, partitioning, paths
 from bistil_jax.checkpoint import hf, student_init, surgery
 from bistil_jax.checkpoint import manager as ckpt
 from bistil_jax.data import corpus, pipeline, vocab
@@ -45,7 +45,8 @@ def sample_projections(
   samples: int,
   seed: int,
 ) -> list[np.ndarray]:
-  """Fixed P_l from one random real position per sequence (METHOD 2.3)."""
+  """Fixed P_l from one random real position per sequence (docs/method.md
+  2.3)."""
   rng = np.random.default_rng(seed)
   n = min(samples, stream.num_rows)
   ids, _ = stream.take(0, n, seed, 0)  # [n, l]
@@ -101,10 +102,6 @@ def _models(config, pretrain: bool):
   )
   student = Model(scfg)
   steps.check_pair(student, teacher, loss_config(config, False))
-  if s.init not in student_init.STRATEGIES:
-    raise BistilError(
-      f"student.init must be one of {student_init.STRATEGIES}, got {s.init!r}"
-    )
   teachers = surgery.language_teachers(
     t_params, tcfg, path, surgery.language_sfts(config.teacher.sfts)
   )
@@ -144,12 +141,8 @@ def _data(config, tokenizer, model_cfg: ModelConfig, what: str):
   corpus.check_corpora(
     configlib.expand(x) for x in (d.source, d.target, *dict(dev_specs).values())
   )
-  num = d.shards or jax.process_count()
+  num = d.shards or jax.process_count()  # splits the batch (validate)
   mine = pipeline.owned_shards(num, jax.process_index(), jax.process_count())
-  if d.batch_size % num:
-    raise BistilError(
-      f"data.batch_size {d.batch_size} does not split over {num} data shards"
-    )
   mlm_kw = dict(
     vocab_size=size, mask_id=mask_id, mlm_probability=d.mlm_probability
   )
@@ -165,11 +158,7 @@ def _data(config, tokenizer, model_cfg: ModelConfig, what: str):
   ]
   batches = pipeline.ShardedBatches(parts)
   dev = {}
-  for name, spec in dev_specs:
-    if name not in LANGS:
-      raise BistilError(
-        f"eval.sets {name}={spec}: phase-1 dev sets are named source or target"
-      )
+  for name, spec in dev_specs:  # named source or target (validate)
     per_shard = [
       pipeline.eval_batches(
         _stream(tokenizer, spec, config, s, num),
@@ -231,6 +220,30 @@ def eval_sums(
 
 
 # --------------------------------------------------------------------- run
+def validate(config, pretrain: bool) -> steps.DistilLossConfig:
+  """The phase's own config values, checked before anything is loaded."""
+  required = ("student.model",) if pretrain else ("teacher.model",)
+  configlib.check_keys_set(config, required + ("data.source", "data.target"))
+  if not pretrain and config.student.init not in student_init.STRATEGIES:
+    raise BistilError(
+      f"student.init must be one of {student_init.STRATEGIES}, got "
+      f"{config.student.init!r}"
+    )
+  d = config.data
+  num = d.shards or jax.process_count()
+  pipeline.owned_shards(num, jax.process_index(), jax.process_count())
+  if d.batch_size % num:
+    raise BistilError(
+      f"data.batch_size {d.batch_size} does not split over {num} data shards"
+    )
+  for name, spec in configlib.parse_named_list(config.eval.sets):
+    if name not in LANGS:
+      raise BistilError(
+        f"eval.sets {name}={spec}: phase-1 dev sets are named source or target"
+      )
+  return loss_config(config, pretrain)
+
+
 def run(
   config: ml_collections.ConfigDict,
   workdir: str,
@@ -245,36 +258,32 @@ def run(
     config.train.export is False.
   """
   pretrain = phase == "pretrain"
-  required = ("student.model",) if pretrain else ("teacher.model",)
-  configlib.check_keys_set(config, required + ("data.source", "data.target"))
-  loss_cfg = loss_config(config, pretrain)
-  student, s_params, teacher, teachers, tok_dir = _models(config, pretrain)
-  scfg = student.config
-  ref = scfg if pretrain else teacher.config
-  driver.check_seq_len(ref, config.data.max_seq_len, "model")
-  tokenizer, _ = vocab.load_tokenizer_dir(tok_dir)
-  mesh = driver.build_mesh(config.mesh)
-  driver.per_host_batch(config.data.batch_size, mesh[0])
-  batches, dev = _data(
-    config, tokenizer, ref, "model" if pretrain else "teacher"
-  )
-  projections = None
-  if not pretrain and scfg.hidden_size != ref.hidden_size and loss_cfg.hidden:
-    # From the first lines of the source corpus, read the same on every
-    # host, so every host computes the same projections.
-    samples = config.student.projection_samples
-    projections = sample_projections(
-      teacher,
-      teachers[0],
-      _stream(tokenizer, config.data.source, config, lines=4 * samples),
-      scfg.hidden_size,
-      config.student.projection_samples,
-      config.seed,
-    )
-
+  loss_cfg = validate(config, pretrain)
   with driver.start(
-    config, workdir, phase, mesh, overwrite=overwrite, outputs=(STUDENT_CONFIG,)
-  ) as ctx:
+    config, workdir, phase, overwrite=overwrite, outputs=(STUDENT_CONFIG,)
+  ) as claim:
+    student, s_params, teacher, teachers, tok_dir = _models(config, pretrain)
+    scfg = student.config
+    ref = scfg if pretrain else teacher.config
+    driver.check_seq_len(ref, config.data.max_seq_len, "model")
+    tokenizer, _ = vocab.load_tokenizer_dir(tok_dir)
+    batches, dev = _data(
+      config, tokenizer, ref, "model" if pretrain else "teacher"
+    )
+    projections = None
+    if not pretrain and scfg.hidden_size != ref.hidden_size and loss_cfg.hidden:
+      # From the first lines of the source corpus, read the same on every
+      # host, so every host computes the same projections.
+      samples = config.student.projection_samples
+      projections = sample_projections(
+        teacher,
+        teachers[0],
+        _stream(tokenizer, config.data.source, config, lines=4 * samples),
+        scfg.hidden_size,
+        config.student.projection_samples,
+        config.seed,
+      )
+    ctx = claim.open()
     if jax.process_index() == 0:
       (paths.path(workdir) / STUDENT_CONFIG).write_text(
         json.dumps(scfg.to_hf_dict(), indent=2, sort_keys=True)
@@ -354,7 +363,9 @@ def _eval_fn(ctx, jsums, dev, frozen):
     out = {}
     for lang, batches in arrays.items():
       teacher = frozen[LANGS.index(lang)]
-      host = jax.device_get([jsums(state.params, teacher, b) for b in batches])
+      host = partitioning.fetch_all(
+        [functools.partial(jsums, state.params, teacher, b) for b in batches]
+      )
       for k, v in loop.reduce_metrics(host).items():
         out[f"{lang}/{k}"] = v
     return out

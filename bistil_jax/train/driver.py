@@ -5,9 +5,11 @@ mesh -> data -> models -> state -> restore -> loop -> export. A phase module
 declares its data, models, loss and export as one or more `Stage`s; this
 module runs them, identically for every phase, on one host or many:
 
-  ctx = driver.start(config, workdir, phase, overwrite=...)   # mesh, workdir
-  state = driver.run_stage(ctx, driver.Stage(...))            # restore + loop
-  driver.host_params(state.params)                            # export
+  with driver.start(config, workdir, phase, overwrite=...) as claim:
+    ...                                 # the expensive loads, under the lock
+    ctx = claim.open()                  # run.json: create, resume or refuse
+    state = driver.run_stage(ctx, driver.Stage(...))  # restore + loop
+    driver.host_params(state.params)                  # export
 """
 
 from __future__ import annotations
@@ -111,42 +113,117 @@ def per_host_batch(global_batch: int, mesh: jax.sharding.Mesh) -> int:
   return global_batch // hosts
 
 
+def _at_least(config, key: str, low, what: str = "") -> None:
+  node = config
+  for part in key.split("."):
+    if part not in node:
+      return  # a field of another phase's schema
+    node = node[part]
+  if node < low:
+    raise BistilError(f"config.{key} must be >= {low}, got {node}{what}")
+
+
+def check_config(config: ml_collections.ConfigDict) -> None:
+  """The blocks every phase shares (train, optim, data, eval), checked with
+  nothing touched: a bad value is refused before the workdir, its lock or
+  any model or corpus exists, so the corrected command simply runs.
+
+  Raises:
+    BistilError: the first bad value, named with its key.
+  """
+  _at_least(config, "train.num_steps", 0, " (0 exports the initialisation)")
+  _at_least(config, "train.epochs", 0)
+  _at_least(config, "train.log_every", 1)
+  _at_least(config, "train.eval_every", 0, " (0 evaluates at the end only)")
+  _at_least(config, "train.checkpoint_every", 1)
+  _at_least(config, "train.keep_checkpoints", 1)
+  _at_least(config, "optim.warmup_steps", 0)
+  _at_least(config, "optim.weight_decay", 0)
+  _at_least(config, "optim.clip_norm", 0, " (0 disables clipping)")
+  _at_least(config, "optim.accumulate_steps", 1)
+  if config.optim.learning_rate <= 0:
+    raise BistilError(
+      f"config.optim.learning_rate must be > 0, got "
+      f"{config.optim.learning_rate}"
+    )
+  _at_least(config, "data.batch_size", 1)
+  _at_least(config, "data.max_seq_len", 2, " (a row holds [CLS] and [SEP])")
+  _at_least(config, "data.prefetch", 0)
+  _at_least(config, "data.max_lines", 0, " (0 reads every line)")
+  _at_least(config, "data.shards", 0, " (0: one per host)")
+  _at_least(config, "seed", 0)
+  p = config.data.get("mlm_probability")
+  if p is not None and not 0.0 <= p <= 1.0:
+    raise BistilError(f"config.data.mlm_probability must be in [0, 1], got {p}")
+  block = config.data.get("balance_block")
+  if block is not None and (block < 2 or block % 2):
+    raise BistilError(
+      f"config.data.balance_block must be even and >= 2, got {block}"
+    )
+  _at_least(config, "eval.batches", 1)
+  configlib.parse_named_list(config.eval.sets)  # duplicate names
+
+
+@dataclasses.dataclass
+class Claim:
+  """A locked workdir whose run.json is not written yet (`start`)."""
+
+  config: ml_collections.ConfigDict
+  workdir: str
+  phase: str
+  mesh: tuple[jax.sharding.Mesh, tuple]
+  overwrite: bool
+  outputs: Sequence[str]
+
+  def open(self) -> Context:
+    """Creates, resumes or refuses the run in the workdir (run.json) and
+    returns the run's Context. Call it once the inputs are loaded and
+    checked, so a refused input leaves no run.json behind."""
+    ckpt.prepare_workdir(
+      self.workdir,
+      self.phase,
+      configlib.to_dict(self.config),
+      overwrite=self.overwrite,
+      resume_safe=RESUME_SAFE,
+      recovery=ckpt.RECOVERY_KEYS,
+      outputs=self.outputs,
+    )
+    mesh, rules = self.mesh
+    key = jax.random.fold_in(jax.random.PRNGKey(self.config.seed), 2)
+    return Context(self.config, self.workdir, self.phase, mesh, rules, key)
+
+
 @contextlib.contextmanager
 def start(
   config: ml_collections.ConfigDict,
   workdir: str,
   phase: str,
-  mesh: tuple[jax.sharding.Mesh, tuple],
   *,
   overwrite: bool = False,
   outputs: Sequence[str] = (),
-) -> Iterator[Context]:
-  """Creates, resumes or refuses the workdir and yields the run's Context.
+) -> Iterator[Claim]:
+  """Checks the config, builds the mesh and holds the workdir lock
+  (checkpoint/manager.py) for the body, which loads the run's inputs and
+  then calls `claim.open()`.
 
-  Call it after every input check (bad input leaves no trace); the workdir
-  lock (checkpoint/manager.py) is held for the whole body.
+  Order matters to a user: the config is checked first (nothing exists
+  yet), then the lock is taken (a busy workdir is refused at once, not
+  after minutes of loading a teacher), then the inputs are loaded and only
+  then is run.json written (an input refused on the way leaves the workdir
+  as it was, so the corrected command is not "another run").
 
   Args:
-    config: the phase's config.
+    config: the phase's config (phase-specific checks already done).
     workdir: the run's directory.
     phase: the phase name recorded in run.json.
-    mesh: (mesh, rules) from `build_mesh`.
     overwrite: replace another run in `workdir`.
     outputs: names the phase writes in the workdir besides the standard ones.
   """
-  mesh, rules = mesh
+  check_config(config)
+  mesh = build_mesh(config.mesh)
+  per_host_batch(config.data.batch_size, mesh[0])
   with ckpt.workdir_lock(workdir):  # one run per workdir
-    ckpt.prepare_workdir(
-      workdir,
-      phase,
-      configlib.to_dict(config),
-      overwrite=overwrite,
-      resume_safe=RESUME_SAFE,
-      recovery=ckpt.RECOVERY_KEYS,
-      outputs=outputs,
-    )
-    key = jax.random.fold_in(jax.random.PRNGKey(config.seed), 2)
-    yield Context(config, workdir, phase, mesh, rules, key)
+    yield Claim(config, workdir, phase, mesh, overwrite, tuple(outputs))
 
 
 # ----------------------------------------------------------------- stages

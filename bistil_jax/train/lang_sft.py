@@ -1,5 +1,5 @@
 """Language SFTs (`bistil lang-sft`): LT-SFT with the MLM objective on one
-language's corpus (METHOD.md 4.1, last paragraph; 4.4-4.6).
+language's corpus (docs/method.md 4.1, last paragraph; 4.4-4.6).
 
 The same two Stages of the driver skeleton as task LT-SFT (train/task.py):
 a dense stage; the mask = global top-K |theta - theta0| over the eligible
@@ -16,7 +16,7 @@ optimiser gated by that mask. As the released language SFTs were trained
 
 The export is an SFT dir of kind "language" (sparse.save_sft) whose body
 diffs phase 1 adds to its teacher per language (surgery.language_teachers;
-the stored head is not applied there, METHOD.md 4.6). Its metadata records
+the stored head is not applied there, docs/method.md 4.6). Its metadata records
 the base body's fingerprint, checked wherever it is applied; and, so the
 SFT also applies to a vocabulary-trimmed copy of its base
 (checkpoint/language.py), the fingerprint of the base without its
@@ -34,7 +34,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from bistil_jax import configlib, losses, paths, sparse
+from bistil_jax import configlib, losses, partitioning, paths, sparse
 from bistil_jax.checkpoint import hf
 from bistil_jax.checkpoint import language as lang_ckpt
 from bistil_jax.checkpoint import manager as ckpt
@@ -226,7 +226,9 @@ def evaluator(model: Model, loss_cfg, dev_arrays):
   def evaluate(params) -> dict[str, float]:
     out = {}
     for name, batches in dev_arrays.items():
-      host = jax.device_get([sums(params, None, b) for b in batches])
+      host = partitioning.fetch_all(
+        [functools.partial(sums, params, None, b) for b in batches]
+      )
       for k, v in loop.reduce_metrics(host).items():
         out[f"{name}/{k}"] = v
     return out
@@ -241,21 +243,21 @@ def run(
   """Runs (or resumes) `bistil lang-sft`; returns the SFT dir
   (workdir/export), or "" when config.train.export is False."""
   loss_cfg = validate(config)
-  base, base_params, cfg, params0 = _model(config)
-  driver.check_seq_len(cfg, config.data.max_seq_len, "model")
-  tok_dir = configlib.expand(config.data.tokenizer) or configlib.expand(
-    config.student.model
-  )
-  tokenizer, _ = vocab.load_tokenizer_dir(tok_dir)
-  mesh = driver.build_mesh(config.mesh)
-  driver.per_host_batch(config.data.batch_size, mesh[0])
-  make_batches, seq_len, dev = _data(config, tokenizer, cfg)
-  model = Model(cfg)
-  eligible = task.eligible_entries(config, cfg, params0, [])
   outputs = STAGES + (RESULTS,)
   with driver.start(
-    config, workdir, PHASE, mesh, overwrite=overwrite, outputs=outputs
-  ) as ctx:
+    config, workdir, PHASE, overwrite=overwrite, outputs=outputs
+  ) as claim:
+    base, base_params, cfg, params0 = _model(config)
+    driver.check_seq_len(cfg, config.data.max_seq_len, "model")
+    tok_dir = configlib.expand(config.data.tokenizer) or configlib.expand(
+      config.student.model
+    )
+    tokenizer, _ = vocab.load_tokenizer_dir(tok_dir)
+    make_batches, seq_len, dev = _data(config, tokenizer, cfg)
+    model = Model(cfg)
+    eligible = task.eligible_entries(config, cfg, params0, [])
+    task.trainable_count(config, eligible)  # K fits, before run.json
+    ctx = claim.open()
     dev_arrays = {n: [ctx.to_global(b) for b in bs] for n, bs in dev.items()}
     evaluate = evaluator(model, loss_cfg, dev_arrays)
     frozen = {"origin": ctx.shard(params0, cfg) if config.loss.l1 > 0 else None}

@@ -1,4 +1,4 @@
-"""Extractive QA in task runs: span losses and evaluation (METHOD.md 4.3).
+"""Extractive QA in task runs: span losses and evaluation (docs/method.md 4.3).
 
 The span head gives logits [b, l, 2] (start at [..., 0], end at [..., 1]);
 each of the two is a distribution over the window's positions. Softmaxes
@@ -45,7 +45,7 @@ def soft_loss(
   logits: jax.Array, teacher_logits: jax.Array, batch, temperature: float
 ) -> losses.LossTerm:
   """Soft cross-entropy on start plus soft cross-entropy on end logits
-  (METHOD.md 4.3: summed), at temperature T, over the real positions.
+  (docs/method.md 4.3: summed), at temperature T, over the real positions.
 
   Args:
     logits, teacher_logits: [b, l, 2] span logits of student and teacher.

@@ -33,7 +33,7 @@ class TrainState:
 class OptimConfig:
   """AdamW with linear warmup then linear decay to 0 (HF Trainer default).
 
-  METHOD.md 2.6: lr 1e-4, no warmup, grad-clip 1.0, weight decay 0.
+  docs/method.md 2.6: lr 1e-4, no warmup, grad-clip 1.0, weight decay 0.
   """
 
   learning_rate: float = 1e-4

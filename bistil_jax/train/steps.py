@@ -33,7 +33,7 @@ DISTIL_TERMS = ("hidden", "attention", "kl", "mlm")
 
 @dataclasses.dataclass(frozen=True)
 class DistilLossConfig:
-  """Weights of the phase-1 loss terms (METHOD.md 2.4, project decisions).
+  """Weights of the phase-1 loss terms (docs/method.md 2.4, project decisions).
 
   Defaults follow the released code: hidden MSE + attention MSE, weight 1.
   """

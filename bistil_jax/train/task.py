@@ -1,4 +1,4 @@
-"""Task-tuning and phase 2: their declarations (METHOD.md sections 4-5).
+"""Task-tuning and phase 2: their declarations (docs/method.md sections 4-5).
 
   bistil finetune: task-tunes `student.model` (the MMT) on gold labels;
     dense (exports an HF dir with the task head) or LT-SFT (an SFT dir).
@@ -48,7 +48,7 @@ INPUT_KEYS = ("input_ids", "attention_mask", "token_type_ids")
 # ------------------------------------------------------------------ losses
 @dataclasses.dataclass(frozen=True)
 class TaskLossConfig:
-  """Weights of the task-training terms (METHOD.md 4.3, 7.4).
+  """Weights of the task-training terms (docs/method.md 4.3, 7.4).
 
   Phase 2 as released: kl (soft cross-entropy, T=2, no T^2) + hidden +
   attention, weight 1 each, no gold loss. Fine-tuning: gold only.
@@ -90,7 +90,7 @@ def task_losses(
 
   frozen = {"teacher": teacher params or None, "origin": theta0 or None}.
   L1 toward theta0 runs over the `eligible` entries (a static bool tree) in
-  both stages, as released (METHOD.md 4.5).
+  both stages, as released (docs/method.md 4.5).
   """
   mask = batch["attention_mask"]
   want_attn = teacher_model is not None and loss_cfg.attention > 0
@@ -425,13 +425,12 @@ def run(
   """Runs `bistil sft` (phase="sft") or `bistil finetune` and returns the
   export: an SFT dir (sparse) or an HF model dir (dense)."""
   loss_cfg = validate(config, phase)
-  inp = prepare(config, phase)
-  mesh = driver.build_mesh(config.mesh)
-  driver.per_host_batch(config.data.batch_size, mesh[0])
   outputs = STAGES + (RESULTS,)
   with driver.start(
-    config, workdir, phase, mesh, overwrite=overwrite, outputs=outputs
-  ) as ctx:
+    config, workdir, phase, overwrite=overwrite, outputs=outputs
+  ) as claim:
+    inp = prepare(config, phase)
+    ctx = claim.open()
     jpredict = jax.jit(
       functools.partial(predict, model=inp.model), out_shardings=ctx.replicated
     )
@@ -593,8 +592,11 @@ def select_mask(config, cfg, params0, trained, eligible, fresh) -> Any:
 def export(out, config, inp: Inputs, final, mask) -> None:
   """The SFT dir (LT-SFT) or HF model dir (dense) of a task run."""
   cfg = inp.model.config.replace(param_dtype="float32")
+  # `bistil evaluate` reads these back (train/commands.py RECORDED), so that
+  # evaluating the export reproduces results.json without flags.
+  record = {"max_seq_len": config.data.max_seq_len, **task_options(config)}
   if mask is None:
-    hf.save_hf(out, cfg, final, inp.tok_dir, True)
+    hf.save_hf(out, cfg, final, inp.tok_dir, True, record=record)
     log.info("wrote the task model to %s", out)
     return
   sft = sparse.sft_from_params(
@@ -615,6 +617,7 @@ def export(out, config, inp: Inputs, final, mask) -> None:
       "density": config.sparse.density,
       "num_entries": config.sparse.num_entries,  # 0: K from density
       "base_model": configlib.expand(config.student.model),
+      **record,
     },
   )
   sparse.save_sft(out, sft, overwrite=True)

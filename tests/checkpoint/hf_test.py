@@ -6,6 +6,7 @@ import json
 import os
 import tempfile
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import torch
@@ -16,6 +17,7 @@ from flax.traverse_util import flatten_dict
 from bistil_jax import cli
 from bistil_jax.checkpoint import hf
 from bistil_jax.errors import BistilError
+from bistil_jax.model.encoder import init_params
 
 VOCAB = 99
 HF_CLASSES = {
@@ -214,6 +216,60 @@ class ExportTest(parameterized.TestCase):
     _, params3 = hf.load_hf(out_dir)
     for k, v in flatten_dict(params3).items():
       self.assertTrue(np.array_equal(a[k], v), k)
+
+  @parameterized.parameters(None, 0.2)
+  def test_student_export_states_the_teachers_dropout(self, classifier):
+    # A student trains without dropout (docs/method.md 2.2) but its
+    # config.json keeps the teacher's rates for transformers users; our
+    # loader still trains it without dropout.
+    from bistil_jax.checkpoint import student_init
+    from bistil_jax.model import preset
+
+    teacher = preset(
+      "tiny",
+      hidden_dropout_prob=0.1,
+      attention_probs_dropout_prob=0.15,
+      classifier_dropout=classifier,
+    )
+    student = student_init.student_config(teacher, layer_reduction=2)
+    params = init_params(student, jax.random.PRNGKey(0))
+    out = os.path.join(tempfile.mkdtemp(), "student")
+    hf.save_hf(out, student, params)
+    pt = T.AutoConfig.from_pretrained(out)
+    self.assertEqual(pt.hidden_dropout_prob, 0.1)
+    self.assertEqual(pt.attention_probs_dropout_prob, 0.15)
+    self.assertEqual(pt.classifier_dropout, classifier)
+    model, _ = hf.load_hf(out)
+    cfg = model.config
+    self.assertEqual(cfg, student)
+    self.assertEqual(
+      (cfg.hidden_dropout_prob, cfg.attention_probs_dropout_prob), (0.0, 0.0)
+    )
+    # Saved again (a task export of the student): still the teacher's.
+    again = os.path.join(tempfile.mkdtemp(), "again")
+    task_cfg = cfg.replace(head="token_classification", num_labels=3)
+    hf.save_hf(again, task_cfg, init_params(task_cfg, jax.random.PRNGKey(1)))
+    pt = T.AutoConfig.from_pretrained(again)
+    self.assertEqual(pt.hidden_dropout_prob, 0.1)
+    self.assertEqual(pt.classifier_dropout, classifier)
+    self.assertEqual(hf.load_hf(again)[0].config.hidden_dropout_prob, 0.0)
+    # A student of the student states the first teacher's rates too.
+    grand = student_init.student_config(cfg, layer_reduction=1)
+    self.assertEqual(grand.to_hf_dict()["attention_probs_dropout_prob"], 0.15)
+
+  def test_a_pooler_the_class_cannot_hold_is_dropped_with_one_log_line(self):
+    from bistil_jax.model import preset
+
+    cfg = preset("tiny", head="token_classification", add_pooler=True)
+    params = init_params(cfg, jax.random.PRNGKey(0))
+    out = os.path.join(tempfile.mkdtemp(), "no_pooler")
+    with self.assertLogs("bistil_jax.checkpoint.hf", "INFO") as logs:
+      hf.save_hf(out, cfg, params)  # safetensors and msgpack
+    said = [x for x in logs.output if "has no pooler" in x]
+    self.assertLen(said, 1)
+    self.assertIn("pooler/dense/bias, pooler/dense/kernel", said[0])
+    _, back = hf.load_hf(out)
+    self.assertNotIn("pooler", back)
 
   def test_reads_pytorch_model_bin(self):
     path, _ = make_hf_dir("bert", "mlm", safe=False)

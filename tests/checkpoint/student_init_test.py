@@ -40,6 +40,9 @@ class StudentInitTest(parameterized.TestCase):
     self.assertEqual(s.head_dim, 32)
     self.assertEqual(s.hidden_dropout_prob, 0.0)
     self.assertEqual(s.attention_probs_dropout_prob, 0.0)
+    # Trained without dropout, exported with the teacher's.
+    self.assertEqual(s.export_dropout, (0.1, 0.1))
+    self.assertEqual(s.to_hf_dict()["hidden_dropout_prob"], 0.1)
     self.assertEqual(s.vocab_size, t.vocab_size)
     with self.assertRaisesRegex(BistilError, "does not divide the teacher"):
       si.student_config(t, layer_reduction=5)

@@ -104,6 +104,15 @@ class DpDataTest(parameterized.TestCase):
     ):
       dp.read_conllu_dp(path)
 
+  def test_an_unknown_relation_is_named_at_its_words_line(self):
+    path = self.write("t.conllu", NON_PROJECTIVE)
+    ex = dp.read_conllu_dp(path)
+    labels = sorted(set(ex[0].labels) - {"aux"})  # "is" on line 4
+    with self.assertRaisesRegex(
+      BistilError, f"^unknown label 'aux' at {re.escape(path)}:4;"
+    ):
+      dp.encode_dp(ex, HAND, tasks.label_ids(labels), 32)
+
   def test_dataset_rows_with_ud_columns(self):
     path = os.path.join(self._tmp.name, "t.jsonl")
     rows = [

@@ -577,6 +577,24 @@ class EncodePairTest(parameterized.TestCase):
     self.assertGreater(data.num_truncated, 0)
     self.assertTrue(np.all(data.token_type_ids.max(axis=1) == 1))
 
+  def test_an_unknown_token_label_is_named_at_its_words_line(self):
+    with tempfile.TemporaryDirectory() as tmp:
+      p = os.path.join(tmp, "x.conllu")
+      with open(p, "w", encoding="utf-8") as f:
+        f.write(
+          "# sent_id = 1\n"
+          "1\ta\ta\tNOUN\t_\t_\t0\troot\t_\t_\n"
+          "2\ta\ta\tNOUN\t_\t_\t1\tdep\t_\t_\n"
+          "3\ta\ta\tXYZ\t_\t_\t1\tdep\t_\t_\n\n"
+        )
+      examples = tasks.read_conllu(p)
+      with self.assertRaisesRegex(
+        BistilError, f"^unknown label 'XYZ' at {re.escape(p)}:4;"
+      ):
+        tasks.encode_token_task(
+          examples, HAND, tasks.label_ids(tasks.UPOS_LABELS), 16, task="pos"
+        )
+
   def test_unknown_label(self):
     ex = tasks.PairExample("a", "b", "maybe", "x.tsv:4")
     with self.assertRaisesRegex(

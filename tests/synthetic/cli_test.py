@@ -62,9 +62,23 @@ class SynthCommandTest(absltest.TestCase):
     with open(os.path.join(self.out, "corpora", "c1.txt")) as f:
       self.assertLen(f.read().splitlines(), 20)
 
+  def test_summary_names_no_missing_target(self):
+    status, text = _run(
+      ["synth", "--out", self.out, "--languages", "a1,a2", *SMALL]
+    )
+    self.assertEqual(status, 0)
+    self.assertNotIn("None", text)
+    self.assertIn(
+      "suggested transfer: source a1, close target a2 "
+      "(no distant target among a1 a2)",
+      text,
+    )
+
   def test_non_empty_out_needs_overwrite(self):
     _run(["synth", "--out", self.out, "--languages", "a1", *SMALL])
-    with self.assertRaisesRegex(BistilError, "not empty"):
+    with self.assertRaisesRegex(
+      BistilError, r"is not empty; pass --overwrite to replace the dataset"
+    ):
       _run(["synth", "--out", self.out, "--languages", "a1", *SMALL])
     status, _ = _run(
       ["synth", "--out", self.out, "--languages", "b1", "--overwrite", *SMALL]

@@ -263,7 +263,7 @@ class DpConfigTest(absltest.TestCase):
     for name in ("finetune", "sft"):
       c = configlib.build_config(f"configs/{name}.py:dp", {})
       self.assertEqual(c.task, "dp")
-      # METHOD.md 4.4: DP 10 dense + 10 sparse epochs, density 0.08, bs 8,
+      # docs/method.md 4.4: DP 10 dense + 10 sparse epochs, density 0.08, bs 8,
       # lr 5e-5.
       self.assertEqual((c.train.epochs, c.sparse.epochs), (10.0, 10.0))
       self.assertEqual((c.sparse.density, c.data.batch_size), (0.08, 8))

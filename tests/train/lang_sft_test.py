@@ -254,6 +254,12 @@ class LangSftTest(absltest.TestCase):
     self.assertEqual(code, 2)
     self.assertIn("sparse.density must be in (0, 1]", err)
     self.assertFalse(os.path.exists(os.path.join(self.root, "bad")))
+    # Refused before run.json (not after the dense stage trained), so the
+    # corrected command is not "another run".
+    code, err = run_cli([*argv, "--config.sparse.num_entries=1000000000"])
+    self.assertEqual(code, 2)
+    self.assertRegex(err, "num_entries=1000000000 exceeds the .* eligible")
+    self.assertFalse(os.path.exists(os.path.join(self.root, "bad")))
 
 
 class ReleasedConfigTest(absltest.TestCase):

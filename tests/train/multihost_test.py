@@ -1,8 +1,14 @@
-"""Real two-process runs on one machine (gloo CPU collectives, 2 x 4 CPU
+"""Real two-process runs on one machine (gloo CPU collectives, 2 x 2 CPU
 devices) of phase 1 and of LT-SFT task training on FSDP meshes: each
 process reads only its part of the data, the global batch is assembled
 from host-local pieces, process 0 exports one model, and its parameters
-equal those of a one-process 8-device run within 1e-5."""
+equal those of a one-process 4-device run up to float rounding.
+
+Sized for a 2-core machine: 4 device threads per run (not 8), runs one
+after the other, and XLA's CPU collective rendezvous given minutes instead
+of its default 40 s (an 8-thread run on 2 busy cores once missed it).
+Tolerances come from measured differences (see `PARAM_RTOL`, `MAX_TIE_SWAPS`).
+"""
 
 import json
 import os
@@ -22,6 +28,19 @@ from tests import fixtures
 
 REPO = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
 TIMEOUT_S = 600
+# XLA aborts a CPU collective whose participants have not all arrived after
+# this many seconds (default 40). On 2 cores shared with other work, device
+# threads of one process can be descheduled that long.
+RENDEZVOUS_TIMEOUT_S = 600
+
+
+def xla_flags(devices):
+  """XLA's default flags (none of the suite's), `devices` CPU devices, a
+  long collective rendezvous."""
+  return (
+    f"--xla_force_host_platform_device_count={devices} "
+    f"--xla_cpu_collective_call_terminate_timeout_seconds={RENDEZVOUS_TIMEOUT_S}"
+  )
 
 
 def free_port():
@@ -35,11 +54,10 @@ def launch(argv, processes, devices):
   port = free_port()
   procs = []
   for i in range(processes):
-    env = dict(
-      os.environ,
-      XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
-      JAX_PLATFORMS="cpu",
-    )
+    env = dict(os.environ, XLA_FLAGS=xla_flags(devices), JAX_PLATFORMS="cpu")
+    # No persistent compilation cache: these runs compare float rounding of
+    # two device layouts and must compile what they run themselves.
+    env.pop("JAX_COMPILATION_CACHE_DIR", None)
     if processes > 1:
       env.update(
         BISTIL_DISTRIBUTED="1",
@@ -67,6 +85,58 @@ def finish(procs):
   return logs
 
 
+# One and two processes reduce the same numbers in different orders, so
+# parameters differ by float rounding, which Adam's 1/sqrt(v) magnifies
+# where a gradient is tiny. Measured over 20 back-to-back runs of this file
+# on the 2-core machine (the gaps are printed; run with -s): see the commit
+# that set these. A wrong shard, a missed all-reduce or a per-host batch
+# moves many entries by about the learning rate (1e-3 .. 1e-2 here).
+PARAM_ATOL = 1e-5
+PARAM_RTOL = 1e-3
+
+# The LT-SFT mask is the global top K of |theta_dense - theta0|. The one- and
+# two-process dense runs agree to ~1e-8, and the tiny model has entries that
+# close to the K-th value, so which of two near-tied entries is kept is
+# rounding. A few swaps are allowed; a real bug (a per-host mask, a wrong K,
+# data counted twice) changes hundreds of the mask's entries.
+MAX_TIE_SWAPS = 4
+
+
+def gaps(a, b):
+  """Largest absolute and relative differences over two flat param dicts."""
+  ab = max(float(np.max(np.abs(a[k] - b[k]), initial=0.0)) for k in a)
+  rel = max(
+    float(np.max(np.abs(a[k] - b[k]) / (np.abs(b[k]) + 1e-12), initial=0.0))
+    for k in a
+  )
+  return f"max abs {ab:.3g}, max rel {rel:.3g}"
+
+
+def compare_sfts(a, b):
+  """Asserts two LT-SFTs agree: the same parameters, masks equal but for
+  at most MAX_TIE_SWAPS exchanged entries, values close where both masks
+  keep an entry. Returns (swaps, largest value gap) for the log."""
+  assert sorted(a.diffs) == sorted(b.diffs), (sorted(a.diffs), sorted(b.diffs))
+  only_a = only_b = 0
+  worst = 0.0
+  for k in a.diffs:
+    ia, va = (np.asarray(x).ravel() for x in a.diffs[k][:2])
+    ib, vb = (np.asarray(x).ravel() for x in b.diffs[k][:2])
+    shared, pa, pb = np.intersect1d(ia, ib, return_indices=True)
+    only_a += ia.size - shared.size
+    only_b += ib.size - shared.size
+    if shared.size:
+      worst = max(worst, float(np.max(np.abs(va[pa] - vb[pb]))))
+      np.testing.assert_allclose(
+        va[pa], vb[pb], rtol=PARAM_RTOL, atol=PARAM_ATOL * 10, err_msg=k
+      )
+  # K entries in all: each entry that only one run kept (in any tensor)
+  # stands for one that only the other kept.
+  assert only_a == only_b, (only_a, only_b)
+  assert only_a <= MAX_TIE_SWAPS, f"masks differ in {only_a} entries"
+  return only_a, worst
+
+
 def flat(params):
   return {k: np.asarray(v) for k, v in flatten_dict(params, sep="/").items()}
 
@@ -85,8 +155,11 @@ class TwoProcessTest(absltest.TestCase):
   def assert_same_params(self, a_dir, b_dir):
     a, b = flat(hf.load_hf(a_dir)[1]), flat(hf.load_hf(b_dir)[1])
     self.assertEqual(sorted(a), sorted(b))
+    print("phase 1, one vs two hosts:", gaps(a, b))
     for k in a:
-      np.testing.assert_allclose(a[k], b[k], rtol=0, atol=1e-5, err_msg=k)
+      np.testing.assert_allclose(
+        a[k], b[k], rtol=PARAM_RTOL, atol=PARAM_ATOL, err_msg=k
+      )
 
   def test_phase_one_two_hosts_equal_one_host(self):
     args = fixtures.distil_args(
@@ -100,23 +173,23 @@ class TwoProcessTest(absltest.TestCase):
       },
     )
     one, two = (os.path.join(self.root, n) for n in ("one", "two"))
-    # One after the other: 8 device threads per run on 2 cores already wait
-    # long for each other's collectives (XLA's rendezvous gives up at 40 s).
+    # One after the other: two runs at once would put 8 device threads on 2
+    # cores.
     logs = finish(
       launch(
-        ["distil", "--workdir", one, *args, "--config.mesh.shape=(1,8,1)"],
+        ["distil", "--workdir", one, *args, "--config.mesh.shape=(1,4,1)"],
         1,
-        8,
+        4,
       )
     )
     logs += finish(
       launch(
-        ["distil", "--workdir", two, *args, "--config.mesh.shape=(2,4,1)"],
+        ["distil", "--workdir", two, *args, "--config.mesh.shape=(2,2,1)"],
         2,
-        4,
+        2,
       )
     )
-    self.assertIn("process 1 of 2, 4 local / 8 global devices", logs[2])
+    self.assertIn("process 1 of 2, 2 local / 4 global devices", logs[2])
     self.assertEqual(ckpt.Checkpointer(two, every=3).all_steps(), [3, 6])
     self.assertIn("exported the model", logs[1])
     self.assertNotIn("exported the model", logs[2])  # process 0 only
@@ -139,21 +212,24 @@ class TwoProcessTest(absltest.TestCase):
       "--config.train.epochs=1",
       "--config.sparse.epochs=1",
       "--config.train.log_every=2",
-      "--config.mesh.shape=(1,8,1)",
+      "--config.mesh.shape=(1,4,1)",
     ]
     one, two = (os.path.join(self.root, n) for n in ("ft1", "ft2"))
-    finish(launch(["finetune", "--workdir", one, *args], 1, 8))
-    finish(launch(["finetune", "--workdir", two, *args], 2, 4))
+    finish(launch(["finetune", "--workdir", one, *args], 1, 4))
+    finish(launch(["finetune", "--workdir", two, *args], 2, 2))
     a = sparse.load_sft(os.path.join(one, "export"))
     b = sparse.load_sft(os.path.join(two, "export"))
-    self.assertEqual(sorted(a.diffs), sorted(b.diffs))
-    for k in a.diffs:
-      np.testing.assert_array_equal(a.diffs[k][0], b.diffs[k][0], err_msg=k)
-      np.testing.assert_allclose(
-        a.diffs[k][1], b.diffs[k][1], rtol=0, atol=1e-5, err_msg=k
-      )
+    swaps, worst = compare_sfts(a, b)
+    dense = {k: np.asarray(v) for k, v in a.dense.items()}
+    print(
+      f"LT-SFT, one vs two hosts: {swaps} mask swaps, sparse values max abs "
+      f"{worst:.3g}; dense",
+      gaps(dense, {k: np.asarray(v) for k, v in b.dense.items()}),
+    )
     for k in a.dense:
-      np.testing.assert_allclose(a.dense[k], b.dense[k], atol=1e-5, err_msg=k)
+      np.testing.assert_allclose(
+        a.dense[k], b.dense[k], rtol=PARAM_RTOL, atol=PARAM_ATOL, err_msg=k
+      )
     with open(os.path.join(one, "results.json")) as f:
       res_one = json.load(f)
     with open(os.path.join(two, "results.json")) as f:

@@ -202,6 +202,25 @@ class QATaskCliTest(absltest.TestCase):
     untrained = dev_f1(*self.fresh(self.student), self.dev_data)
     self.assertGreater(trained, untrained)
 
+  def test_evaluate_without_flags_reproduces_results_json(self):
+    # The SFT records the run's windows (64 tokens, stride 16) and decoding;
+    # evaluate's own fallbacks (256, 128) would not even fit the model.
+    meta = sparse.load_sft(self.sft).meta
+    self.assertEqual(
+      [meta[k] for k in ("max_seq_len", "doc_stride", "n_best_size")],
+      [64, 16, 20],
+    )
+    out = os.path.join(self.root, "eval_no_flags.json")
+    argv = ["evaluate", "--model", self.student, "--sft", self.sft,
+            "--task", "qa", "--data", f"dev={self.dev}", "--out", out]  # fmt: skip
+    with self.assertLogs("bistil_jax.train.commands", "INFO") as logs:
+      must_run(argv)
+    said = "\n".join(logs.output)
+    self.assertIn("evaluating at max_seq_len 64", said)
+    self.assertIn("doc_stride 16", said)
+    res = read_json(os.path.join(self.sft_wd, "results.json"))
+    self.assertEqual(read_json(out)["dev"], res["dev"])
+
   def test_evaluate_and_export_hf_of_the_student(self):
     out = os.path.join(self.root, "eval.json")
     stdout = must_run(
@@ -231,7 +250,7 @@ class QATaskCliTest(absltest.TestCase):
     )
     code, _, err = run_cli(
       ["evaluate", "--model", self.student, "--sft", self.sft, "--task", "qa",
-       "--data", self.dev, "--max-seq-len", "64"]
+       "--data", self.dev, "--max-seq-len", "64", "--doc-stride", "128"]
     )  # fmt: skip
     self.assertEqual(code, 2)
     self.assertIn("doc_stride=128 must be smaller", err)

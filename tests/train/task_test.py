@@ -330,12 +330,60 @@ class PhaseTwoCliTest(absltest.TestCase):
         ],
       )
 
+  def evaluate_logged(self, *argv):
+    """(metrics JSON, log text) of `bistil evaluate ARGV --task pos`."""
+    out = self.path(f"ev_logged_{len(os.listdir(self.root))}.json")
+    with self.assertLogs("bistil_jax.train.commands", "INFO") as logs:
+      must_run(["evaluate", *argv, "--task", "pos", "--out", out])
+    return read_json(out), "\n".join(logs.output)
+
+  def test_evaluate_without_flags_reproduces_results_json(self):
+    # The SFT records the run's data.max_seq_len (64 in the tiny config;
+    # evaluate's own fallback is 256): the same windows, the same numbers.
+    meta = read_json(os.path.join(self.sft, sparse.SFT_META))
+    self.assertEqual(meta["max_seq_len"], 64)
+    ev, said = self.evaluate_logged(
+      "--model", self.student, "--sft", self.sft,
+      "--data", f"a1={self.pos['a1']['dev']}",
+      "--data", f"a2={self.pos['a2']['test']}",
+    )  # fmt: skip
+    self.assertIn("evaluating at max_seq_len 64", said)
+    self.assertEqual(ev["a1"], self.results["dev"])
+    self.assertEqual(ev["a2"], self.results["a2"])
+    # An explicit --max-seq-len still wins.
+    _, said = self.evaluate_logged(
+      "--model", self.student, "--sft", self.sft,
+      "--data", f"a1={self.pos['a1']['dev']}", "--max-seq-len", "32",
+    )  # fmt: skip
+    self.assertIn("evaluating at max_seq_len 32 (--max-seq-len)", said)
+    # A dense export records it too.
+    rec = read_json(os.path.join(self.teacher, hf.RUN_RECORD))
+    self.assertEqual(rec, {"max_seq_len": 64})
+    _, said = self.evaluate_logged(
+      "--model", self.teacher, "--data", f"a1={self.pos['a1']['dev']}"
+    )
+    self.assertIn("evaluating at max_seq_len 64", said)
+    # A model dir no run of ours wrote: min(256, its max length of 128).
+    plain = self.make_head_teacher("plain_pos", "pos", tasks.UPOS_LABELS)
+    self.assertFalse(os.path.exists(os.path.join(plain, hf.RUN_RECORD)))
+    _, said = self.evaluate_logged(
+      "--model", plain, "--data", f"a1={self.pos['a1']['dev']}"
+    )
+    self.assertIn("evaluating at max_seq_len 128 (no run recorded", said)
+
   def test_export_hf_with_the_sft_loads_in_transformers(self):
     out = self.hf_pos
     pt = transformers.AutoModelForTokenClassification.from_pretrained(out)
     pt.eval()
     self.assertEqual(pt.config.id2label, dict(enumerate(tasks.UPOS_LABELS)))
     self.assertEqual(pt.config.num_hidden_layers, 2)
+    # The student trained without dropout; transformers users get the
+    # teacher's rates (the tiny preset's 0.1).
+    for model_dir in (self.student, out):
+      cfg = read_json(os.path.join(model_dir, "config.json"))
+      self.assertEqual(cfg["hidden_dropout_prob"], 0.1)
+      self.assertEqual(cfg["attention_probs_dropout_prob"], 0.1)
+      self.assertEqual(hf.load_hf(model_dir)[0].config.hidden_dropout_prob, 0)
     self.assert_logits_match(pt, out, "pos", self.sft)
 
   def assert_logits_match(self, pt, export, task_name, sft):
