@@ -131,6 +131,87 @@ def _latest_steps(workdir: epath.Path, names: Sequence[str]) -> dict[str, int]:
   return out
 
 
+def _covered(k: str, keys: Sequence[str]) -> bool:
+  return any(k == s or k.startswith(s + ".") for s in keys)
+
+
+def _compare_run(
+  workdir: str,
+  old: Mapping[str, Any],
+  phase: str,
+  config: Mapping[str, Any],
+  *,
+  overwrite: bool,
+  resume_safe: Sequence[str],
+  recovery: Sequence[str],
+) -> tuple[list[str], list[tuple[str, Any, Any]]]:
+  """(differing keys, allowed recovery changes) of a run.json against this
+  run; raises unless they are compatible or `overwrite`."""
+  diffs, changes, refusals = [], [], []
+  if old.get("phase") != phase:
+    diffs.append(f"phase ({old.get('phase')} != {phase})")
+  for k in configlib.diff_keys(old.get("config", {}), dict(config)):
+    if _covered(k, resume_safe):
+      continue
+    if _covered(k, recovery):
+      a, b = _lookup(old.get("config", {}), k), _lookup(config, k)
+      why = _recovery_refusal(k, a, b)
+      if why:
+        refusals.append(why)
+        diffs.append(k)
+      else:
+        changes.append((k, a, b))
+      continue
+    diffs.append(k)
+  if diffs and not overwrite:
+    more = f"; {refusals[0]}" if refusals else ""
+    raise BistilError(
+      f"workdir {workdir} holds another run (differs in: "
+      f"{', '.join(diffs[:8])}){more}; use --overwrite or another "
+      f"--workdir (resuming may change only {', '.join(recovery)})"
+    )
+  return diffs, changes
+
+
+def check_workdir(
+  workdir: str,
+  phase: str,
+  config: Mapping[str, Any],
+  *,
+  overwrite: bool = False,
+  resume_safe: Sequence[str] = (),
+  recovery: Sequence[str] = RECOVERY_KEYS,
+) -> None:
+  """Raises what `prepare_workdir` would raise, changing nothing.
+
+  For a check before a run's expensive loads (teacher, corpora): a workdir
+  that is a file, holds files bistil did not write, or holds another run is
+  refused at once.
+  """
+  wd = _path(workdir)
+  if not wd.exists():
+    return
+  if not wd.is_dir():
+    raise BistilError(f"workdir {workdir} exists and is not a directory")
+  run_path = wd / RUN_FILE
+  if not run_path.is_file():
+    if any(not e.name.startswith(".") for e in wd.iterdir()):
+      raise BistilError(
+        f"workdir {workdir} is not empty and is not a bistil workdir; "
+        "choose an empty or new directory"
+      )
+    return
+  _compare_run(
+    workdir,
+    read_run(workdir),
+    phase,
+    config,
+    overwrite=overwrite,
+    resume_safe=resume_safe,
+    recovery=recovery,
+  )
+
+
 def prepare_workdir(
   workdir: str,
   phase: str,
@@ -163,52 +244,30 @@ def prepare_workdir(
     BistilError: the dir belongs to another run (without overwrite) or is a
       non-empty directory that bistil did not make.
   """
-  wd = _path(workdir)
-  if wd.exists() and not wd.is_dir():
-    raise BistilError(f"workdir {workdir} exists and is not a directory")
-  wd.mkdir(parents=True, exist_ok=True)
-  entries = (
-    [e.name for e in wd.iterdir() if not e.name.startswith(".")]
-    if wd.is_dir()
-    else []
+  check_workdir(
+    workdir,
+    phase,
+    config,
+    overwrite=overwrite,
+    resume_safe=resume_safe,
+    recovery=recovery,
   )
+  wd = _path(workdir)
+  wd.mkdir(parents=True, exist_ok=True)
   run_path = wd / RUN_FILE
   resumed = False
   record: dict[str, Any] = {"phase": phase, "config": dict(config)}
-  if entries and not run_path.is_file():
-    raise BistilError(
-      f"workdir {workdir} is not empty and is not a bistil workdir; "
-      "choose an empty or new directory"
-    )
   if run_path.is_file():
     old = read_run(workdir)
-    diffs, changes, refusals = [], [], []
-    if old.get("phase") != phase:
-      diffs.append(f"phase ({old.get('phase')} != {phase})")
-
-    def covered(k, keys):
-      return any(k == s or k.startswith(s + ".") for s in keys)
-
-    for k in configlib.diff_keys(old.get("config", {}), dict(config)):
-      if covered(k, resume_safe):
-        continue
-      if covered(k, recovery):
-        a, b = _lookup(old.get("config", {}), k), _lookup(config, k)
-        why = _recovery_refusal(k, a, b)
-        if why:
-          refusals.append(why)
-          diffs.append(k)
-        else:
-          changes.append((k, a, b))
-        continue
-      diffs.append(k)
-    if diffs and not overwrite:
-      more = f"; {refusals[0]}" if refusals else ""
-      raise BistilError(
-        f"workdir {workdir} holds another run (differs in: "
-        f"{', '.join(diffs[:8])}){more}; use --overwrite or another "
-        f"--workdir (resuming may change only {', '.join(recovery)})"
-      )
+    diffs, changes = _compare_run(
+      workdir,
+      old,
+      phase,
+      config,
+      overwrite=overwrite,
+      resume_safe=resume_safe,
+      recovery=recovery,
+    )
     if diffs:
       log.warning("--overwrite: removing the previous run in %s", workdir)
       if jax.process_index() == 0:

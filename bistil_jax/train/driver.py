@@ -210,7 +210,8 @@ def start(
   yet), then the lock is taken (a busy workdir is refused at once, not
   after minutes of loading a teacher), then the inputs are loaded and only
   then is run.json written (an input refused on the way leaves the workdir
-  as it was, so the corrected command is not "another run").
+  as it was, so the corrected command is not "another run"). A workdir
+  of another run is refused right after the lock, before the loads.
 
   Args:
     config: the phase's config (phase-specific checks already done).
@@ -223,6 +224,15 @@ def start(
   mesh = build_mesh(config.mesh)
   per_host_batch(config.data.batch_size, mesh[0])
   with ckpt.workdir_lock(workdir):  # one run per workdir
+    # Another run's workdir is refused before the loads, too.
+    ckpt.check_workdir(
+      workdir,
+      phase,
+      configlib.to_dict(config),
+      overwrite=overwrite,
+      resume_safe=RESUME_SAFE,
+      recovery=ckpt.RECOVERY_KEYS,
+    )
     yield Claim(config, workdir, phase, mesh, overwrite, tuple(outputs))
 
 

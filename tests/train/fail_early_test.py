@@ -123,6 +123,33 @@ class FailEarlyTest(parameterized.TestCase):
     )
     self.assertFalse(os.path.exists(wd))
 
+  @parameterized.parameters(*COMMANDS)
+  def test_another_runs_workdir_is_refused_before_the_loads(self, command):
+    wd = os.path.join(self.root, "other")
+    os.makedirs(wd)
+    # A run.json of another phase (or, for distil, another config).
+    other = "finetune" if command == "distil" else "distil"
+    ckpt.prepare_workdir(wd, other, {"seed": 1})
+    module, name = LOADERS[command]
+    with mock.patch.object(module, name, must_not_load):
+      code, err = run_cli([command, "--workdir", wd, *COMMANDS[command]])
+    self.assertEqual(code, 2, err)
+    self.assertRegex(
+      err.strip().splitlines()[-1],
+      r"^error: workdir .*other holds another run \(differs in: phase",
+    )
+    self.assertEqual(os.listdir(wd), ["run.json"])
+    # Files bistil did not write: refused as well, before the loads.
+    mine = os.path.join(self.root, "mine")
+    os.makedirs(mine)
+    with open(os.path.join(mine, "notes.txt"), "w") as f:
+      f.write("keep")
+    with mock.patch.object(module, name, must_not_load):
+      code, err = run_cli([command, "--workdir", mine, *COMMANDS[command]])
+    self.assertEqual(code, 2, err)
+    self.assertIn("is not a bistil workdir", err.strip().splitlines()[-1])
+    self.assertEqual(os.listdir(mine), ["notes.txt"])
+
   def test_the_corrected_command_runs(self):
     teacher = fixtures.make_teacher_dir(self.root, layers=2)
     args = fixtures.distil_args(self.root, teacher)
