@@ -12,13 +12,27 @@ import tempfile
 
 from tests import gcs
 
+# Most of the suite's time is XLA compiling tiny programs. Without LLVM
+# optimisation and with the classic fusion emitters XLA's CPU backend
+# compiles them in about half the time; they run a little slower and
+# results move by float rounding only (tests compare runs made under the
+# same flags, or within a tolerance). BISTIL_TEST_XLA_FLAGS replaces these
+# (empty: XLA's defaults). tests/train/multihost_test.py and cli_test's
+# user-machine run set their own XLA_FLAGS.
+FAST_COMPILE_FLAGS = os.environ.get(
+  "BISTIL_TEST_XLA_FLAGS",
+  "--xla_backend_optimization_level=0 --xla_cpu_use_fusion_emitters=false",
+)
 # 8 CPU devices for the meshes; a CPU collective whose 8 device threads have
 # not all arrived is aborted after 40 s by default, which a busy 2-core
 # machine can exceed, so the suite gives them 10 minutes.
-os.environ["XLA_FLAGS"] = (
-  os.environ.get("XLA_FLAGS", "")
-  + " --xla_force_host_platform_device_count=8"
-  + " --xla_cpu_collective_call_terminate_timeout_seconds=600"
+os.environ["XLA_FLAGS"] = " ".join(
+  [
+    os.environ.get("XLA_FLAGS", ""),
+    FAST_COMPILE_FLAGS,
+    "--xla_force_host_platform_device_count=8",
+    "--xla_cpu_collective_call_terminate_timeout_seconds=600",
+  ]
 ).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ["HF_HUB_OFFLINE"] = "1"
