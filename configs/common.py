@@ -60,7 +60,7 @@ def teacher(dtype: str = "float32") -> ml_collections.ConfigDict:
   """The frozen teacher: an HF model dir plus SFT dirs applied to it."""
   c = ml_collections.ConfigDict()
   c.model = ""  # HF model dir
-  c.sfts = ""  # comma-separated SFT dirs, applied in order
+  c.sfts = ""  # comma-separated SFT dirs, in order; `\,` in a path
   c.dtype = dtype  # compute dtype (bfloat16 on TPU/GPU)
   return c
 

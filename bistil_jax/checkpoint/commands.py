@@ -175,6 +175,7 @@ def _earlier(workdir: str, step: int) -> str:
 def _run_export(args: argparse.Namespace) -> int:
   if (args.model is None) == (args.workdir is None):
     raise BistilError("export-hf needs exactly one of --model or --workdir")
+  record: dict = {}
   if args.workdir:
     from bistil_jax.checkpoint import manager
 
@@ -195,10 +196,14 @@ def _run_export(args: argparse.Namespace) -> int:
     model, params = surgery.merged_model(args.model, args.sft)
     tok_dir = args.model
     what = f"{args.model} with {', '.join(args.sft)}"
+    # What the task run used (max_seq_len, ...) goes with the merged model,
+    # so `bistil evaluate` of it encodes as the run did.
+    record = surgery.recorded_run(args.model, args.sft)[0]
   else:
     model, params = hf.load_hf(args.model)
     tok_dir = args.model
     what = args.model
+    record = hf.read_run_record(args.model)
   big, where = largest_weight(params)
   if big > SANE_WEIGHT:
     # Refused, not only warned about: a diverged model exports and loads
@@ -223,6 +228,7 @@ def _run_export(args: argparse.Namespace) -> int:
     tokenizer_dir=tok if has_tok else None,
     overwrite=args.overwrite,
     write_flax=not args.no_flax,
+    record=record,
   )
   print(f"wrote {model.config.architecture} to {args.out}")
   return 0

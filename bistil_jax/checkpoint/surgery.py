@@ -6,6 +6,7 @@ ones; nothing here touches devices, so the driver shards the result once.
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -13,7 +14,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from bistil_jax import paths, sparse
+from bistil_jax import configlib, paths, sparse
 from bistil_jax.checkpoint import hf, language
 from bistil_jax.data import tasks, vocab
 from bistil_jax.errors import BistilError
@@ -32,8 +33,9 @@ LANGS = ("source", "target")
 
 
 def split_list(spec: str) -> list[str]:
-  """ "a,b," -> ["a", "b"] (empty items dropped, "~" expanded)."""
-  return [str(paths.path(x.strip())) for x in spec.split(",") if x.strip()]
+  r""" "a,b," -> ["a", "b"] (empty items dropped, "~" expanded; `\,` is a
+  comma inside a path, as in eval.sets)."""
+  return [str(paths.path(x)) for x in configlib.split_escaped(spec)]
 
 
 def language_sfts(spec: str) -> tuple[list[str], list[str]]:
@@ -44,9 +46,7 @@ def language_sfts(spec: str) -> tuple[list[str], list[str]]:
   plus that language's SFT).
   """
   out: dict[str, list[str]] = {lang: [] for lang in LANGS}
-  for item in (x.strip() for x in spec.split(",")):
-    if not item:
-      continue
+  for item in configlib.split_escaped(spec):
     lang, sep, path = item.partition("=")
     if not sep:
       for v in out.values():
@@ -57,7 +57,7 @@ def language_sfts(spec: str) -> tuple[list[str], list[str]]:
       raise BistilError(
         f"teacher.sfts item {item!r}: the language must be source or target"
       )
-  return tuple(split_list(",".join(out[lang])) for lang in LANGS)
+  return tuple([str(paths.path(p)) for p in out[lang]] for lang in LANGS)
 
 
 def fill_missing(
@@ -200,3 +200,28 @@ def map_teacher_vocab(
   )
   log.info("teacher vocabulary %d -> %d rows", tcfg.vocab_size, keep.size)
   return vocab.slice_vocab_params(params, tcfg, keep)
+
+
+# What a task run records with its export (the SFT's sft.json, or
+# bistil_run.json beside a dense export) so that `bistil evaluate` encodes
+# as the run did: the window length, and qa's window overlap and decoding.
+RECORDED = ("max_seq_len", "doc_stride", "n_best_size", "max_answer_length")
+
+
+def recorded_run(
+  model_dir: str, sft_dirs: Sequence[str]
+) -> tuple[dict[str, int], str]:
+  """(the RECORDED values, the file they were read from) of the run that
+  made the last SFT that records them, else of the run that made the model
+  dir; ({}, "") when none does."""
+  for d in reversed(list(sft_dirs)):
+    meta = paths.path(d) / sparse.SFT_META  # composable-sft dirs have none
+    if meta.is_file():
+      record = json.loads(paths.read_text(meta))
+      if record.get("max_seq_len") is not None:
+        return {k: int(record[k]) for k in RECORDED if k in record}, str(meta)
+  record = hf.read_run_record(model_dir)
+  if record.get("max_seq_len") is not None:
+    where = str(paths.path(model_dir) / hf.RUN_RECORD)
+    return {k: int(record[k]) for k in RECORDED if k in record}, where
+  return {}, ""

@@ -236,10 +236,6 @@ def format_results(task: str, results: dict[str, dict]) -> str:
   return "\n".join(lines)
 
 
-# What a task run records with its export (the SFT's sft.json, or
-# bistil_run.json beside a dense export) so that `bistil evaluate` encodes
-# as the run did: the window length, and qa's window overlap and decoding.
-RECORDED = ("max_seq_len", "doc_stride", "n_best_size", "max_answer_length")
 # What evaluate uses when nothing recorded the run's (max_seq_len is also
 # capped at the model's max length; qa: the released run_qa values).
 FALLBACK = {
@@ -248,28 +244,6 @@ FALLBACK = {
   "n_best_size": 20,
   "max_answer_length": 30,
 }
-
-
-def recorded_run(model_dir: str, sft_dirs: list[str]) -> tuple[dict, str]:
-  """(the RECORDED values, the file they were read from) of the run that
-  made the last SFT that records them, else of the run that made the model
-  dir; ({}, "") when none does."""
-  import json
-
-  from bistil_jax import paths, sparse
-  from bistil_jax.checkpoint import hf
-
-  for d in reversed(sft_dirs):
-    meta = paths.path(d) / sparse.SFT_META  # composable-sft dirs have none
-    if meta.is_file():
-      record = json.loads(paths.read_text(meta))
-      if record.get("max_seq_len") is not None:
-        return {k: int(record[k]) for k in RECORDED if k in record}, str(meta)
-  record = hf.read_run_record(model_dir)
-  if record.get("max_seq_len") is not None:
-    where = str(paths.path(model_dir) / hf.RUN_RECORD)
-    return {k: int(record[k]) for k in RECORDED if k in record}, where
-  return {}, ""
 
 
 def run_evaluate(args: argparse.Namespace) -> int:
@@ -296,7 +270,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
     )
   tokenizer, _ = vocab.load_tokenizer_dir(args.model)
   labels = tuple(cfg.label_names)
-  record, where = recorded_run(args.model, args.sft)
+  record, where = surgery.recorded_run(args.model, args.sft)
 
   def setting(name: str) -> tuple[int, str]:
     """A flag given, else the run's record, else the fallback."""
@@ -317,7 +291,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
   jpredict = jax.jit(functools.partial(task_lib.predict, model=model))
   options = {}
   if args.task == "qa":
-    chosen = {k: setting(k) for k in RECORDED[1:]}
+    chosen = {k: setting(k) for k in surgery.RECORDED[1:]}
     options = {k: v for k, (v, _) in chosen.items()}
     log.info(
       "qa windows and decoding: %s",

@@ -226,9 +226,12 @@ class TwoProcessTest(absltest.TestCase):
       f"{worst:.3g}; dense",
       gaps(dense, {k: np.asarray(v) for k, v in b.dense.items()}),
     )
+    # A swapped near-tie entry trains a little differently, and so does the
+    # dense head beside it (6.6e-6 apart after one swap, 3.7e-9 without).
+    atol = PARAM_ATOL * 10 if swaps else PARAM_ATOL
     for k in a.dense:
       np.testing.assert_allclose(
-        a.dense[k], b.dense[k], rtol=PARAM_RTOL, atol=PARAM_ATOL, err_msg=k
+        a.dense[k], b.dense[k], rtol=PARAM_RTOL, atol=atol, err_msg=k
       )
     with open(os.path.join(one, "results.json")) as f:
       res_one = json.load(f)

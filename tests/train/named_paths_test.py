@@ -10,7 +10,7 @@ import jax
 from absl.testing import absltest
 
 from bistil_jax import cli, configlib
-from bistil_jax.checkpoint import hf
+from bistil_jax.checkpoint import hf, surgery
 from bistil_jax.data import tasks
 from bistil_jax.model import init_params, preset
 from tests import fixtures
@@ -39,6 +39,17 @@ class NamedPathsTest(absltest.TestCase):
     self.assertEqual(  # unescaped, the comma still separates
       configlib.parse_named_list("dev=data/odd,name.conllu"),
       [("dev", "data/odd"), ("set1", "name.conllu")],
+    )
+
+  def test_sft_lists_escape_a_comma(self):
+    # teacher.sfts / student.sfts: the same `\,` escape as eval.sets.
+    odd, plain = "/sfts/odd,name", "/sfts/plain"
+    self.assertEqual(
+      surgery.split_list("/sfts/odd\\,name, /sfts/plain,"), [odd, plain]
+    )
+    self.assertEqual(
+      surgery.language_sfts("source=/sfts/odd\\,name,/sfts/plain"),
+      ([odd, plain], [plain]),
     )
 
   def test_evaluate_data_takes_a_path_with_a_comma(self):

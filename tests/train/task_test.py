@@ -370,6 +370,15 @@ class PhaseTwoCliTest(absltest.TestCase):
       "--model", plain, "--data", f"a1={self.pos['a1']['dev']}"
     )
     self.assertIn("evaluating at max_seq_len 128 (no run recorded", said)
+    # The student merged with its SFT (export-hf --sft) keeps the record.
+    self.assertEqual(
+      read_json(os.path.join(self.hf_pos, hf.RUN_RECORD))["max_seq_len"], 64
+    )
+    ev, said = self.evaluate_logged(
+      "--model", self.hf_pos, "--data", f"a1={self.pos['a1']['dev']}"
+    )  # fmt: skip
+    self.assertIn("evaluating at max_seq_len 64", said)
+    self.assertEqual(ev["a1"], self.results["dev"])
 
   def test_export_hf_with_the_sft_loads_in_transformers(self):
     out = self.hf_pos
