@@ -75,6 +75,20 @@ _COUNTS_FORMAT = 1
 
 
 # ------------------------------------------------------------------ tokenizer
+def no_tokenizer_json(model_dir: str) -> BistilError:
+  """The error for a dir without tokenizer.json, saying how to make one.
+
+  bistil reads tokenizers with the `tokenizers` library, from the one file
+  a transformers "fast" tokenizer saves; a dir with only vocab.txt or a
+  sentencepiece model has none.
+  """
+  return BistilError(
+    f"{model_dir} has no {TOKENIZER_JSON} (the fast-tokenizer file bistil "
+    "reads); write it with transformers: AutoTokenizer.from_pretrained("
+    f"'{model_dir}').save_pretrained('{model_dir}')"
+  )
+
+
 def load_tokenizer_dir(model_dir: str) -> tuple[Tokenizer, dict[str, Any]]:
   """Loads `tokenizer.json` from a model dir.
 
@@ -91,10 +105,7 @@ def load_tokenizer_dir(model_dir: str) -> tuple[Tokenizer, dict[str, Any]]:
     raise BistilError(f"model dir {model_dir} does not exist")
   path = paths.path(model_dir) / TOKENIZER_JSON
   if not path.is_file():
-    raise BistilError(
-      f"no {TOKENIZER_JSON} in {model_dir}: trimming needs a fast "
-      "(tokenizers) tokenizer"
-    )
+    raise no_tokenizer_json(model_dir)
   try:
     text = paths.read_text(path)
     tok_json = json.loads(text)

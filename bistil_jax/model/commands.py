@@ -89,21 +89,14 @@ def _config_from(config_path: str) -> ModelConfig:
 
 
 def check_fast_tokenizer(tokenizer: str) -> None:
-  """Refuses a tokenizer dir without tokenizer.json, saying how to make it.
+  """Refuses a tokenizer dir without tokenizer.json, saying how to make it."""
+  from bistil_jax.data import vocab
 
-  bistil reads tokenizers with the `tokenizers` library, from the one file
-  a transformers "fast" tokenizer saves; a dir with only vocab.txt or a
-  sentencepiece model has none.
-  """
   d = paths.path(tokenizer)
   if not d.is_dir():
     raise BistilError(f"tokenizer dir {tokenizer} does not exist")
-  if not (d / "tokenizer.json").is_file():
-    raise BistilError(
-      f"{tokenizer} has no tokenizer.json (the fast-tokenizer file bistil "
-      "reads); write it with transformers: AutoTokenizer.from_pretrained("
-      f"'{tokenizer}').save_pretrained('{tokenizer}')"
-    )
+  if not (d / vocab.TOKENIZER_JSON).is_file():
+    raise vocab.no_tokenizer_json(tokenizer)
 
 
 def init_model(
