@@ -174,18 +174,17 @@ def shard(tree: Any, shardings: Any) -> Any:
 def programs_may_overlap() -> bool:
   """Whether independent jitted programs may be in flight together.
 
-  False on a multi-device CPU backend and across processes. XLA's CPU
-  client runs each device's part of a program on one shared thread pool; a
-  program whose devices wait in an all-reduce can hold every pool thread
-  while its last device's part waits behind another program, and nothing
-  moves again (a 4-device LT-SFT mask selection hung so, and XLA aborts it
-  after its rendezvous timeout as "only N of them arrived on time"). Across
-  processes, gloo's collectives of two programs can run in different
-  orders on different hosts. TPU and GPU run each device's programs in
-  order on a stream and overlap safely.
+  False on a CPU backend with several devices, in one process or across
+  processes. XLA's CPU client runs each device's part of a program on one
+  shared thread pool; a program whose devices wait in an all-reduce can
+  hold every pool thread while its last device's part waits behind another
+  program, and nothing moves again (a 4-device LT-SFT mask selection hung
+  so, and XLA aborts it after its rendezvous timeout as "only N of them
+  arrived on time"). Across processes, gloo's collectives of two programs
+  can also run in different orders on different hosts. TPU and GPU run
+  each device's programs in order on a stream and overlap safely, on one
+  host or many.
   """
-  if jax.process_count() > 1:
-    return False
   return not (jax.default_backend() == "cpu" and jax.device_count() > 1)
 
 
