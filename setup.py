@@ -43,6 +43,10 @@ EXTRAS = {
   "torch": ["torch==2.13.0"],
   "test": [
     "pytest==9.2.0",
+    # Two test workers (pyproject.toml addopts): the suite on the 2-core
+    # CI machine in 531 s instead of 699-737 s.
+    "pytest-xdist==3.8.0",
+    "execnet==2.1.2",
     "chex==0.1.92",
     "torch==2.13.0",
     # Plain transformers: transformers[flax] pins an ancient jax.
