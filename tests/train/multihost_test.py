@@ -89,7 +89,7 @@ def finish(procs):
 # parameters differ by float rounding, which Adam's 1/sqrt(v) magnifies
 # where a gradient is tiny. Measured over 20 back-to-back runs of this file
 # on the 2-core machine next to a full test-suite run (the gaps are
-# printed; run with -s): phase 1 at most 3.6e-6 apart (median 4.3e-7),
+# printed; run with -n 0 -s): phase 1 at most 3.6e-6 apart (median 4.3e-7),
 # LT-SFT without a mask swap 1.2e-7; in the 2 runs with one swapped entry
 # the sparse values were 2.3e-5 and the dense head 6.6e-6 apart. A wrong
 # shard, a missed all-reduce or a per-host batch moves many entries by
