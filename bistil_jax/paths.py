@@ -312,6 +312,20 @@ class DiskFullError(BistilError):
     super().__init__(f"{self.path}: the disk is full{said}; {advice}")
 
 
+@contextlib.contextmanager
+def disk_full_as_error(
+  p: PathLike, needed: int | None = None
+) -> Iterator[None]:
+  """Turns an OSError of a full disk in the body into `DiskFullError(p)`;
+  other errors pass unchanged."""
+  try:
+    yield
+  except OSError as e:
+    if not is_disk_full(e):
+      raise
+    raise DiskFullError(p, needed) from None
+
+
 def mkdirs(p: PathLike) -> epath.Path:
   """Creates a directory and its parents (a no-op on object stores)."""
   p = path(p)
@@ -343,12 +357,9 @@ def write_bytes(p: PathLike, data: bytes) -> epath.Path:
     return p
   tmp = _sibling(p, "tmp")
   try:
-    tmp.write_bytes(data)
-    tmp.replace(p)
-  except OSError as e:
-    if not is_disk_full(e):
-      raise
-    raise DiskFullError(p, len(data)) from None
+    with disk_full_as_error(p, len(data)):
+      tmp.write_bytes(data)
+      tmp.replace(p)
   finally:
     tmp.unlink(missing_ok=True)
   return p

@@ -173,6 +173,42 @@ def _compare_run(
   return diffs, changes
 
 
+def _inspect(
+  workdir: str,
+  phase: str,
+  config: Mapping[str, Any],
+  *,
+  overwrite: bool,
+  resume_safe: Sequence[str],
+  recovery: Sequence[str],
+) -> tuple[dict[str, Any] | None, list[str], list[tuple[str, Any, Any]]]:
+  """(the run.json there or None, differing keys, allowed recovery changes);
+  raises on a workdir this run may not use. Changes nothing."""
+  wd = _path(workdir)
+  if not wd.exists():
+    return None, [], []
+  if not wd.is_dir():
+    raise BistilError(f"workdir {workdir} exists and is not a directory")
+  if not (wd / RUN_FILE).is_file():
+    if any(not e.name.startswith(".") for e in wd.iterdir()):
+      raise BistilError(
+        f"workdir {workdir} is not empty and is not a bistil workdir; "
+        "choose an empty or new directory"
+      )
+    return None, [], []
+  old = read_run(workdir)
+  diffs, changes = _compare_run(
+    workdir,
+    old,
+    phase,
+    config,
+    overwrite=overwrite,
+    resume_safe=resume_safe,
+    recovery=recovery,
+  )
+  return old, diffs, changes
+
+
 def check_workdir(
   workdir: str,
   phase: str,
@@ -188,22 +224,8 @@ def check_workdir(
   that is a file, holds files bistil did not write, or holds another run is
   refused at once.
   """
-  wd = _path(workdir)
-  if not wd.exists():
-    return
-  if not wd.is_dir():
-    raise BistilError(f"workdir {workdir} exists and is not a directory")
-  run_path = wd / RUN_FILE
-  if not run_path.is_file():
-    if any(not e.name.startswith(".") for e in wd.iterdir()):
-      raise BistilError(
-        f"workdir {workdir} is not empty and is not a bistil workdir; "
-        "choose an empty or new directory"
-      )
-    return
-  _compare_run(
+  _inspect(
     workdir,
-    read_run(workdir),
     phase,
     config,
     overwrite=overwrite,
@@ -244,7 +266,7 @@ def prepare_workdir(
     BistilError: the dir belongs to another run (without overwrite) or is a
       non-empty directory that bistil did not make.
   """
-  check_workdir(
+  old, diffs, changes = _inspect(
     workdir,
     phase,
     config,
@@ -257,17 +279,7 @@ def prepare_workdir(
   run_path = wd / RUN_FILE
   resumed = False
   record: dict[str, Any] = {"phase": phase, "config": dict(config)}
-  if run_path.is_file():
-    old = read_run(workdir)
-    diffs, changes = _compare_run(
-      workdir,
-      old,
-      phase,
-      config,
-      overwrite=overwrite,
-      resume_safe=resume_safe,
-      recovery=recovery,
-    )
+  if old is not None:
     if diffs:
       log.warning("--overwrite: removing the previous run in %s", workdir)
       if jax.process_index() == 0:

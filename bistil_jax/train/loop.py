@@ -22,7 +22,6 @@ step even though JAX dispatches asynchronously.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import logging
@@ -163,19 +162,9 @@ class MetricWriter:
       if time.monotonic() - self._written > self._rewrite_secs:
         self._rewrite()
     elif self._jsonl is not None:
-      with self._disk_full_is_one_line():
+      with paths.disk_full_as_error(self._path):
         self._jsonl.write(line)
         self._jsonl.flush()
-
-  @contextlib.contextmanager
-  def _disk_full_is_one_line(self) -> Iterator[None]:
-    """A full disk under the metrics as one line (paths.DiskFullError)."""
-    try:
-      yield
-    except OSError as e:
-      if not paths.is_disk_full(e):
-        raise
-      raise paths.DiskFullError(self._path) from None
 
   def _rewrite(self) -> None:
     if self._rows is not None:
