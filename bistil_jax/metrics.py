@@ -11,8 +11,8 @@
 - qa: SQuAD v1.1 token F1 and exact match of answer texts, with the official
   answer normalisation (`squad_scores`; spans are decoded in data/qa.py).
 
-`task_metrics` turns a split's predicted label ids into a flat dict whose
-headline metric sits under `HEADLINE[task]`.
+Each task kind (bistil_jax/tasks/) picks its metric from these and names
+its headline.
 """
 
 from __future__ import annotations
@@ -20,23 +20,16 @@ from __future__ import annotations
 import collections
 import re
 import string
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 
 import numpy as np
 
 IGNORE_LABEL = -100
-HEADLINE = {
-  "pos": "accuracy",
-  "ner": "f1",
-  "nli": "accuracy",
-  "dp": "las",
-  "qa": "f1",
-}
 
 Span = tuple[str, int, int]
 
 
-def _check_shapes(pred: np.ndarray, gold: np.ndarray) -> None:
+def check_shapes(pred: np.ndarray, gold: np.ndarray) -> None:
   if pred.shape != gold.shape:
     raise ValueError(
       f"predictions {pred.shape} and gold labels {gold.shape} differ in shape"
@@ -57,7 +50,7 @@ def token_accuracy(
   """
   pred = np.asarray(pred_ids)
   gold = np.asarray(gold_ids)
-  _check_shapes(pred, gold)
+  check_shapes(pred, gold)
   labelled = gold != IGNORE_LABEL  # [n, L]
   total = int(labelled.sum())
   if total == 0:
@@ -77,7 +70,7 @@ def accuracy(pred: np.ndarray | Sequence, gold: np.ndarray | Sequence) -> float:
   """
   pred = np.asarray(pred)
   gold = np.asarray(gold)
-  _check_shapes(pred, gold)
+  check_shapes(pred, gold)
   if gold.size == 0:
     return 0.0
   return float(np.mean(pred == gold))
@@ -112,7 +105,7 @@ def attachment_scores(
   ph, pr = np.asarray(pred_heads), np.asarray(pred_rels)
   gh, gr = np.asarray(gold_heads), np.asarray(gold_rels)
   for p in (ph, pr, gr):
-    _check_shapes(p, gh)
+    check_shapes(p, gh)
   words = gh != IGNORE_LABEL  # [n, L]
   if np.any((gr != IGNORE_LABEL) != words):
     raise ValueError("gold heads and relations label different positions")
@@ -250,7 +243,7 @@ def word_tags(
   """
   pred = np.asarray(pred_ids)
   gold = np.asarray(gold_ids)
-  _check_shapes(pred, gold)
+  check_shapes(pred, gold)
   names = np.asarray(label_names, dtype=object)
   labelled = gold != IGNORE_LABEL  # [n, L]
   for what, ids in (("predicted", pred[labelled]), ("gold", gold[labelled])):
@@ -261,74 +254,6 @@ def word_tags(
     preds.append(list(names[p[m]]))
     golds.append(list(names[g[m]]))
   return preds, golds
-
-
-def task_metrics(
-  task: str,
-  predictions: np.ndarray,
-  golds: np.ndarray,
-  label_names: Sequence[str],
-  example_mask: np.ndarray | None = None,
-) -> dict[str, float | int]:
-  """The metrics of one evaluated split, as a flat dict.
-
-  Args:
-    task: "pos", "ner", "nli" or "dp".
-    predictions: predicted label ids, [n, L] (pos, ner) or [n] (nli), e.g.
-      the argmax of the logits of every eval batch, concatenated; dp:
-      [n, L, 2] (head position, relation id).
-    golds: the batches' gold labels, same shape, -100 off the labelled
-      positions for token tasks.
-    label_names: names by id (used by ner).
-    example_mask: optional [n]; rows where it is 0 (padding rows of the last
-      eval batch) are left out.
-
-  Returns:
-    pos: {"accuracy", "num_tokens"}; ner: {"f1", "precision", "recall",
-    "num_pred", "num_gold", "num_correct", "f1/TYPE" per entity type};
-    nli: {"accuracy", "num_examples"}; dp: {"uas", "las", "num_words",
-    "num_unscored_words"}. `HEADLINE[task]` is always a key.
-
-  Raises:
-    ValueError: an unknown task, or shapes that do not fit.
-  """
-  if task not in HEADLINE:
-    raise ValueError(f"unknown task {task!r}; known: {', '.join(HEADLINE)}")
-  if task == "qa":
-    raise ValueError("qa predictions are texts: use squad_scores")
-  pred = np.asarray(predictions)
-  gold = np.asarray(golds)
-  _check_shapes(pred, gold)
-  if example_mask is not None:
-    keep = np.asarray(example_mask).astype(bool)  # [n]
-    if keep.shape != gold.shape[:1]:
-      raise ValueError(
-        f"example_mask {keep.shape} does not match {gold.shape[0]} rows"
-      )
-    pred, gold = pred[keep], gold[keep]
-  if task == "nli":
-    return {"accuracy": accuracy(pred, gold), "num_examples": int(gold.size)}
-  if task == "dp":
-    if gold.ndim != 3 or gold.shape[-1] != 2:
-      raise ValueError(f"dp labels must be [n, L, 2], got shape {gold.shape}")
-    return attachment_scores(
-      pred[..., 0], pred[..., 1], gold[..., 0], gold[..., 1]
-    )
-  if gold.ndim != 2:
-    raise ValueError(f"{task} labels must be [n, L], got shape {gold.shape}")
-  if task == "pos":
-    return {
-      "accuracy": token_accuracy(pred, gold),
-      "num_tokens": int(np.sum(gold != IGNORE_LABEL)),
-    }
-  result = ner_f1(*word_tags(pred, gold, label_names))
-  out: dict[str, float | int] = {
-    k: v for k, v in result.items() if k != "per_type"
-  }
-  per_type: Mapping[str, Mapping[str, float]] = result["per_type"]
-  for kind, scores in per_type.items():
-    out[f"f1/{kind}"] = scores["f1"]
-  return out
 
 
 # ------------------------------------------------------------ SQuAD v1.1

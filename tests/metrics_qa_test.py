@@ -3,6 +3,7 @@
 from absl.testing import absltest, parameterized
 
 from bistil_jax import metrics
+from bistil_jax import tasks as tasks_lib
 
 
 class NormalizeTest(parameterized.TestCase):
@@ -56,9 +57,9 @@ class ScoreTest(absltest.TestCase):
       metrics.squad_scores(["a"], [])
 
   def test_headline(self):
-    self.assertEqual(metrics.HEADLINE["qa"], "f1")
+    self.assertEqual(tasks_lib.get("qa").headline, "f1")
     with self.assertRaisesRegex(ValueError, "squad_scores"):
-      metrics.task_metrics("qa", [0], [0], ())
+      tasks_lib.score("qa", [0], [0], ())
 
 
 if __name__ == "__main__":

@@ -4,6 +4,8 @@ import numpy as np
 from absl.testing import absltest, parameterized
 
 from bistil_jax import metrics
+from bistil_jax import tasks as tasks_lib
+from bistil_jax.errors import BistilError
 
 N = -100  # No label.
 
@@ -137,10 +139,10 @@ class TaskMetricsTest(parameterized.TestCase):
   def test_pos(self):
     pred = np.array([[5, 1, 2, 5], [5, 3, 3, 5], [5, 0, 0, 5]])
     gold = np.array([[N, 1, 2, N], [N, 3, 0, N], [N, 1, 1, N]])
-    out = metrics.task_metrics("pos", pred, gold, ["A", "B", "C", "D"])
+    out = tasks_lib.score("pos", pred, gold, ["A", "B", "C", "D"])
     self.assertEqual(out["num_tokens"], 6)
     self.assertAlmostEqual(out["accuracy"], 3 / 6)
-    out = metrics.task_metrics(
+    out = tasks_lib.score(
       "pos", pred, gold, ["A", "B", "C", "D"], example_mask=[1, 1, 0]
     )
     self.assertEqual(out["num_tokens"], 4)
@@ -152,10 +154,10 @@ class TaskMetricsTest(parameterized.TestCase):
     # out-of-range ids) must not matter.
     gold = np.array([[N, 0, N, 1, 2, N], [N, 0, N, N, N, N]])
     pred = np.array([[99, 0, 2, 1, 2, 0], [2, 2, 2, 2, 2, 2]])
-    out = metrics.task_metrics("ner", pred, gold, names, example_mask=[1, 0])
+    out = tasks_lib.score("ner", pred, gold, names, example_mask=[1, 0])
     self.assertEqual(out["f1"], 1.0)
     self.assertEqual(out["f1/PER"], 1.0)
-    out = metrics.task_metrics("ner", pred, gold, names)
+    out = tasks_lib.score("ner", pred, gold, names)
     self.assertAlmostEqual(out["recall"], 0.5)
     self.assertAlmostEqual(out["precision"], 1.0)
     self.assertAlmostEqual(out["f1"], 2 / 3)
@@ -165,11 +167,11 @@ class TaskMetricsTest(parameterized.TestCase):
     names = ("B-LOC", "I-LOC", "O")
     gold = np.array([[N, 2, 0, 1, N]])
     pred = np.array([[N, 2, 1, 1, N]])
-    out = metrics.task_metrics("ner", pred, gold, names)
+    out = tasks_lib.score("ner", pred, gold, names)
     self.assertEqual(out["f1"], 1.0)
 
   def test_nli(self):
-    out = metrics.task_metrics(
+    out = tasks_lib.score(
       "nli",
       np.array([0, 2, 1, 1]),
       np.array([0, 2, 2, N]),
@@ -182,20 +184,20 @@ class TaskMetricsTest(parameterized.TestCase):
   @parameterized.parameters("pos", "ner", "nli")
   def test_headline_key_is_present(self, task):
     shape = (2,) if task == "nli" else (2, 3)
-    out = metrics.task_metrics(
+    out = tasks_lib.score(
       task, np.zeros(shape, int), np.zeros(shape, int), ["O", "B-X"]
     )
-    self.assertIn(metrics.HEADLINE[task], out)
+    self.assertIn(tasks_lib.get(task).headline, out)
 
   def test_errors(self):
-    with self.assertRaisesRegex(ValueError, "unknown task 'srl'"):
-      metrics.task_metrics("srl", [0], [0], ["a"])
+    with self.assertRaisesRegex(BistilError, "unknown task 'srl'"):
+      tasks_lib.score("srl", [0], [0], ["a"])
     with self.assertRaisesRegex(ValueError, "example_mask"):
-      metrics.task_metrics("nli", [0, 1], [0, 1], ["a", "b"], [1])
+      tasks_lib.score("nli", [0, 1], [0, 1], ["a", "b"], [1])
     with self.assertRaisesRegex(ValueError, r"must be \[n, L\]"):
-      metrics.task_metrics("pos", [0, 1], [0, 1], ["a", "b"])
+      tasks_lib.score("pos", [0, 1], [0, 1], ["a", "b"])
     with self.assertRaisesRegex(ValueError, "predicted label id outside"):
-      metrics.task_metrics("ner", [[5]], [[0]], ["O"])
+      tasks_lib.score("ner", [[5]], [[0]], ["O"])
 
 
 if __name__ == "__main__":

@@ -191,6 +191,7 @@ def _run_export(args: argparse.Namespace) -> int:
     manager.check_finite_tree(params, f"the checkpoint of {args.workdir}")
     what = f"step {step} of {args.workdir}"
   elif args.sft:
+    from bistil_jax import tasks
     from bistil_jax.checkpoint import surgery
 
     model, params = surgery.merged_model(args.model, args.sft)
@@ -198,7 +199,7 @@ def _run_export(args: argparse.Namespace) -> int:
     what = f"{args.model} with {', '.join(args.sft)}"
     # What the task run used (max_seq_len, ...) goes with the merged model,
     # so `bistil evaluate` of it encodes as the run did.
-    record = surgery.recorded_run(args.model, args.sft)[0]
+    record = surgery.recorded_run(args.model, args.sft, tasks.RECORDED)[0]
   else:
     model, params = hf.load_hf(args.model)
     tok_dir = args.model

@@ -16,19 +16,13 @@ import numpy as np
 
 from bistil_jax import configlib, paths, sparse
 from bistil_jax.checkpoint import hf, language
-from bistil_jax.data import tasks, vocab
+from bistil_jax.data import vocab
 from bistil_jax.errors import BistilError
 from bistil_jax.model.config import ModelConfig
 from bistil_jax.model.encoder import Model, init_params
 
 log = logging.getLogger(__name__)
 
-HEAD_OF_KIND = {
-  "token": "token_classification",
-  "pair": "sequence_classification",
-  "dp": "biaffine_parser",
-  "qa": "question_answering",
-}
 LANGS = ("source", "target")
 
 
@@ -78,13 +72,14 @@ def fill_missing(
 def with_task_head(
   params: Mapping[str, Any],
   config: ModelConfig,
-  task: str,
+  head: str,
   labels: Sequence[str],
   rng: jax.Array,
 ) -> tuple[dict[str, Any], ModelConfig, list[str]]:
-  """Body of `params` + a fresh head for `task`. Returns (params, config,
-  fresh top-level groups: the head, and a pooler where one is created)."""
-  head = HEAD_OF_KIND[tasks.task_spec(task).kind]
+  """Body of `params` + a fresh `head` (a model/config.py HEADS name, the
+  one a task kind names) with `labels` as its outputs. Returns (params,
+  config, fresh top-level groups: the head, and a pooler where one is
+  created)."""
   pooler = config.add_pooler or (
     head == "sequence_classification" and not config.is_roberta
   )
@@ -202,26 +197,27 @@ def map_teacher_vocab(
   return vocab.slice_vocab_params(params, tcfg, keep)
 
 
-# What a task run records with its export (the SFT's sft.json, or
-# bistil_run.json beside a dense export) so that `bistil evaluate` encodes
-# as the run did: the window length, and qa's window overlap and decoding.
-RECORDED = ("max_seq_len", "doc_stride", "n_best_size", "max_answer_length")
-
-
 def recorded_run(
-  model_dir: str, sft_dirs: Sequence[str]
+  model_dir: str, sft_dirs: Sequence[str], keys: Sequence[str]
 ) -> tuple[dict[str, int], str]:
-  """(the RECORDED values, the file they were read from) of the run that
-  made the last SFT that records them, else of the run that made the model
-  dir; ({}, "") when none does."""
+  """What a task run recorded with its export (the SFT's sft.json, or
+  bistil_run.json beside a dense export) so that `bistil evaluate` encodes
+  as the run did: the window length and its task's options (`keys`, see
+  tasks.RECORDED).
+
+  Returns:
+    (the values of `keys` there are, the file they were read from) of the
+    run that made the last SFT that records them, else of the run that made
+    the model dir; ({}, "") when none does.
+  """
   for d in reversed(list(sft_dirs)):
     meta = paths.path(d) / sparse.SFT_META  # composable-sft dirs have none
     if meta.is_file():
       record = json.loads(paths.read_text(meta))
       if record.get("max_seq_len") is not None:
-        return {k: int(record[k]) for k in RECORDED if k in record}, str(meta)
+        return {k: int(record[k]) for k in keys if k in record}, str(meta)
   record = hf.read_run_record(model_dir)
   if record.get("max_seq_len") is not None:
     where = str(paths.path(model_dir) / hf.RUN_RECORD)
-    return {k: int(record[k]) for k in RECORDED if k in record}, where
+    return {k: int(record[k]) for k in keys if k in record}, where
   return {}, ""

@@ -38,6 +38,7 @@ from typing import Any
 import numpy as np
 from tokenizers import Tokenizer
 
+from bistil_jax import metrics
 from bistil_jax.data import tasks, tokenize
 from bistil_jax.data.mlm import IGNORE_LABEL
 from bistil_jax.errors import BistilError
@@ -73,6 +74,14 @@ class DepData(tasks.TaskData):
   heads: np.ndarray | None = None
   num_unscored_words: int = 0
   num_unscored_sentences: int = 0
+
+  def extra_batch(self, rows, real, length):
+    """The gold `heads` [b, l] of the rows (-100 on filler rows)."""
+    if self.heads is None:
+      return {}
+    out = self.heads[rows, :length].copy()  # [b, l]
+    out[~real] = IGNORE_LABEL
+    return {"heads": out}
 
 
 # ------------------------------------------------------------------ readers
@@ -164,7 +173,7 @@ def read_conllu_dp(path: str | os.PathLike[str]) -> list[DepExample]:
         heads=tuple(heads),
       )
     )
-  return tasks._nonempty(examples, path, "CoNLL-U")
+  return tasks.nonempty(examples, path, "CoNLL-U")
 
 
 def dataset_rows(
@@ -173,9 +182,9 @@ def dataset_rows(
   """DepExamples from rows with `tokens`, `head` and `deprel` columns."""
   columns = dict(columns or {})
   names = {k: columns.get(k, k) for k in ("tokens", "head", "deprel")}
-  for i, row in tasks._rows(ds, spec):
+  for i, row in tasks.dataset_rows(ds, spec):
     where = f"{spec} row {i}"
-    words, heads, rels = (tasks._column(row, names[k], spec) for k in names)
+    words, heads, rels = (tasks.row_column(row, names[k], spec) for k in names)
     if not all(isinstance(x, list | tuple) for x in (words, heads, rels)):
       raise BistilError(f"{where}: tokens, head and deprel must be lists")
     if not len(words) == len(heads) == len(rels):
@@ -227,13 +236,13 @@ def encode_dp(
       relation, a word without sub-words and no unknown token, every
       training sentence too long, or an example without heads.
   """
-  tasks._check_max_seq_len(max_seq_len)
-  names = tasks._check_labels(label_to_id)
+  tasks.check_max_seq_len(max_seq_len)
+  names = tasks.check_labels(label_to_id)
   if not examples:
     raise BistilError(f"no {task} examples to encode")
   tok = tokenize.without_truncation(tokenizer)
   pad_id = tasks.pad_token_id(tok)
-  unk = tasks._unk_token(tok)
+  unk = tasks.unk_token(tok)
   encodings = tok.encode_batch(
     [list(ex.words) for ex in examples], is_pretokenized=True
   )
@@ -264,7 +273,7 @@ def encode_dp(
     rel = np.full(len(enc.ids), IGNORE_LABEL, np.int32)
     head = np.full(len(enc.ids), IGNORE_LABEL, np.int32)
     for w, pos in enumerate(first):
-      rel[pos] = tasks._label_id(label_to_id, ex.labels[w], ex, w)
+      rel[pos] = tasks.label_id(label_to_id, ex.labels[w], ex, w)
       h = ex.heads[w]
       head[pos] = 0 if h == 0 else first[h - 1]
     rows.append((enc.ids, enc.type_ids, rel, head))
@@ -285,7 +294,7 @@ def encode_dp(
       f"max_seq_len={max_seq_len} tokens (first at "
       f"{examples[0].source or '?'})"
     )
-  ids, mask, types = tasks._pad(
+  ids, mask, types = tasks.pad_rows(
     [(r[0], r[1]) for r in rows], max_seq_len, pad_id
   )
   labels = tasks.pad_labels([r[2] for r in rows], max_seq_len)  # [n, L]
@@ -306,21 +315,9 @@ def encode_dp(
   )
 
 
-def host_heads(data: tasks.TaskData, rows: np.ndarray, real, length: int):
-  """The `heads` batch entry of `tasks.host_batch`, or None (not dp)."""
-  heads = getattr(data, "heads", None)
-  if heads is None:
-    return None
-  out = heads[rows, :length].copy()  # [b, l]
-  out[~real] = IGNORE_LABEL
-  return out
-
-
 def scores(pred: np.ndarray, data: DepData, rows: np.ndarray) -> dict[str, Any]:
   """UAS/LAS of predictions [n, L, 2] (head position, relation id) for the
   given rows of `data`, with its unscored words counted as wrong."""
-  from bistil_jax import metrics  # noqa: PLC0415
-
   out = metrics.attachment_scores(
     pred[..., 0],
     pred[..., 1],

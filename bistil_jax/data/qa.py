@@ -133,7 +133,7 @@ def read_squad(path: str | os.PathLike[str]) -> list[QAExample]:
       its text (named with the file and the question id), or no questions.
   """
   path = os.fspath(path)
-  with tasks._open(path, "SQuAD") as f:  # noqa: SLF001 - one reader helper
+  with tasks.open_task_file(path, "SQuAD") as f:  # noqa: SLF001 - one reader helper
     text = f.read()
   if not text.strip():
     raise BistilError(f"SQuAD file {path} is empty")
@@ -175,12 +175,12 @@ def read_squad(path: str | os.PathLike[str]) -> list[QAExample]:
 
 def _dataset_rows(ds, spec: str) -> Iterator[QAExample]:
   """Examples of a `datasets` split with SQuAD columns."""
-  for i, row in tasks._rows(ds, spec):  # noqa: SLF001
+  for i, row in tasks.dataset_rows(ds, spec):  # noqa: SLF001
     where = f"{spec} row {i}"
     if "id" in row:
       where += f" (question {str(row['id'])!r})"
     for col in ("context", "question", "answers"):
-      tasks._column(row, col, spec)  # noqa: SLF001 - names the columns
+      tasks.row_column(row, col, spec)  # noqa: SLF001 - names the columns
     context, question = row["context"], row["question"]
     if not isinstance(context, str) or not isinstance(question, str):
       raise BistilError(f"{where}: context and question must be text")
@@ -216,7 +216,7 @@ def read_qa(spec: str) -> list[QAExample]:
   source = tasks.parse_source(spec)
   if source.kind == "file":
     return read_squad(source.path)
-  ds = tasks._load_dataset(source, spec)  # noqa: SLF001
+  ds = tasks.load_task_dataset(source, spec)
   examples = list(_dataset_rows(ds, spec))
   if not examples:
     raise BistilError(f"task data {spec} holds no examples")
@@ -323,7 +323,7 @@ def encode_qa(
       longer than its window with `doc_stride` >= the window's context room
       (each naming the example).
   """
-  tasks._check_max_seq_len(max_seq_len)  # noqa: SLF001
+  tasks.check_max_seq_len(max_seq_len)  # noqa: SLF001
   doc_stride = _check_int("doc_stride", doc_stride, 0)
   n_best_size = _check_int("n_best_size", n_best_size, 1)
   max_answer_length = _check_int("max_answer_length", max_answer_length, 1)
@@ -392,7 +392,7 @@ def encode_qa(
         spans.append((0, 0))
       if not train:
         offsets.append(off)
-  ids, mask, types = tasks._pad(rows, max_seq_len, pad_id)  # noqa: SLF001
+  ids, mask, types = tasks.pad_rows(rows, max_seq_len, pad_id)  # noqa: SLF001
   return QAData(
     task=task,
     input_ids=ids,

@@ -142,36 +142,6 @@ _NER_TAG = re.compile(r"^(O|[BI]-\S+)$")
 
 
 @dataclasses.dataclass(frozen=True)
-class TaskSpec:
-  """What kind of task a name stands for.
-
-  Attributes:
-    name: the task name ("pos", "ner", "nli").
-    kind: "token" (one label per word), "pair" (one label per text pair)
-      "dp" (a head and a relation per word; see data/dp.py)
-      or "qa" (an answer span in a context, see data/qa.py).
-    default_labels: the label set used when the data's labels are a subset
-      of it, in head order.
-    hf_label_column: the tag or label column of Hugging Face datasets.
-  """
-
-  name: str
-  kind: str
-  default_labels: tuple[str, ...]
-  hf_label_column: str
-
-
-SPECS = {
-  "pos": TaskSpec("pos", "token", UPOS_LABELS, "upos"),
-  "ner": TaskSpec("ner", "token", NER_LABELS, "ner_tags"),
-  "nli": TaskSpec("nli", "pair", NLI_LABELS, "label"),
-  "dp": TaskSpec("dp", "dp", DP_RELATIONS, "deprel"),
-  "qa": TaskSpec("qa", "qa", ("start", "end"), "answers"),
-}
-TASKS = tuple(SPECS)
-
-
-@dataclasses.dataclass(frozen=True)
 class TokenExample:
   """One sentence of a token task.
 
@@ -211,23 +181,17 @@ class PairExample:
   label: str
   source: str = dataclasses.field(default="", compare=False)
 
+  @property
+  def segments(self) -> tuple[str, ...]:
+    """The texts `encode_sequences` encodes, in order."""
+    return (self.premise, self.hypothesis)
+
 
 Example = TokenExample | PairExample
 
 
-def task_spec(task: str) -> TaskSpec:
-  """The spec of a task name.
-
-  Raises:
-    BistilError: an unknown task.
-  """
-  if task not in SPECS:
-    raise BistilError(f"unknown task {task!r}; known: {', '.join(TASKS)}")
-  return SPECS[task]
-
-
 # ------------------------------------------------------------------ readers
-def _open(path: str, what: str):
+def open_task_file(path: str, what: str):
   """Opens a UTF-8 text file (BOM tolerated), failing with one line."""
   try:
     p = paths.path(path)
@@ -246,7 +210,7 @@ def _open(path: str, what: str):
 
 def _lines(path: str, what: str) -> Iterator[tuple[int, str]]:
   """(1-based line number, line without its end) of a text file."""
-  _open(path, what).close()  # one-line errors for missing/unreadable files
+  open_task_file(path, what).close()  # one-line errors for missing/unreadable files
   # Decoded line by line (not in chunks), so an error names its own line.
   with paths.path(path).open("rb") as f:
     for lineno, raw in enumerate(f, start=1):
@@ -259,7 +223,7 @@ def _lines(path: str, what: str) -> Iterator[tuple[int, str]]:
       yield lineno, line.rstrip("\r\n")
 
 
-def _nonempty(examples: list[Any], path: str, what: str) -> list[Any]:
+def nonempty(examples: list[Any], path: str, what: str) -> list[Any]:
   if not examples:
     raise BistilError(f"{what} file {path} holds no examples")
   return examples
@@ -340,7 +304,7 @@ def read_conllu(path: str | os.PathLike[str]) -> list[TokenExample]:
         tuple(lineno for lineno, _ in rows),
       )
     )
-  return _nonempty(examples, path, "CoNLL-U")
+  return nonempty(examples, path, "CoNLL-U")
 
 
 def read_conll_ner(path: str | os.PathLike[str]) -> list[TokenExample]:
@@ -390,10 +354,10 @@ def read_conll_ner(path: str | os.PathLike[str]) -> list[TokenExample]:
     tags.append(tag)
   if words:
     examples.append(TokenExample(tuple(words), tuple(tags), f"{path}:{start}"))
-  return _nonempty(examples, path, "NER")
+  return nonempty(examples, path, "NER")
 
 
-def _label_name(value: Any, label_names: Sequence[str], where: str) -> str:
+def label_name(value: Any, label_names: Sequence[str], where: str) -> str:
   """A label name from a name, an int index or a digit string."""
   if isinstance(value, bool) or value is None:
     raise BistilError(f"{where}: bad label {value!r}")
@@ -413,14 +377,25 @@ def _label_name(value: Any, label_names: Sequence[str], where: str) -> str:
   raise BistilError(f"{where}: bad label {value!r}")
 
 
-def _nli_keys(
-  names: Iterable[str], where: str, columns: Mapping[str, str] | None
+def find_columns(
+  names: Iterable[str],
+  aliases: Mapping[str, Sequence[str]],
+  where: str,
+  columns: Mapping[str, str] | None,
 ) -> dict[str, str]:
-  """Which column holds premise, hypothesis and label."""
+  """Which column holds each field: the first of its aliases present, or
+  the column `columns` names for it.
+
+  Args:
+    names: the columns there are (a header, or a row's keys).
+    aliases: {field: accepted column names, in order of preference}.
+    where: the file and line, for messages.
+    columns: optional {field: column name} overrides.
+  """
   names = list(names)
   keys = {}
-  for field, aliases in NLI_COLUMNS.items():
-    wanted = (columns[field],) if columns and field in columns else aliases
+  for field, accepted in aliases.items():
+    wanted = (columns[field],) if columns and field in columns else accepted
     found = [a for a in wanted if a in names]
     if not found:
       raise BistilError(
@@ -431,17 +406,42 @@ def _nli_keys(
   return keys
 
 
+def read_table(
+  path: str,
+  what: str,
+  aliases: Mapping[str, Sequence[str]],
+  columns: Mapping[str, str] | None = None,
+) -> Iterator[tuple[dict[str, Any], str]]:
+  """The rows of a JSON-lines, TSV or CSV file as ({field: value}, where).
+
+  `.jsonl`/`.json`: one object per line. `.tsv` (unquoted, as XNLI and
+  AmericasNLI ship them) and `.csv` (quoted): a header row naming the
+  columns. Each field is found by `find_columns`; other columns are
+  ignored; blank lines are skipped.
+
+  Raises:
+    BistilError: a missing file, an unknown extension, a malformed line or
+      row, or a missing column or key (all with `path:line`).
+  """
+  ext = paths.path(path).suffix.lower()
+  if ext in (".jsonl", ".json"):
+    return _jsonl_rows(path, what, aliases, columns)
+  if ext in (".tsv", ".csv"):
+    return _table_rows(path, ext, what, aliases, columns)
+  raise BistilError(
+    f"{what} file {path}: unknown extension {ext or '(none)'!r}; expected "
+    ".jsonl, .json, .tsv or .csv"
+  )
+
+
 def read_nli(
   path: str | os.PathLike[str],
   label_names: Sequence[str] = NLI_LABELS,
   columns: Mapping[str, str] | None = None,
 ) -> list[PairExample]:
-  """Reads NLI pairs from a JSON-lines, TSV or CSV file.
-
-  `.jsonl`/`.json`: one object per line with premise, hypothesis and label
-  keys. `.tsv` (unquoted, as XNLI and AmericasNLI ship them) and `.csv`
-  (quoted): a header row naming the columns; other columns are ignored.
-  `sentence1`, `sentence2` and `gold_label` are accepted as aliases.
+  """Reads NLI pairs from a JSON-lines, TSV or CSV file (`read_table`):
+  premise, hypothesis and label columns; `sentence1`, `sentence2` and
+  `gold_label` are accepted as aliases.
 
   Args:
     path: the file.
@@ -458,23 +458,13 @@ def read_nli(
       (all with `path:line`), or a file without pairs.
   """
   path = os.fspath(path)
-  ext = paths.path(path).suffix.lower()
-  if ext in (".jsonl", ".json"):
-    examples = list(_read_nli_jsonl(path, label_names, columns))
-  elif ext in (".tsv", ".csv"):
-    examples = list(_read_nli_table(path, ext, label_names, columns))
-  else:
-    raise BistilError(
-      f"NLI file {path}: unknown extension {ext or '(none)'!r}; expected "
-      ".jsonl, .json, .tsv or .csv"
-    )
-  return _nonempty(examples, path, "NLI")
+  rows = read_table(path, "NLI", NLI_COLUMNS, columns)
+  examples = [_pair(values, label_names, where) for values, where in rows]
+  return nonempty(examples, path, "NLI")
 
 
-def _read_nli_jsonl(
-  path: str, label_names: Sequence[str], columns: Mapping[str, str] | None
-) -> Iterator[PairExample]:
-  for lineno, line in _lines(path, "NLI"):
+def _jsonl_rows(path, what, aliases, columns):
+  for lineno, line in _lines(path, what):
     if not line.strip():
       continue
     where = f"{path}:{lineno}"
@@ -484,26 +474,21 @@ def _read_nli_jsonl(
       raise BistilError(f"{where}: invalid JSON ({e.msg})") from None
     if not isinstance(row, dict):
       raise BistilError(f"{where}: expected a JSON object per line")
-    keys = _nli_keys(row, where, columns)
-    yield _pair(row, keys, label_names, where)
+    keys = find_columns(row, aliases, where, columns)
+    yield {field: row[key] for field, key in keys.items()}, where
 
 
-def _read_nli_table(
-  path: str,
-  ext: str,
-  label_names: Sequence[str],
-  columns: Mapping[str, str] | None,
-) -> Iterator[PairExample]:
+def _table_rows(path, ext, what, aliases, columns):
   kwargs = (
     {"delimiter": "\t", "quoting": csv.QUOTE_NONE} if ext == ".tsv" else {}
   )
-  with _open(path, "NLI") as f:
+  with open_task_file(path, what) as f:
     reader = csv.reader(f, **kwargs)
     try:
       header = next(reader, None)
       if header is None:
-        raise BistilError(f"NLI file {path} holds no examples")
-      keys = _nli_keys(header, f"{path}:1", columns)
+        raise BistilError(f"{what} file {path} holds no examples")
+      keys = find_columns(header, aliases, f"{path}:1", columns)
       index = {field: header.index(col) for field, col in keys.items()}
       for row in reader:
         where = f"{path}:{reader.line_num}"
@@ -513,28 +498,29 @@ def _read_nli_table(
           raise BistilError(
             f"{where}: {len(row)} columns where the header has {len(header)}"
           )
-        values = {field: row[i] for field, i in index.items()}
-        yield _pair(values, {f: f for f in keys}, label_names, where)
+        yield {field: row[i] for field, i in index.items()}, where
     except UnicodeDecodeError:
-      raise BistilError(f"NLI file {path} is not valid UTF-8") from None
+      raise BistilError(f"{what} file {path} is not valid UTF-8") from None
     except csv.Error as e:
       raise BistilError(f"{path}:{reader.line_num}: {e}") from None
 
 
+def text_field(values: Mapping[str, Any], field: str, where: str) -> str:
+  """A text field of a row, checked to be a string."""
+  value = values[field]
+  if not isinstance(value, str):
+    raise BistilError(f"{where}: {field} is {type(value).__name__}, not text")
+  return value
+
+
 def _pair(
-  row: Mapping[str, Any],
-  keys: Mapping[str, str],
-  label_names: Sequence[str],
-  where: str,
+  values: Mapping[str, Any], label_names: Sequence[str], where: str
 ) -> PairExample:
-  texts = []
-  for field in ("premise", "hypothesis"):
-    value = row[keys[field]]
-    if not isinstance(value, str):
-      raise BistilError(f"{where}: {field} is {type(value).__name__}, not text")
-    texts.append(value)
-  label = _label_name(row[keys["label"]], label_names, where)
-  return PairExample(texts[0], texts[1], label, where)
+  """A PairExample of a row's {premise, hypothesis, label} fields."""
+  premise = text_field(values, "premise", where)
+  hypothesis = text_field(values, "hypothesis", where)
+  label = label_name(values["label"], label_names, where)
+  return PairExample(premise, hypothesis, label, where)
 
 
 # ------------------------------------------------------------------ specs
@@ -595,65 +581,7 @@ def parse_source(spec: str) -> TaskSource:
   raise BistilError(f"task data file not found: {spec}")
 
 
-def read_task(
-  task: str,
-  spec: str,
-  *,
-  label_names: Sequence[str] | None = None,
-  columns: Mapping[str, str] | None = None,
-) -> list[Example]:
-  """Reads one split of a task from a SPEC (see the module docstring).
-
-  Args:
-    task: one of TASKS.
-    spec: a local file in the task's format, `BUILDER:PATH` or
-      `hf:NAME[:CONFIG]:SPLIT`.
-    label_names: names of integer labels that carry no ClassLabel names
-      (default: the task's default label set).
-    columns: column overrides: {"tokens", "labels"} for token tasks,
-      {"premise", "hypothesis", "label"} for nli.
-
-  Returns:
-    TokenExamples (pos, ner) or PairExamples (nli), at least one.
-
-  Raises:
-    BistilError: an unknown task, a bad spec, missing data or columns,
-      malformed rows, or an empty split.
-  """
-  spec_ = task_spec(task)
-  if spec_.kind == "qa":
-    from bistil_jax.data import qa  # noqa: PLC0415 - qa imports this module
-
-    return qa.read_qa(spec)
-  names = tuple(label_names or spec_.default_labels)
-  source = parse_source(spec)
-  if source.kind == "file":
-    if task == "pos":
-      return read_conllu(source.path)
-    if task == "ner":
-      return read_conll_ner(source.path)
-    if task == "dp":
-      return _dp().read_conllu_dp(source.path)
-    return read_nli(source.path, names, columns)
-  ds = _load_dataset(source, spec)
-  if spec_.kind == "dp":
-    examples = list(_dp().dataset_rows(ds, spec, columns))
-  elif spec_.kind == "token":
-    examples = list(_token_rows(ds, spec_, spec, names, columns))
-  else:
-    examples = list(_pair_rows(ds, spec, names, columns))
-  if not examples:
-    raise BistilError(f"task data {spec} holds no examples")
-  return examples
-
-
-def _dp():
-  from bistil_jax.data import dp  # noqa: PLC0415 - dp imports this module
-
-  return dp
-
-
-def _load_dataset(source: TaskSource, spec: str):
+def load_task_dataset(source: TaskSource, spec: str):
   return corpus.open_dataset(
     source.kind,
     source.path,
@@ -664,7 +592,7 @@ def _load_dataset(source: TaskSource, spec: str):
   )
 
 
-def _class_names(ds, column: str) -> tuple[str, ...] | None:
+def class_names(ds, column: str) -> tuple[str, ...] | None:
   """ClassLabel names of a column (or of its list items), if any."""
   import datasets  # noqa: PLC0415
 
@@ -678,7 +606,7 @@ def _class_names(ds, column: str) -> tuple[str, ...] | None:
   return None
 
 
-def _rows(ds, spec: str) -> Iterator[tuple[int, Mapping[str, Any]]]:
+def dataset_rows(ds, spec: str) -> Iterator[tuple[int, Mapping[str, Any]]]:
   it = iter(ds)
   i = 0
   while True:
@@ -695,7 +623,7 @@ def _rows(ds, spec: str) -> Iterator[tuple[int, Mapping[str, Any]]]:
     i += 1
 
 
-def _column(row: Mapping[str, Any], name: str, spec: str) -> Any:
+def row_column(row: Mapping[str, Any], name: str, spec: str) -> Any:
   if name not in row:
     raise BistilError(
       f"task data {spec} has no column {name!r}; columns: "
@@ -704,21 +632,26 @@ def _column(row: Mapping[str, Any], name: str, spec: str) -> Any:
   return row[name]
 
 
-def _token_rows(
+def token_rows(
   ds,
-  spec_: TaskSpec,
   spec: str,
   label_names: Sequence[str],
   columns: Mapping[str, str] | None,
+  *,
+  label_column: str,
+  ner_tags: bool = False,
 ) -> Iterator[TokenExample]:
+  """TokenExamples of a dataset's `tokens` and `label_column` lists (or
+  the columns named in `columns`); `ner_tags`: tags must look like IOB
+  tags."""
   columns = dict(columns or {})
   tok_col = columns.get("tokens", "tokens")
-  tag_col = columns.get("labels", spec_.hf_label_column)
-  names = _class_names(ds, tag_col) or tuple(label_names)
-  for i, row in _rows(ds, spec):
+  tag_col = columns.get("labels", label_column)
+  names = class_names(ds, tag_col) or tuple(label_names)
+  for i, row in dataset_rows(ds, spec):
     where = f"{spec} row {i}"
-    words = _column(row, tok_col, spec)
-    tags = _column(row, tag_col, spec)
+    words = row_column(row, tok_col, spec)
+    tags = row_column(row, tag_col, spec)
     if not isinstance(words, list | tuple) or not isinstance(
       tags, list | tuple
     ):
@@ -729,15 +662,15 @@ def _token_rows(
       continue
     if not all(isinstance(w, str) for w in words):
       raise BistilError(f"{where}: tokens must be strings")
-    labels = tuple(_label_name(t, names, where) for t in tags)
-    if spec_.name == "ner":
+    labels = tuple(label_name(t, names, where) for t in tags)
+    if ner_tags:
       bad = [t for t in labels if not _NER_TAG.match(t)]
       if bad:
         raise BistilError(f"{where}: malformed NER tag {bad[0]!r}")
     yield TokenExample(tuple(words), labels, where)
 
 
-def _pair_rows(
+def pair_rows(
   ds,
   spec: str,
   label_names: Sequence[str],
@@ -745,12 +678,12 @@ def _pair_rows(
 ) -> Iterator[PairExample]:
   keys = None
   names = None
-  for i, row in _rows(ds, spec):
+  for i, row in dataset_rows(ds, spec):
     where = f"{spec} row {i}"
     if keys is None:
-      keys = _nli_keys(row, spec, columns)
-      names = _class_names(ds, keys["label"]) or tuple(label_names)
-    yield _pair(row, keys, names, where)
+      keys = find_columns(row, NLI_COLUMNS, spec, columns)
+      names = class_names(ds, keys["label"]) or tuple(label_names)
+    yield _pair({f: row[k] for f, k in keys.items()}, names, where)
 
 
 # ------------------------------------------------------------------ labels
@@ -769,69 +702,6 @@ def relabel(
     else:
       out.append(dataclasses.replace(ex, label=mapping.get(ex.label, ex.label)))
   return out
-
-
-def _example_labels(ex: Example) -> tuple[str, ...]:
-  return ex.labels if isinstance(ex, TokenExample) else (ex.label,)
-
-
-def label_set(
-  task: str,
-  examples: Sequence[Example],
-  given: Sequence[str] | None = None,
-) -> tuple[str, ...]:
-  """The label names of a task, in head order (label id = position).
-
-  Given labels win (e.g. the teacher head's labels, or those of the training
-  split when labelling dev and test). Otherwise, when the data's labels are
-  a subset of the task's default set, the whole default set in its order
-  (so splits and languages agree on ids); else the sorted labels of the
-  data, as the released code sorts them, for ner completed so that every
-  entity type has both its B- and I- tag, and O.
-
-  Args:
-    task: one of TASKS.
-    examples: the examples (e.g. the training split).
-    given: an explicit label list, or None to infer.
-
-  Returns:
-    The label names.
-
-  Raises:
-    BistilError: an unknown task, no examples, duplicate or empty given
-      labels, or a label of the data outside `given` (named with its file
-      and line).
-  """
-  spec = task_spec(task)
-  if not examples:
-    raise BistilError(f"no {task} examples to take labels from")
-  if given is not None:
-    labels = tuple(given)
-    if not labels or any(not isinstance(t, str) or not t for t in labels):
-      raise BistilError(f"given {task} labels must be non-empty strings")
-    dupes = sorted({t for t in labels if labels.count(t) > 1})
-    if dupes:
-      raise BistilError(f"{task} label(s) given twice: {', '.join(dupes)}")
-    known = set(labels)
-    for ex in examples:
-      for t in _example_labels(ex):
-        if t not in known:
-          where = (
-            ex.where(ex.labels.index(t))
-            if isinstance(ex, TokenExample)
-            else ex.source or "?"
-          )
-          raise BistilError(
-            f"unknown {task} label {t!r} at {where}; known: {', '.join(labels)}"
-          )
-    return labels
-  seen = {t for ex in examples for t in _example_labels(ex)}
-  if seen <= set(spec.default_labels):
-    return spec.default_labels
-  if task == "ner":
-    types = {t[2:] for t in seen if t != "O"}
-    seen = {"O"} | {f"{p}-{x}" for x in types for p in "BI"}
-  return tuple(sorted(seen))
 
 
 def label_ids(labels: Sequence[str]) -> dict[str, int]:
@@ -887,6 +757,13 @@ class TaskData:
       return self.num_examples // batch_size
     return -(-self.num_examples // batch_size)
 
+  def extra_batch(
+    self, rows: np.ndarray, real: np.ndarray, length: int
+  ) -> dict[str, np.ndarray]:
+    """Batch entries beyond the common ones, of `rows` cut to `length`
+    (`real`: False on filler rows); a kind's own TaskData adds them."""
+    return {}
+
   def order(self, seed: int, epoch: int) -> np.ndarray:
     """The shuffled row order of one epoch, a pure function of both."""
     if seed < 0 or epoch < 0:
@@ -921,7 +798,7 @@ def pad_token_id(tokenizer: Tokenizer) -> int:
   raise BistilError("tokenizer has no padding token ([PAD] or <pad>)")
 
 
-def _check_labels(label_to_id: Mapping[str, int]) -> tuple[str, ...]:
+def check_labels(label_to_id: Mapping[str, int]) -> tuple[str, ...]:
   """Label names by id; ids must be exactly 0..k-1."""
   names = sorted(label_to_id, key=label_to_id.__getitem__)
   if sorted(label_to_id.values()) != list(range(len(names))) or not names:
@@ -932,7 +809,7 @@ def _check_labels(label_to_id: Mapping[str, int]) -> tuple[str, ...]:
   return tuple(names)
 
 
-def _label_id(
+def label_id(
   label_to_id: Mapping[str, int],
   label: str,
   ex: Example,
@@ -950,14 +827,14 @@ def _label_id(
   return label_to_id[label]
 
 
-def _check_max_seq_len(max_seq_len: int) -> None:
+def check_max_seq_len(max_seq_len: int) -> None:
   if isinstance(max_seq_len, bool) or not isinstance(max_seq_len, int):
     raise BistilError(f"max_seq_len must be an integer, got {max_seq_len!r}")
   if max_seq_len < 2:
     raise BistilError(f"max_seq_len must be >= 2, got {max_seq_len}")
 
 
-def _truncating(tokenizer: Tokenizer, max_seq_len: int) -> Tokenizer:
+def truncating(tokenizer: Tokenizer, max_seq_len: int) -> Tokenizer:
   tok = Tokenizer.from_str(tokenizer.to_str())
   tok.no_padding()
   tok.enable_truncation(max_seq_len, strategy="longest_first")
@@ -1040,7 +917,7 @@ def encode_token_task(
     examples: the sentences.
     tokenizer: the student's tokenizer; its own truncation and padding
       settings are ignored.
-    label_to_id: {label name: id}, ids 0..k-1 (see `label_set`).
+    label_to_id: {label name: id}, ids 0..k-1 (a task's `label_set`).
     max_seq_len: L, the padded length including special tokens.
     drop_long: drop examples with more than L tokens, as the released code
       does (counted in `num_dropped`); if False, truncate them (the labels
@@ -1060,8 +937,8 @@ def encode_token_task(
       `label_to_id`, a word without sub-words and no unknown token, or every
       example dropped.
   """
-  _check_max_seq_len(max_seq_len)
-  names = _check_labels(label_to_id)
+  check_max_seq_len(max_seq_len)
+  names = check_labels(label_to_id)
   if not examples:
     raise BistilError(f"no {task or 'task'} examples to encode")
   tok = tokenize.without_truncation(tokenizer)
@@ -1069,8 +946,8 @@ def encode_token_task(
   encodings = tok.encode_batch(
     [list(ex.words) for ex in examples], is_pretokenized=True
   )
-  unk = _unk_token(tok)
-  truncating = None
+  unk = unk_token(tok)
+  cut = None
   rows, kept = [], []
   num_dropped = num_truncated = num_unk = 0
   for i, (ex, enc) in enumerate(zip(examples, encodings, strict=True)):
@@ -1082,13 +959,13 @@ def encode_token_task(
         continue
       num_truncated += 1
       if not window:
-        truncating = truncating or _truncating(tok, max_seq_len)
-        enc = truncating.encode(words, is_pretokenized=True)
+        cut = cut or truncating(tok, max_seq_len)
+        enc = cut.encode(words, is_pretokenized=True)
     labels = np.full(len(enc.ids), IGNORE_LABEL, np.int32)
     prev = None
     for pos, w in enumerate(enc.word_ids):
       if w is not None and w != prev:
-        labels[pos] = _label_id(label_to_id, ex.labels[w], ex, w)
+        labels[pos] = label_id(label_to_id, ex.labels[w], ex, w)
       prev = w
     if len(enc.ids) > max_seq_len:  # window mode
       for row in _windows(enc, labels, max_seq_len):
@@ -1103,7 +980,7 @@ def encode_token_task(
       f"max_seq_len={max_seq_len} tokens (first at "
       f"{examples[0].source or '?'})"
     )
-  ids, mask, types = _pad([(r[0], r[1]) for r in rows], max_seq_len, pad_id)
+  ids, mask, types = pad_rows([(r[0], r[1]) for r in rows], max_seq_len, pad_id)
   labels = pad_labels([r[2] for r in rows], max_seq_len)
   return TaskData(
     task=task,
@@ -1154,12 +1031,12 @@ def pad_labels(rows: Sequence[np.ndarray], max_seq_len: int) -> np.ndarray:
   return out
 
 
-def _unk_token(tokenizer: Tokenizer) -> str | None:
+def unk_token(tokenizer: Tokenizer) -> str | None:
   unk_id = vocab.unk_token_id(tokenizer)
   return None if unk_id is None else tokenizer.id_to_token(unk_id)
 
 
-def _pad(
+def pad_rows(
   rows: Sequence[tuple[Sequence[int], Sequence[int]]],
   max_seq_len: int,
   pad_id: int,
@@ -1177,23 +1054,25 @@ def _pad(
   return ids, mask, types
 
 
-def encode_pair_task(
-  examples: Sequence[PairExample],
+def encode_sequences(
+  examples: Sequence[Any],
   tokenizer: Tokenizer,
   label_to_id: Mapping[str, int],
   max_seq_len: int,
   *,
   task: str | None = None,
 ) -> TaskData:
-  """Encodes premise/hypothesis pairs for sequence classification.
+  """Encodes one- or two-text examples for sequence classification.
 
-  Pairs are encoded with the tokenizer's pair template (e.g. `[CLS] A [SEP]
-  B [SEP]` with segment 1 on B, or `<s> A </s></s> B </s>`) and truncated
-  longest-first to `max_seq_len`: a classification label survives
-  truncation, so nothing is dropped.
+  Each example has `segments` (one text, or two such as premise and
+  hypothesis) and a `label`. Pairs are encoded with the tokenizer's pair
+  template (e.g. `[CLS] A [SEP] B [SEP]` with segment 1 on B, or
+  `<s> A </s></s> B </s>`), single texts with its single template; both
+  are truncated (longest-first) to `max_seq_len`: a classification label
+  survives truncation, so nothing is dropped.
 
   Args:
-    examples: the pairs.
+    examples: the examples.
     tokenizer: the student's tokenizer; its own truncation and padding
       settings are ignored.
     label_to_id: {label name: id}, ids 0..k-1.
@@ -1207,25 +1086,26 @@ def encode_pair_task(
     BistilError: bad label ids or max_seq_len, no examples, or a label
       outside `label_to_id`.
   """
-  _check_max_seq_len(max_seq_len)
-  names = _check_labels(label_to_id)
+  check_max_seq_len(max_seq_len)
+  names = check_labels(label_to_id)
   if not examples:
     raise BistilError(f"no {task or 'task'} examples to encode")
-  tok = _truncating(tokenizer, max_seq_len)
+  tok = truncating(tokenizer, max_seq_len)
   pad_id = pad_token_id(tok)
   labels = np.asarray(
-    [_label_id(label_to_id, ex.label, ex) for ex in examples], np.int32
+    [label_id(label_to_id, ex.label, ex) for ex in examples], np.int32
   )  # [n]
   try:
     encodings = tok.encode_batch(
-      [(ex.premise, ex.hypothesis) for ex in examples]
+      [ex.segments if len(ex.segments) > 1 else ex.segments[0] for ex in examples]
     )
   except Exception as e:  # noqa: BLE001 - tokenizers raises plain Exception
     raise BistilError(
-      f"cannot encode {task or 'nli'} pairs with max_seq_len={max_seq_len}: {e}"
+      f"cannot encode {task or 'nli'} examples with max_seq_len={max_seq_len}: "
+      f"{e}"
     ) from None
   num_truncated = sum(1 for enc in encodings if enc.overflowing)
-  ids, mask, types = _pad(
+  ids, mask, types = pad_rows(
     [(enc.ids, enc.type_ids) for enc in encodings], max_seq_len, pad_id
   )
   return TaskData(
@@ -1237,60 +1117,6 @@ def encode_pair_task(
     label_names=names,
     example_index=np.arange(len(examples), dtype=np.int64),
     num_truncated=num_truncated,
-  )
-
-
-def encode_task(
-  task: str,
-  examples: Sequence[Example],
-  tokenizer: Tokenizer,
-  label_to_id: Mapping[str, int],
-  max_seq_len: int,
-  *,
-  drop_long: bool = True,
-  window: bool = False,
-  **options: Any,
-) -> TaskData:
-  """`encode_token_task`, `encode_pair_task` or `qa.encode_qa`, by the
-  task's kind.
-
-  Training data drops over-long sentences (as released); evaluation data
-  passes `drop_long=False, window=True` so every gold word is scored (pairs
-  are truncated: their one label survives). QA always windows long
-  contexts; `drop_long` says training features (answer positions) from
-  evaluation ones (offsets for decoding), and `options` carries its
-  doc_stride, n_best_size and max_answer_length.
-  """
-  kind = task_spec(task).kind
-  if kind == "qa":
-    from bistil_jax.data import qa  # noqa: PLC0415 - qa imports this module
-
-    return qa.encode_qa(
-      examples, tokenizer, max_seq_len, train=drop_long, task=task, **options
-    )
-  if options:
-    raise BistilError(f"task {task} takes no options {sorted(options)}")
-  if kind == "dp":
-    return _dp().encode_dp(
-      examples,
-      tokenizer,
-      label_to_id,
-      max_seq_len,
-      drop_long=drop_long,
-      task=task,
-    )
-  if kind == "token":
-    return encode_token_task(
-      examples,
-      tokenizer,
-      label_to_id,
-      max_seq_len,
-      drop_long=drop_long,
-      window=window,
-      task=task,
-    )
-  return encode_pair_task(
-    examples, tokenizer, label_to_id, max_seq_len, task=task
   )
 
 
@@ -1338,9 +1164,7 @@ def host_batch(
     "labels": labels,
     "example_mask": real.astype(np.int32),  # [b]
   }
-  heads = _dp().host_heads(data, rows, real, length)  # dp only: [b, l]
-  if heads is not None:
-    out["heads"] = heads
+  out.update(data.extra_batch(rows, real, length))
   return out
 
 

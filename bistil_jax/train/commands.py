@@ -140,7 +140,11 @@ def register_evaluate(subparsers: argparse._SubParsersAction) -> None:
   )
   p.add_argument("--model", required=True, help="HF model dir")
   p.add_argument("--sft", action="append", default=[], help="SFT dir(s)")
-  p.add_argument("--task", required=True, help="pos, ner, nli, dp or qa")
+  p.add_argument(
+    "--task",
+    required=True,
+    help="the task, as its run's config.task names it (pos, ner, nli, dp, qa, ...)",
+  )
   p.add_argument(
     "--data",
     action="append",
@@ -185,36 +189,18 @@ def register_evaluate(subparsers: argparse._SubParsersAction) -> None:
   p.set_defaults(func=run_evaluate)
 
 
-# What each task's counts count, as (results key, column name): the unit
-# the task scores first (sentences; pairs for nli, questions for qa), then
-# what its metric counts.
-COUNTS = {
-  "pos": (("num_sentences", "sentences"), ("num_tokens", "tokens")),
-  "ner": (("num_sentences", "sentences"), ("num_gold", "entities")),
-  "nli": (("num_examples", "pairs"),),
-  "dp": (("num_sentences", "sentences"), ("num_words", "words")),
-  "qa": (("num_examples", "questions"), ("num_features", "windows")),
-}
-# Scores shown after the headline (metrics.HEADLINE), in this order; any
-# other score (ner's per-type f1) follows.
-SCORES = {
-  "ner": ("precision", "recall"),
-  "dp": ("uas",),
-  "qa": ("exact_match",),
-}
-
-
 def format_results(task: str, results: dict[str, dict]) -> str:
   """`bistil evaluate`'s table: a row per split, every score of the task
   (the headline first), then its counts named by what they count."""
-  from bistil_jax import metrics
+  from bistil_jax import tasks
 
-  scores = [metrics.HEADLINE[task], *SCORES.get(task, ())]
+  kind = tasks.get(task)
+  scores = [kind.headline, *kind.scores]
   for m in results.values():
     for k, v in m.items():
       if isinstance(v, float) and k not in scores:
         scores.append(k)
-  counts = list(COUNTS[task])
+  counts = list(kind.counts)
   width = max([len("split"), *(len(n) for n in results)])
   cols = [max(len(c), 9) for c in scores] + [max(len(n), 9) for _, n in counts]
   names = scores + [n for _, n in counts]
@@ -236,14 +222,9 @@ def format_results(task: str, results: dict[str, dict]) -> str:
   return "\n".join(lines)
 
 
-# What evaluate uses when nothing recorded the run's (max_seq_len is also
-# capped at the model's max length; qa: the released run_qa values).
-FALLBACK = {
-  "max_seq_len": 256,
-  "doc_stride": 128,
-  "n_best_size": 20,
-  "max_answer_length": 30,
-}
+# What evaluate uses when nothing recorded the run's (also capped at the
+# model's max length); a task's own options fall back to its defaults.
+FALLBACK_MAX_SEQ_LEN = 256
 
 
 def run_evaluate(args: argparse.Namespace) -> int:
@@ -252,33 +233,35 @@ def run_evaluate(args: argparse.Namespace) -> int:
 
   import jax
 
-  from bistil_jax import configlib, paths
+  from bistil_jax import configlib, paths, tasks
   from bistil_jax.checkpoint import surgery
-  from bistil_jax.data import tasks, vocab
+  from bistil_jax.data import vocab
   from bistil_jax.errors import BistilError
   from bistil_jax.train import task as task_lib
 
-  if args.task not in tasks.TASKS:
-    raise BistilError(f"--task must be one of {tasks.TASKS}")
+  if args.task not in tasks.REGISTRY:
+    raise BistilError(f"--task must be one of {', '.join(tasks.NAMES)}")
+  task = tasks.get(args.task)
   model, params = surgery.merged_model(args.model, args.sft)
   cfg = model.config
-  want = surgery.HEAD_OF_KIND[tasks.task_spec(args.task).kind]
-  if cfg.head != want:
+  if cfg.head != task.head:
     raise BistilError(
-      f"the model has a {cfg.head} head; {args.task} needs {want} (pass the "
-      "task SFT with --sft, or a task-tuned model)"
+      f"the model has a {cfg.head} head; {args.task} needs {task.head} (pass "
+      "the task SFT with --sft, or a task-tuned model)"
     )
   tokenizer, _ = vocab.load_tokenizer_dir(args.model)
   labels = tuple(cfg.label_names)
-  record, where = surgery.recorded_run(args.model, args.sft)
+  keys = ("max_seq_len", *task.options)
+  record, where = surgery.recorded_run(args.model, args.sft, keys)
+  fallback = {"max_seq_len": FALLBACK_MAX_SEQ_LEN, **task.options}
 
   def setting(name: str) -> tuple[int, str]:
     """A flag given, else the run's record, else the fallback."""
-    if getattr(args, name) is not None:
+    if getattr(args, name, None) is not None:
       return getattr(args, name), "--" + name.replace("_", "-")
     if name in record:
       return record[name], where
-    return FALLBACK[name], ""
+    return fallback[name], ""
 
   max_len, source = setting("max_seq_len")
   if not source:
@@ -288,13 +271,15 @@ def run_evaluate(args: argparse.Namespace) -> int:
     )
   max_len = min(max_len, cfg.max_length)
   log.info("evaluating at max_seq_len %d (%s)", max_len, source)
-  jpredict = jax.jit(functools.partial(task_lib.predict, model=model))
-  options = {}
-  if args.task == "qa":
-    chosen = {k: setting(k) for k in surgery.RECORDED[1:]}
-    options = {k: v for k, (v, _) in chosen.items()}
+  jpredict = jax.jit(
+    functools.partial(task_lib.predict, model=model, task=task)
+  )
+  chosen = {k: setting(k) for k in task.options}
+  options = {k: v for k, (v, _) in chosen.items()}
+  if chosen:
     log.info(
-      "qa windows and decoding: %s",
+      "%s options: %s",
+      task.name,
       ", ".join(f"{k} {v} ({w or 'default'})" for k, (v, w) in chosen.items()),
     )
   results = {}
@@ -304,10 +289,10 @@ def run_evaluate(args: argparse.Namespace) -> int:
     if name in results:
       raise BistilError(f"--data names {name} more than once")
     data = task_lib.encode_split(
-      args.task, spec, tokenizer, labels, max_len, **options
+      task, spec, tokenizer, labels, max_len, **options
     )
     results[name] = task_lib.evaluate_data(
-      jpredict, params, data, args.batch_size
+      jpredict, params, data, args.batch_size, task
     )
   print(format_results(args.task, results))
   if args.out:

@@ -27,22 +27,20 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from bistil_jax import configlib, losses, metrics, paths, sparse
+from bistil_jax import configlib, losses, paths, sparse, tasks
 from bistil_jax.checkpoint import hf, surgery
 from bistil_jax.checkpoint import manager as ckpt
-from bistil_jax.data import dp, tasks, vocab
-from bistil_jax.data import qa as qa_data
+from bistil_jax.data import tasks as task_data
+from bistil_jax.data import vocab
 from bistil_jax.errors import BistilError
-from bistil_jax.model import parser
 from bistil_jax.model.encoder import Model
 from bistil_jax.train import driver
-from bistil_jax.train import qa as qa_task
 
 log = logging.getLogger(__name__)
 
 RESULTS = "results.json"
 STAGES = ("dense", "sparse")  # LT-SFT stages, each with its checkpoints
-INPUT_KEYS = ("input_ids", "attention_mask", "token_type_ids")
+INPUT_KEYS = tasks.base.INPUT_KEYS
 
 
 # ------------------------------------------------------------------ losses
@@ -66,14 +64,6 @@ class TaskLossConfig:
     return self.kl > 0 or self.hidden > 0 or self.attention > 0
 
 
-def _selected(batch, kind: str) -> jax.Array:
-  """Rows the logit losses average over: labelled first sub-words or
-  real examples."""
-  if kind in ("token", "dp"):
-    return batch["labels"] != tasks.IGNORE_LABEL  # [b, l]
-  return batch["example_mask"] > 0  # [b]
-
-
 def task_losses(
   params,
   frozen,
@@ -83,10 +73,11 @@ def task_losses(
   model: Model,
   teacher_model: Model | None,
   loss_cfg: TaskLossConfig,
-  kind: str,
+  task: tasks.Task,
   eligible=None,
 ):
-  """Weighted task loss and its terms for one batch.
+  """Weighted task loss and its terms for one batch; the task's kind says
+  the model inputs, the rows and the gold and soft losses on its logits.
 
   frozen = {"teacher": teacher params or None, "origin": theta0 or None}.
   L1 toward theta0 runs over the `eligible` entries (a static bool tree) in
@@ -98,9 +89,8 @@ def task_losses(
     attention_mask=mask,
     token_type_ids=batch["token_type_ids"],
     output_attentions=want_attn,
+    **task.model_inputs(batch),
   )
-  if kind == "dp":  # rel scores at the gold heads (both models)
-    kw["heads"] = parser.gold_heads(batch)
   out = model.apply(
     {"params": params},
     batch["input_ids"],
@@ -108,15 +98,10 @@ def task_losses(
     rngs={"dropout": key},
     **kw,
   )
-  sel = _selected(batch, kind)
+  rows = task.loss_rows(batch)
   terms = {}
-  if loss_cfg.gold > 0 and kind == "dp":
-    terms["gold"] = parser.gold_loss(out.logits, batch, sel)
-  elif loss_cfg.gold > 0 and kind == "qa":
-    terms["gold"] = qa_task.gold_loss(out.logits, batch)
-  elif loss_cfg.gold > 0:
-    labels = jnp.where(sel, batch["labels"], tasks.IGNORE_LABEL)
-    terms["gold"] = losses.token_cross_entropy(out.logits, labels)
+  if loss_cfg.gold > 0:
+    terms["gold"] = task.gold_loss(out.logits, batch, rows)
   if teacher_model is not None and loss_cfg.needs_teacher:
     t = teacher_model.apply(
       {"params": frozen["teacher"]}, batch["input_ids"], **kw
@@ -124,17 +109,9 @@ def task_losses(
     hidden_pairs, attn_pairs = losses.layer_maps(
       teacher_model.config.num_hidden_layers, model.config.num_hidden_layers
     )
-    if loss_cfg.kl > 0 and kind == "dp":
-      terms["kl"] = parser.soft_loss(
-        out.logits, t.logits, loss_cfg.temperature, sel, mask > 0
-      )
-    elif loss_cfg.kl > 0 and kind == "qa":
-      terms["kl"] = qa_task.soft_loss(
-        out.logits, t.logits, batch, loss_cfg.temperature
-      )
-    elif loss_cfg.kl > 0:
-      terms["kl"] = losses.soft_cross_entropy(
-        out.logits, t.logits, loss_cfg.temperature, mask=sel
+    if loss_cfg.kl > 0:
+      terms["kl"] = task.soft_loss(
+        out.logits, t.logits, batch, rows, loss_cfg.temperature
       )
     if loss_cfg.hidden > 0:
       terms["hidden"] = losses.hidden_mse_layers(
@@ -154,138 +131,93 @@ def task_losses(
   return total, terms
 
 
-def predict(params, batch, *, model: Model):
-  """Argmax label ids: [b, l] for token tasks, [b] for pair tasks; dp:
-  [b, l, 2] (greedy head position, relation at it); span logits [b, l, 2]
-  for qa (decoded on the host over all windows)."""
+def predict(params, batch, *, model: Model, task: tasks.Task):
+  """The task's device predictions of one batch (see each kind's
+  `predict`: argmax label ids, dp's [b, l, 2], qa's span logits)."""
   out = model.apply(
     {"params": params},
     batch["input_ids"],
     attention_mask=batch["attention_mask"],
     token_type_ids=batch["token_type_ids"],
   )
-  if model.config.head == parser.HEAD:
-    return parser.predict(out.logits)
-  if model.config.head == "question_answering":
-    return out.logits
-  return jnp.argmax(out.logits, -1)
+  return task.predict(out.logits)
 
 
 # -------------------------------------------------------------- evaluation
 def encode_split(
-  task, spec, tokenizer, labels, max_seq_len, *, train=False, **options
+  task: tasks.Task,
+  spec,
+  tokenizer,
+  labels,
+  max_seq_len,
+  *,
+  train=False,
+  **options,
 ):
   """A split encoded for training (over-long sentences dropped, as
   released) or evaluation (windowed: every gold word is scored; dp: an
   over-long sentence's words count as wrong, see data/dp.py).
   `options`: the task's own encoding options (see `task_options`)."""
-  examples = tasks.read_task(task, configlib.expand(spec))
-  return tasks.encode_task(
-    task,
+  examples = task.read(configlib.expand(spec))
+  return task.encode(
     examples,
     tokenizer,
-    tasks.label_ids(labels),
+    task_data.label_ids(labels),
     max_seq_len,
-    drop_long=train,
-    window=not train,
+    train=train,
     **options,
   )
 
 
-def task_options(config) -> dict[str, Any]:
-  """Encoding options only some tasks have (qa: windows and decoding)."""
-  if config.task != "qa":
-    return {}
-  d = config.data
-  return dict(
-    doc_stride=d.doc_stride,
-    n_best_size=d.n_best_size,
-    max_answer_length=d.max_answer_length,
-  )
-
-
-def per_example(values: np.ndarray, gold: np.ndarray, index: np.ndarray):
-  """Token-task rows -> one row per example: the labelled positions of the
-  example's rows (windows) in order, padded with -100. Returns (values,
-  gold) of shape [examples, max words]."""
-  starts = np.flatnonzero(np.r_[True, index[1:] != index[:-1]])
-  groups = np.split(np.arange(len(index)), starts[1:])
-  keep = gold != tasks.IGNORE_LABEL
-  words = [np.concatenate([np.flatnonzero(keep[r]) for r in g]) for g in groups]
-  width = max((len(w) for w in words), default=0)
-  out_v = np.full((len(groups), width), tasks.IGNORE_LABEL, np.int64)
-  out_g = out_v.copy()
-  for i, g in enumerate(groups):
-    v = np.concatenate([values[r][keep[r]] for r in g])
-    out_v[i, : len(v)] = v
-    out_g[i, : len(v)] = np.concatenate([gold[r][keep[r]] for r in g])
-  return out_v, out_g
+def task_options(config, task: tasks.Task) -> dict[str, Any]:
+  """The task's own encoding options (qa: windows and decoding), from
+  `config.data`, else their defaults."""
+  return {k: config.data.get(k, v) for k, v in task.options.items()}
 
 
 def evaluate_data(
-  jpredict, params, data: tasks.TaskData, batch_size: int, ctx=None
+  jpredict, params, data: task_data.TaskData, batch_size: int, task, ctx=None
 ) -> dict[str, float]:
   """The task's metrics on one encoded split: every row once; the windows
   of an over-long sentence are joined back, so every gold word counts once.
   With a driver Context, every host feeds its slice of each batch (the
   predictions come back replicated)."""
-  if data.task == "qa":
-    return qa_task.evaluate(jpredict, params, data, batch_size, ctx)
   hosts = (jax.process_index(), jax.process_count()) if ctx else (0, 1)
-  preds, rows = [], []
-  for global_rows, b in tasks.eval_batches(data, batch_size, *hosts):
-    arrays = {k: b[k] for k in INPUT_KEYS}
-    p = np.asarray(
-      jax.device_get(jpredict(params, ctx.to_global(arrays) if ctx else arrays))
-    )  # [B, l] or [B]
-    if p.ndim >= 2:  # bucketed length -> the split's length
-      pad = [(0, 0), (0, data.max_seq_len - p.shape[1])]
-      p = np.pad(p, pad + [(0, 0)] * (p.ndim - 2))
-    keep = global_rows >= 0  # the last batch's filler rows are -1
-    preds.append(p[keep])
-    rows.append(global_rows[keep])
-  rows = np.concatenate(rows) if rows else np.zeros(0, np.int64)
-  if data.task == "dp":  # every word, the unencodable ones as wrong
-    width = (0, data.max_seq_len, 2)
-    pred = np.concatenate(preds) if preds else np.zeros(width, np.int64)
-    return dp.scores(pred, data, rows)
-  pred, gold = np.concatenate(preds), data.labels[rows]
-  if gold.ndim == 1:
-    return metrics.task_metrics(data.task, pred, gold, data.label_names)
-  pred, gold = per_example(pred, gold, data.example_index[rows])
-  out = metrics.task_metrics(data.task, pred, gold, data.label_names)
-  out["num_sentences"] = int(gold.shape[0])
-  return out
+
+  def host_predict(arrays):
+    out = jpredict(params, ctx.to_global(arrays) if ctx else arrays)
+    return np.asarray(jax.device_get(out))
+
+  return task.evaluate(host_predict, data, batch_size, hosts)
 
 
 # ------------------------------------------------------------------ models
-def _task_teacher(config, task: str):
+def _task_teacher(config, task: tasks.Task):
   """(teacher model, host params) of phase 2, checked against the task."""
   t_dir = configlib.expand(config.teacher.model)
   tm, tp = surgery.merged_model(t_dir, surgery.split_list(config.teacher.sfts))
-  want = surgery.HEAD_OF_KIND[tasks.task_spec(task).kind]
-  if tm.config.head != want:
+  if tm.config.head != task.head:
     raise BistilError(
-      f"teacher {t_dir} has a {tm.config.head} head; task {task} needs a "
-      f"task-tuned teacher with a {want} head"
+      f"teacher {t_dir} has a {tm.config.head} head; task {task.name} needs "
+      f"a task-tuned teacher with a {task.head} head"
     )
   return tm, tp, t_dir
 
 
-def _labels(config, task, examples, teacher) -> tuple[str, ...]:
-  if tasks.task_spec(task).kind == "qa":
-    return qa_data.SPAN_LABELS  # the two outputs; nothing to match
+def _labels(config, task: tasks.Task, examples, teacher) -> tuple[str, ...]:
+  if task.fixed_labels is not None:
+    return task.fixed_labels  # the head's outputs; nothing to match
   given = [x for x in config.data.labels.split(",") if x] or None
   if teacher is not None and given is None:
     given = list(teacher.config.label_names)
     try:
-      return tasks.label_set(task, examples, given)
+      return task.label_set(examples, given)
     except BistilError as e:
       raise BistilError(
         f"label sets differ: the data does not fit the teacher's head "
         f"{given} ({e})"
       ) from None
-  labels = tasks.label_set(task, examples, given)
+  labels = task.label_set(examples, given)
   if teacher is not None and tuple(teacher.config.label_names) != labels:
     raise BistilError(
       f"label sets differ: teacher has {list(teacher.config.label_names)}, "
@@ -300,8 +232,10 @@ def loss_config(config) -> TaskLossConfig:
 
 def validate(config, phase: str) -> TaskLossConfig:
   configlib.check_keys_set(config, ("student.model", "data.train"))
-  if config.task not in tasks.TASKS:
-    raise BistilError(f"task must be one of {tasks.TASKS}, got {config.task!r}")
+  if config.task not in tasks.REGISTRY:
+    raise BistilError(
+      f"task must be one of {', '.join(tasks.NAMES)}, got {config.task!r}"
+    )
   lc = loss_config(config)
   if phase == "sft":
     configlib.check_keys_set(config, ("teacher.model",))
@@ -335,9 +269,10 @@ def validate(config, phase: str) -> TaskLossConfig:
 class Inputs:
   """What a task run reads, checked before the workdir is touched."""
 
+  task: tasks.Task
   labels: tuple[str, ...]
-  train: tasks.TaskData
-  evals: list[tuple[str, tasks.TaskData]]
+  train: task_data.TaskData
+  evals: list[tuple[str, task_data.TaskData]]
   model: Model  # the trained model (student + task head)
   params0: Any  # its host params at step 0 (theta0 of LT-SFT)
   fresh: list[str]  # top-level groups created here (head, pooler)
@@ -351,29 +286,34 @@ def prepare(config, phase: str) -> Inputs:
   """Data and models of a task run: labels (the teacher's, the config's or
   the training split's), encoded splits, the model with its task head, and
   the teacher mapped onto the student's vocabulary."""
-  task = config.task
+  task = tasks.get(config.task)
   model_dir = configlib.expand(config.student.model)
   tok_dir = configlib.expand(config.data.tokenizer) or model_dir
   tokenizer, _ = vocab.load_tokenizer_dir(tok_dir)
-  examples = tasks.read_task(task, configlib.expand(config.data.train))
+  examples = task.read(configlib.expand(config.data.train))
   teacher = tp = None
   if phase == "sft":
     teacher, tp, t_dir = _task_teacher(config, task)
   labels = _labels(config, task, examples, teacher)
   max_len = config.data.max_seq_len
-  options = task_options(config)
-  train = tasks.encode_task(
-    task, examples, tokenizer, tasks.label_ids(labels), max_len, **options
+  options = task_options(config, task)
+  train = task.encode(
+    examples,
+    tokenizer,
+    task_data.label_ids(labels),
+    max_len,
+    train=True,
+    **options,
   )
   # Checks the split fills a batch; the stages' lengths are in epochs of it.
-  per_epoch = tasks.TaskBatches(train, config.data.batch_size, 0).per_epoch
+  per_epoch = task_data.TaskBatches(train, config.data.batch_size, 0).per_epoch
   evals = [
     (name, encode_split(task, spec, tokenizer, labels, max_len, **options))
     for name, spec in configlib.parse_named_list(config.eval.sets)
   ]
   log.info(
     "%s: %d training examples (%d dropped as too long), %d labels",
-    task,
+    task.name,
     train.num_examples,
     train.num_dropped,
     len(labels),
@@ -383,7 +323,7 @@ def prepare(config, phase: str) -> Inputs:
   )
   rng = jax.random.fold_in(jax.random.PRNGKey(config.seed), 1)
   params0, cfg, fresh = surgery.with_task_head(
-    params0, base.config, task, labels, rng
+    params0, base.config, task.head, labels, rng
   )
   s = config.student
   cfg = cfg.replace(dtype=s.dtype, param_dtype=s.param_dtype)
@@ -402,6 +342,7 @@ def prepare(config, phase: str) -> Inputs:
     teacher = Model(tcfg.replace(dtype=config.teacher.dtype))
     tp = driver.cast(tp, config.teacher.dtype)
   return Inputs(
+    task,
     labels,
     train,
     evals,
@@ -432,7 +373,8 @@ def run(
     inp = prepare(config, phase)
     ctx = claim.open()
     jpredict = jax.jit(
-      functools.partial(predict, model=inp.model), out_shardings=ctx.replicated
+      functools.partial(predict, model=inp.model, task=inp.task),
+      out_shardings=ctx.replicated,
     )
     state, mask = train_stages(ctx, inp, loss_cfg, jpredict)
     return finish(ctx, inp, state, mask, jpredict)
@@ -458,7 +400,7 @@ def train_stages(ctx, inp: Inputs, loss_cfg, jpredict):
   def eval_fn(state):
     out = {}
     for name, data in inp.evals:
-      m = evaluate_data(jpredict, state.params, data, bs, ctx)
+      m = evaluate_data(jpredict, state.params, data, bs, inp.task, ctx)
       out.update({f"{name}/{k}": v for k, v in m.items() if "num" not in k})
     return out
 
@@ -472,10 +414,10 @@ def train_stages(ctx, inp: Inputs, loss_cfg, jpredict):
         model=inp.model,
         teacher_model=inp.teacher,
         loss_cfg=loss_cfg,
-        kind=tasks.task_spec(config.task).kind,
+        task=inp.task,
         eligible=eligible,
       ),
-      batches=tasks.TaskBatches(inp.train, bs, seed, **hosts),
+      batches=task_data.TaskBatches(inp.train, bs, seed, **hosts),
       num_steps=math.ceil(epochs * inp.per_epoch),
       frozen=lambda batch: frozen,
       mask=mask,
@@ -513,13 +455,13 @@ def train_stages(ctx, inp: Inputs, loss_cfg, jpredict):
 def finish(ctx, inp: Inputs, state, mask, jpredict) -> str:
   """results.json (every eval set, every gold word) and the export."""
   config = ctx.config
-  task = config.task
-  results = {"task": task, "labels": list(inp.labels), "phase": ctx.phase}
-  head = metrics.HEADLINE[task]
+  task = inp.task
+  results = {"task": task.name, "labels": list(inp.labels), "phase": ctx.phase}
+  head = task.headline
   with ctx.activate():
     for name, data in inp.evals:
       results[name] = evaluate_data(
-        jpredict, state.params, data, config.data.batch_size, ctx
+        jpredict, state.params, data, config.data.batch_size, task, ctx
       )
       log.info("%s %s: %.4f", name, head, results[name][head])
   final = driver.host_params(state.params)
@@ -594,7 +536,10 @@ def export(out, config, inp: Inputs, final, mask) -> None:
   cfg = inp.model.config.replace(param_dtype="float32")
   # `bistil evaluate` reads these back (train/commands.py RECORDED), so that
   # evaluating the export reproduces results.json without flags.
-  record = {"max_seq_len": config.data.max_seq_len, **task_options(config)}
+  record = {
+    "max_seq_len": config.data.max_seq_len,
+    **task_options(config, inp.task),
+  }
   if mask is None:
     hf.save_hf(out, cfg, final, inp.tok_dir, True, record=record)
     log.info("wrote the task model to %s", out)

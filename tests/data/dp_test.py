@@ -8,7 +8,7 @@ import tempfile
 import numpy as np
 from absl.testing import absltest, parameterized
 
-from bistil_jax import metrics
+from bistil_jax import tasks as tasks_lib
 from bistil_jax.data import dp, tasks
 from bistil_jax.errors import BistilError
 from tests.data.tasks_test import CLS, SEP, hand_tokenizer
@@ -78,8 +78,8 @@ class DpDataTest(parameterized.TestCase):
     self.assertEqual(ex[1].labels, ("case", "det", "root", "punct"))
     self.assertEqual(ex[1].where(3), f"{self._tmp.name}/t.conllu:18")
     # The task dispatch reads the same; the POS reader is unchanged.
-    self.assertEqual(tasks.read_task("dp", self.both()), ex)
-    pos = tasks.read_task("pos", self.both())
+    self.assertEqual(tasks_lib.get("dp").read(self.both()), ex)
+    pos = tasks_lib.get("pos").read(self.both())
     self.assertEqual(pos[1].labels, ("X", "X", "X", "PUNCT"))
     self.assertNotIsInstance(pos[0], dp.DepExample)
 
@@ -121,20 +121,20 @@ class DpDataTest(parameterized.TestCase):
     ]
     with open(path, "w") as f:
       f.write("\n".join(json.dumps(r) for r in rows) + "\n")
-    ex = tasks.read_task("dp", f"json:{path}")
+    ex = tasks_lib.get("dp").read(f"json:{path}")
     self.assertEqual([e.heads for e in ex], [(2, 0), (0,)])
     with open(path, "a") as f:
       f.write(json.dumps({"tokens": ["a"], "head": [1], "deprel": ["x"]}))
     with self.assertRaisesRegex(BistilError, r"row 2: the sentence is not"):
-      tasks.read_task("dp", f"json:{path}")
+      tasks_lib.get("dp").read(f"json:{path}")
 
   # ------------------------------------------------------------ encoding
   def encode(self, max_len=16, drop_long=False):
-    ex = tasks.read_task("dp", self.both())
-    labels = tasks.label_set("dp", ex)
+    ex = tasks_lib.get("dp").read(self.both())
+    labels = tasks_lib.get("dp").label_set(ex)
     self.assertEqual(labels, tasks.DP_RELATIONS)
-    data = tasks.encode_task(
-      "dp", ex, HAND, tasks.label_ids(labels), max_len, drop_long=drop_long
+    data = tasks_lib.get("dp").encode(
+      ex, HAND, tasks.label_ids(labels), max_len, train=drop_long
     )
     return data, labels
 
@@ -197,11 +197,11 @@ class DpDataTest(parameterized.TestCase):
     one = dp.scores(pred[1:], data, rows[1:])
     self.assertEqual((one["uas"], one["las"]), (3 / 4, 2 / 4))
     stacked = np.stack([data.heads, data.labels], -1)
-    self.assertEqual(metrics.task_metrics("dp", pred, stacked, labels), {
+    self.assertEqual(tasks_lib.score("dp", pred, stacked, labels), {
       **{k: out[k] for k in ("uas", "las", "num_words")},
       "num_unscored_words": 0,
     })  # fmt: skip
-    self.assertEqual(metrics.HEADLINE["dp"], "las")
+    self.assertEqual(tasks_lib.get("dp").headline, "las")
 
   def test_evaluation_scores_long_sentences_as_wrong(self):
     data, labels = self.encode(max_len=12)

@@ -7,7 +7,8 @@ import tempfile
 import numpy as np
 from absl.testing import absltest, parameterized
 
-from bistil_jax.data import qa, tasks
+from bistil_jax import tasks as tasks_lib
+from bistil_jax.data import qa
 from bistil_jax.errors import BistilError
 from tests.data.vocab_test import make_unigram_dir, make_wordpiece_dir
 
@@ -84,7 +85,7 @@ class ReaderTest(parameterized.TestCase):
       ]
     )
     path = write(os.path.join(self.dir, "train.json"), doc)
-    examples = tasks.read_task("qa", path)
+    examples = tasks_lib.get("qa").read(path)
     self.assertLen(examples, 2)
     self.assertEqual(examples[0].id, "a")
     self.assertEqual(examples[0].answer_texts, ("Tiku", "Tiku gu"))
@@ -97,7 +98,7 @@ class ReaderTest(parameterized.TestCase):
     with self.assertRaisesRegex(
       BistilError, r"bad.json: question 'q7'.*'Tiku' does not match.*17"
     ):
-      tasks.read_task("qa", path)
+      tasks_lib.get("qa").read(path)
 
   @parameterized.parameters(
     ("", "is empty"),
@@ -122,12 +123,12 @@ class ReaderTest(parameterized.TestCase):
   def test_bad_files_fail_with_one_line(self, text, message):
     path = write(os.path.join(self.dir, "f.json"), text)
     with self.assertRaisesRegex(BistilError, message) as cm:
-      tasks.read_task("qa", path)
+      tasks_lib.get("qa").read(path)
     self.assertNotIn("\n", str(cm.exception))
 
   def test_missing_file(self):
     with self.assertRaisesRegex(BistilError, "not found"):
-      tasks.read_task("qa", os.path.join(self.dir, "nope.json"))
+      tasks_lib.get("qa").read(os.path.join(self.dir, "nope.json"))
 
   def test_datasets_rows_with_squad_columns(self):
     rows = [
@@ -151,16 +152,16 @@ class ReaderTest(parameterized.TestCase):
     with self.assertRaisesRegex(
       BistilError, r"row 1 \(question 'r2'\): answer 0 'pu'"
     ):
-      tasks.read_task("qa", f"json:{path}")
+      tasks_lib.get("qa").read(f"json:{path}")
     rows[1]["answers"]["answer_start"] = [3]
     write(path, "\n".join(json.dumps(r) for r in rows))
-    examples = tasks.read_task("qa", f"json:{path}")
+    examples = tasks_lib.get("qa").read(f"json:{path}")
     self.assertEqual([e.id for e in examples], ["r1", "r2"])
     self.assertEqual(examples[0].answer_texts, ("da", "da ba"))
     del rows[0]["context"]
     write(path, "\n".join(json.dumps(r) for r in rows[:1]))
     with self.assertRaisesRegex(BistilError, "no column 'context'"):
-      tasks.read_task("qa", f"json:{path}")
+      tasks_lib.get("qa").read(f"json:{path}")
 
 
 class FeatureTest(parameterized.TestCase):

@@ -17,8 +17,10 @@ from tokenizers import (
 )
 
 from bistil_jax import synthetic
+from bistil_jax import tasks as tasks_lib
 from bistil_jax.data import tasks
 from bistil_jax.errors import BistilError
+from bistil_jax.tasks import token as token_kind
 
 SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 LANG = "a1"
@@ -136,7 +138,7 @@ class SyntheticRoundTripTest(parameterized.TestCase):
 
   @parameterized.parameters("pos", "ner", "nli")
   def test_read_task_dispatches_on_local_files(self, task):
-    examples = tasks.read_task(task, path(task, "test"))
+    examples = tasks_lib.get(task).read(path(task, "test"))
     self.assertLen(examples, SIZES["task_test"])
     kind = tasks.TokenExample if task != "nli" else tasks.PairExample
     self.assertIsInstance(examples[0], kind)
@@ -319,15 +321,15 @@ class ReadersTest(TmpDirTest):
 
   def test_read_task_rejects_unknown_task_and_bad_specs(self):
     with self.assertRaisesRegex(BistilError, "unknown task 'srl'"):
-      tasks.read_task("srl", path("pos", "dev"))
+      tasks_lib.get("srl").read(path("pos", "dev"))
     with self.assertRaisesRegex(BistilError, "not found: /no/such"):
-      tasks.read_task("ner", "/no/such")
+      tasks_lib.get("ner").read("/no/such")
     with self.assertRaisesRegex(BistilError, "not found: /no/such.json"):
-      tasks.read_task("ner", "json:/no/such.json")
+      tasks_lib.get("ner").read("json:/no/such.json")
     with self.assertRaisesRegex(BistilError, "expected hf:NAME"):
-      tasks.read_task("ner", "hf:conll2003")
+      tasks_lib.get("ner").read("hf:conll2003")
     with self.assertRaisesRegex(BistilError, "empty task data spec"):
-      tasks.read_task("ner", " ")
+      tasks_lib.get("ner").read(" ")
 
 
 class DatasetsSpecTest(TmpDirTest):
@@ -340,7 +342,7 @@ class DatasetsSpecTest(TmpDirTest):
     )
     spec = f"json:{p}"
     self.assertEqual(
-      tasks.read_task("ner", spec),
+      tasks_lib.get("ner").read(spec),
       [
         tasks.TokenExample(("Ann", "ran"), ("B-PER", "O")),
         tasks.TokenExample(("Bo",), ("B-LOC",)),
@@ -363,14 +365,14 @@ class DatasetsSpecTest(TmpDirTest):
     )
     p = os.path.join(self.tmp, "x.parquet")
     ds.to_parquet(p)
-    (ex,) = tasks.read_task("ner", f"parquet:{p}")
+    (ex,) = tasks_lib.get("ner").read(f"parquet:{p}")
     self.assertEqual(ex.labels, ("B-PER", "I-PER", "O"))
     self.assertEqual(ex.source, f"parquet:{p} row 0")
 
   def test_json_int_tags_without_names_use_label_names(self):
     p = self.write("x.jsonl", '{"words": ["a", "b"], "upos": [1, 0]}\n')
-    (ex,) = tasks.read_task(
-      "pos", f"json:{p}", columns={"tokens": "words"}, label_names=("X", "Y")
+    (ex,) = tasks_lib.get("pos").read(
+      f"json:{p}", columns={"tokens": "words"}, label_names=("X", "Y")
     )
     self.assertEqual(ex.labels, ("Y", "X"))
 
@@ -379,22 +381,22 @@ class DatasetsSpecTest(TmpDirTest):
       "x.jsonl",
       '{"premise": "p", "hypothesis": "h", "label": 2, "idx": 0}\n',
     )
-    (ex,) = tasks.read_task("nli", f"json:{p}")
+    (ex,) = tasks_lib.get("nli").read(f"json:{p}")
     self.assertEqual(ex, tasks.PairExample("p", "h", "contradiction"))
 
   def test_dataset_errors(self):
     p = self.write("x.jsonl", '{"tokens": ["a"], "tags": ["O"]}\n')
     with self.assertRaisesRegex(BistilError, "no column 'ner_tags'"):
-      tasks.read_task("ner", f"json:{p}")
+      tasks_lib.get("ner").read(f"json:{p}")
     p = self.write("y.jsonl", '{"tokens": ["a", "b"], "ner_tags": ["O"]}\n')
     with self.assertRaisesRegex(BistilError, "row 0: 2 tokens but 1 tags"):
-      tasks.read_task("ner", f"json:{p}")
+      tasks_lib.get("ner").read(f"json:{p}")
     p = self.write("z.jsonl", '{"tokens": ["a"], "ner_tags": ["PER"]}\n')
     with self.assertRaisesRegex(BistilError, "row 0: malformed NER tag"):
-      tasks.read_task("ner", f"json:{p}")
+      tasks_lib.get("ner").read(f"json:{p}")
     p = self.write("e.jsonl", '{"tokens": [], "ner_tags": []}\n')
     with self.assertRaisesRegex(BistilError, f"json:{p} holds no examples"):
-      tasks.read_task("ner", f"json:{p}")
+      tasks_lib.get("ner").read(f"json:{p}")
 
 
 # ------------------------------------------------------------------ labels
@@ -405,38 +407,39 @@ def tok_ex(labels, source="f.txt:1"):
 class LabelSetTest(parameterized.TestCase):
   def test_subset_of_default_gives_the_whole_default(self):
     pos = tasks.read_conllu(path("pos", "train"))
-    self.assertEqual(tasks.label_set("pos", pos), tasks.UPOS_LABELS)
+    self.assertEqual(tasks_lib.get("pos").label_set(pos), tasks.UPOS_LABELS)
     ner = tasks.read_conll_ner(path("ner", "train"))
-    self.assertEqual(tasks.label_set("ner", ner), tasks.NER_LABELS)
+    self.assertEqual(tasks_lib.get("ner").label_set(ner), tasks.NER_LABELS)
     nli = tasks.read_nli(path("nli", "train"))
     self.assertEqual(
-      tasks.label_set("nli", nli), ("entailment", "neutral", "contradiction")
+      tasks_lib.get("nli").label_set(nli),
+      ("entailment", "neutral", "contradiction"),
     )
 
   def test_other_labels_are_sorted_and_ner_types_completed(self):
     examples = [tok_ex(["O", "B-DATE", "B-PER"]), tok_ex(["I-PER"])]
     self.assertEqual(
-      tasks.label_set("ner", examples),
+      tasks_lib.get("ner").label_set(examples),
       ("B-DATE", "B-PER", "I-DATE", "I-PER", "O"),
     )
     self.assertEqual(
-      tasks.label_set("pos", [tok_ex(["NOUN", "_", "ADJ"])]),
+      tasks_lib.get("pos").label_set([tok_ex(["NOUN", "_", "ADJ"])]),
       ("ADJ", "NOUN", "_"),
     )
 
   def test_given_labels_win_and_unknown_labels_fail(self):
     examples = [tok_ex(["B", "A"]), tok_ex(["C"], "data/test.txt:7")]
     self.assertEqual(
-      tasks.label_set("pos", examples[:1], given=["B", "A"]), ("B", "A")
+      tasks_lib.get("pos").label_set(examples[:1], given=["B", "A"]), ("B", "A")
     )
     with self.assertRaisesRegex(
       BistilError, r"unknown pos label 'C' at data/test.txt:7"
     ):
-      tasks.label_set("pos", examples, given=["A", "B"])
+      tasks_lib.get("pos").label_set(examples, given=["A", "B"])
     with self.assertRaisesRegex(BistilError, "given twice: A"):
-      tasks.label_set("pos", examples, given=["A", "A", "B", "C"])
+      tasks_lib.get("pos").label_set(examples, given=["A", "A", "B", "C"])
     with self.assertRaisesRegex(BistilError, "no pos examples"):
-      tasks.label_set("pos", [])
+      tasks_lib.get("pos").label_set([])
 
   def test_relabel(self):
     examples = tasks.relabel(
@@ -476,7 +479,7 @@ class EncodeTokenTest(parameterized.TestCase):
 
   def test_synthetic_alignment_invariants(self):
     examples = tasks.read_conll_ner(path("ner", "train"))
-    labels = tasks.label_set("ner", examples)
+    labels = tasks_lib.get("ner").label_set(examples)
     ids = tasks.label_ids(labels)
     data = tasks.encode_token_task(examples, TOK, ids, 128, task="ner")
     self.assertEqual(data.num_examples + data.num_dropped, len(examples))
@@ -550,7 +553,7 @@ class EncodePairTest(parameterized.TestCase):
       tasks.PairExample("the cat sat a b", "a b", "entailment"),
     ]
     ids = tasks.label_ids(tasks.NLI_LABELS)
-    data = tasks.encode_pair_task(examples, HAND, ids, 8)
+    data = tasks.encode_sequences(examples, HAND, ids, 8)
     np.testing.assert_array_equal(
       data.input_ids[0], [CLS, 5, 6, SEP, 12, SEP, PAD, PAD]
     )
@@ -567,9 +570,11 @@ class EncodePairTest(parameterized.TestCase):
     self.assertEqual(data.num_truncated, 1)
 
   def test_synthetic_nli(self):
-    examples = tasks.read_task("nli", path("nli", "dev"))
-    labels = tasks.label_set("nli", examples)
-    data = tasks.encode_task("nli", examples, TOK, tasks.label_ids(labels), 16)
+    examples = tasks_lib.get("nli").read(path("nli", "dev"))
+    labels = tasks_lib.get("nli").label_set(examples)
+    data = tasks_lib.get("nli").encode(
+      examples, TOK, tasks.label_ids(labels), 16, train=True
+    )
     self.assertEqual(data.input_ids.shape, (len(examples), 16))
     self.assertEqual(
       [labels[i] for i in data.labels], [e.label for e in examples]
@@ -600,7 +605,7 @@ class EncodePairTest(parameterized.TestCase):
     with self.assertRaisesRegex(
       BistilError, "unknown label 'maybe' at x.tsv:4"
     ):
-      tasks.encode_pair_task([ex], HAND, tasks.label_ids(tasks.NLI_LABELS), 8)
+      tasks.encode_sequences([ex], HAND, tasks.label_ids(tasks.NLI_LABELS), 8)
 
 
 # ------------------------------------------------------------------ batches
@@ -633,7 +638,7 @@ class BatchesTest(parameterized.TestCase):
 
   def test_eval_padding_rows_of_pair_task(self):
     examples = [tasks.PairExample("a", "b", "neutral")] * 3
-    data = tasks.encode_pair_task(
+    data = tasks.encode_sequences(
       examples, HAND, tasks.label_ids(tasks.NLI_LABELS), 8
     )
     ((rows, b),) = tasks.eval_batches(data, 4)
@@ -716,14 +721,13 @@ class WindowTest(parameterized.TestCase):
       self.assertLessEqual(len(real), length)
 
   def test_windows_join_back_per_example(self):
-    from bistil_jax.train import task as task_lib
 
     words = ("a", "b") * 10
     ex = [tasks.TokenExample(words, ("X", "Y") * 10), tok_ex(["X"])]
     win = tasks.encode_token_task(
       ex, HAND, {"X": 0, "Y": 1}, 6, drop_long=False, window=True
     )
-    pred, gold = task_lib.per_example(
+    pred, gold = token_kind.per_example(
       win.labels.copy(), win.labels, win.example_index
     )
     self.assertEqual(gold.shape, (2, 20))

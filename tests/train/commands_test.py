@@ -10,7 +10,7 @@ import tempfile
 
 from absl.testing import absltest
 
-from bistil_jax import sparse
+from bistil_jax import sparse, tasks
 from bistil_jax.checkpoint import hf, surgery
 from bistil_jax.train import commands
 
@@ -108,21 +108,24 @@ class RecordedMaxSeqLenTest(absltest.TestCase):
       {"kind": "task", "max_seq_len": 64, "doc_stride": 16},
     )
     os.makedirs(model)
-    self.assertEqual(surgery.recorded_run(model, []), ({}, ""))
+    self.assertEqual(surgery.recorded_run(model, [], tasks.RECORDED), ({}, ""))
     self.assertEqual(
-      surgery.recorded_run(model, [task, lang]),
+      surgery.recorded_run(model, [task, lang], tasks.RECORDED),
       ({"max_seq_len": 64, "doc_stride": 16}, os.path.join(task, "sft.json")),
     )
     write_json(os.path.join(model, hf.RUN_RECORD), {"max_seq_len": 32})
     self.assertEqual(
-      surgery.recorded_run(model, [lang]),
+      surgery.recorded_run(model, [lang], tasks.RECORDED),
       ({"max_seq_len": 32}, os.path.join(model, hf.RUN_RECORD)),
     )
-    self.assertEqual(surgery.recorded_run(model, [task])[0]["max_seq_len"], 64)
+    self.assertEqual(
+      surgery.recorded_run(model, [task], tasks.RECORDED)[0]["max_seq_len"], 64
+    )
     # A composable-sft dir (no sft.json) records nothing.
     other = tempfile.mkdtemp(dir=self.root)
     self.assertEqual(
-      surgery.recorded_run(model, [other])[0], {"max_seq_len": 32}
+      surgery.recorded_run(model, [other], tasks.RECORDED)[0],
+      {"max_seq_len": 32},
     )
 
   def test_help_names_the_default(self):

@@ -20,6 +20,7 @@ import transformers
 from absl.testing import absltest
 
 from bistil_jax import configlib, sparse, synthetic
+from bistil_jax import tasks as tasks_lib
 from bistil_jax.checkpoint import hf
 from bistil_jax.checkpoint import manager as ckpt
 from bistil_jax.data import tasks, vocab
@@ -126,7 +127,7 @@ class DpCliTest(absltest.TestCase):
         np.testing.assert_array_equal(v, 0, err_msg=k)
     tok, _ = vocab.load_tokenizer_dir(model_dir)
     data = task.encode_split(
-      "dp", self.files["a1"]["dev"], tok, labels, MAX_LEN
+      tasks_lib.get("dp"), self.files["a1"]["dev"], tok, labels, MAX_LEN
     )
     return evaluate(model, params, data, 16)
 
@@ -161,7 +162,7 @@ class DpCliTest(absltest.TestCase):
     self.assertEqual(self.teacher_res["labels"], list(tasks.DP_RELATIONS))
     # Every word of the file counted (CoNLL 2018: punctuation included).
     words = sum(
-      len(e.words) for e in tasks.read_task("dp", self.files["a1"]["dev"])
+      len(e.words) for e in tasks_lib.get("dp").read(self.files["a1"]["dev"])
     )
     self.assertEqual(res["num_words"], words)
 
@@ -182,7 +183,11 @@ class DpCliTest(absltest.TestCase):
     # transformers' encoder = ours on real inputs.
     tok, _ = vocab.load_tokenizer_dir(export)
     data = task.encode_split(
-      "dp", self.files["a1"]["dev"], tok, tasks.DP_RELATIONS, MAX_LEN
+      tasks_lib.get("dp"),
+      self.files["a1"]["dev"],
+      tok,
+      tasks.DP_RELATIONS,
+      MAX_LEN,
     )
     ids, mask = data.input_ids[:4], data.attention_mask[:4]
     with torch.no_grad():

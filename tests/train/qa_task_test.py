@@ -22,11 +22,12 @@ import transformers
 from absl.testing import absltest, parameterized
 
 from bistil_jax import sparse, synthetic
+from bistil_jax import tasks as tasks_lib
 from bistil_jax.checkpoint import hf, surgery
 from bistil_jax.data import qa as qa_data
 from bistil_jax.data import vocab
 from bistil_jax.model import Model, init_params, preset
-from bistil_jax.train import qa as qa_task
+from bistil_jax.tasks import qa as qa_task
 from bistil_jax.train import task
 from tests.train.task_test import must_run, read_json, run_cli
 
@@ -80,8 +81,9 @@ def logged(workdir, key):
 
 
 def dev_f1(model, params, data):
-  jpredict = jax.jit(functools.partial(task.predict, model=model))
-  return task.evaluate_data(jpredict, params, data, 16)["f1"]
+  kind = tasks_lib.get("qa")
+  jpredict = jax.jit(functools.partial(task.predict, model=model, task=kind))
+  return task.evaluate_data(jpredict, params, data, 16, kind)["f1"]
 
 
 class QATaskCliTest(absltest.TestCase):
@@ -168,7 +170,7 @@ class QATaskCliTest(absltest.TestCase):
     params, cfg, _ = surgery.with_task_head(
       params,
       base.config,
-      "qa",
+      "question_answering",
       qa_data.SPAN_LABELS,
       jax.random.fold_in(jax.random.PRNGKey(SEED), 1),
     )

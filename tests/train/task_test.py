@@ -23,7 +23,8 @@ import transformers
 from absl.testing import absltest
 from flax.traverse_util import flatten_dict
 
-from bistil_jax import cli, metrics, sparse, synthetic
+from bistil_jax import cli, sparse, synthetic
+from bistil_jax import tasks as tasks_lib
 from bistil_jax.checkpoint import hf, surgery
 from bistil_jax.checkpoint import manager as ckpt
 from bistil_jax.data import tasks, vocab
@@ -71,7 +72,7 @@ def fresh_head_model(model_dir, task_name, labels):
   params, cfg, _ = surgery.with_task_head(
     params,
     base.config,
-    task_name,
+    tasks_lib.get(task_name).head,
     labels,
     jax.random.fold_in(jax.random.PRNGKey(SEED), 1),
   )
@@ -79,8 +80,9 @@ def fresh_head_model(model_dir, task_name, labels):
 
 
 def evaluate(model, params, data, batch_size):
-  jpredict = jax.jit(functools.partial(task.predict, model=model))
-  return task.evaluate_data(jpredict, params, data, batch_size)
+  kind = tasks_lib.get(data.task)
+  jpredict = jax.jit(functools.partial(task.predict, model=model, task=kind))
+  return task.evaluate_data(jpredict, params, data, batch_size, kind)
 
 
 def add_long_sentence(path, words):
@@ -241,7 +243,11 @@ class PhaseTwoCliTest(absltest.TestCase):
     tok, _ = vocab.load_tokenizer_dir(model_dir)
     files = {"pos": self.pos, "ner": self.ner, "nli": self.nli}[task_name]
     return task.encode_split(
-      task_name, files["a1"][split], tok, labels or self.labels, 64
+      tasks_lib.get(task_name),
+      files["a1"][split],
+      tok,
+      labels or self.labels,
+      64,
     )
 
   # ------------------------------------------------------------ pipeline
@@ -303,7 +309,7 @@ class PhaseTwoCliTest(absltest.TestCase):
       self.assertBetween(res[split]["accuracy"], 0.0, 1.0)
       # Every word of every example is scored once.
       file = self.pos[lang]["dev" if split == "dev" else "test"]
-      words = sum(len(e.words) for e in tasks.read_task("pos", file))
+      words = sum(len(e.words) for e in tasks_lib.get("pos").read(file))
       self.assertEqual(res[split]["num_tokens"], words)
 
   def test_evaluate_reproduces_results_json(self):
@@ -539,7 +545,7 @@ class PhaseTwoCliTest(absltest.TestCase):
     for split in ("dev", "a2"):
       for key in ("f1", "precision", "recall", "num_gold"):
         self.assertIn(key, res[split])
-      self.assertBetween(res[split][metrics.HEADLINE["ner"]], 0.0, 1.0)
+      self.assertBetween(res[split][tasks_lib.get("ner").headline], 0.0, 1.0)
       self.assertGreater(res[split]["num_gold"], 0)
     model, _ = hf.load_hf(os.path.join(wd, "export"))
     self.assertEqual(model.config.head, "token_classification")
@@ -686,7 +692,11 @@ class PhaseTwoCliTest(absltest.TestCase):
     """The POS teacher's body with another task's (fresh) head."""
     model, params = hf.load_hf(self.teacher)
     params, cfg, _ = surgery.with_task_head(
-      params, model.config, task_name, labels, jax.random.PRNGKey(3)
+      params,
+      model.config,
+      tasks_lib.get(task_name).head,
+      labels,
+      jax.random.PRNGKey(3),
     )
     out = self.path(name)
     hf.save_hf(out, cfg, params, tokenizer_dir=self.teacher, overwrite=True)

@@ -1,0 +1,44 @@
+"""Sentence pairs (NLI): one label per premise/hypothesis pair.
+
+Pairs are read from JSON lines or TSV/CSV files with a header, or the
+`premise`/`hypothesis`/`label` columns of a dataset, and encoded with the
+tokenizer's pair template, truncated longest-first (a pair's one label
+survives truncation). The head is a sequence classifier; the metric is
+accuracy.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import ClassVar
+
+from bistil_jax.data import tasks as task_data
+from bistil_jax.errors import BistilError
+from bistil_jax.tasks import base
+
+
+@dataclasses.dataclass(frozen=True)
+class PairTask(base.Task):
+  """A text-pair classification task."""
+
+  kind: ClassVar[str] = "pair"
+  counts: ClassVar[tuple[tuple[str, str], ...]] = (("num_examples", "pairs"),)
+
+  def read(self, spec, *, label_names=None, columns=None):
+    names = tuple(label_names or self.default_labels)
+    source = task_data.parse_source(spec)
+    if source.kind == "file":
+      return task_data.read_nli(source.path, names, columns)
+    ds = task_data.load_task_dataset(source, spec)
+    examples = list(task_data.pair_rows(ds, spec, names, columns))
+    if not examples:
+      raise BistilError(f"task data {spec} holds no examples")
+    return examples
+
+  def encode(
+    self, examples, tokenizer, label_to_id, max_seq_len, *, train, **options
+  ):
+    self.check_options(options)
+    return task_data.encode_sequences(
+      examples, tokenizer, label_to_id, max_seq_len, task=self.name
+    )
