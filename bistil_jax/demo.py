@@ -381,14 +381,15 @@ def majority_scores(data, src: str, langs) -> dict[str, float]:
   frequent tag: the floor a transferring model must clear."""
   import collections
 
-  from bistil_jax.data import tasks
+  from bistil_jax import tasks
 
-  train = tasks.read_task("pos", str(data.pos[src]["train"]))
+  pos = tasks.get("pos")
+  train = pos.read(str(data.pos[src]["train"]))
   counts = collections.Counter(t for ex in train for t in ex.labels)
   top = counts.most_common(1)[0][0]
   scores = {}
   for lang in langs:
-    test = tasks.read_task("pos", str(data.pos[lang]["test"]))
+    test = pos.read(str(data.pos[lang]["test"]))
     tags = [t for ex in test for t in ex.labels]
     scores[lang] = sum(t == top for t in tags) / len(tags)
   return scores
