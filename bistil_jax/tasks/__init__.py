@@ -17,7 +17,7 @@ import numpy as np
 
 from bistil_jax.data import tasks as task_data
 from bistil_jax.errors import BistilError
-from bistil_jax.tasks import base, dp, pair, qa, token
+from bistil_jax.tasks import base, dp, pair, qa, sentence, token
 from bistil_jax.tasks.base import Task
 
 REGISTRY: dict[str, Task] = {
@@ -26,6 +26,10 @@ REGISTRY: dict[str, Task] = {
   "nli": pair.PairTask("nli", task_data.NLI_LABELS, "label"),
   "dp": dp.DependencyTask("dp", task_data.DP_RELATIONS, "deprel"),
   "qa": qa.QATask("qa", (), "answers"),
+  "sentiment": sentence.TextClassificationTask(
+    "sentiment", ("negative", "positive")
+  ),
+  "topic": sentence.TextClassificationTask("topic"),
 }
 NAMES = tuple(REGISTRY)
 # What a task run records with its export for `bistil evaluate`: the window
