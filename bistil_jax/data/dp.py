@@ -39,7 +39,7 @@ import numpy as np
 from tokenizers import Tokenizer
 
 from bistil_jax import metrics
-from bistil_jax.data import tasks, tokenize
+from bistil_jax.data import tasks
 from bistil_jax.data.mlm import IGNORE_LABEL
 from bistil_jax.errors import BistilError
 
@@ -236,19 +236,11 @@ def encode_dp(
       relation, a word without sub-words and no unknown token, every
       training sentence too long, or an example without heads.
   """
-  tasks.check_max_seq_len(max_seq_len)
-  names = tasks.check_labels(label_to_id)
-  if not examples:
-    raise BistilError(f"no {task} examples to encode")
-  tok = tokenize.without_truncation(tokenizer)
-  pad_id = tasks.pad_token_id(tok)
-  unk = tasks.unk_token(tok)
-  encodings = tok.encode_batch(
-    [list(ex.words) for ex in examples], is_pretokenized=True
+  names, tok, pad_id, unk, encodings = tasks.encode_words(
+    examples, tokenizer, label_to_id, max_seq_len, task
   )
-  rows, kept = [], []
-  num_dropped = num_unk = unscored_words = unscored_sents = 0
-  first_long = None
+  rows, kept, long = [], [], []
+  num_dropped = num_unk = 0
   for i, (ex, enc) in enumerate(zip(examples, encodings, strict=True)):
     if len(getattr(ex, "heads", ())) != len(ex.words):
       raise BistilError(
@@ -260,40 +252,23 @@ def encode_dp(
       if drop_long:
         num_dropped += 1
       else:
-        unscored_sents += 1
-        unscored_words += len(ex.words)
-        first_long = first_long or ex.source or "?"
+        long.append(ex)
       continue
-    first = np.full(len(ex.words), -1, np.int64)  # word -> first sub-word
-    prev = None
-    for pos, w in enumerate(enc.word_ids):
-      if w is not None and w != prev:
-        first[w] = pos
-      prev = w
-    rel = np.full(len(enc.ids), IGNORE_LABEL, np.int32)
-    head = np.full(len(enc.ids), IGNORE_LABEL, np.int32)
-    for w, pos in enumerate(first):
-      rel[pos] = tasks.label_id(label_to_id, ex.labels[w], ex, w)
-      h = ex.heads[w]
-      head[pos] = 0 if h == 0 else first[h - 1]
-    rows.append((enc.ids, enc.type_ids, rel, head))
+    rows.append((enc.ids, enc.type_ids, *_tree_labels(enc, ex, label_to_id)))
     kept.append(i)
-  if first_long is not None:
+  unscored_words = sum(len(ex.words) for ex in long)
+  if long:
     log.warning(
       "%s: %d sentence(s) (%d words) longer than max_seq_len=%d tokens are "
       "scored as wrong (first at %s); raise max_seq_len to score them",
       task,
-      unscored_sents,
+      len(long),
       unscored_words,
       max_seq_len,
-      first_long,
+      long[0].source or "?",
     )
   if not rows and drop_long:
-    raise BistilError(
-      f"all {len(examples)} {task} examples are longer than "
-      f"max_seq_len={max_seq_len} tokens (first at "
-      f"{examples[0].source or '?'})"
-    )
+    raise tasks.all_too_long(examples, task, max_seq_len)
   ids, mask, types = tasks.pad_rows(
     [(r[0], r[1]) for r in rows], max_seq_len, pad_id
   )
@@ -311,8 +286,21 @@ def encode_dp(
     num_unk_words=num_unk,
     heads=heads,
     num_unscored_words=unscored_words,
-    num_unscored_sentences=unscored_sents,
+    num_unscored_sentences=len(long),
   )
+
+
+def _tree_labels(enc, ex: DepExample, label_to_id: Mapping[str, int]):
+  """([l] relation ids, [l] head positions) on each word's first sub-word
+  (-100 elsewhere); a head is its word's first sub-word, the root 0."""
+  first = tasks.first_subwords(enc, len(ex.words))
+  rel = np.full(len(enc.ids), IGNORE_LABEL, np.int32)
+  head = np.full(len(enc.ids), IGNORE_LABEL, np.int32)
+  for w, pos in enumerate(first):
+    rel[pos] = tasks.label_id(label_to_id, ex.labels[w], ex, w)
+    h = ex.heads[w]
+    head[pos] = 0 if h == 0 else first[h - 1]
+  return rel, head
 
 
 def scores(pred: np.ndarray, data: DepData, rows: np.ndarray) -> dict[str, Any]:

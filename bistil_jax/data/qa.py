@@ -323,7 +323,7 @@ def encode_qa(
       longer than its window with `doc_stride` >= the window's context room
       (each naming the example).
   """
-  tasks.check_max_seq_len(max_seq_len)  # noqa: SLF001
+  tasks.check_max_seq_len(max_seq_len)
   doc_stride = _check_int("doc_stride", doc_stride, 0)
   n_best_size = _check_int("n_best_size", n_best_size, 1)
   max_answer_length = _check_int("max_answer_length", max_answer_length, 1)
@@ -331,8 +331,49 @@ def encode_qa(
     raise BistilError(f"no {task} examples to encode")
   plain = tokenize.without_truncation(tokenizer)
   pad_id = tasks.pad_token_id(plain)
-  specials = plain.num_special_tokens_to_add(True)
   questions = [ex.question.lstrip() for ex in examples]
+  _check_room(examples, questions, plain, max_seq_len, doc_stride, train)
+  # Contexts that need windows were checked above; for the others the
+  # stride does not matter, but tokenizers wants it below L - specials.
+  single = plain.num_special_tokens_to_add(False)
+  tok = _window_tokenizer(
+    plain, max_seq_len, min(doc_stride, max(max_seq_len - single - 1, 0))
+  )
+  try:
+    encodings = tok.encode_batch(
+      [(q, ex.context) for q, ex in zip(questions, examples, strict=True)]
+    )
+  except Exception as e:  # noqa: BLE001 - tokenizers raises plain Exception
+    raise BistilError(f"cannot encode {task} windows: {e}") from None
+  rows, spans, offsets, index, num_windowed = _features(
+    examples, encodings, max_seq_len, train
+  )
+  ids, mask, types = tasks.pad_rows(rows, max_seq_len, pad_id)
+  return QAData(
+    task=task,
+    input_ids=ids,
+    attention_mask=mask,
+    token_type_ids=types,
+    labels=np.asarray(spans, np.int32).reshape(-1, 2),  # [n, 2]
+    label_names=SPAN_LABELS,
+    example_index=np.asarray(index, np.int64),
+    num_truncated=num_windowed,
+    offsets=None if train else np.stack(offsets),
+    examples=tuple(examples),
+    doc_stride=doc_stride,
+    n_best_size=n_best_size,
+    max_answer_length=max_answer_length,
+  )
+
+
+def _check_room(examples, questions, plain, max_seq_len, doc_stride, train):
+  """Every question leaves room for context, every context longer than its
+  room has a stride below it, every training example has an answer.
+
+  Raises:
+    BistilError: naming the first example that does not.
+  """
+  specials = plain.num_special_tokens_to_add(True)
   q_lens = [
     len(e.ids) for e in plain.encode_batch(questions, add_special_tokens=False)
   ]
@@ -364,18 +405,11 @@ def encode_qa(
       raise BistilError(
         f"{ex.source or ex.id}: no answer (training needs one per question)"
       )
-  # Contexts that need windows were checked above; for the others the
-  # stride does not matter, but tokenizers wants it below L - specials.
-  single = plain.num_special_tokens_to_add(False)
-  tok = _window_tokenizer(
-    plain, max_seq_len, min(doc_stride, max(max_seq_len - single - 1, 0))
-  )
-  try:
-    encodings = tok.encode_batch(
-      [(q, ex.context) for q, ex in zip(questions, examples, strict=True)]
-    )
-  except Exception as e:  # noqa: BLE001 - tokenizers raises plain Exception
-    raise BistilError(f"cannot encode {task} windows: {e}") from None
+
+
+def _features(examples, encodings, max_seq_len: int, train: bool):
+  """(rows of (ids, type ids), answer spans, context offsets (evaluation
+  only), example of each window, examples with more than one window)."""
   rows, spans, offsets, index = [], [], [], []
   num_windowed = 0
   for i, (ex, enc) in enumerate(zip(examples, encodings, strict=True)):
@@ -392,22 +426,7 @@ def encode_qa(
         spans.append((0, 0))
       if not train:
         offsets.append(off)
-  ids, mask, types = tasks.pad_rows(rows, max_seq_len, pad_id)  # noqa: SLF001
-  return QAData(
-    task=task,
-    input_ids=ids,
-    attention_mask=mask,
-    token_type_ids=types,
-    labels=np.asarray(spans, np.int32).reshape(-1, 2),  # [n, 2]
-    label_names=SPAN_LABELS,
-    example_index=np.asarray(index, np.int64),
-    num_truncated=num_windowed,
-    offsets=None if train else np.stack(offsets),
-    examples=tuple(examples),
-    doc_stride=doc_stride,
-    n_best_size=n_best_size,
-    max_answer_length=max_answer_length,
-  )
+  return rows, spans, offsets, index, num_windowed
 
 
 # ------------------------------------------------------------------ decoding

@@ -210,7 +210,9 @@ def open_task_file(path: str, what: str):
 
 def _lines(path: str, what: str) -> Iterator[tuple[int, str]]:
   """(1-based line number, line without its end) of a text file."""
-  open_task_file(path, what).close()  # one-line errors for missing/unreadable files
+  open_task_file(
+    path, what
+  ).close()  # one-line errors for missing/unreadable files
   # Decoded line by line (not in chunks), so an error names its own line.
   with paths.path(path).open("rb") as f:
     for lineno, raw in enumerate(f, start=1):
@@ -905,12 +907,8 @@ def encode_token_task(
   Each sentence is encoded as pre-tokenized words with the tokenizer's
   special tokens. The label id of a word goes on its first sub-word; every
   other position (continuation sub-words, special tokens, padding) gets -100
-  (docs/method.md 4.3: distillation is masked to these positions).
-
-  NOTE: a word that the tokenizer turns into no sub-word at all (e.g. a
-  lone zero-width or control character, removed by the normaliser) would
-  silently lose its label and shift word-level metrics. Such words are
-  encoded as the unknown token instead (counted in `num_unk_words`), so
+  (docs/method.md 4.3: distillation is masked to these positions). A word
+  with no sub-word becomes the unknown token (`with_unknown_words`), so
   every word of a kept example has exactly one labelled position.
 
   Args:
@@ -937,16 +935,9 @@ def encode_token_task(
       `label_to_id`, a word without sub-words and no unknown token, or every
       example dropped.
   """
-  check_max_seq_len(max_seq_len)
-  names = check_labels(label_to_id)
-  if not examples:
-    raise BistilError(f"no {task or 'task'} examples to encode")
-  tok = tokenize.without_truncation(tokenizer)
-  pad_id = pad_token_id(tok)
-  encodings = tok.encode_batch(
-    [list(ex.words) for ex in examples], is_pretokenized=True
+  names, tok, pad_id, unk, encodings = encode_words(
+    examples, tokenizer, label_to_id, max_seq_len, task
   )
-  unk = unk_token(tok)
   cut = None
   rows, kept = [], []
   num_dropped = num_truncated = num_unk = 0
@@ -961,33 +952,22 @@ def encode_token_task(
       if not window:
         cut = cut or truncating(tok, max_seq_len)
         enc = cut.encode(words, is_pretokenized=True)
-    labels = np.full(len(enc.ids), IGNORE_LABEL, np.int32)
-    prev = None
-    for pos, w in enumerate(enc.word_ids):
-      if w is not None and w != prev:
-        labels[pos] = label_id(label_to_id, ex.labels[w], ex, w)
-      prev = w
+    labels = word_labels(enc, ex, label_to_id)
     if len(enc.ids) > max_seq_len:  # window mode
-      for row in _windows(enc, labels, max_seq_len):
-        rows.append(row)
-        kept.append(i)
-      continue
-    rows.append((enc.ids, enc.type_ids, labels))
-    kept.append(i)
+      new = list(_windows(enc, labels, max_seq_len))
+    else:
+      new = [(enc.ids, enc.type_ids, labels)]
+    rows += new
+    kept += [i] * len(new)
   if not rows:
-    raise BistilError(
-      f"all {len(examples)} {task or 'task'} examples are longer than "
-      f"max_seq_len={max_seq_len} tokens (first at "
-      f"{examples[0].source or '?'})"
-    )
+    raise all_too_long(examples, task, max_seq_len)
   ids, mask, types = pad_rows([(r[0], r[1]) for r in rows], max_seq_len, pad_id)
-  labels = pad_labels([r[2] for r in rows], max_seq_len)
   return TaskData(
     task=task,
     input_ids=ids,
     attention_mask=mask,
     token_type_ids=types,
-    labels=labels,
+    labels=pad_labels([r[2] for r in rows], max_seq_len),
     label_names=names,
     example_index=np.asarray(kept, np.int64),
     num_dropped=num_dropped,
@@ -996,10 +976,71 @@ def encode_token_task(
   )
 
 
+def encode_words(
+  examples: Sequence[TokenExample],
+  tokenizer: Tokenizer,
+  label_to_id: Mapping[str, int],
+  max_seq_len: int,
+  task: str | None,
+):
+  """The checks and the untruncated encodings every word-level task
+  starts from: (label names, the untruncating tokenizer, its pad id, its
+  unknown token, one encoding of each example's words).
+
+  Raises:
+    BistilError: bad label ids or max_seq_len, or no examples.
+  """
+  check_max_seq_len(max_seq_len)
+  names = check_labels(label_to_id)
+  if not examples:
+    raise BistilError(f"no {task or 'task'} examples to encode")
+  tok = tokenize.without_truncation(tokenizer)
+  encodings = tok.encode_batch(
+    [list(ex.words) for ex in examples], is_pretokenized=True
+  )
+  return names, tok, pad_token_id(tok), unk_token(tok), encodings
+
+
+def word_labels(encoding, ex, label_to_id: Mapping[str, int]) -> np.ndarray:
+  """[l] each word's label id on its first sub-word, -100 elsewhere (a word
+  cut by truncation has none)."""
+  labels = np.full(len(encoding.ids), IGNORE_LABEL, np.int32)
+  for w, pos in enumerate(first_subwords(encoding, len(ex.words))):
+    if pos >= 0:
+      labels[pos] = label_id(label_to_id, ex.labels[w], ex, w)
+  return labels
+
+
+def first_subwords(encoding, num_words: int) -> np.ndarray:
+  """[num_words] the position of each word's first sub-word, -1 for a word
+  with none in the encoding."""
+  first = np.full(num_words, -1, np.int64)
+  prev = None
+  for pos, w in enumerate(encoding.word_ids):
+    if w is not None and w != prev and first[w] < 0:
+      first[w] = pos
+    prev = w
+  return first
+
+
+def all_too_long(examples, task: str | None, max_seq_len: int) -> BistilError:
+  """The error of a training split whose every example was dropped."""
+  return BistilError(
+    f"all {len(examples)} {task or 'task'} examples are longer than "
+    f"max_seq_len={max_seq_len} tokens (first at "
+    f"{examples[0].source or '?'})"
+  )
+
+
 def with_unknown_words(tok: Tokenizer, ex, enc, unk: str | None):
   """(encoding, words, number replaced) of an example whose words that
-  produce no sub-word are replaced by the unknown token `unk` (see
-  `encode_token_task`'s NOTE); `enc` is the example's plain encoding.
+  produce no sub-word are replaced by the unknown token `unk`; `enc` is the
+  example's plain encoding.
+
+  NOTE: a word that the tokenizer turns into no sub-word at all (e.g. a
+  lone zero-width or control character, removed by the normaliser) would
+  silently lose its label and shift word-level metrics; as the unknown
+  token (counted in `num_unk_words`) it keeps its labelled position.
 
   Raises:
     BistilError: such a word and no unknown token, or one that produces no
@@ -1097,7 +1138,10 @@ def encode_sequences(
   )  # [n]
   try:
     encodings = tok.encode_batch(
-      [ex.segments if len(ex.segments) > 1 else ex.segments[0] for ex in examples]
+      [
+        ex.segments if len(ex.segments) > 1 else ex.segments[0]
+        for ex in examples
+      ]
     )
   except Exception as e:  # noqa: BLE001 - tokenizers raises plain Exception
     raise BistilError(
