@@ -43,7 +43,7 @@ from bistil_jax.errors import BistilError
 from bistil_jax.model.config import ModelConfig
 from bistil_jax.model.encoder import Model
 
-# Top-level parameter groups of our tree (model/encoder.py).
+# Top-level parameter groups of our tree (model/bert.py, model/heads.py).
 _GROUPS = {
   "embeddings": "embeddings",
   "encoder": "body",

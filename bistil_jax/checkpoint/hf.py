@@ -27,8 +27,8 @@ import numpy as np
 from flax.traverse_util import flatten_dict, unflatten_dict
 
 from bistil_jax import paths
+from bistil_jax.checkpoint import parser_head
 from bistil_jax.errors import BistilError
-from bistil_jax.model import parser
 from bistil_jax.model.config import ModelConfig
 from bistil_jax.model.encoder import Model, abstract_params
 
@@ -603,9 +603,9 @@ def load_hf(
   kw.update(overrides)
   config = ModelConfig.from_hf_dict(hf, **kw)
   params = params_from_hf(state, config, fmt)
-  head_file = paths.path(path) / parser.HEAD_FILE
+  head_file = paths.path(path) / parser_head.HEAD_FILE
   if config.head == "none" and head_file.is_file():  # a dp export
-    config, params = parser.attach_head(head_file, config, params)
+    config, params = parser_head.attach_head(head_file, config, params)
   log.info(
     "loaded %s from %s (%s weights, vocab %d)",
     config.architecture,
@@ -701,9 +701,9 @@ def write_hf(
   config = model.config if isinstance(model, Model) else model
   params = _to_numpy(params)
   tmp = paths.path(out)
-  if config.head == parser.HEAD:  # no HF class: encoder + head file
-    config, params, head = parser.split_for_export(config, params)
-    paths.write_bytes(tmp / parser.HEAD_FILE, head)
+  if config.head == parser_head.HEAD:  # no HF class: encoder + head file
+    config, params, head = parser_head.split_for_export(config, params)
+    paths.write_bytes(tmp / parser_head.HEAD_FILE, head)
   # Dropped once here, not by each format's conversion below.
   params = without_pooler(params, config)
   paths.write_text(

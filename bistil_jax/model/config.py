@@ -64,7 +64,7 @@ _ARCH_SUFFIX = {
   "mlm": "ForMaskedLM",
   "token_classification": "ForTokenClassification",
   "sequence_classification": "ForSequenceClassification",
-  "biaffine_parser": "Model",  # the encoder; the head is model/parser.py's
+  "biaffine_parser": "Model",  # the encoder; the head is model/heads.py's
   "question_answering": "ForQuestionAnswering",
 }
 
@@ -104,7 +104,7 @@ class ModelConfig:
   # teacher did (see TRAINING_DROPOUT_KEY). None: the training rates.
   export_dropout: tuple[float, float] | None = None
   # Embedding rows are padded to a multiple of this so the vocab axis shards
-  # evenly; padded logits are masked (see encoder.mask_padded_logits).
+  # evenly; padded logits are masked (see layers.vocab_logits_mask).
   vocab_pad_multiple: int = 128
   dtype: str = "float32"  # compute dtype
   param_dtype: str = "float32"

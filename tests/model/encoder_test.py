@@ -9,7 +9,8 @@ from flax.traverse_util import flatten_dict
 
 from bistil_jax.errors import BistilError
 from bistil_jax.model import Model, ModelConfig, init_params, preset
-from bistil_jax.model.encoder import abstract_params, position_ids_for
+from bistil_jax.model.bert import position_ids_for
+from bistil_jax.model.encoder import abstract_params
 
 HEADS = ("none", "mlm", "token_classification", "sequence_classification")
 KNOWN_AXES = {

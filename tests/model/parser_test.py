@@ -12,9 +12,10 @@ from absl.testing import absltest, parameterized
 from flax.traverse_util import flatten_dict
 
 from bistil_jax import losses, sparse
-from bistil_jax.checkpoint import hf
+from bistil_jax.checkpoint import hf, parser_head
 from bistil_jax.model import parser, preset
-from bistil_jax.model.encoder import MASK_VALUE, Model, init_params
+from bistil_jax.model.encoder import Model, init_params
+from bistil_jax.model.layers import MASK_VALUE
 
 RELS = ("det", "nsubj", "punct", "root")
 
@@ -79,9 +80,9 @@ class ParserTest(parameterized.TestCase):
     )
     x = np.asarray(out.last_hidden_state, np.float64)  # [b, l, d]
     arc, rel = (np.asarray(a, np.float64) for a in out.logits)
-    torch_head = parser.head_to_torch(params)
-    w_arc = torch_head[parser.ARC_KEY].astype(np.float64)  # [1, d+1, d]
-    w_rel = torch_head[parser.REL_KEY].astype(np.float64)  # [R, d+1, d+1]
+    torch_head = parser_head.head_to_torch(params)
+    w_arc = torch_head[parser_head.ARC_KEY].astype(np.float64)  # [1, d+1, d]
+    w_rel = torch_head[parser_head.REL_KEY].astype(np.float64)  # [R, d+1, d+1]
     one = np.ones(x.shape[:2] + (1,))
     xb = np.concatenate([x, one], -1)
     # Released Biaffine: s = einsum("bxi,oij,byj->boxy"); arcs: bias_x.
@@ -95,7 +96,7 @@ class ParserTest(parameterized.TestCase):
                                ref_arc[np.broadcast_to(real, arc.shape)],
                                rtol=1e-4, atol=1e-4)  # fmt: skip
     np.testing.assert_allclose(rel, ref_rel, rtol=1e-4, atol=1e-4)
-    back = parser.head_from_torch(torch_head, cfg.hidden_size, 4, "x")
+    back = parser_head.head_from_torch(torch_head, cfg.hidden_size, 4, "x")
     for k, v in back.items():
       np.testing.assert_array_equal(v, params["classifier"][k], err_msg=k)
     # Without heads, rel is taken at the argmax heads; predict reads both.
@@ -138,7 +139,7 @@ class ParserTest(parameterized.TestCase):
     with tempfile.TemporaryDirectory() as d:
       out = os.path.join(d, "export")
       hf.save_hf(out, cfg, params)
-      self.assertTrue(os.path.isfile(os.path.join(out, parser.HEAD_FILE)))
+      self.assertTrue(os.path.isfile(os.path.join(out, parser_head.HEAD_FILE)))
       pt = transformers.AutoModel.from_pretrained(out)
       self.assertEqual(type(pt).__name__, hf_class)
       model, back = hf.load_hf(out)

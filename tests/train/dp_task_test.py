@@ -20,7 +20,7 @@ import transformers
 from absl.testing import absltest
 
 from bistil_jax import configlib, sparse, synthetic
-from bistil_jax.checkpoint import hf
+from bistil_jax.checkpoint import hf, parser_head
 from bistil_jax.checkpoint import manager as ckpt
 from bistil_jax.data import tasks, vocab
 from bistil_jax.model import parser, preset
@@ -167,7 +167,7 @@ class DpCliTest(absltest.TestCase):
 
   def test_export_is_an_encoder_dir_and_a_head_file(self):
     export = self.teacher
-    self.assertTrue(os.path.isfile(os.path.join(export, parser.HEAD_FILE)))
+    self.assertTrue(os.path.isfile(os.path.join(export, parser_head.HEAD_FILE)))
     pt = transformers.AutoModel.from_pretrained(export)
     pt.eval()
     self.assertEqual(type(pt).__name__, "BertModel")
@@ -221,7 +221,7 @@ class DpCliTest(absltest.TestCase):
     self.assertEqual((sft.meta["task"], sft.meta["head"]), ("dp", parser.HEAD))
     self.assertEqual(
       sorted(sft.dense),
-      sorted(f"classifier/{k}" for k in parser._leaves(sft_head(sft))),
+      sorted(f"classifier/{k}" for k in parser_head._leaves(sft_head(sft))),
     )
     res = read_json(os.path.join(wd, "results.json"))["dev"]
     got = self.evaluate_cli(
@@ -252,7 +252,7 @@ class DpCliTest(absltest.TestCase):
     must_run(
       ["export-hf", "--model", self.student, "--sft", self.sft, "--out", out]
     )
-    self.assertTrue(os.path.isfile(os.path.join(out, parser.HEAD_FILE)))
+    self.assertTrue(os.path.isfile(os.path.join(out, parser_head.HEAD_FILE)))
     self.assertEqual(
       self.evaluate_cli("hf_dp", "--model", out), self.sft_res["dev"]
     )
