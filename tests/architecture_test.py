@@ -64,8 +64,6 @@ KNOWN: set[tuple[str, str, str]] = {
   ("in-function", "data.tasks", "data.dp"),
   ("in-function", "data.tasks", "data.qa"),
   ("in-function", "data.vocab", "checkpoint.hf"),
-  ("in-function", "measure", "checkpoint.hf"),
-  ("in-function", "measure", "checkpoint.surgery"),
   ("in-function", "partitioning", "model.encoder"),
   ("in-function", "sparse", "checkpoint.hf"),
   ("in-function", "sparse", "model.encoder"),
