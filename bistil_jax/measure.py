@@ -38,18 +38,17 @@ import jax.numpy as jnp
 import numpy as np
 
 from bistil_jax import paths
+from bistil_jax.checkpoint import hf, surgery
 from bistil_jax.data import vocab as vocab_lib
 from bistil_jax.errors import BistilError
+from bistil_jax.model import bert, heads
 from bistil_jax.model.config import ModelConfig
 from bistil_jax.model.encoder import Model
 
-# Top-level parameter groups of our tree (model/encoder.py).
+# Top-level parameter groups of our tree: the body's, then every head's.
 _GROUPS = {
-  "embeddings": "embeddings",
-  "encoder": "body",
-  "pooler": "body",
-  "lm_head": "head",
-  "classifier": "head",
+  **bert.PARAM_GROUPS,
+  **{h.key: "head" for h in heads.HEADS.values() if h.key is not None},
 }
 
 
@@ -132,14 +131,9 @@ def analytic_macs(
   d, f = config.hidden_size, config.intermediate_size
   layer = 4 * l * d * d + 2 * l * l * d + 2 * l * d * f
   encoder = config.num_hidden_layers * layer
-  head = 0
-  if config.head == "mlm":
-    head = l * d * d + l * d * config.padded_vocab_size
-  elif config.head == "token_classification":
-    head = l * d * config.num_labels
-  elif config.head == "sequence_classification":
-    head = d * d + d * config.num_labels
-  if config.add_pooler and config.head != "sequence_classification":
+  spec = heads.HEADS[config.head]
+  head = spec.macs(config, l)
+  if config.add_pooler and not spec.macs_cover_pooler:
     head += d * d
   return {
     "encoder": b * encoder,
@@ -386,6 +380,50 @@ DEFAULT_SEQ_LEN = 128
 DEFAULT_BATCH = 8
 
 
+def _load(model_dir: str, sft_dirs: Sequence[str]):
+  """(model, params) of an HF model dir with the SFT dirs merged in."""
+  if sft_dirs:
+    return surgery.merged_model(model_dir, list(sft_dirs))
+  return hf.load_hf(model_dir)
+
+
+def _device(platform: str | None) -> jax.Device:
+  """The first device of `platform` (None: of the default backend)."""
+  try:
+    return jax.devices(platform)[0] if platform else jax.devices()[0]
+  except RuntimeError as e:
+    raise BistilError(f"no {platform} device here: {e}") from None
+
+
+def _size_and_macs(model: Model, params, seq_len: int) -> dict[str, Any]:
+  """The "parameters" and "macs_per_sequence" entries of `measure_dir`."""
+  counts = count_parameters(params, model.config)
+  flops = inference_flops(model, params, 1, seq_len, with_compiled=False)
+  return {
+    "parameters": {
+      "total": counts["total"],
+      "embeddings": counts["embeddings"],
+      "encoder": counts["body"],
+      "head": counts["head"],
+    },
+    "macs_per_sequence": {
+      "seq_len": seq_len,
+      "analytic": flops["analytic_macs"],
+      "xla": flops["macs"],
+    },
+  }
+
+
+def _disk_bytes(model_dir: str, sft_dirs: Sequence[str]) -> dict[str, int]:
+  disk_model = disk_size(model_dir)["total"]
+  disk_sft = sum(disk_size(d)["total"] for d in sft_dirs)
+  return {
+    "model": disk_model,
+    "sft": disk_sft,
+    "total": disk_model + disk_sft,
+  }
+
+
 def measure_dir(
   model_dir: str,
   sft_dirs: Sequence[str] = (),
@@ -424,57 +462,30 @@ def measure_dir(
   Raises:
     BistilError: unreadable dirs or bad shapes.
   """
-  from bistil_jax.checkpoint import hf  # noqa: PLC0415
-
-  if sft_dirs:
-    from bistil_jax.checkpoint import surgery  # noqa: PLC0415
-
-    model, params = surgery.merged_model(model_dir, list(sft_dirs))
-  else:
-    model, params = hf.load_hf(model_dir)
+  model, params = _load(model_dir, sft_dirs)
   config = model.config
   if seq_len is None:
     seq_len = min(DEFAULT_SEQ_LEN, config.max_length)
   if batch_shapes is None:
     batch_shapes = ((DEFAULT_BATCH, seq_len),)
-  counts = count_parameters(params, config)
-  flops = inference_flops(model, params, 1, seq_len, with_compiled=False)
-  try:
-    device = jax.devices(platform)[0] if platform else jax.devices()[0]
-  except RuntimeError as e:
-    raise BistilError(f"no {platform} device here: {e}") from None
+  size = _size_and_macs(model, params, seq_len)
+  device = _device(platform)
   lat = []
   if with_latency:
-    for b, l in batch_shapes:
-      lat.append(
-        latency(
-          model, params, b, l, device=device, warmup=warmup, repeats=repeats
-        )
+    lat = [
+      latency(
+        model, params, b, l, device=device, warmup=warmup, repeats=repeats
       )
-  disk_model = disk_size(model_dir)["total"]
-  disk_sft = sum(disk_size(d)["total"] for d in sft_dirs)
+      for b, l in batch_shapes
+    ]
   return {
     "model_dir": str(model_dir),
     "sft": [str(d) for d in sft_dirs],
     "architecture": config.architecture,
-    "parameters": {
-      "total": counts["total"],
-      "embeddings": counts["embeddings"],
-      "encoder": counts["body"],
-      "head": counts["head"],
-    },
-    "macs_per_sequence": {
-      "seq_len": seq_len,
-      "analytic": flops["analytic_macs"],
-      "xla": flops["macs"],
-    },
+    **size,
     "device": str(device),
     "latency": lat,
-    "disk_bytes": {
-      "model": disk_model,
-      "sft": disk_sft,
-      "total": disk_model + disk_sft,
-    },
+    "disk_bytes": _disk_bytes(model_dir, sft_dirs),
   }
 
 

@@ -58,21 +58,14 @@ ORDER = (
 
 # Violations still in the tree: (kind, importer, imported or name).
 KNOWN: set[tuple[str, str, str]] = {
-  ("circle", "model.encoder", "model.encoder <-> model.parser"),
   ("in-function", "configlib", "paths"),
   ("in-function", "data.vocab", "checkpoint.hf"),
-  ("in-function", "measure", "checkpoint.hf"),
-  ("in-function", "measure", "checkpoint.surgery"),
-  ("in-function", "model.encoder", "model.parser"),
-  ("in-function", "model.parser", "losses"),
-  ("in-function", "model.parser", "paths"),
   ("in-function", "partitioning", "model.encoder"),
   ("in-function", "sparse", "checkpoint.hf"),
   ("in-function", "sparse", "model.encoder"),
   ("in-function", "synthetic.tokenizer", "checkpoint.hf"),
   ("in-function", "synthetic.tokenizer", "data.vocab"),
   ("in-function", "synthetic.tokenizer", "model.encoder"),
-  ("private", "model.parser", "model.encoder._classifier_dropout"),
   ("private", "sparse", "checkpoint.hf._read_json"),
   ("private", "sparse", "checkpoint.hf._read_safetensors"),
   ("upward", "data.vocab", "checkpoint.hf"),

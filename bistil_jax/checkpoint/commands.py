@@ -12,9 +12,8 @@ import jax
 import numpy as np
 
 from bistil_jax import paths
-from bistil_jax.checkpoint import hf
+from bistil_jax.checkpoint import hf, parser_head
 from bistil_jax.errors import BistilError
-from bistil_jax.model import parser
 
 
 def parameter_groups(state: dict[str, np.ndarray]) -> dict[str, int]:
@@ -46,10 +45,10 @@ def inspect_dir(path: str) -> dict[str, Any]:
   cfg = model.config
   raw, _ = hf.read_weights(path)
   dtypes = sorted({str(np.asarray(v).dtype) for v in raw.values()})
-  if cfg.head == parser.HEAD:  # encoder tensors + the parser head file's
-    body_cfg, body, _ = parser.split_for_export(cfg, params)
+  if cfg.head == parser_head.HEAD:  # encoder tensors + the parser head file's
+    body_cfg, body, _ = parser_head.split_for_export(cfg, params)
     state = hf.params_to_hf(body, body_cfg, "torch")
-    head = parser.head_to_torch(params)
+    head = parser_head.head_to_torch(params)
     state.update({f"parser_head.{k}": v for k, v in head.items()})
   else:
     state = hf.params_to_hf(params, cfg, "torch")

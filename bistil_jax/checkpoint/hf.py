@@ -19,6 +19,7 @@ import json
 import logging
 import pickle
 import re
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import flax.serialization
@@ -27,8 +28,8 @@ import numpy as np
 from flax.traverse_util import flatten_dict, unflatten_dict
 
 from bistil_jax import paths
+from bistil_jax.checkpoint import parser_head
 from bistil_jax.errors import BistilError
-from bistil_jax.model import parser
 from bistil_jax.model.config import ModelConfig
 from bistil_jax.model.encoder import Model, abstract_params
 
@@ -69,6 +70,7 @@ class Rule:
   kind: str  # dense | layernorm | embed | bias
   vocab: bool = False  # has a vocabulary axis (padded / sliced)
   body: bool = True  # lives under the bert./roberta. prefix
+  tied: bool = False  # the MLM decoder: absent when tied to the embeddings
 
 
 # kind -> ((our leaf, torch leaf, flax leaf, transpose), ...)
@@ -120,7 +122,8 @@ _BERT_MLM = (
     Rule("lm_head", "cls.predictions", "cls/predictions", "bias", vocab=True,
          body=False),
     Rule("lm_head/decoder", "cls.predictions.decoder",
-         "cls/predictions/decoder", "dense", vocab=True, body=False),
+         "cls/predictions/decoder", "dense", vocab=True, body=False,
+         tied=True),
 )  # fmt: skip
 _ROBERTA_MLM = (
     Rule("lm_head/dense", "lm_head.dense", "lm_head/dense", "dense", body=False),
@@ -128,7 +131,7 @@ _ROBERTA_MLM = (
          "layernorm", body=False),
     Rule("lm_head", "lm_head", "lm_head", "bias", vocab=True, body=False),
     Rule("lm_head/decoder", "lm_head.decoder", "lm_head/decoder", "dense",
-         vocab=True, body=False),
+         vocab=True, body=False, tied=True),
 )  # fmt: skip
 _LINEAR_CLS = (
   Rule("classifier", "classifier", "classifier", "dense", body=False),
@@ -152,28 +155,82 @@ BIAS_ALIASES = {
   "lm_head.decoder.bias": "lm_head.bias",
 }
 
-# HF classes that have a pooler.
-_POOLED = ("none", "sequence_classification")
+
+@dataclasses.dataclass(frozen=True)
+class SideFile:
+  """A head no transformers class holds: its model dir is the bare encoder
+  plus this file beside it (checkpoint/parser_head.py)."""
+
+  name: str
+  # (config, params) -> (encoder config, encoder params, the file's bytes)
+  split: Callable[..., tuple[ModelConfig, dict[str, Any], bytes]]
+  # (file path, encoder config, encoder params) -> (config, params)
+  attach: Callable[..., tuple[ModelConfig, dict[str, Any]]]
+
+
+@dataclasses.dataclass(frozen=True)
+class HfHead:
+  """How one `config.head` looks in an HF model dir.
+
+  Attributes:
+    rules: its rules (BERT's names).
+    by_family: "roberta" -> rules where RoBERTa's HF class names the head
+      differently.
+    bare_body: its HF class is the bare *Model: body keys carry no
+      "bert."/"roberta." prefix.
+    pooled: its HF class holds a pooler.
+    side_file: set for a head without an HF class.
+  """
+
+  rules: tuple[Rule, ...] = ()
+  by_family: Mapping[str, tuple[Rule, ...]] = dataclasses.field(
+    default_factory=dict
+  )
+  bare_body: bool = False
+  pooled: bool = False
+  side_file: SideFile | None = None
+
+  def rules_for(self, family: str) -> tuple[Rule, ...]:
+    return self.by_family.get(family, self.rules)
+
+  def all_rules(self) -> tuple[Rule, ...]:
+    return self.rules + sum(self.by_family.values(), ())
+
+
+# config.head -> its HF layout: adding a head is one entry.
+HF_HEADS = {
+  "none": HfHead(bare_body=True, pooled=True),
+  "mlm": HfHead(_BERT_MLM, {"roberta": _ROBERTA_MLM}),
+  "token_classification": HfHead(_LINEAR_CLS),
+  "sequence_classification": HfHead(
+    _LINEAR_CLS, {"roberta": _ROBERTA_SEQ}, pooled=True
+  ),
+  "biaffine_parser": HfHead(
+    side_file=SideFile(
+      parser_head.HEAD_FILE,
+      parser_head.split_for_export,
+      parser_head.attach_head,
+    )
+  ),
+  "question_answering": HfHead(_QA_SPAN),
+}
+
+
+def family(config: ModelConfig) -> str:
+  """The HF naming family: "roberta" (RoBERTa, XLM-R) or "bert"."""
+  return "roberta" if config.is_roberta else "bert"
 
 
 def head_rules(config: ModelConfig) -> tuple[Rule, ...]:
   """The head's rules for this family."""
-  if config.head == "mlm":
-    return _ROBERTA_MLM if config.is_roberta else _BERT_MLM
-  if config.head == "token_classification":
-    return _LINEAR_CLS
-  if config.head == "sequence_classification":
-    return _ROBERTA_SEQ if config.is_roberta else _LINEAR_CLS
-  if config.head == "question_answering":
-    return _QA_SPAN
-  return ()
+  return HF_HEADS[config.head].rules_for(family(config))
 
 
 def body_prefix(config: ModelConfig) -> str:
   """ "bert"/"roberta" for head classes, "" for the bare *Model classes."""
-  if config.head == "none":
+  if HF_HEADS[config.head].bare_body:
     return ""
-  return "roberta" if config.is_roberta else "bert"
+  return family(config)
 
 
 @functools.cache
@@ -333,12 +390,9 @@ def _canonical_torch_state(state, config):
       if canon in out and not np.array_equal(out[canon], value):
         raise BistilError(f"{alias} differs from {canon}; expected one tensor")
       out.setdefault(canon, value)
-  if config.head == "mlm" and config.tie_word_embeddings:
-    dec = (
-      "lm_head.decoder.weight"
-      if config.is_roberta
-      else ("cls.predictions.decoder.weight")
-    )
+  tied = [r for r in head_rules(config) if r.tied]
+  if tied and config.tie_word_embeddings:
+    dec = f"{tied[0].torch}.weight"
     if dec in out:
       emb_key = (f"{prefix}." if prefix else "") + (
         "embeddings.word_embeddings.weight"
@@ -355,7 +409,7 @@ def _canonical_torch_state(state, config):
 def without_pooler(params: dict[str, Any], config: ModelConfig):
   """`params` less a pooler the HF class of `config` cannot hold (logged
   once)."""
-  if "pooler" not in params or config.head in _POOLED:
+  if "pooler" not in params or HF_HEADS[config.head].pooled:
     return params
   keys = ["/".join(("pooler", *p)) for p in flatten_dict(params["pooler"])]
   log.info(
@@ -556,17 +610,27 @@ def _has_pooler(state: dict[str, Any], fmt: str) -> bool:
 
 
 def _infer_head(state: dict[str, Any], fmt: str) -> str:
+  """The head whose rules claim some of the checkpoint's head keys."""
   sep = "." if fmt == "torch" else "/"
-  if any(
-    k.startswith((f"cls{sep}predictions", f"lm_head{sep}")) for k in state
-  ):
-    return "mlm"
-  if any(k.startswith(f"qa_outputs{sep}") for k in state):
-    return "question_answering"
-  if any(k.startswith(f"classifier{sep}") for k in state):
+
+  def names(head: HfHead) -> set[str]:
+    return {getattr(r, fmt) for r in head.all_rules()}
+
+  def claims(head: HfHead) -> bool:
+    return any(k.startswith(f"{n}{sep}") for n in names(head) for k in state)
+
+  found = [name for name, head in HF_HEADS.items() if claims(head)]
+  for name in found:  # a head whose names no other head uses decides
+    if not any(
+      names(HF_HEADS[name]) & names(HF_HEADS[other])
+      for other in HF_HEADS
+      if other != name
+    ):
+      return name
+  if found:
     raise BistilError(
-      "config.json has no 'architectures' and the checkpoint has a "
-      "classifier: cannot tell token from sequence classification"
+      "config.json has no 'architectures' and the checkpoint's head keys "
+      f"fit {' and '.join(found)}: cannot tell which"
     )
   return "none"
 
@@ -603,9 +667,14 @@ def load_hf(
   kw.update(overrides)
   config = ModelConfig.from_hf_dict(hf, **kw)
   params = params_from_hf(state, config, fmt)
-  head_file = paths.path(path) / parser.HEAD_FILE
-  if config.head == "none" and head_file.is_file():  # a dp export
-    config, params = parser.attach_head(head_file, config, params)
+  if config.head == "none":  # a head without an HF class has its own file
+    for head in HF_HEADS.values():
+      side = head.side_file
+      if side is not None and (paths.path(path) / side.name).is_file():
+        config, params = side.attach(
+          paths.path(path) / side.name, config, params
+        )
+        break
   log.info(
     "loaded %s from %s (%s weights, vocab %d)",
     config.architecture,
@@ -701,9 +770,10 @@ def write_hf(
   config = model.config if isinstance(model, Model) else model
   params = _to_numpy(params)
   tmp = paths.path(out)
-  if config.head == parser.HEAD:  # no HF class: encoder + head file
-    config, params, head = parser.split_for_export(config, params)
-    paths.write_bytes(tmp / parser.HEAD_FILE, head)
+  side = HF_HEADS[config.head].side_file
+  if side is not None:  # no HF class: encoder + head file
+    config, params, head = side.split(config, params)
+    paths.write_bytes(tmp / side.name, head)
   # Dropped once here, not by each format's conversion below.
   params = without_pooler(params, config)
   paths.write_text(
@@ -746,8 +816,7 @@ def torch_name_to_ours(
   stem, _, leaf = name.rpartition(".")
   if stem and leaf in LEGACY_LEAVES:
     name = f"{stem}.{LEGACY_LEAVES[leaf]}"
-  family = "roberta" if config.is_roberta else "bert"
-  bare = name.removeprefix(f"{family}.")
+  bare = name.removeprefix(f"{family(config)}.")
   bare = BIAS_ALIASES.get(bare, bare)
   prefix = body_prefix(config)
   table = _leaf_table(config)

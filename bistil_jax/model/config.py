@@ -14,14 +14,6 @@ from typing import Any
 from bistil_jax.errors import BistilError
 
 MODEL_TYPES = ("bert", "xlm-roberta", "roberta")
-HEADS = (
-  "none",
-  "mlm",
-  "token_classification",
-  "sequence_classification",
-  "biaffine_parser",  # no HF class: exports as the bare encoder + a file
-  "question_answering",
-)
 # config.json states, in its standard keys, the dropout a user of the model
 # should fine-tune with; where this project trains the model with other
 # rates (a distilled student trains without dropout, docs/method.md 2.2 and
@@ -32,41 +24,37 @@ DROPOUT_KEYS = ("hidden_dropout_prob", "attention_probs_dropout_prob")
 ACTIVATIONS = ("gelu", "gelu_new", "gelu_pytorch_tanh", "relu", "tanh")
 DTYPES = ("float32", "bfloat16", "float16")
 
-# HF architecture name -> (model_type family, head).
-ARCHITECTURES = {
-  "BertModel": ("bert", "none"),
-  "BertForMaskedLM": ("bert", "mlm"),
-  "BertForTokenClassification": ("bert", "token_classification"),
-  "BertForSequenceClassification": ("bert", "sequence_classification"),
-  "XLMRobertaModel": ("xlm-roberta", "none"),
-  "XLMRobertaForMaskedLM": ("xlm-roberta", "mlm"),
-  "XLMRobertaForTokenClassification": ("xlm-roberta", "token_classification"),
-  "XLMRobertaForSequenceClassification": (
-    "xlm-roberta",
-    "sequence_classification",
-  ),
-  "RobertaModel": ("roberta", "none"),
-  "RobertaForMaskedLM": ("roberta", "mlm"),
-  "RobertaForTokenClassification": ("roberta", "token_classification"),
-  "RobertaForSequenceClassification": ("roberta", "sequence_classification"),
-  "BertForQuestionAnswering": ("bert", "question_answering"),
-  "XLMRobertaForQuestionAnswering": ("xlm-roberta", "question_answering"),
-  "RobertaForQuestionAnswering": ("roberta", "question_answering"),
-}
-
 _ARCH_PREFIX = {
   "bert": "Bert",
   "xlm-roberta": "XLMRoberta",
   "roberta": "Roberta",
 }
-_ARCH_SUFFIX = {
+# Every `config.head`, with the suffix of the HF class it exports as (after
+# the family's prefix). Its module is model/heads.py's, its HF names
+# checkpoint/hf.py's: one entry in each table per head.
+HEAD_ARCH_SUFFIX = {
   "none": "Model",
   "mlm": "ForMaskedLM",
   "token_classification": "ForTokenClassification",
   "sequence_classification": "ForSequenceClassification",
-  "biaffine_parser": "Model",  # the encoder; the head is model/parser.py's
+  # No HF class: exports as the bare encoder (*Model) plus a file.
+  "biaffine_parser": "Model",
   "question_answering": "ForQuestionAnswering",
 }
+HEADS = tuple(HEAD_ARCH_SUFFIX)
+
+
+def _architectures() -> dict[str, tuple[str, str]]:
+  """HF architecture name -> (model_type family, head); a class name two
+  heads export as (*Model) reads back as the first of them ("none")."""
+  out: dict[str, tuple[str, str]] = {}
+  for family, prefix in _ARCH_PREFIX.items():
+    for head, suffix in HEAD_ARCH_SUFFIX.items():
+      out.setdefault(prefix + suffix, (family, head))
+  return out
+
+
+ARCHITECTURES = _architectures()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -104,7 +92,7 @@ class ModelConfig:
   # teacher did (see TRAINING_DROPOUT_KEY). None: the training rates.
   export_dropout: tuple[float, float] | None = None
   # Embedding rows are padded to a multiple of this so the vocab axis shards
-  # evenly; padded logits are masked (see encoder.mask_padded_logits).
+  # evenly; padded logits are masked (see layers.vocab_logits_mask).
   vocab_pad_multiple: int = 128
   dtype: str = "float32"  # compute dtype
   param_dtype: str = "float32"
@@ -181,7 +169,7 @@ class ModelConfig:
   @property
   def architecture(self) -> str:
     """The HF class name this config exports as."""
-    return _ARCH_PREFIX[self.model_type] + _ARCH_SUFFIX[self.head]
+    return _ARCH_PREFIX[self.model_type] + HEAD_ARCH_SUFFIX[self.head]
 
   @property
   def label_names(self) -> tuple[str, ...]:

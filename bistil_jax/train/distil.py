@@ -27,7 +27,8 @@ from bistil_jax.checkpoint import manager as ckpt
 from bistil_jax.data import corpus, pipeline, vocab
 from bistil_jax.errors import BistilError
 from bistil_jax.model.config import ModelConfig
-from bistil_jax.model.encoder import Model, vocab_logits_mask
+from bistil_jax.model.encoder import Model
+from bistil_jax.model.layers import vocab_logits_mask
 from bistil_jax.train import driver, loop, steps
 
 log = logging.getLogger(__name__)

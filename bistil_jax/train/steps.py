@@ -25,7 +25,8 @@ import optax
 
 from bistil_jax import losses, sparse
 from bistil_jax.errors import BistilError
-from bistil_jax.model.encoder import Model, vocab_logits_mask
+from bistil_jax.model.encoder import Model
+from bistil_jax.model.layers import vocab_logits_mask
 from bistil_jax.train.state import TrainState
 
 DISTIL_TERMS = ("hidden", "attention", "kl", "mlm")
@@ -106,7 +107,7 @@ def distil_losses(
     logits_positions=positions,
   )
   # Attention probabilities only for the layers the loss compares; the
-  # other teacher layers run fused attention (encoder.SelfAttention).
+  # other teacher layers run fused attention (bert.SelfAttention).
   t_attn = tuple(t for _, t in attn_pairs) if want_attn else False
   s_attn = tuple(s for s, _ in attn_pairs) if want_attn else False
   t_out = None

@@ -347,6 +347,36 @@ class BadInputTest(parameterized.TestCase):
     self.assertLen(lines, 1)
     self.assertIn(needle.split("[")[0].split("(")[0].split(".")[0], lines[0])
 
+  @parameterized.product(
+    family=("tiny", "tiny-xlmr"),
+    head=("none", "mlm", "question_answering", "token_classification"),
+    weights=(hf.SAFETENSORS, hf.FLAX_MSGPACK),
+  )
+  def test_head_read_from_keys_without_architectures(
+    self, family, head, weights
+  ):
+    from bistil_jax.model import preset
+
+    cfg = preset(family, head=head, num_labels=2)
+    out = os.path.join(tempfile.mkdtemp(), "m")
+    hf.save_hf(out, cfg, init_params(cfg, jax.random.PRNGKey(0)))
+    cfg_file = os.path.join(out, hf.CONFIG)
+    d = json.load(open(cfg_file))
+    del d["architectures"]
+    json.dump(d, open(cfg_file, "w"))
+    if weights == hf.FLAX_MSGPACK:
+      os.remove(os.path.join(out, hf.SAFETENSORS))
+    if head == "token_classification":  # sequence classification's key too
+      self.assert_one_line_error(out, "cannot tell")
+    else:
+      self.assertEqual(hf.load_hf(out)[0].config.head, head)
+
+  def test_head_tables_name_the_same_heads(self):
+    from bistil_jax.model import config, heads
+
+    self.assertEqual(list(hf.HF_HEADS), list(config.HEADS))
+    self.assertEqual(list(heads.HEADS), list(config.HEADS))
+
   def test_dir_without_weights(self):
     path, _ = make_hf_dir("bert", "mlm")
     os.remove(os.path.join(path, hf.SAFETENSORS))

@@ -9,7 +9,8 @@ from flax.traverse_util import flatten_dict
 
 from bistil_jax.errors import BistilError
 from bistil_jax.model import Model, ModelConfig, init_params, preset
-from bistil_jax.model.encoder import abstract_params, position_ids_for
+from bistil_jax.model.bert import position_ids_for
+from bistil_jax.model.encoder import abstract_params
 
 HEADS = ("none", "mlm", "token_classification", "sequence_classification")
 KNOWN_AXES = {
@@ -190,6 +191,19 @@ class ConfigTest(parameterized.TestCase):
           cfg.to_hf_dict(), add_pooler=cfg.add_pooler
         )
         self.assertEqual(back, cfg)
+
+  def test_every_architecture_names_its_family_and_head(self):
+    from bistil_jax.model import config
+
+    self.assertLen(config.ARCHITECTURES, 15)  # 3 families x 5 HF classes
+    for arch, (family, head) in config.ARCHITECTURES.items():
+      cfg = ModelConfig(model_type=family, head=head, num_labels=2)
+      self.assertEqual(cfg.architecture, arch)
+    # The parser has no HF class: its dir is the bare encoder's.
+    parser = ModelConfig(model_type="xlm-roberta", head="biaffine_parser")
+    self.assertEqual(
+      config.ARCHITECTURES[parser.architecture], ("xlm-roberta", "none")
+    )
 
   def test_padded_vocab(self):
     self.assertEqual(preset("mbert").padded_vocab_size, 119552)

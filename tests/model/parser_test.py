@@ -12,15 +12,19 @@ from absl.testing import absltest, parameterized
 from flax.traverse_util import flatten_dict
 
 from bistil_jax import losses, sparse
-from bistil_jax.checkpoint import hf
-from bistil_jax.model import parser, preset
-from bistil_jax.model.encoder import MASK_VALUE, Model, init_params
+from bistil_jax.checkpoint import hf, parser_head
+from bistil_jax.model import preset
+from bistil_jax.model.encoder import Model, init_params
+from bistil_jax.model.layers import MASK_VALUE
+from bistil_jax.tasks import dp as dp_tasks
 
 RELS = ("det", "nsubj", "punct", "root")
 
 
 def parser_config(family):
-  return preset(family, head=parser.HEAD, num_labels=4, id2label=RELS)
+  return preset(
+    family, head=dp_tasks.DependencyTask.head, num_labels=4, id2label=RELS
+  )
 
 
 def random_head(params, seed=0):
@@ -79,9 +83,9 @@ class ParserTest(parameterized.TestCase):
     )
     x = np.asarray(out.last_hidden_state, np.float64)  # [b, l, d]
     arc, rel = (np.asarray(a, np.float64) for a in out.logits)
-    torch_head = parser.head_to_torch(params)
-    w_arc = torch_head[parser.ARC_KEY].astype(np.float64)  # [1, d+1, d]
-    w_rel = torch_head[parser.REL_KEY].astype(np.float64)  # [R, d+1, d+1]
+    torch_head = parser_head.head_to_torch(params)
+    w_arc = torch_head[parser_head.ARC_KEY].astype(np.float64)  # [1, d+1, d]
+    w_rel = torch_head[parser_head.REL_KEY].astype(np.float64)  # [R, d+1, d+1]
     one = np.ones(x.shape[:2] + (1,))
     xb = np.concatenate([x, one], -1)
     # Released Biaffine: s = einsum("bxi,oij,byj->boxy"); arcs: bias_x.
@@ -95,12 +99,12 @@ class ParserTest(parameterized.TestCase):
                                ref_arc[np.broadcast_to(real, arc.shape)],
                                rtol=1e-4, atol=1e-4)  # fmt: skip
     np.testing.assert_allclose(rel, ref_rel, rtol=1e-4, atol=1e-4)
-    back = parser.head_from_torch(torch_head, cfg.hidden_size, 4, "x")
+    back = parser_head.head_from_torch(torch_head, cfg.hidden_size, 4, "x")
     for k, v in back.items():
       np.testing.assert_array_equal(v, params["classifier"][k], err_msg=k)
     # Without heads, rel is taken at the argmax heads; predict reads both.
     free = Model(cfg).apply({"params": params}, ids, attention_mask=mask)
-    pred = np.asarray(parser.predict(free.logits))
+    pred = np.asarray(dp_tasks.predict(free.logits))
     np.testing.assert_array_equal(pred[..., 0], np.argmax(arc, -1))
     at = Model(cfg).apply(
       {"params": params}, ids, attention_mask=mask, heads=pred[..., 0]
@@ -114,7 +118,7 @@ class ParserTest(parameterized.TestCase):
     rel = jnp.array([[[1.0, 0.0], [0.0, 3.0]]])
     batch = {"heads": jnp.array([[1, -100]]), "labels": jnp.array([[0, -100]])}
     words = batch["labels"] != -100
-    got = parser.gold_loss((arc, rel), batch, words)
+    got = dp_tasks.gold_loss((arc, rel), batch, words)
     want = -np.log(np.exp(1) / (1 + np.exp(1))) - np.log(
       np.exp(1) / (1 + np.exp(1))
     )
@@ -123,7 +127,7 @@ class ParserTest(parameterized.TestCase):
     keys = jnp.array([[True, True, False]])
     t_arc = jnp.array([[[1.0, 0.0, 5.0], [0.0, 0.0, 0.0]]])
     t_rel = jnp.array([[[0.0, 2.0], [9.0, 9.0]]])
-    soft = parser.soft_loss((arc, rel), (t_arc, t_rel), 2.0, words, keys)
+    soft = dp_tasks.soft_loss((arc, rel), (t_arc, t_rel), 2.0, words, keys)
     a = losses.soft_cross_entropy(
       arc[:, :1, :2], t_arc[:, :1, :2], 2.0
     ).mean  # the padded key has probability 0 for both
@@ -138,11 +142,11 @@ class ParserTest(parameterized.TestCase):
     with tempfile.TemporaryDirectory() as d:
       out = os.path.join(d, "export")
       hf.save_hf(out, cfg, params)
-      self.assertTrue(os.path.isfile(os.path.join(out, parser.HEAD_FILE)))
+      self.assertTrue(os.path.isfile(os.path.join(out, parser_head.HEAD_FILE)))
       pt = transformers.AutoModel.from_pretrained(out)
       self.assertEqual(type(pt).__name__, hf_class)
       model, back = hf.load_hf(out)
-    self.assertEqual(model.config.head, parser.HEAD)
+    self.assertEqual(model.config.head, dp_tasks.DependencyTask.head)
     self.assertEqual(model.config.label_names, RELS)
     a, b = (flatten_dict(p, sep="/") for p in (params, back))
     self.assertEqual(sorted(a), sorted(b))

@@ -21,10 +21,11 @@ from absl.testing import absltest
 
 from bistil_jax import configlib, sparse, synthetic
 from bistil_jax import tasks as tasks_lib
-from bistil_jax.checkpoint import hf
+from bistil_jax.checkpoint import hf, parser_head
 from bistil_jax.checkpoint import manager as ckpt
 from bistil_jax.data import tasks, vocab
-from bistil_jax.model import parser, preset
+from bistil_jax.model import preset
+from bistil_jax.tasks import dp as dp_tasks
 from bistil_jax.train import task
 from tests.train.task_test import (
   FINETUNE_CONFIG,
@@ -121,7 +122,7 @@ class DpCliTest(absltest.TestCase):
     """Dev scores of `model_dir` + the zero-initialised parser."""
     labels = tasks.DP_RELATIONS
     model, params = fresh_head_model(model_dir, "dp", labels)
-    self.assertEqual(model.config.head, parser.HEAD)
+    self.assertEqual(model.config.head, dp_tasks.DependencyTask.head)
     for k, v in flat(params).items():
       if k.startswith("classifier/"):
         np.testing.assert_array_equal(v, 0, err_msg=k)
@@ -168,12 +169,12 @@ class DpCliTest(absltest.TestCase):
 
   def test_export_is_an_encoder_dir_and_a_head_file(self):
     export = self.teacher
-    self.assertTrue(os.path.isfile(os.path.join(export, parser.HEAD_FILE)))
+    self.assertTrue(os.path.isfile(os.path.join(export, parser_head.HEAD_FILE)))
     pt = transformers.AutoModel.from_pretrained(export)
     pt.eval()
     self.assertEqual(type(pt).__name__, "BertModel")
     model, params = hf.load_hf(export)
-    self.assertEqual(model.config.head, parser.HEAD)
+    self.assertEqual(model.config.head, dp_tasks.DependencyTask.head)
     self.assertEqual(model.config.label_names, tasks.DP_RELATIONS)
     # The head read back is the one the run ended with.
     _, state = ckpt.read_state(os.path.join(self.teacher_wd, "dense"))
@@ -223,10 +224,12 @@ class DpCliTest(absltest.TestCase):
       ]
     )
     sft = sparse.load_sft(os.path.join(wd, "export"))
-    self.assertEqual((sft.meta["task"], sft.meta["head"]), ("dp", parser.HEAD))
+    self.assertEqual(
+      (sft.meta["task"], sft.meta["head"]), ("dp", dp_tasks.DependencyTask.head)
+    )
     self.assertEqual(
       sorted(sft.dense),
-      sorted(f"classifier/{k}" for k in parser._leaves(sft_head(sft))),
+      sorted(f"classifier/{k}" for k in parser_head._leaves(sft_head(sft))),
     )
     res = read_json(os.path.join(wd, "results.json"))["dev"]
     got = self.evaluate_cli(
@@ -249,7 +252,9 @@ class DpCliTest(absltest.TestCase):
 
   def test_task_sft_applies_in_evaluate_and_export_hf(self):
     meta = read_json(os.path.join(self.sft, sparse.SFT_META))
-    self.assertEqual((meta["kind"], meta["head"]), ("task", parser.HEAD))
+    self.assertEqual(
+      (meta["kind"], meta["head"]), ("task", dp_tasks.DependencyTask.head)
+    )
     self.assertEqual(meta["label_names"], list(tasks.DP_RELATIONS))
     got = self.evaluate_cli("sft", "--model", self.student, "--sft", self.sft)
     self.assertEqual(got, self.sft_res["dev"])
@@ -257,7 +262,7 @@ class DpCliTest(absltest.TestCase):
     must_run(
       ["export-hf", "--model", self.student, "--sft", self.sft, "--out", out]
     )
-    self.assertTrue(os.path.isfile(os.path.join(out, parser.HEAD_FILE)))
+    self.assertTrue(os.path.isfile(os.path.join(out, parser_head.HEAD_FILE)))
     self.assertEqual(
       self.evaluate_cli("hf_dp", "--model", out), self.sft_res["dev"]
     )
