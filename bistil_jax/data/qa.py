@@ -173,9 +173,9 @@ def read_squad(path: str | os.PathLike[str]) -> list[QAExample]:
   return examples
 
 
-def _dataset_rows(ds, spec: str) -> Iterator[QAExample]:
+def dataset_examples(ds, spec: str) -> Iterator[QAExample]:
   """Examples of a `datasets` split with SQuAD columns."""
-  for i, row in tasks.dataset_rows(ds, spec):  # noqa: SLF001
+  for i, row in tasks.dataset_rows(ds, spec):
     where = f"{spec} row {i}"
     if "id" in row:
       where += f" (question {str(row['id'])!r})"
@@ -203,24 +203,6 @@ def _dataset_rows(ds, spec: str) -> Iterator[QAExample]:
       title=str(row.get("title") or ""),
       source=where,
     )
-
-
-def read_qa(spec: str) -> list[QAExample]:
-  """Reads one QA split from a task SPEC (see data/tasks.py): a SQuAD v1.1
-  JSON file, `BUILDER:PATH` or `hf:NAME[:CONFIG]:SPLIT` with SQuAD columns.
-
-  Raises:
-    BistilError: a bad spec, missing data, columns or keys, an answer
-      offset that does not match its text, or an empty split.
-  """
-  source = tasks.parse_source(spec)
-  if source.kind == "file":
-    return read_squad(source.path)
-  ds = tasks.load_task_dataset(source, spec)
-  examples = list(_dataset_rows(ds, spec))
-  if not examples:
-    raise BistilError(f"task data {spec} holds no examples")
-  return examples
 
 
 # ------------------------------------------------------------------ features

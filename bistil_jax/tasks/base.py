@@ -77,7 +77,47 @@ class Task:
     label_names: Sequence[str] | None = None,
     columns: Mapping[str, str] | None = None,
   ) -> list[Any]:
-    """The examples of one split (a file, `BUILDER:PATH` or `hf:` spec)."""
+    """The examples of one split: a local file in the kind's own format
+    (`read_file`) or rows of a dataset (`dataset_examples`) named by a
+    `BUILDER:PATH` or `hf:` spec (see data/tasks.py).
+
+    Args:
+      spec: the split.
+      label_names: names of integer labels that carry no ClassLabel names
+        (default: the task's default label set).
+      columns: column overrides, {field: column name}.
+
+    Raises:
+      BistilError: a bad spec, missing data or columns, malformed rows, or
+        an empty split.
+    """
+    names = tuple(label_names or self.default_labels)
+    source = task_data.parse_source(spec)
+    if source.kind == "file":
+      return self.read_file(source.path, names, columns)
+    ds = task_data.load_task_dataset(source, spec)
+    examples = list(self.dataset_examples(ds, spec, names, columns))
+    if not examples:
+      raise BistilError(f"task data {spec} holds no examples")
+    return examples
+
+  def read_file(
+    self,
+    path: str,
+    label_names: Sequence[str],
+    columns: Mapping[str, str] | None,
+  ) -> list[Any]:
+    """The examples of a local file in the kind's own format, at least one."""
+    raise NotImplementedError
+
+  def dataset_examples(
+    self,
+    ds: Any,
+    spec: str,
+    label_names: Sequence[str],
+    columns: Mapping[str, str] | None,
+  ) -> Iterator[Any]:
+    """The examples of the rows of a `datasets` split."""
     raise NotImplementedError
 
   def example_labels(self, example: Any) -> tuple[str, ...]:

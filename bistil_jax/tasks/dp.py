@@ -22,14 +22,13 @@ import numpy as np
 
 from bistil_jax import losses, metrics
 from bistil_jax.data import dp as dp_data
-from bistil_jax.data import tasks as task_data
-from bistil_jax.errors import BistilError
-from bistil_jax.tasks import base
+from bistil_jax.tasks import base, token
 
 
 @dataclasses.dataclass(frozen=True)
-class DependencyTask(base.Task):
-  """Dependency parsing scored by UAS/LAS."""
+class DependencyTask(token.TokenTask):
+  """Dependency parsing scored by UAS/LAS: word-level like token
+  labelling (a relation per word, on its first sub-word), plus a head."""
 
   kind: ClassVar[str] = "dp"
   head: ClassVar[str] = "biaffine_parser"
@@ -40,21 +39,11 @@ class DependencyTask(base.Task):
     ("num_words", "words"),
   )
 
-  def read(self, spec, *, label_names=None, columns=None):
-    source = task_data.parse_source(spec)
-    if source.kind == "file":
-      return dp_data.read_conllu_dp(source.path)
-    ds = task_data.load_task_dataset(source, spec)
-    examples = list(dp_data.dataset_rows(ds, spec, columns))
-    if not examples:
-      raise BistilError(f"task data {spec} holds no examples")
-    return examples
+  def read_file(self, path, label_names, columns):
+    return dp_data.read_conllu_dp(path)
 
-  def example_labels(self, example):
-    return example.labels
-
-  def where(self, example, label):
-    return example.where(example.labels.index(label))
+  def dataset_examples(self, ds, spec, label_names, columns):
+    return dp_data.dataset_rows(ds, spec, columns)
 
   def encode(
     self, examples, tokenizer, label_to_id, max_seq_len, *, train, **options
@@ -72,10 +61,6 @@ class DependencyTask(base.Task):
   def model_inputs(self, batch):
     """Relation scores at the gold heads (both models)."""
     return {"heads": gold_heads(batch)}
-
-  def loss_rows(self, batch):
-    """The words' first sub-words, [b, l]."""
-    return batch["labels"] != base.IGNORE_LABEL
 
   def gold_loss(self, logits, batch, rows):
     return gold_loss(logits, batch, rows)

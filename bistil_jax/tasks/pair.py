@@ -13,7 +13,6 @@ import dataclasses
 from typing import ClassVar
 
 from bistil_jax.data import tasks as task_data
-from bistil_jax.errors import BistilError
 from bistil_jax.tasks import base
 
 
@@ -24,16 +23,11 @@ class PairTask(base.Task):
   kind: ClassVar[str] = "pair"
   counts: ClassVar[tuple[tuple[str, str], ...]] = (("num_examples", "pairs"),)
 
-  def read(self, spec, *, label_names=None, columns=None):
-    names = tuple(label_names or self.default_labels)
-    source = task_data.parse_source(spec)
-    if source.kind == "file":
-      return task_data.read_nli(source.path, names, columns)
-    ds = task_data.load_task_dataset(source, spec)
-    examples = list(task_data.pair_rows(ds, spec, names, columns))
-    if not examples:
-      raise BistilError(f"task data {spec} holds no examples")
-    return examples
+  def read_file(self, path, label_names, columns):
+    return task_data.read_nli(path, label_names, columns)
+
+  def dataset_examples(self, ds, spec, label_names, columns):
+    return task_data.pair_rows(ds, spec, label_names, columns)
 
   def encode(
     self, examples, tokenizer, label_to_id, max_seq_len, *, train, **options

@@ -42,8 +42,11 @@ class QATask(base.Task):
   }
   fixed_labels: ClassVar[tuple[str, ...]] = qa_data.SPAN_LABELS
 
-  def read(self, spec, *, label_names=None, columns=None):
-    return qa_data.read_qa(spec)
+  def read_file(self, path, label_names, columns):
+    return qa_data.read_squad(path)
+
+  def dataset_examples(self, ds, spec, label_names, columns):
+    return qa_data.dataset_examples(ds, spec)
 
   def encode(
     self, examples, tokenizer, label_to_id, max_seq_len, *, train, **options

@@ -25,7 +25,6 @@ import numpy as np
 
 from bistil_jax import metrics
 from bistil_jax.data import tasks as task_data
-from bistil_jax.errors import BistilError
 from bistil_jax.tasks import base
 
 # Accepted column names of each field, in order of preference.
@@ -60,25 +59,22 @@ class TextClassificationTask(base.Task):
   scores: ClassVar[tuple[str, ...]] = ("macro_f1",)
   counts: ClassVar[tuple[tuple[str, str], ...]] = (("num_examples", "texts"),)
 
-  def read(self, spec, *, label_names=None, columns=None):
-    """Labelled texts of one split (see the module docstring).
+  def read_file(self, path, label_names, columns):
+    """Labelled texts of a JSON-lines, TSV or CSV file (see the module
+    docstring); a text that is not a string or a bad label is an error."""
+    path = os.fspath(path)
+    rows = task_data.read_table(path, "text classification", COLUMNS, columns)
+    examples = [_example(values, label_names, where) for values, where in rows]
+    return task_data.nonempty(examples, path, "text classification")
 
-    Raises:
-      BistilError: a bad spec, missing data or columns, a text that is not
-        a string, a bad label, or an empty split.
-    """
-    names = tuple(label_names or self.default_labels)
-    source = task_data.parse_source(spec)
-    if source.kind == "file":
-      path = os.fspath(source.path)
-      rows = task_data.read_table(path, "text classification", COLUMNS, columns)
-      examples = [_example(values, names, where) for values, where in rows]
-      return task_data.nonempty(examples, path, "text classification")
-    ds = task_data.load_task_dataset(source, spec)
-    examples = list(_dataset_examples(ds, spec, names, columns))
-    if not examples:
-      raise BistilError(f"task data {spec} holds no examples")
-    return examples
+  def dataset_examples(self, ds, spec, label_names, columns):
+    keys = names = None
+    for i, row in task_data.dataset_rows(ds, spec):
+      where = f"{spec} row {i}"
+      if keys is None:
+        keys = task_data.find_columns(row, COLUMNS, spec, columns)
+        names = task_data.class_names(ds, keys["label"]) or label_names
+      yield _example({f: row[k] for f, k in keys.items()}, names, where)
 
   def encode(
     self, examples, tokenizer, label_to_id, max_seq_len, *, train, **options
@@ -117,13 +113,3 @@ def _example(values, label_names, where: str) -> TextExample:
   text = task_data.text_field(values, "text", where)
   label = task_data.label_name(values["label"], label_names, where)
   return TextExample(text, label, where)
-
-
-def _dataset_examples(ds, spec, label_names, columns):
-  keys = names = None
-  for i, row in task_data.dataset_rows(ds, spec):
-    where = f"{spec} row {i}"
-    if keys is None:
-      keys = task_data.find_columns(row, COLUMNS, spec, columns)
-      names = task_data.class_names(ds, keys["label"]) or label_names
-    yield _example({f: row[k] for f, k in keys.items()}, names, where)

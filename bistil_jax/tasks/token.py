@@ -35,26 +35,20 @@ class TokenTask(base.Task):
     ("num_tokens", "tokens"),
   )
 
-  def read(self, spec, *, label_names=None, columns=None):
-    source = task_data.parse_source(spec)
-    if source.kind == "file":
-      if self.file_format == "conllu":
-        return task_data.read_conllu(source.path)
-      return task_data.read_conll_ner(source.path)
-    ds = task_data.load_task_dataset(source, spec)
-    examples = list(
-      task_data.token_rows(
-        ds,
-        spec,
-        tuple(label_names or self.default_labels),
-        columns,
-        label_column=self.hf_label_column,
-        ner_tags=self.file_format == "conll",
-      )
+  def read_file(self, path, label_names, columns):
+    if self.file_format == "conllu":
+      return task_data.read_conllu(path)
+    return task_data.read_conll_ner(path)
+
+  def dataset_examples(self, ds, spec, label_names, columns):
+    return task_data.token_rows(
+      ds,
+      spec,
+      label_names,
+      columns,
+      label_column=self.hf_label_column,
+      ner_tags=self.file_format == "conll",
     )
-    if not examples:
-      raise base.BistilError(f"task data {spec} holds no examples")
-    return examples
 
   def example_labels(self, example):
     return example.labels

@@ -155,7 +155,7 @@ class QATaskCliTest(absltest.TestCase):
     )
     cls.sft = os.path.join(cls.sft_wd, "export")
     tokenizer, _ = vocab.load_tokenizer_dir(cls.mmt)
-    examples = qa_data.read_qa(cls.dev)
+    examples = tasks_lib.get("qa").read(cls.dev)
     cls.dev_data = qa_data.encode_qa(
       examples, tokenizer, 64, train=False, doc_stride=16
     )
