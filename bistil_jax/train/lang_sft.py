@@ -1,9 +1,9 @@
 """Language SFTs (`bistil lang-sft`): LT-SFT with the MLM objective on one
 language's corpus (docs/method.md 4.1, last paragraph; 4.4-4.6).
 
-The same two Stages of the driver skeleton as task LT-SFT (train/task.py):
+The same LT-SFT schedule as task LT-SFT (train/lt_sft.py run):
 a dense stage; the mask = global top-K |theta - theta0| over the eligible
-body (task.select_mask); the sparse stage from theta0 with a fresh
+body (lt_sft.select_mask); the sparse stage from theta0 with a fresh
 optimiser gated by that mask. As the released language SFTs were trained
 (composable-sft run_mlm.py with --freeze_layer_norm --freeze_decoder):
 
@@ -42,13 +42,13 @@ from bistil_jax.data import corpus, pipeline, vocab
 from bistil_jax.errors import BistilError
 from bistil_jax.model.config import ModelConfig
 from bistil_jax.model.encoder import Model
-from bistil_jax.train import distil, driver, loop, steps, task
+from bistil_jax.train import distil, driver, loop, lt_sft, steps
 
 log = logging.getLogger(__name__)
 
 PHASE = "lang-sft"
 RESULTS = "results.json"
-STAGES = task.STAGES  # ("dense", "sparse"), each with its checkpoints
+STAGES = lt_sft.STAGES  # ("dense", "sparse"), each with its checkpoints
 DECODER = "decoder"  # lm_head/decoder: the untied output projection
 
 
@@ -255,8 +255,8 @@ def run(
     tokenizer, _ = vocab.load_tokenizer_dir(tok_dir)
     make_batches, seq_len, dev = _data(config, tokenizer, cfg)
     model = Model(cfg)
-    eligible = task.eligible_entries(config, cfg, params0, [])
-    task.trainable_count(config, eligible)  # K fits, before run.json
+    eligible = lt_sft.eligible_entries(config, cfg, params0, [])
+    lt_sft.trainable_count(config, eligible)  # K fits, before run.json
     ctx = claim.open()
     dev_arrays = {n: [ctx.to_global(b) for b in bs] for n, bs in dev.items()}
     evaluate = evaluator(model, loss_cfg, dev_arrays)
@@ -285,22 +285,23 @@ def run(
       )
 
     dense_mask = trainable_mask(eligible, params0, config.sparse)
-    dense = stage("dense", dense_mask, config.train.num_steps, 0, config.seed)
-    if driver.has_checkpoint(ctx, "sparse"):
-      log.info(
-        "lang-sft: the sparse stage resumes; its mask is restored from its "
-        "checkpoint (the dense stage is not re-run)"
-      )
-      mask = jax.tree.map(lambda x: np.zeros(np.shape(x), bool), params0)
-    else:
-      trained = driver.run_stage(ctx, dense).params
-      mask = task.select_mask(config, cfg, params0, trained, eligible, [])
-      del trained
+
+    def select(trained):
+      mask = lt_sft.select_mask(config, cfg, params0, trained, eligible, [])
       mask["lm_head"] = dense_mask["lm_head"]  # frozen parts stay frozen
-    sparse_stage = stage(
-      "sparse", mask, config.sparse.num_steps, dense.num_steps, config.seed + 1
+      return mask
+
+    state = lt_sft.run(
+      ctx,
+      stage,
+      params0,
+      dense_mask=dense_mask,
+      dense_steps=config.train.num_steps,
+      sparse_steps=config.sparse.num_steps,
+      select=select,
+      seed=config.seed,
+      label=PHASE,
     )
-    state = driver.run_stage(ctx, sparse_stage)
     final = driver.host_params(state.params)
     mask = driver.host_params(state.mask)
     results = {"phase": PHASE, "corpus": config.data.corpus}
