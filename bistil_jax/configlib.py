@@ -1,10 +1,41 @@
-"""Experiment configs: `path.py[:arg]` files with `get_config(arg)`.
+r"""Experiment configs: `path.py[:arg]` files with `get_config(arg)`.
 
 A config file defines `get_config(arg: str | None) -> ConfigDict` (STYLE.md
 point 10). The command line picks it with `--config configs/distil.py:tiny`
 and overrides fields with `--config.optim.learning_rate=3e-4`. The returned
 config is locked, so reading or writing a key that does not exist is an
 error rather than a silently ignored typo.
+
+What ml_collections does here: the config itself (`ConfigDict`), locking
+(`lock()`: no new keys), the type of an overridden field (assignment casts
+int to float and list to tuple and refuses other types; `apply_overrides`
+turns its TypeError into our one-line error) and the JSON of run.json
+(`to_json_best_effort`).
+
+What stays here, because ml_collections does it otherwise or not at all:
+  - loading (`load_config`): `config_flags.ConfigFileFlagParser` splits at
+    the first ":" (a path may hold one), keeps an import error until the
+    config is first read and reports errors with a traceback; ours is one
+    line (BistilError) and resolves a bare name or "configs/NAME.py" to the
+    shipped configs of a source checkout or an installed wheel;
+  - the `--config.a.b=v` arguments (`parse_override_args`): config_flags
+    reads them only as absl flags, and the CLI is argparse; the text of a
+    value is parsed here (bool words such as "on", a bare scalar for a
+    tuple field, a bare word as a string for an untyped field), and a
+    whole block or None is refused, which ConfigDict would accept;
+  - the walk to an overridden key: `config_flags.config_path` looks up
+    attributes first, so `--config.train.items=3` would reach a method of
+    ConfigDict instead of being an unknown key;
+  - suggestions for a misspelt key (`suggest_key`): a locked ConfigDict's
+    own "Did you mean" compares the name with its block's fields by
+    difflib alone (cutoff 0.75), so "optim.lr" finds nothing (we also try
+    initials: learning_rate) and neither does "data.num_steps" (we also
+    try the same name in another block: train.num_steps);
+  - `check_command` (another command's config named as such),
+    `check_keys_set` (a required field is "" in the shipped configs and in
+    run.json; `required_placeholder` would change both), `diff_keys`
+    (plain dicts of run.json), `\,` escapes and named lists
+    (`parse_named_list`), and `expand` (`~` in paths).
 """
 
 from __future__ import annotations
@@ -161,7 +192,12 @@ def _unknown(config: ConfigDict, key: str) -> BistilError:
 
 
 def _parse_value(key: str, text: str, current: Any) -> Any:
-  """Parses an override string into the type of the current value."""
+  """Parses an override string for a field whose value is `current`.
+
+  Only the text is read here; the type is ConfigDict's to enforce when the
+  value is assigned (apply_overrides): it casts int to float and list to
+  tuple and refuses the rest.
+  """
   if isinstance(current, bool):
     low = text.lower()
     if low in ("1", "true", "yes", "on"):
@@ -169,34 +205,28 @@ def _parse_value(key: str, text: str, current: Any) -> Any:
     if low in ("0", "false", "no", "off"):
       return False
     raise BistilError(f"config.{key} is a bool, got {text!r}")
-  if isinstance(current, str) or current is None:
-    if current is None:
-      try:
-        return ast.literal_eval(text)
-      except (ValueError, SyntaxError):
-        return text
+  if isinstance(current, str):
     return text
   try:
     value = ast.literal_eval(text)
   except (ValueError, SyntaxError):
-    raise BistilError(
-      f"config.{key} expects {type(current).__name__}, got {text!r}"
-    ) from None
-  if isinstance(current, float) and isinstance(value, int):
-    value = float(value)
-  if isinstance(current, tuple) and isinstance(value, list):
-    value = tuple(value)
-  if isinstance(current, tuple) and not isinstance(value, tuple):
-    value = (value,)
-  if not isinstance(value, type(current)):
-    raise BistilError(
-      f"config.{key} expects {type(current).__name__}, got {text!r}"
-    )
+    if current is None:  # an untyped field: a bare word is a string
+      return text
+    raise _wrong_type(key, text, current) from None
+  if isinstance(current, tuple) and not isinstance(value, tuple | list):
+    value = (value,)  # --config.mesh.shape=4 for (4,)
   return value
 
 
+def _wrong_type(key: str, text: str, current: Any) -> BistilError:
+  return BistilError(
+    f"config.{key} expects {type(current).__name__}, got {text!r}"
+  )
+
+
 def apply_overrides(config: ConfigDict, overrides: Mapping[str, str]) -> None:
-  """Sets dotted keys from strings; unknown keys are errors."""
+  """Sets dotted keys from strings; unknown keys and values of another
+  type than the field's are errors."""
   for key, text in overrides.items():
     node = config
     parts = key.split(".")
@@ -206,7 +236,18 @@ def apply_overrides(config: ConfigDict, overrides: Mapping[str, str]) -> None:
       node = node[part]
     if parts[-1] not in node:
       raise _unknown(config, key)
-    node[parts[-1]] = _parse_value(key, text, node[parts[-1]])
+    current = node[parts[-1]]
+    value = _parse_value(key, text, current)
+    # ConfigDict would take a dict for a whole block (dropping its other
+    # fields) and None for any field: neither is an override of a value.
+    if isinstance(current, ConfigDict) or (
+      value is None and current is not None
+    ):
+      raise _wrong_type(key, text, current)
+    try:
+      node[parts[-1]] = value
+    except TypeError:  # ConfigDict refused the type
+      raise _wrong_type(key, text, current) from None
 
 
 def parse_override_args(argv: Sequence[str]) -> dict[str, str]:
@@ -271,11 +312,10 @@ def check_command(config: ConfigDict, spec: str, command: str) -> None:
         f"(its config is configs/{own})"
       )
   keys = set(_keys(config))
-  mine = to_dict(load_config(str(shipped / own)))
+  mine = load_config(str(shipped / own))
   # Fields a user must set ("" by default, e.g. data.source) tell most.
   missing = sorted(
-    set(_keys(ConfigDict(mine))) - keys,
-    key=lambda k: (_lookup(mine, k) != "", k),
+    set(_keys(mine)) - keys, key=lambda k: (_lookup(mine, k) != "", k)
   )
   if not missing:
     return

@@ -114,6 +114,33 @@ class ConfigErrorsTest(parameterized.TestCase):
     ):
       load("distil", **{typo: "1"})
 
+  def test_values_take_the_fields_type(self):
+    c = load(
+      "distil",
+      **{
+        "optim.learning_rate": "1",  # int -> float
+        "mesh.shape": "[2, 1, 1]",  # list -> tuple
+        "train.async_checkpoints": "on",
+      },
+    )
+    self.assertEqual(c.optim.learning_rate, 1.0)
+    self.assertIsInstance(c.optim.learning_rate, float)
+    self.assertEqual(c.mesh.shape, (2, 1, 1))
+    self.assertTrue(c.train.async_checkpoints)
+    self.assertEqual(load("distil", **{"mesh.shape": "4"}).mesh.shape, (4,))
+
+  @parameterized.parameters(
+    ("train.num_steps", "2.5", "int"),
+    ("train.num_steps", "None", "int"),  # ConfigDict would take None
+    ("optim", "{'learning_rate': 1.0}", "ConfigDict"),  # a whole block
+    ("mesh.shape", "abc", "tuple"),
+  )
+  def test_a_value_of_another_type_is_refused(self, key, text, kind):
+    with self.assertRaisesRegex(
+      BistilError, rf"^config.{key} expects {kind}, got "
+    ):
+      load("distil", **{key: text})
+
   def test_no_suggestion_when_nothing_is_close(self):
     with self.assertRaisesRegex(BistilError, r"^unknown config key optim.foo$"):
       load("distil", **{"optim.foo": "1"})

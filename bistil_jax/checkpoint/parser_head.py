@@ -27,6 +27,7 @@ import numpy as np
 from bistil_jax import paths
 from bistil_jax.errors import BistilError
 from bistil_jax.model.config import ModelConfig
+
 HEAD = "biaffine_parser"  # model/config.py HEADS: the head this file holds
 HEAD_FILE = "parser_head.safetensors"
 ARC_KEY = "biaffine_arcs.weight"

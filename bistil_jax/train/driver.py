@@ -49,6 +49,11 @@ RESUME_SAFE = (
   "data.prefetch",
 )
 
+# Hooks every stage's loop calls after each step (loop.StepHook): the
+# extension point for what no command argument reaches, such as a
+# profiler or the tests' fault and signal injection (tests/faults.py).
+STEP_HOOKS: list[loop.StepHook] = []
+
 
 # ---------------------------------------------------------------- context
 @dataclasses.dataclass
@@ -343,16 +348,32 @@ def run_stage(ctx: Context, stage: Stage) -> state_lib.TrainState:
     use_async=tcfg.async_checkpoints,
   )
   state, start = restore_latest(checkpointer, state, stage.batches)
-  best = eval_fn = None
+  best = None
   if stage.eval_fn is not None and stage.select_best:
     best = BestState(stage_dir(ctx, stage.name), stage.select_best)
-    eval_fn = best.wrap(stage.eval_fn)
-  else:
-    eval_fn = stage.eval_fn
 
   def step_fn(state, batch):
     return jstep(state, stage.frozen(batch), ctx.to_global(batch), ctx.key)
 
+  try:
+    state = _loop_stage(ctx, stage, state, step_fn, start, checkpointer, best)
+  finally:
+    checkpointer.close()
+    if best is not None:
+      best.close()
+  # Bucketed batches compile one step per padded length (a bounded set).
+  log.info(
+    "%s: the step compiled for %d batch shape(s)",
+    stage.name,
+    jstep._cache_size(),  # noqa: SLF001 - jax has no public counter
+  )
+  return state
+
+
+def _loop_stage(ctx, stage, state, step_fn, start, checkpointer, best):
+  """The loop of a stage from `start` (prefetched batches, its metric
+  writer, its best state) and the stage's result."""
+  tcfg = ctx.config.train
   batches = stage.batches
   if stage.prefetch:
     batches = pipeline.prefetch(batches, size=stage.prefetch)
@@ -377,24 +398,14 @@ def run_stage(ctx: Context, stage: Stage) -> state_lib.TrainState:
         ),
         checkpointer=checkpointer,
         writer=writer,
-        eval_fn=eval_fn,
+        eval_fn=stage.eval_fn if best is None else best.wrap(stage.eval_fn),
+        hooks=STEP_HOOKS,
       )
-    if best is not None:
-      state = best.select(state)
+    return state if best is None else best.select(state)
   finally:
     if stage.prefetch:
       batches.close()
     writer.close()
-    checkpointer.close()
-    if best is not None:
-      best.close()
-  # Bucketed batches compile one step per padded length (a bounded set).
-  log.info(
-    "%s: the step compiled for %d batch shape(s)",
-    stage.name,
-    jstep._cache_size(),  # noqa: SLF001 - jax has no public counter
-  )
-  return state
 
 
 class BestState:

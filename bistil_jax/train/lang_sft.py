@@ -1,9 +1,9 @@
 """Language SFTs (`bistil lang-sft`): LT-SFT with the MLM objective on one
 language's corpus (docs/method.md 4.1, last paragraph; 4.4-4.6).
 
-The same two Stages of the driver skeleton as task LT-SFT (train/task.py):
+The same LT-SFT schedule as task LT-SFT (train/lt_sft.py run):
 a dense stage; the mask = global top-K |theta - theta0| over the eligible
-body (task.select_mask); the sparse stage from theta0 with a fresh
+body (lt_sft.select_mask); the sparse stage from theta0 with a fresh
 optimiser gated by that mask. As the released language SFTs were trained
 (composable-sft run_mlm.py with --freeze_layer_norm --freeze_decoder):
 
@@ -25,6 +25,7 @@ embeddings and the base's vocabulary size.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import logging
@@ -42,13 +43,13 @@ from bistil_jax.data import corpus, pipeline, vocab
 from bistil_jax.errors import BistilError
 from bistil_jax.model.config import ModelConfig
 from bistil_jax.model.encoder import Model
-from bistil_jax.train import distil, driver, loop, steps, task
+from bistil_jax.train import distil, driver, loop, lt_sft, steps
 
 log = logging.getLogger(__name__)
 
 PHASE = "lang-sft"
 RESULTS = "results.json"
-STAGES = task.STAGES  # ("dense", "sparse"), each with its checkpoints
+STAGES = lt_sft.STAGES  # ("dense", "sparse"), each with its checkpoints
 DECODER = "decoder"  # lm_head/decoder: the untied output projection
 
 
@@ -237,6 +238,21 @@ def evaluator(model: Model, loss_cfg, dev_arrays):
 
 
 # --------------------------------------------------------------------- run
+@dataclasses.dataclass
+class _Inputs:
+  """What a lang-sft run loads and checks before its run.json exists."""
+
+  base: Model  # the base model as loaded (tied decoder, its own head)
+  base_params: Any
+  cfg: ModelConfig  # the trained model's config (decoder untied)
+  params0: Any  # theta0 of the trained model
+  model: Model
+  eligible: Any  # the body entries LT-SFT may select
+  make_batches: Any  # seed -> this host's training batches
+  seq_len: int
+  dev: dict[str, Any]  # {name: fixed masked dev batches (host)}
+
+
 def run(
   config: ml_collections.ConfigDict, workdir: str, *, overwrite: bool = False
 ) -> str:
@@ -247,86 +263,119 @@ def run(
   with driver.start(
     config, workdir, PHASE, overwrite=overwrite, outputs=outputs
   ) as claim:
-    base, base_params, cfg, params0 = _model(config)
-    driver.check_seq_len(cfg, config.data.max_seq_len, "model")
-    tok_dir = configlib.expand(config.data.tokenizer) or configlib.expand(
-      config.student.model
-    )
-    tokenizer, _ = vocab.load_tokenizer_dir(tok_dir)
-    make_batches, seq_len, dev = _data(config, tokenizer, cfg)
-    model = Model(cfg)
-    eligible = task.eligible_entries(config, cfg, params0, [])
-    task.trainable_count(config, eligible)  # K fits, before run.json
+    inp = _prepare(config)
     ctx = claim.open()
-    dev_arrays = {n: [ctx.to_global(b) for b in bs] for n, bs in dev.items()}
-    evaluate = evaluator(model, loss_cfg, dev_arrays)
-    frozen = {"origin": ctx.shard(params0, cfg) if config.loss.l1 > 0 else None}
+    dev = {n: [ctx.to_global(b) for b in bs] for n, bs in inp.dev.items()}
+    evaluate = evaluator(inp.model, loss_cfg, dev)
+    state = _train(ctx, inp, loss_cfg, evaluate)
+    return _finish(ctx, inp, state, loss_cfg, dev, evaluate)
 
-    def stage(name, mask, num_steps, offset, seed):
-      return driver.Stage(
-        name=name,
-        model_config=cfg,
-        params=params0,
-        loss_fn=functools.partial(
-          lang_sft_losses,
-          model=model,
-          loss_cfg=loss_cfg,
-          eligible=eligible,
-          l1=config.loss.l1,
-        ),
-        batches=make_batches(seed),
-        num_steps=num_steps,
-        frozen=lambda batch: frozen,
-        mask=mask,
-        eval_fn=(lambda s: evaluate(s.params)) if dev else None,
-        step_offset=offset,
-        prefetch=config.data.prefetch,
-        batch_shape=(config.data.batch_size, seq_len),
-      )
 
-    dense_mask = trainable_mask(eligible, params0, config.sparse)
-    dense = stage("dense", dense_mask, config.train.num_steps, 0, config.seed)
-    if driver.has_checkpoint(ctx, "sparse"):
-      log.info(
-        "lang-sft: the sparse stage resumes; its mask is restored from its "
-        "checkpoint (the dense stage is not re-run)"
-      )
-      mask = jax.tree.map(lambda x: np.zeros(np.shape(x), bool), params0)
-    else:
-      trained = driver.run_stage(ctx, dense).params
-      mask = task.select_mask(config, cfg, params0, trained, eligible, [])
-      del trained
-      mask["lm_head"] = dense_mask["lm_head"]  # frozen parts stay frozen
-    sparse_stage = stage(
-      "sparse", mask, config.sparse.num_steps, dense.num_steps, config.seed + 1
+def _prepare(config) -> _Inputs:
+  """The model, tokenizer and data, checked (K fits) before run.json."""
+  base, base_params, cfg, params0 = _model(config)
+  driver.check_seq_len(cfg, config.data.max_seq_len, "model")
+  tok_dir = configlib.expand(config.data.tokenizer) or configlib.expand(
+    config.student.model
+  )
+  tokenizer, _ = vocab.load_tokenizer_dir(tok_dir)
+  make_batches, seq_len, dev = _data(config, tokenizer, cfg)
+  eligible = lt_sft.eligible_entries(config, cfg, params0, [])
+  lt_sft.trainable_count(config, eligible)  # K fits, before run.json
+  return _Inputs(
+    base,
+    base_params,
+    cfg,
+    params0,
+    Model(cfg),
+    eligible,
+    make_batches,
+    seq_len,
+    dev,
+  )
+
+
+def _train(ctx, inp: _Inputs, loss_cfg, evaluate):
+  """The LT-SFT schedule (lt_sft.run) of the MLM objective; returns the
+  sparse stage's final device state."""
+  config, cfg, params0 = ctx.config, inp.cfg, inp.params0
+  frozen = {"origin": ctx.shard(params0, cfg) if config.loss.l1 > 0 else None}
+
+  def stage(name, mask, num_steps, offset, seed):
+    return driver.Stage(
+      name=name,
+      model_config=cfg,
+      params=params0,
+      loss_fn=functools.partial(
+        lang_sft_losses,
+        model=inp.model,
+        loss_cfg=loss_cfg,
+        eligible=inp.eligible,
+        l1=config.loss.l1,
+      ),
+      batches=inp.make_batches(seed),
+      num_steps=num_steps,
+      frozen=lambda batch: frozen,
+      mask=mask,
+      eval_fn=(lambda s: evaluate(s.params)) if inp.dev else None,
+      step_offset=offset,
+      prefetch=config.data.prefetch,
+      batch_shape=(config.data.batch_size, inp.seq_len),
     )
-    state = driver.run_stage(ctx, sparse_stage)
-    final = driver.host_params(state.params)
-    mask = driver.host_params(state.mask)
-    results = {"phase": PHASE, "corpus": config.data.corpus}
-    with ctx.activate():
-      if dev:
-        p0 = ctx.shard(params0, cfg)
-        results["base"] = evaluate(p0)
-        results["trained"] = evaluate(state.params)
-    del state
-    sft = make_sft(config, cfg, base_params, params0, final, mask)
+
+  dense_mask = trainable_mask(inp.eligible, params0, config.sparse)
+
+  def select(trained):
+    mask = lt_sft.select_mask(config, cfg, params0, trained, inp.eligible, [])
+    mask["lm_head"] = dense_mask["lm_head"]  # frozen parts stay frozen
+    return mask
+
+  return lt_sft.run(
+    ctx,
+    stage,
+    params0,
+    dense_mask=dense_mask,
+    dense_steps=config.train.num_steps,
+    sparse_steps=config.sparse.num_steps,
+    select=select,
+    seed=config.seed,
+    label=PHASE,
+  )
+
+
+def _finish(ctx, inp: _Inputs, state, loss_cfg, dev, evaluate) -> str:
+  """results.json (base, trained and base+diffs on the dev sets, global
+  batches `dev`; `evaluate` is the stages' evaluator) and the SFT export;
+  returns its dir, or "" when config.train.export is False."""
+  config = ctx.config
+  final = driver.host_params(state.params)
+  mask = driver.host_params(state.mask)
+  results = {"phase": PHASE, "corpus": config.data.corpus}
+  with ctx.activate():
     if dev:
-      # As phase 1 applies it: the base (tied, its own head) + body diffs.
-      teacher = sparse.apply_sft(base_params, sft, with_dense=False)
-      with ctx.activate():
-        results["base+diffs"] = evaluator(
-          Model(base.config), loss_cfg, dev_arrays
-        )(ctx.shard(teacher, base.config))
-      for key in ("base", "trained", "base+diffs"):
-        log.info("%s: %s", key, results[key])
-    out = str(paths.path(workdir) / ckpt.EXPORT)
-    if jax.process_index() == 0:
-      (paths.path(workdir) / RESULTS).write_text(json.dumps(results, indent=2))
-      if config.train.export:
-        sparse.save_sft(out, sft, overwrite=True)
-        log.info("wrote the language SFT to %s", out)
-    return out if config.train.export else ""
+      p0 = ctx.shard(inp.params0, inp.cfg)
+      results["base"] = evaluate(p0)
+      results["trained"] = evaluate(state.params)
+  del state
+  sft = make_sft(config, inp.cfg, inp.base_params, inp.params0, final, mask)
+  if dev:
+    # As phase 1 applies it: the base (tied, its own head) + body diffs.
+    teacher = sparse.apply_sft(inp.base_params, sft, with_dense=False)
+    base_cfg = inp.base.config
+    with ctx.activate():
+      results["base+diffs"] = evaluator(Model(base_cfg), loss_cfg, dev)(
+        ctx.shard(teacher, base_cfg)
+      )
+    for key in ("base", "trained", "base+diffs"):
+      log.info("%s: %s", key, results[key])
+  out = str(paths.path(ctx.workdir) / ckpt.EXPORT)
+  if jax.process_index() == 0:
+    results_path = paths.path(ctx.workdir) / RESULTS
+    results_path.write_text(json.dumps(results, indent=2))
+    if config.train.export:
+      sparse.save_sft(out, sft, overwrite=True)
+      log.info("wrote the language SFT to %s", out)
+  return out if config.train.export else ""
 
 
 def make_sft(config, cfg, base_params, params0, final, mask) -> sparse.SFT:

@@ -15,6 +15,12 @@ before every checkpoint save, so no step pays a host sync; a checkpoint is
 written only when every step up to it was finite and its state holds no
 NaN/inf, and the error names the first non-finite step exactly.
 
+Step hooks (`StepHook`, the `hooks` argument) are the one extension point:
+each is called with a `StepEnd` after every step, once its log line,
+checkpoint and evaluation are done and before a stop signal is acted on.
+The driver passes `driver.STEP_HOOKS`; the tests inject faults and signals
+through it (tests/faults.py), so nothing here reads the environment.
+
 Dispatch is kept at most one step ahead of the device (the loop waits for
 step k-1 after queueing step k), so a stop signal is acted on within one
 step even though JAX dispatches asynchronously.
@@ -26,11 +32,10 @@ import dataclasses
 import json
 import logging
 import math
-import os
 import signal
 import tempfile
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import jax
@@ -42,14 +47,6 @@ from bistil_jax.checkpoint import manager as ckpt
 from bistil_jax.errors import BistilError
 
 log = logging.getLogger(__name__)
-
-# Fault injection for the resume tests: after finishing step k the process
-# waits for committed checkpoints and exits hard (os._exit(137)), as a
-# killed job would, without the loop's normal shutdown.
-FAULT_ENV = "BISTIL_FAULT_AT_STEP"
-# Signal injection for the preemption tests: after queueing step k the
-# process sends itself SIGTERM, as a scheduler would at a random moment.
-SIGNAL_ENV = "BISTIL_SIGTERM_AT_STEP"
 
 
 class NonFiniteLoss(BistilError):
@@ -389,6 +386,29 @@ class _FiniteGuard:
     )
 
 
+@dataclasses.dataclass(frozen=True)
+class StepEnd:
+  """What a step hook sees once a step is done (logged, saved, evaluated).
+
+  Attributes:
+    step: the step just finished (within its stage, 1-based).
+    total: the stage's last step.
+    prefix: the stage's metric namespace ("train", "dense", "sparse").
+    settle: makes everything up to `step` durable: checks the finite flags,
+      waits for the checkpoint writes and flushes the metrics.
+  """
+
+  step: int
+  total: int
+  prefix: str
+  settle: Callable[[], None]
+
+
+# A per-step extension point: called after every step, before the loop
+# acts on a stop signal (so a hook that raises one is seen at this step).
+StepHook = Callable[[StepEnd], None]
+
+
 def run_loop(
   state: Any,
   *,
@@ -400,6 +420,7 @@ def run_loop(
   checkpointer: ckpt.Checkpointer | None,
   writer: MetricWriter,
   eval_fn: Callable[[Any], Mapping[str, float]] | None = None,
+  hooks: Sequence[StepHook] = (),
 ) -> tuple[Any, dict[str, float]]:
   """Runs steps start_step .. settings.num_steps - 1.
 
@@ -414,6 +435,8 @@ def run_loop(
     checkpointer: saves state + data position; None disables checkpoints.
     writer: the metric writer.
     eval_fn: state -> {name: value}, written as "eval/<name>".
+    hooks: called with a StepEnd after every step (instrumentation, and
+      the tests' fault and signal injection).
 
   Returns:
     (final state, the last logged train metrics).
@@ -424,101 +447,140 @@ def run_loop(
     Preempted: a stop signal arrived; a checkpoint of the step at which the
       loop saw it was saved.
   """
-  total = settings.num_steps
-  fault_at = int(os.environ.get(FAULT_ENV, "-1"))
-  signal_at = int(os.environ.get(SIGNAL_ENV, "-1"))
-  pending: list[dict[str, Any]] = []
-  last_values: dict[str, float] = {}
-  t_log, step_log = time.perf_counter(), start_step
-  off = settings.step_offset
-  p = settings.prefix
-  guard = _FiniteGuard(checkpointer)
-  sync_point = _preemption_sync()
+  run = _Run(state, settings, checkpointer, writer, data_state, eval_fn)
+  run.steps(step_fn, batches, start_step, tuple(hooks))
+  return run.state, run.last_values
 
-  def evaluate(step: int):
-    if eval_fn is None:
+
+@dataclasses.dataclass
+class _Run:
+  """One run of the loop: the state and what the pieces of a step share."""
+
+  state: Any
+  settings: LoopSettings
+  checkpointer: ckpt.Checkpointer | None
+  writer: MetricWriter
+  data_state: Callable[[], Mapping[str, Any]]
+  eval_fn: Callable[[Any], Mapping[str, float]] | None
+  pending: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+  last_values: dict[str, float] = dataclasses.field(default_factory=dict)
+  t_log: float = dataclasses.field(default_factory=time.perf_counter)
+  step_log: int = 0
+
+  def __post_init__(self):
+    self.guard = _FiniteGuard(self.checkpointer)
+    self.sync_point = _preemption_sync()
+
+  def steps(self, step_fn, batches, start_step: int, hooks) -> None:
+    """The steps to `settings.num_steps`, then the final eval and save."""
+    total = self.settings.num_steps
+    self.step_log = step = start_step
+    previous = None  # the metrics of the step before the one just queued
+    sync = self.sync_point
+    signals = (signal.SIGINT,) if sync else (signal.SIGTERM, signal.SIGINT)
+    with _StopSignal(signals) as stop:
+      while step < total:
+        self.state, metrics = step_fn(self.state, next(batches))
+        step += 1
+        self.pending.append(metrics)
+        self.guard.add(step, metrics)
+        # Bounded dispatch: step `step` is queued, so waiting for the one
+        # before keeps the device busy and the host at most one step ahead.
+        if previous is not None:
+          jax.block_until_ready(previous)
+        previous = metrics
+        self.after_step(step)
+        event = StepEnd(step, total, self.settings.prefix, self.settle)
+        for hook in hooks:
+          hook(event)
+        self.stop_if_asked(step, stop.signum)
+    # The last step is always a log step, so no metrics are pending here.
+    self.guard.check()
+    self.evaluate(step)
+    self.save(step, force=True)
+    self.settle()
+
+  def after_step(self, step: int) -> None:
+    """The step's log line, checkpoint and evaluation, at their cadences."""
+    settings, total = self.settings, self.settings.num_steps
+    if step % settings.log_every == 0 or step == total:
+      self.log_metrics(step)
+    if self.checkpointer is not None and self.checkpointer.should_save(step):
+      self.save(step)
+    if settings.eval_every and step % settings.eval_every == 0:
+      if step < total:
+        self.evaluate(step)
+
+  def log_metrics(self, step: int) -> None:
+    """Host averages of the steps since the last log, with throughput."""
+    host = jax.device_get(self.pending)
+    self.pending = []
+    self.guard.check()
+    values = reduce_metrics(host)
+    now = time.perf_counter()
+    elapsed = max(now - self.t_log, 1e-9)
+    rate = (step - self.step_log) / elapsed
+    values["steps_per_s"] = rate
+    if "tokens" in values:
+      values["tokens_per_s"] = values.pop("tokens") / elapsed
+    self.t_log, self.step_log = now, step
+    p, total = self.settings.prefix, self.settings.num_steps
+    self.writer.scalars(
+      step + self.settings.step_offset,
+      {f"{p}/{k}": v for k, v in values.items()},
+    )
+    log.info("%s", format_progress(step, total, values, rate, p))
+    self.last_values = values
+
+  def evaluate(self, step: int) -> None:
+    if self.eval_fn is None:
       return
     t0 = time.perf_counter()
-    values = dict(eval_fn(state))
-    writer.scalars(step + off, {f"eval/{k}": v for k, v in values.items()})
+    values = dict(self.eval_fn(self.state))
+    self.writer.scalars(
+      step + self.settings.step_offset,
+      {f"eval/{k}": v for k, v in values.items()},
+    )
     shown = ", ".join(f"{k} {v:.4g}" for k, v in values.items())
     log.info(
       "%s eval at step %d (%.1fs): %s",
-      p,
+      self.settings.prefix,
       step,
       time.perf_counter() - t0,
       shown,
     )
 
-  def save(step: int, force: bool = False):
-    if checkpointer is None:
+  def save(self, step: int, force: bool = False) -> None:
+    if self.checkpointer is None:
       return
     # Never write a poisoned checkpoint: every step so far was finite, and
     # the state itself (the update of the last step) holds no NaN/inf.
-    guard.check()
-    if not state_is_finite(state):
-      guard.fail(step, "parameters")
-    checkpointer.save(step, state, data_state(), force=force)
+    self.guard.check()
+    if not state_is_finite(self.state):
+      self.guard.fail(step, "parameters")
+    self.checkpointer.save(step, self.state, self.data_state(), force=force)
 
-  step = start_step
-  previous = None  # the metrics of the step before the one just queued
-  signals = (signal.SIGINT,) if sync_point else (signal.SIGTERM, signal.SIGINT)
-  with _StopSignal(signals) as stop:
-    while step < total:
-      batch = next(batches)
-      state, metrics = step_fn(state, batch)
-      step += 1
-      pending.append(metrics)
-      guard.add(step, metrics)
-      # Bounded dispatch: step `step` is queued, so waiting for the one
-      # before keeps the device busy and the host at most one step ahead.
-      if previous is not None:
-        jax.block_until_ready(previous)
-      previous = metrics
-      if step == signal_at:
-        os.kill(os.getpid(), signal.SIGTERM)
-      if step % settings.log_every == 0 or step == total:
-        host = jax.device_get(pending)
-        pending = []
-        guard.check()
-        values = reduce_metrics(host)
-        now = time.perf_counter()
-        rate = (step - step_log) / max(now - t_log, 1e-9)
-        values["steps_per_s"] = rate
-        if "tokens" in values:
-          values["tokens_per_s"] = values.pop("tokens") / max(now - t_log, 1e-9)
-        t_log, step_log = now, step
-        writer.scalars(step + off, {f"{p}/{k}": v for k, v in values.items()})
-        log.info("%s", format_progress(step, total, values, rate, p))
-        last_values = values
-      if checkpointer is not None and checkpointer.should_save(step):
-        save(step)
-      if settings.eval_every and step % settings.eval_every == 0:
-        if step < total:
-          evaluate(step)
-      if step == fault_at:
-        guard.check()  # make the guard see the steps before the fault
-        if checkpointer is not None:
-          checkpointer.wait()
-        writer.close()
-        log.warning("fault injection: exiting hard after step %d", step)
-        os._exit(137)
-      preempted = sync_point is not None and sync_point(step)
-      if (stop.signum is not None or preempted) and step < total:
-        save(step, force=True)
-        if checkpointer is not None:
-          checkpointer.wait()
-        writer.flush()
-        why = f"signal {stop.signum}" if stop.signum else "preemption"
-        raise Preempted(
-          f"stopped by {why} at {p} step {step}; the state is saved, rerun "
-          "the same command to resume"
-        )
-  # The last step is always a log step, so no metrics are pending here.
-  guard.check()
-  evaluate(step)
-  save(step, force=True)
-  if checkpointer is not None:
-    checkpointer.wait()
-  writer.flush()
-  return state, last_values
+  def settle(self) -> None:
+    """Everything up to now durable: finite flags read, checkpoint writes
+    committed, metrics flushed."""
+    self.guard.check()
+    if self.checkpointer is not None:
+      self.checkpointer.wait()
+    self.writer.flush()
+
+  def stop_if_asked(self, step: int, signum: int | None) -> None:
+    """After a stop signal (or the hosts' agreed preemption step) before
+    the last step: save this step and raise Preempted."""
+    total = self.settings.num_steps
+    preempted = self.sync_point is not None and self.sync_point(step)
+    if (signum is None and not preempted) or step >= total:
+      return
+    self.save(step, force=True)
+    if self.checkpointer is not None:
+      self.checkpointer.wait()
+    self.writer.flush()
+    why = f"signal {signum}" if signum else "preemption"
+    raise Preempted(
+      f"stopped by {why} at {self.settings.prefix} step {step}; the state "
+      "is saved, rerun the same command to resume"
+    )

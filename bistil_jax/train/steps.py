@@ -95,19 +95,44 @@ def distil_losses(
     t_layers = s_cfg.num_hidden_layers
   else:
     t_layers = teacher_model.config.num_hidden_layers
-  hidden_pairs, attn_pairs = losses.layer_maps(
-    t_layers, s_cfg.num_hidden_layers
+  pairs = losses.layer_maps(t_layers, s_cfg.num_hidden_layers)
+  s_out, t_out = _distil_forward(
+    params,
+    teacher,
+    batch,
+    key,
+    student_model=student_model,
+    teacher_model=teacher_model,
+    attn_pairs=pairs[1] if loss_cfg.attention > 0 else None,
+    logits=loss_cfg.needs_logits,
   )
-  mask = batch["attention_mask"]
-  want_attn = loss_cfg.attention > 0
-  positions = batch["masked_lm_positions"] if loss_cfg.needs_logits else None
+  terms = _distil_terms(s_out, t_out, teacher, batch, pairs, loss_cfg, s_cfg)
+  total = sum(getattr(loss_cfg, name) * t.mean for name, t in terms.items())
+  return total, terms
+
+
+def _distil_forward(
+  params,
+  teacher,
+  batch,
+  key,
+  *,
+  student_model: Model,
+  teacher_model: Model | None,
+  attn_pairs,
+  logits: bool,
+):
+  """(student output, teacher output or None) for a distillation batch:
+  logits at the masked positions only, attention probabilities only for
+  the (student, teacher) layer pairs in `attn_pairs` (None: none)."""
   common = dict(
-    attention_mask=mask,
+    attention_mask=batch["attention_mask"],
     token_type_ids=batch.get("token_type_ids"),
-    logits_positions=positions,
+    logits_positions=batch["masked_lm_positions"] if logits else None,
   )
   # Attention probabilities only for the layers the loss compares; the
   # other teacher layers run fused attention (bert.SelfAttention).
+  want_attn = attn_pairs is not None
   t_attn = tuple(t for _, t in attn_pairs) if want_attn else False
   s_attn = tuple(s for s, _ in attn_pairs) if want_attn else False
   t_out = None
@@ -127,8 +152,14 @@ def distil_losses(
     output_attentions=s_attn,
     **common,
   )
+  return s_out, t_out
+
+
+def _distil_terms(s_out, t_out, teacher, batch, pairs, loss_cfg, s_cfg):
+  """The unweighted loss terms with a positive weight in `loss_cfg`."""
+  hidden_pairs, attn_pairs = pairs
   terms = {}
-  real = mask > 0
+  real = batch["attention_mask"] > 0
   if loss_cfg.hidden > 0:
     terms["hidden"] = losses.hidden_mse_layers(
       s_out.hidden_states,
@@ -137,7 +168,7 @@ def distil_losses(
       mask=real,
       projections=teacher.get("projections"),
     )
-  if want_attn:
+  if loss_cfg.attention > 0:
     terms["attention"] = losses.attention_mse_layers(
       s_out.attentions, t_out.attentions, attn_pairs, key_mask=real
     )
@@ -157,8 +188,7 @@ def distil_losses(
       terms["mlm"] = losses.token_cross_entropy(
         s_out.logits, gold, logits_mask=vocab_mask
       )
-  total = sum(getattr(loss_cfg, name) * t.mean for name, t in terms.items())
-  return total, terms
+  return terms
 
 
 def train_step(

@@ -34,7 +34,8 @@ from bistil_jax.data import tasks as task_data
 from bistil_jax.data import vocab
 from bistil_jax.errors import BistilError
 from bistil_jax.model.encoder import Model
-from bistil_jax.train import driver
+from bistil_jax.train import driver, lt_sft
+from bistil_jax.train.lt_sft import eligible_entries, trainable_count
 
 log = logging.getLogger(__name__)
 
@@ -404,7 +405,7 @@ def train_stages(ctx, inp: Inputs, loss_cfg, jpredict):
       out.update({f"{name}/{k}": v for k, v in m.items() if "num" not in k})
     return out
 
-  def stage(name, mask, epochs, offset, seed):
+  def stage(name, mask, num_steps, offset, seed):
     return driver.Stage(
       name=name,
       model_config=cfg,
@@ -418,7 +419,7 @@ def train_stages(ctx, inp: Inputs, loss_cfg, jpredict):
         eligible=eligible,
       ),
       batches=task_data.TaskBatches(inp.train, bs, seed, **hosts),
-      num_steps=math.ceil(epochs * inp.per_epoch),
+      num_steps=num_steps,
       frozen=lambda batch: frozen,
       mask=mask,
       eval_fn=eval_fn if inp.evals else None,
@@ -432,23 +433,22 @@ def train_stages(ctx, inp: Inputs, loss_cfg, jpredict):
       select_best=config.train.select_best or None,
     )
 
-  dense = stage("dense", None, config.train.epochs, 0, config.seed)
+  dense_steps = math.ceil(config.train.epochs * inp.per_epoch)
   if not config.sparse.enabled:
+    dense = stage("dense", None, dense_steps, 0, config.seed)
     return driver.run_stage(ctx, dense), None
-  if driver.has_checkpoint(ctx, "sparse"):
-    log.info(
-      "LT-SFT: the sparse stage resumes; its mask is restored from its "
-      "checkpoint (the dense stage is not re-run)"
-    )
-    mask = jax.tree.map(lambda x: np.zeros(np.shape(x), bool), inp.params0)
-  else:
-    trained = driver.run_stage(ctx, dense).params
-    mask = select_mask(config, cfg, inp.params0, trained, eligible, inp.fresh)
-    del trained
-  sparse_stage = stage(
-    "sparse", mask, config.sparse.epochs, dense.num_steps, config.seed + 1
+  state = lt_sft.run(
+    ctx,
+    stage,
+    inp.params0,
+    dense_mask=None,
+    dense_steps=dense_steps,
+    sparse_steps=math.ceil(config.sparse.epochs * inp.per_epoch),
+    select=lambda trained: lt_sft.select_mask(
+      config, cfg, inp.params0, trained, eligible, inp.fresh
+    ),
+    seed=config.seed,
   )
-  state = driver.run_stage(ctx, sparse_stage)
   return state, driver.host_params(state.mask)
 
 
@@ -471,64 +471,6 @@ def finish(ctx, inp: Inputs, state, mask, jpredict) -> str:
     results_path.write_text(json.dumps(results, indent=2))
     export(out, config, inp, final, mask)
   return out
-
-
-def eligible_entries(config, cfg, params0, fresh) -> Any:
-  """The body entries LT-SFT may select (bool tree, compact leaves);
-  groups the base lacked (a fresh pooler) have no base values to select
-  against and are trained densely instead."""
-  s = config.sparse
-  eligible = sparse.eligible_mask(
-    params0,
-    embeddings=s.embeddings,
-    layer_norm=s.layer_norm,
-    vocab_size=cfg.vocab_size,
-  )
-  for key in fresh:
-    eligible[key] = jax.tree.map(
-      lambda x: np.zeros(np.shape(x), bool), eligible[key]
-    )
-  return eligible
-
-
-def trainable_count(config, eligible) -> tuple[int, int]:
-  """(K, eligible entries): `sparse.num_entries`, or density x eligible.
-
-  Raises:
-    BistilError: a count larger than the eligible entries.
-  """
-  s = config.sparse
-  n_eligible = sum(int(np.sum(x)) for x in jax.tree.leaves(eligible))
-  k = s.num_entries or sparse.k_from_density(eligible, s.density)
-  if k > n_eligible:
-    raise BistilError(
-      f"sparse.num_entries={k} exceeds the {n_eligible} eligible body entries"
-    )
-  return k, n_eligible
-
-
-def select_mask(config, cfg, params0, trained, eligible, fresh) -> Any:
-  """The LT-SFT mask (host bools): global top-K |theta - theta0| over the
-  eligible body; the head and the fresh groups are trainable whole."""
-  k, n_eligible = trainable_count(config, eligible)
-  delta = jax.tree.map(  # theta0 placed like the trained params
-    lambda a, b: jnp.abs(a - jax.device_put(b, a.sharding)), trained, params0
-  )
-  body = driver.host_params(
-    sparse.select_top_k(delta, eligible, k, vocab_size=cfg.vocab_size)
-  )
-  log.info(
-    "LT-SFT: %d of %d eligible body entries trainable (density %.4f)",
-    k,
-    n_eligible,
-    k / max(n_eligible, 1),
-  )
-  return {
-    key: jax.tree.map(lambda x: np.ones(np.shape(x), bool), sub)
-    if key in sparse.HEAD_KEYS or key in fresh
-    else body[key]
-    for key, sub in params0.items()
-  }
 
 
 def export(out, config, inp: Inputs, final, mask) -> None:

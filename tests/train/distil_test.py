@@ -6,7 +6,6 @@ import io
 import json
 import os
 import subprocess
-import sys
 import tempfile
 
 import jax
@@ -20,7 +19,7 @@ from bistil_jax.checkpoint import hf
 from bistil_jax.checkpoint import manager as ckpt
 from bistil_jax.model import init_params, preset
 from bistil_jax.train import loop
-from tests import fixtures
+from tests import faults, fixtures
 
 REPO = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
 
@@ -124,18 +123,8 @@ class DistilCliTest(absltest.TestCase):
     self.assertEqual(run_cli(["distil", "--workdir", full, *args])[0], 0)
 
     killed = self.workdir("killed")
-    env = dict(os.environ, **{loop.FAULT_ENV: "10"})
     proc = subprocess.run(
-      [
-        sys.executable,
-        "-m",
-        "bistil_jax.cli",
-        "distil",
-        "--workdir",
-        killed,
-        *args,
-      ],
-      env=env,
+      faults.command(["distil", "--workdir", killed, *args], exit_after=10),
       cwd=REPO,
       capture_output=True,
       text=True,

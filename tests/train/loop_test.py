@@ -12,6 +12,7 @@ from absl.testing import absltest
 
 from bistil_jax.checkpoint import manager as ckpt
 from bistil_jax.train import loop
+from tests import faults
 
 
 class ReduceTest(absltest.TestCase):
@@ -66,7 +67,9 @@ class LoopTest(absltest.TestCase):
     self.addCleanup(tmp.cleanup)
     self.dir = tmp.name
 
-  def run_loop(self, step_fn, num_steps=10, checkpointer=None, log_every=5):
+  def run_loop(
+    self, step_fn, num_steps=10, checkpointer=None, log_every=5, hooks=()
+  ):
     writer = loop.MetricWriter(os.path.join(self.dir, "metrics"))
     batches = iter(range(1000))
     try:
@@ -79,6 +82,7 @@ class LoopTest(absltest.TestCase):
         settings=loop.LoopSettings(num_steps=num_steps, log_every=log_every),
         checkpointer=checkpointer,
         writer=writer,
+        hooks=hooks,
       )
     finally:
       writer.close()
@@ -157,10 +161,13 @@ class LoopTest(absltest.TestCase):
   def test_signal_at_a_random_step_saves_that_step(self):
     at = int(np.random.default_rng().integers(1, 9))
     checkpointer = ckpt.Checkpointer(self.dir, every=100, use_async=False)
-    os.environ[loop.SIGNAL_ENV] = str(at)
-    self.addCleanup(os.environ.pop, loop.SIGNAL_ENV, None)
     with self.assertRaisesRegex(loop.Preempted, f"at train step {at};"):
-      self.run_loop(counting_step(), checkpointer=checkpointer, log_every=50)
+      self.run_loop(
+        counting_step(),
+        checkpointer=checkpointer,
+        log_every=50,
+        hooks=[faults.sigterm_at_step(at)],
+      )
     self.assertEqual(checkpointer.all_steps(), [at])
     checkpointer.close()
 

@@ -5,7 +5,6 @@ bit-identical to an uninterrupted run's."""
 import os
 import re
 import subprocess
-import sys
 import tempfile
 
 import numpy as np
@@ -13,17 +12,16 @@ from absl.testing import absltest
 
 from bistil_jax import sparse
 from bistil_jax.data import tasks
-from bistil_jax.train import loop
-from tests import fixtures
+from tests import faults, fixtures
 
 REPO = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
 
 
-def finetune(workdir, args, **env):
+def finetune(workdir, args, exit_after=None):
   return subprocess.run(
-    [sys.executable, "-m", "bistil_jax.cli", "finetune", "--workdir", workdir]
-    + args,
-    env={**os.environ, **env},
+    faults.command(
+      ["finetune", "--workdir", workdir, *args], exit_after=exit_after
+    ),
     cwd=REPO,
     capture_output=True,
     text=True,
@@ -49,7 +47,7 @@ class SparseResumeTest(absltest.TestCase):
       ]
       wd = os.path.join(root, "killed")
       # Step 6 exists in the sparse stage only: the dense one ends at 4.
-      out = finetune(wd, args, **{loop.FAULT_ENV: "6"})
+      out = finetune(wd, args, exit_after=6)
       self.assertEqual(out.returncode, 137, out.stderr[-3000:])
       self.assertTrue(os.path.isdir(os.path.join(wd, "sparse", "checkpoints")))
       out = finetune(wd, args)

@@ -8,7 +8,6 @@ import io
 import os
 import random
 import subprocess
-import sys
 import tempfile
 import time
 
@@ -19,7 +18,7 @@ from absl.testing import absltest
 from bistil_jax import cli
 from bistil_jax.checkpoint import manager as ckpt
 from bistil_jax.train import loop
-from tests import fixtures
+from tests import faults, fixtures
 
 REPO = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
 
@@ -34,10 +33,10 @@ def run_cli(argv):
   return code, err.getvalue()
 
 
-def spawn(argv, env=None):
+def spawn(argv, **faults_at):
+  """`bistil ARGV` in a subprocess, with faults.command's injections."""
   return subprocess.Popen(
-    [sys.executable, "-m", "bistil_jax.cli", *argv],
-    env=dict(os.environ, **(env or {})),
+    faults.command(argv, **faults_at),
     cwd=REPO,
     stdout=subprocess.PIPE,
     stderr=subprocess.PIPE,
@@ -151,9 +150,7 @@ class ReliabilityTest(absltest.TestCase):
       run_cli(["distil", "--workdir", full, *self.args(**over)])[0], 0
     )
     wd = os.path.join(self.root, "damaged")
-    proc = spawn(
-      ["distil", "--workdir", wd, *self.args(**over)], {loop.FAULT_ENV: "10"}
-    )
+    proc = spawn(["distil", "--workdir", wd, *self.args(**over)], exit_after=10)
     _, perr = proc.communicate(timeout=300)
     self.assertEqual(proc.returncode, 137, perr[-2000:])
     self.assertEqual(steps_in(wd), [4, 8])
@@ -217,7 +214,7 @@ class ReliabilityTest(absltest.TestCase):
     }
     proc = spawn(
       ["distil", "--workdir", wd, *self.args(**over)],
-      {loop.SIGNAL_ENV: str(at)},
+      sigterm_at=at,
     )
     _, perr = proc.communicate(timeout=300)
     self.assertEqual(proc.returncode, 2, perr[-2000:])
