@@ -518,7 +518,12 @@ class _Student(NamedTuple):
 def run_seed(
   out: str, seed: int, b: Budget, tasks: tuple[str, ...] = ("pos",)
 ) -> dict[str, Any]:
-  """The whole pipeline for one seed and each task; its measurements."""
+  """The whole pipeline for one seed and each task; its measurements.
+
+  Stages, each feeding the next: data (_data_stage), the teacher's MLM,
+  its task teachers, the language SFTs, every student's phase 1 (shared by
+  the tasks), then per task phase 2 and test scores (_task_stage).
+  """
   root = _join(out, f"seed{seed}")
   paths.mkdirs(root)
   timings = {}
@@ -533,10 +538,8 @@ def run_seed(
   }
   timings["teacher"] = time.perf_counter() - t
   t = time.perf_counter()
-  sfts = {}
-  if b.lang_sft_steps:
-    for lang in d.transfer:
-      sfts[lang] = _lang_sft(root, lang, teacher, b, seed, d.data)
+  sfts = _lang_sfts(root, seed, b, teacher, d)
+  if sfts:
     timings["lang_sfts"] = time.perf_counter() - t
 
   # --- phase 1 of every student, shared by the tasks
@@ -666,6 +669,18 @@ def _task_teacher(
     + _task_over(b, seed, d.files[task], d.src)
   )
   return _join(workdir, "export")
+
+
+def _lang_sfts(
+  root: str, seed: int, b: Budget, teacher: str, d: _SeedData
+) -> dict[str, str]:
+  """Phase 1's language SFTs of the source and both targets (lang -> SFT
+  dir); none when the budget has no language-SFT steps."""
+  if not b.lang_sft_steps:
+    return {}
+  return {
+    lang: _lang_sft(root, lang, teacher, b, seed, d.data) for lang in d.transfer
+  }
 
 
 def _multi_student(
