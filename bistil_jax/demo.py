@@ -26,7 +26,7 @@ import json
 import logging
 import statistics
 import time
-from typing import Any
+from typing import Any, NamedTuple
 
 from bistil_jax import cli, configlib, paths
 from bistil_jax.errors import BistilError
@@ -478,18 +478,109 @@ def _synth(out: str, langs, b: Budget, qa: bool, tokenizer: bool) -> None:
   _run(argv + ["--overwrite"])
 
 
+@dataclasses.dataclass(frozen=True)
+class _SeedData:
+  """The data stage's outputs, which every later stage reads.
+
+  Attributes:
+    data: the synthetic dataset (corpora, POS/DP files, tokenizer).
+    files: task -> language -> split -> the task's file.
+    src: the source language.
+    close: the close target.
+    distant: the distant target.
+    all_txt: the MMT's pre-training corpus (every language).
+    init_dir: the teacher's random init.
+  """
+
+  data: Any
+  files: dict[str, Any]
+  src: str
+  close: str
+  distant: str
+  all_txt: str
+  init_dir: str
+
+  @property
+  def transfer(self) -> list[str]:
+    """[source, close, distant]: the languages the teacher is scored on."""
+    return [self.src, self.close, self.distant]
+
+
+class _Student(NamedTuple):
+  """A phase-1 student: its results key, model dir, phase-2 workdir infix
+  and the languages it is scored on."""
+
+  key: str
+  model_dir: str
+  sft_name: str
+  langs: list[str]
+
+
 def run_seed(
   out: str, seed: int, b: Budget, tasks: tuple[str, ...] = ("pos",)
 ) -> dict[str, Any]:
-  """The whole pipeline for one seed and each task; its measurements."""
-  from bistil_jax import synthetic
+  """The whole pipeline for one seed and each task; its measurements.
 
+  Stages, each feeding the next: data (_data_stage), the teacher's MLM,
+  its task teachers, the language SFTs, every student's phase 1 (shared by
+  the tasks), then per task phase 2 and test scores (_task_stage).
+  """
   root = _join(out, f"seed{seed}")
   paths.mkdirs(root)
   timings = {}
   t0 = time.perf_counter()
+  d = _data_stage(root, seed, b, tasks)
+  timings["data"] = time.perf_counter() - t0
 
-  # --- data, tokenizer, teacher init (fixed family; seeds vary training)
+  t = time.perf_counter()
+  teacher = _teacher_stage(root, seed, b, d)
+  task_teachers = {
+    task: _task_teacher(root, seed, b, task, teacher, d) for task in tasks
+  }
+  timings["teacher"] = time.perf_counter() - t
+  t = time.perf_counter()
+  sfts = _lang_sfts(root, seed, b, teacher, d)
+  if sfts:
+    timings["lang_sfts"] = time.perf_counter() - t
+
+  # --- phase 1 of every student, shared by the tasks
+  t = time.perf_counter()
+  students = [_multi_student(root, seed, b, teacher, d)]
+  timings["multi"] = time.perf_counter() - t
+  for kind, tgt in (("close", d.close), ("distant", d.distant)):
+    t = time.perf_counter()
+    students += _bilingual_students(root, seed, b, kind, tgt, teacher, d, sfts)
+    timings[kind] = time.perf_counter() - t
+
+  # --- per task: phase 2 of each student against that task's teacher,
+  # then test scores
+  sizes = _SizeColumns(_join(root, "eval"), b)
+  results: dict[str, Any] = {
+    "languages": {"source": d.src, "close": d.close, "distant": d.distant},
+    "tasks": {},
+  }
+  for task in sorted(tasks, key=lambda x: x != "pos"):  # POS measures first
+    t = time.perf_counter()
+    models = _task_stage(
+      root, seed, b, task, d, teacher, task_teachers[task], students, sizes
+    )
+    results["tasks"][task] = {"metric": TASK_METRICS[task][0], "models": models}
+    timings[f"task_{task}"] = time.perf_counter() - t
+  if "pos" in results["tasks"]:
+    # The POS entries where they were before --tasks (report, older tools).
+    results["models"] = results["tasks"]["pos"]["models"]
+  results["timings_s"] = timings
+  results["total_s"] = time.perf_counter() - t0
+  return results
+
+
+def _data_stage(
+  root: str, seed: int, b: Budget, tasks: tuple[str, ...]
+) -> _SeedData:
+  """Data, tokenizer and the teacher's init (a fixed family; the seed
+  varies training only). Each piece is made only if missing."""
+  from bistil_jax import synthetic
+
   family = _family(b)
   src, close, distant = transfer_languages(family, b)
   langs = [src, close, distant]
@@ -513,184 +604,230 @@ def run_seed(
     paths.write_text(all_txt, mmt_corpus(data, langs, (close, distant), b))
   init_dir = _join(root, "teacher_init")
   if not paths.path(init_dir).is_dir():
-    _run(
-      [
-        "init",
-        "--preset",
-        "tiny",
-        "--tokenizer",
-        _join(data_dir, "tokenizer"),
-        "--out",
-        init_dir,
-        "--seed",
-        seed,
-        "--set",
-        f"num_hidden_layers={b.teacher_layers}",
-        "--set",
-        f"hidden_size={b.hidden}",
-        "--set",
-        "num_attention_heads=4",
-        "--set",
-        f"intermediate_size={4 * b.hidden}",
-        "--set",
-        f"max_position_embeddings={max(128, b.seq_len)}",
-      ]
-    )
-  timings["data"] = time.perf_counter() - t0
+    _init_teacher(init_dir, _join(data_dir, "tokenizer"), seed, b)
+  return _SeedData(data, files, src, close, distant, all_txt, init_dir)
 
-  # --- teacher: MLM on all languages, then task-tuned on the source
-  t = time.perf_counter()
-  teacher = _mlm_stage(
+
+def _init_teacher(init_dir: str, tokenizer: str, seed: int, b: Budget) -> None:
+  """`bistil init` of the teacher: the tiny preset at the budget's size."""
+  _run(
+    [
+      "init",
+      "--preset",
+      "tiny",
+      "--tokenizer",
+      tokenizer,
+      "--out",
+      init_dir,
+      "--seed",
+      seed,
+      "--set",
+      f"num_hidden_layers={b.teacher_layers}",
+      "--set",
+      f"hidden_size={b.hidden}",
+      "--set",
+      "num_attention_heads=4",
+      "--set",
+      f"intermediate_size={4 * b.hidden}",
+      "--set",
+      f"max_position_embeddings={max(128, b.seq_len)}",
+    ]
+  )
+
+
+def _teacher_stage(root: str, seed: int, b: Budget, d: _SeedData) -> str:
+  """The teacher: MLM on all languages; its export dir."""
+  return _mlm_stage(
     "pretrain",
     _join(root, "teacher_mlm"),
     b,
     b.pretrain_steps,
     seed,
-    init_dir,
-    all_txt,
-    all_txt,
+    d.init_dir,
+    d.all_txt,
+    d.all_txt,
     "--config.optim.learning_rate=0.001",
     "--config.optim.warmup_steps=100",
   )
-  task_teachers = {}
-  for task in tasks:
-    teacher_task = _join(root, f"teacher_{task}")
+
+
+def _task_teacher(
+  root: str, seed: int, b: Budget, task: str, teacher: str, d: _SeedData
+) -> str:
+  """`bistil finetune` of the teacher on the source's task data; the
+  export dir."""
+  workdir = _join(root, f"teacher_{task}")
+  _run(
+    [
+      "finetune",
+      "--config",
+      _cfg(f"finetune.py:{task},variant=tiny"),
+      "--workdir",
+      workdir,
+      f"--config.student.model={teacher}",
+      f"--config.train.epochs={task_epochs(b, task)[0]}",
+    ]
+    + _task_over(b, seed, d.files[task], d.src)
+  )
+  return _join(workdir, "export")
+
+
+def _lang_sfts(
+  root: str, seed: int, b: Budget, teacher: str, d: _SeedData
+) -> dict[str, str]:
+  """Phase 1's language SFTs of the source and both targets (lang -> SFT
+  dir); none when the budget has no language-SFT steps."""
+  if not b.lang_sft_steps:
+    return {}
+  return {
+    lang: _lang_sft(root, lang, teacher, b, seed, d.data) for lang in d.transfer
+  }
+
+
+def _multi_student(
+  root: str, seed: int, b: Budget, teacher: str, d: _SeedData
+) -> _Student:
+  """Phase 1 on all languages with the full vocabulary (DistilmBERT-style),
+  scored on the source and both targets."""
+  model_dir = _mlm_stage(
+    "distil", _join(root, "distil_multi"), b, b.distil_steps,
+    seed, teacher, d.all_txt, d.all_txt,
+    f"--config.student.init={b.student_init}",
+  )  # fmt: skip
+  return _Student("multi", model_dir, "multi", d.transfer)
+
+
+def _bilingual_students(
+  root: str,
+  seed: int,
+  b: Budget,
+  kind: str,
+  tgt: str,
+  teacher: str,
+  d: _SeedData,
+  sfts: dict[str, str],
+) -> list[_Student]:
+  """The BiStil student of one target (trimmed vocabulary, phase 1) and
+  its scratch twin, both scored on the source and that target."""
+  data = d.data
+  trimmed = _join(root, f"trimmed_{kind}")
+  if not paths.path(_join(trimmed, "config.json")).is_file():
     _run(
       [
-        "finetune",
-        "--config",
-        _cfg(f"finetune.py:{task},variant=tiny"),
-        "--workdir",
-        teacher_task,
-        f"--config.student.model={teacher}",
-        f"--config.train.epochs={task_epochs(b, task)[0]}",
+        "trim-vocab",
+        "--model",
+        teacher,
+        "--source",
+        data.corpora[d.src]["train"],
+        "--target",
+        data.corpora[tgt]["train"],
+        "--out",
+        trimmed,
+        "--quiet",
+        "--overwrite",
       ]
-      + _task_over(b, seed, files[task], src)
     )
-    task_teachers[task] = _join(teacher_task, "export")
-  timings["teacher"] = time.perf_counter() - t
-  t = time.perf_counter()
-  sfts = {}
-  if b.lang_sft_steps:
-    for lang in (src, close, distant):
-      sfts[lang] = _lang_sft(root, lang, teacher, b, seed, data)
-    timings["lang_sfts"] = time.perf_counter() - t
+  corpora = (data.corpora[d.src]["train"], data.corpora[tgt]["train"])
+  student = _mlm_stage(
+    "distil", _join(root, f"distil_{kind}"), b, b.distil_steps,
+    seed, trimmed, *corpora, f"--config.student.init={b.student_init}",
+    *_teacher_sfts(sfts, d.src, tgt),
+  )  # fmt: skip
+  scratch = _scratch_student(root, seed, b, kind, student, corpora)
+  return [
+    _Student(f"bistil_{kind}", student, kind, [d.src, tgt]),
+    _Student(f"scratch_{kind}", scratch, f"scratch_{kind}", [d.src, tgt]),
+  ]
 
-  # --- phase 1 of every student, shared by the tasks
-  t = time.perf_counter()
-  # (name, model dir, SFT workdir infix, languages scored)
-  students = [
-    (
-      "multi",
-      _mlm_stage(
-        "distil", _join(root, "distil_multi"), b, b.distil_steps,
-        seed, teacher, all_txt, all_txt,
-        f"--config.student.init={b.student_init}",
-      ),
-      "multi",
-      [src, close, distant],
-    )
-  ]  # fmt: skip
-  timings["multi"] = time.perf_counter() - t
-  for kind, tgt in (("close", close), ("distant", distant)):
-    t = time.perf_counter()
-    trimmed = _join(root, f"trimmed_{kind}")
-    if not paths.path(_join(trimmed, "config.json")).is_file():
-      _run(
-        [
-          "trim-vocab",
-          "--model",
-          teacher,
-          "--source",
-          data.corpora[src]["train"],
-          "--target",
-          data.corpora[tgt]["train"],
-          "--out",
-          trimmed,
-          "--quiet",
-          "--overwrite",
-        ]
-      )
-    corpora = (data.corpora[src]["train"], data.corpora[tgt]["train"])
-    student = _mlm_stage(
-      "distil", _join(root, f"distil_{kind}"), b, b.distil_steps,
-      seed, trimmed, *corpora, f"--config.student.init={b.student_init}",
-      *_teacher_sfts(sfts, src, tgt),
-    )  # fmt: skip
-    # Scratch: the student's architecture and vocabulary, random weights,
-    # MLM on the same two corpora for the same number of steps.
-    scratch_init = _join(root, f"scratch_init_{kind}")
-    if not paths.path(scratch_init).is_dir():
-      _run(
-        [
-          "init", "--config", student, "--tokenizer", student,
-          "--out", scratch_init, "--seed", 1000 + seed,
-        ]
-      )  # fmt: skip
-    scratch = _mlm_stage(
-      "pretrain", _join(root, f"scratch_{kind}"), b, b.distil_steps,
-      seed, scratch_init, *corpora,
-    )  # fmt: skip
-    students += [
-      (f"bistil_{kind}", student, kind, [src, tgt]),
-      (f"scratch_{kind}", scratch, f"scratch_{kind}", [src, tgt]),
-    ]
-    timings[kind] = time.perf_counter() - t
 
-  # --- per task: phase 2 of each student against that task's teacher,
-  # then test scores. Size and latency are measured once per model dir,
-  # with its POS SFT when POS runs (a POS head; the encoder, which the
-  # columns are about, is the same for every task), else without an SFT.
+def _scratch_student(
+  root: str,
+  seed: int,
+  b: Budget,
+  kind: str,
+  student: str,
+  corpora: tuple[str, str],
+) -> str:
+  """The student's architecture and vocabulary, random weights, MLM on the
+  same two corpora for the same number of steps; the export dir."""
+  scratch_init = _join(root, f"scratch_init_{kind}")
+  if not paths.path(scratch_init).is_dir():
+    _run(
+      [
+        "init", "--config", student, "--tokenizer", student,
+        "--out", scratch_init, "--seed", 1000 + seed,
+      ]
+    )  # fmt: skip
+  return _mlm_stage(
+    "pretrain", _join(root, f"scratch_{kind}"), b, b.distil_steps,
+    seed, scratch_init, *corpora,
+  )  # fmt: skip
+
+
+class _SizeColumns:
+  """The table's size and latency columns, measured once per model key.
+
+  The first task to ask measures (run_seed asks for POS first, with its
+  POS SFT: a POS head; the encoder, which the columns are about, is the
+  same for every task); later tasks reuse the numbers.
+  """
+
+  def __init__(self, ev_dir: str, b: Budget):
+    paths.mkdirs(ev_dir)
+    self._ev_dir = ev_dir
+    self._b = b
+    self._sizes: dict[str, dict[str, float]] = {}
+
+  def __call__(
+    self, key: str, model_dir: str, sft: str | None
+  ) -> dict[str, float]:
+    if key not in self._sizes:
+      out = _join(self._ev_dir, f"{key}.measure.json")
+      self._sizes[key] = _measure(model_dir, sft, self._b, out)
+    return self._sizes[key]
+
+
+def _task_stage(
+  root: str,
+  seed: int,
+  b: Budget,
+  task: str,
+  d: _SeedData,
+  teacher: str,
+  task_teacher: str,
+  students: list[_Student],
+  size: _SizeColumns,
+) -> dict[str, Any]:
+  """One task's models: the teacher's test scores, then each student's
+  phase 2 against `task_teacher` and its test scores. Size and latency
+  come with the POS SFT when POS runs, else without an SFT."""
   ev_dir = _join(root, "eval")
-  paths.mkdirs(ev_dir)
-  sizes: dict[str, dict[str, float]] = {}
-
-  def size(key, model_dir, sft):
-    if key not in sizes:
-      out_ = _join(ev_dir, f"{key}.measure.json")
-      sizes[key] = _measure(model_dir, sft, b, out_)
-    return sizes[key]
-
-  results: dict[str, Any] = {
-    "languages": {"source": src, "close": close, "distant": distant},
-    "tasks": {},
-  }
-  for task in sorted(tasks, key=lambda x: x != "pos"):  # POS measures first
-    t = time.perf_counter()
-    pre = _suffix(task)
-    fs = files[task]
-    models: dict[str, Any] = {}
-    if task == "pos":
-      models["majority"] = {
-        "scores": majority_scores(data, src, [src, close, distant]),
-        "params": 0,
-        "macs": 0,
-        "latency_ms": 0.0,
-      }
-    tt = task_teachers[task]
-    models["teacher"] = _scored(
-      tt, None, fs, [src, close, distant],
-      _join(ev_dir, f"{pre}teacher.json"), task, b,
-      size("teacher", tt if task == "pos" else teacher, None),
+  pre = _suffix(task)
+  fs = d.files[task]
+  models: dict[str, Any] = {}
+  if task == "pos":
+    models["majority"] = {
+      "scores": majority_scores(d.data, d.src, d.transfer),
+      "params": 0,
+      "macs": 0,
+      "latency_ms": 0.0,
+    }
+  models["teacher"] = _scored(
+    task_teacher, None, fs, d.transfer,
+    _join(ev_dir, f"{pre}teacher.json"), task, b,
+    size("teacher", task_teacher if task == "pos" else teacher, None),
+  )  # fmt: skip
+  for key, model_dir, sft_name, score_langs in students:
+    sft = _phase2(
+      _join(root, f"sft_{pre}{sft_name}"), model_dir, task_teacher, b, seed,
+      fs, d.src, task,
     )  # fmt: skip
-    for key, model_dir, sft_name, score_langs in students:
-      sft = _phase2(
-        _join(root, f"sft_{pre}{sft_name}"), model_dir, tt, b, seed,
-        fs, src, task,
-      )  # fmt: skip
-      models[key] = _scored(
-        model_dir, sft, fs, score_langs,
-        _join(ev_dir, f"{pre}{key}.json"), task, b,
-        size(key, model_dir, sft if task == "pos" else None),
-      )  # fmt: skip
-    results["tasks"][task] = {"metric": TASK_METRICS[task][0], "models": models}
-    timings[f"task_{task}"] = time.perf_counter() - t
-  if "pos" in results["tasks"]:
-    # The POS entries where they were before --tasks (report, older tools).
-    results["models"] = results["tasks"]["pos"]["models"]
-  results["timings_s"] = timings
-  results["total_s"] = time.perf_counter() - t0
-  return results
+    models[key] = _scored(
+      model_dir, sft, fs, score_langs,
+      _join(ev_dir, f"{pre}{key}.json"), task, b,
+      size(key, model_dir, sft if task == "pos" else None),
+    )  # fmt: skip
+  return models
 
 
 # Models trained once per seed and shown under both targets.

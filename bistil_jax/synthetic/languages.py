@@ -508,86 +508,103 @@ class Realizer:
     return [adp, *toks] if self._prepositions else [*toks, adp]
 
   def _np(self, np: Any, acc: int, head: Token, rel: str) -> list[Token]:
+    """An NP's tokens in surface order, its head attached to `head`."""
     kind = np.kind
-    f = self.forms
     if kind == "noun":
-      pl = 1 if np.plural else 0
-      noun = Token(
-        f.noun[np.noun][pl][acc],
-        self._noun_lemma[np.noun],
-        "NOUN",
-        self._noun_feats[pl][acc],
-        head,
-        rel,
-      )
-      core = [
-        Token(
-          f.adjective[a][pl],
-          f.adjective[a][0],
-          "ADJ",
-          self._adj_feats[pl],
-          noun,
-          "amod",
-        )
-        for a in np.adjectives
-      ]
-      if self._adj_first:
-        core.append(noun)
-      else:
-        core.insert(0, noun)
-      outer = []
-      if np.number:
-        digits = str(np.number)
-        outer.append(
-          Token(digits, digits, "NUM", "NumType=Card", noun, "nummod")
-        )
-      if np.det >= 0:
-        word = f.determiner[np.det]
-        outer.append(Token(word, word, "DET", _DET_FEATS[np.det], noun, "det"))
-      if self._det_first:
-        outer.reverse()
-        return outer + core
-      return core + outer
+      return self._noun_np(np, acc, head, rel)
     if kind == "pron":
-      word = f.pronoun[np.pronoun][acc]
-      return [
-        Token(
-          word,
-          f.pronoun[np.pronoun][0],
-          "PRON",
-          self._pron_feats[np.pronoun][acc],
-          head,
-          rel,
-        )
-      ]
+      return self._pronoun_np(np, acc, head, rel)
     if kind == "name":
-      entity = self._entities[np.entity]
-      first = Token(
-        entity.tokens[0],
-        entity.tokens[0],
-        "PROPN",
-        "_",
-        head,
-        rel,
-        "B-" + entity.type,
-      )
-      inside = "I-" + entity.type
-      return [first] + [
-        Token(w, w, "PROPN", "_", first, "flat", inside)
-        for w in entity.tokens[1:]
-      ]
+      return self._name_np(np, head, rel)
     if kind == "coord":
-      left = self._np(np.left, acc, head, rel)
-      left_head = next(t for t in left if t.head is head)
-      right = self._np(np.right, acc, left_head, "conj")
-      right_head = next(t for t in right if t.head is left_head)
-      word = f.conjunction[np.conj]
-      cc = Token(word, word, "CCONJ", "_", right_head, "cc")
-      return [*left, cc, *right]
+      return self._coord_np(np, acc, head, rel)
     if kind == "year":
       digits = str(np.year)
       return [Token(digits, digits, "NUM", "NumType=Card", head, rel)]
     raise ValueError(f"unknown NP kind {kind!r}")
+
+  def _noun_np(self, np: Any, acc: int, head: Token, rel: str) -> list[Token]:
+    """Noun, adjectives, number and determiner, in the language's order."""
+    f = self.forms
+    pl = 1 if np.plural else 0
+    noun = Token(
+      f.noun[np.noun][pl][acc],
+      self._noun_lemma[np.noun],
+      "NOUN",
+      self._noun_feats[pl][acc],
+      head,
+      rel,
+    )
+    core = [
+      Token(
+        f.adjective[a][pl],
+        f.adjective[a][0],
+        "ADJ",
+        self._adj_feats[pl],
+        noun,
+        "amod",
+      )
+      for a in np.adjectives
+    ]
+    if self._adj_first:
+      core.append(noun)
+    else:
+      core.insert(0, noun)
+    outer = []
+    if np.number:
+      digits = str(np.number)
+      outer.append(Token(digits, digits, "NUM", "NumType=Card", noun, "nummod"))
+    if np.det >= 0:
+      word = f.determiner[np.det]
+      outer.append(Token(word, word, "DET", _DET_FEATS[np.det], noun, "det"))
+    if self._det_first:
+      outer.reverse()
+      return outer + core
+    return core + outer
+
+  def _pronoun_np(
+    self, np: Any, acc: int, head: Token, rel: str
+  ) -> list[Token]:
+    f = self.forms
+    word = f.pronoun[np.pronoun][acc]
+    return [
+      Token(
+        word,
+        f.pronoun[np.pronoun][0],
+        "PRON",
+        self._pron_feats[np.pronoun][acc],
+        head,
+        rel,
+      )
+    ]
+
+  def _name_np(self, np: Any, head: Token, rel: str) -> list[Token]:
+    """A named entity: its first token heads the rest (`flat`)."""
+    entity = self._entities[np.entity]
+    first = Token(
+      entity.tokens[0],
+      entity.tokens[0],
+      "PROPN",
+      "_",
+      head,
+      rel,
+      "B-" + entity.type,
+    )
+    inside = "I-" + entity.type
+    return [first] + [
+      Token(w, w, "PROPN", "_", first, "flat", inside)
+      for w in entity.tokens[1:]
+    ]
+
+  def _coord_np(self, np: Any, acc: int, head: Token, rel: str) -> list[Token]:
+    """`left CONJ right`; the right conjunct hangs off the left's head."""
+    left = self._np(np.left, acc, head, rel)
+    left_head = next(t for t in left if t.head is head)
+    right = self._np(np.right, acc, left_head, "conj")
+    right_head = next(t for t in right if t.head is left_head)
+    word = self.forms.conjunction[np.conj]
+    cc = Token(word, word, "CCONJ", "_", right_head, "cc")
+    return [*left, cc, *right]
 
 
 def detokenize(forms: Sequence[str]) -> str:
@@ -1043,6 +1060,48 @@ def make_family(
   Raises:
     BistilError: a bad seed or count.
   """
+  num_groups = _check_family_args(seed, num_languages, num_groups)
+  ontology = lt.make_ontology(seed)
+  orders = _make_orders(seed, num_groups)
+  names = [chr(ord("A") + i) for i in range(num_groups)]
+  used_segments: dict[str, int] = {}
+  # In group order: each group's phonology prefers the segments earlier
+  # groups used least (used_segments), so the order is part of the draw.
+  drafts = [
+    _draft_group(seed, g, names[g], size, orders[g], used_segments)
+    for g, size in enumerate(_group_sizes(num_languages, num_groups))
+  ]
+  daughters = [d for draft in drafts for d in draft.daughters]
+  lexicons = _build_lexicons(
+    seed,
+    {d.code: d.group for d in daughters},
+    [draft.group.phonology for draft in drafts],
+    {d.code: d.changes for d in daughters},
+    {d.code: d.morphology for d in daughters},
+    {d.code: d.order for d in daughters},
+    ontology.sizes,
+  )
+  languages = tuple(
+    Language(
+      d.code,
+      names[d.group],
+      d.order,
+      d.morphology,
+      d.changes,
+      lexicons[d.code],
+    )
+    for d in daughters
+  )
+  groups = tuple(draft.group for draft in drafts)
+  return Family(seed, ontology, groups, languages)
+
+
+def _check_family_args(seed: Any, num_languages: Any, num_groups: Any) -> int:
+  """make_family's arguments checked; the number of groups to make.
+
+  Raises:
+    BistilError: a bad seed or count.
+  """
   if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
     raise BistilError(f"seed must be a non-negative integer, got {seed!r}")
   if (
@@ -1065,52 +1124,68 @@ def make_family(
       f"num_groups must be an integer from 1 to num_languages "
       f"({num_languages}), got {num_groups!r}"
     )
+  return num_groups
 
-  ontology = lt.make_ontology(seed)
-  orders = _make_orders(seed, num_groups)
-  names = [chr(ord("A") + i) for i in range(num_groups)]
-  phonologies, proto_morph, members = [], [], []
-  group_of: dict[str, int] = {}
-  changes: dict[str, tuple[SoundChange, ...]] = {}
-  morph: dict[str, Morphology] = {}
-  order_of: dict[str, WordOrder] = {}
-  used_segments: dict[str, int] = {}
-  for g, size in enumerate(_group_sizes(num_languages, num_groups)):
-    rng = lt.Rng(seed, "group", g)
-    ph = _make_phonology(rng, used_segments)
-    phonologies.append(ph)
-    proto_morph.append(_make_morphology(rng, ph, orders[g]))
-    codes = [f"{names[g].lower()}{i + 1}" for i in range(size)]
-    members.append(tuple(codes))
-    probe = [ph.word(rng, _syllables(rng, "nouns")) for _ in range(200)]
-    for code in codes:
-      chosen = _choose_changes(
-        lt.Rng(seed, "sound-changes", code),
-        ph,
-        probe,
-        members_changes=[changes[c] for c in codes if c in changes],
-      )
-      group_of[code] = g
-      changes[code] = chosen
-      morph[code] = _daughter_morphology(proto_morph[g], chosen)
-      order_of[code] = orders[g]
 
-  lexicons = _build_lexicons(
-    seed, group_of, phonologies, changes, morph, order_of, ontology.sizes
-  )
-  groups = tuple(
-    Group(names[g], phonologies[g], orders[g], proto_morph[g], members[g])
-    for g in range(num_groups)
-  )
-  languages = tuple(
-    Language(
-      code,
-      names[group_of[code]],
-      order_of[code],
-      morph[code],
-      changes[code],
-      lexicons[code],
+@dataclasses.dataclass(frozen=True)
+class _Daughter:
+  """One member language before its lexicon is drawn."""
+
+  code: str
+  group: int
+  order: WordOrder
+  morphology: Morphology
+  changes: tuple[SoundChange, ...]
+
+
+@dataclasses.dataclass(frozen=True)
+class _GroupDraft:
+  """A group and its members, before the family-wide lexicon draw."""
+
+  group: Group
+  daughters: tuple[_Daughter, ...]
+
+
+def _draft_group(
+  seed: int,
+  g: int,
+  name: str,
+  size: int,
+  order: WordOrder,
+  used_segments: dict[str, int],
+) -> _GroupDraft:
+  """Group `g`: proto phonology and morphology, and each member's changes.
+
+  Args:
+    seed: the family's seed.
+    g: the group's index.
+    name: its letter ("A", ...); member codes are "a1", "a2", ...
+    size: how many member languages.
+    order: the group's word order (every member keeps it).
+    used_segments: segment -> uses by earlier groups; updated in place.
+
+  Returns:
+    The group and its members, in code order.
+  """
+  # One stream per group, drawn in this order: phonology, proto
+  # morphology, then the probe words the sound changes are judged on.
+  rng = lt.Rng(seed, "group", g)
+  ph = _make_phonology(rng, used_segments)
+  proto_morph = _make_morphology(rng, ph, order)
+  codes = [f"{name.lower()}{i + 1}" for i in range(size)]
+  probe = [ph.word(rng, _syllables(rng, "nouns")) for _ in range(200)]
+  daughters: list[_Daughter] = []
+  for code in codes:
+    chosen = _choose_changes(
+      lt.Rng(seed, "sound-changes", code),
+      ph,
+      probe,
+      members_changes=[d.changes for d in daughters],
     )
-    for code in group_of
-  )
-  return Family(seed, ontology, groups, languages)
+    daughters.append(
+      _Daughter(
+        code, g, order, _daughter_morphology(proto_morph, chosen), chosen
+      )
+    )
+  group = Group(name, ph, order, proto_morph, tuple(codes))
+  return _GroupDraft(group, tuple(daughters))

@@ -27,6 +27,7 @@ from typing import Any
 
 from bistil_jax import paths
 from bistil_jax.errors import BistilError
+from bistil_jax.synthetic import latent as lt
 from bistil_jax.synthetic import qa as qa_lib
 from bistil_jax.synthetic import tasks
 from bistil_jax.synthetic.languages import Family
@@ -266,33 +267,71 @@ def write_dataset(
   data = tasks.make_task_data(family, sizes.task())
   held_out = data.sentences("dev") | data.sentences("test")
   for code in codes:
-    for split, n in (("train", sizes.corpus_train), ("dev", sizes.corpus_dev)):
-      lines = tasks.corpus_sentences(family, code, n, split, held_out)
-      _write(out.corpora[code][split], "\n".join(lines) + "\n")
-    for split in tasks.SPLITS:
-      conllu, iob2 = [], []
-      for i, sentence in enumerate(data.tagging[split]):
-        tokens = family.realize(sentence, code)
-        conllu.append(tasks.conllu_block(tokens, f"{split}-{i}"))
-        iob2.append(tasks.iob2_block(tokens))
-      _write(out.pos[code][split], "".join(conllu))
-      _write(out.ner[code][split], "".join(iob2))
-      nli = [
-        tasks.nli_line(family, item, code, f"{split}-{i}")
-        for i, item in enumerate(data.nli[split])
-      ]
-      _write(out.nli[code][split], "\n".join(nli) + "\n")
+    _write_corpora(out, family, code, sizes, held_out)
+    _write_tasks(out, family, code, data)
   if qa:
-    items = qa_lib.make_qa_items(family, sizes.task())
-    for code in codes:
-      for split in tasks.SPLITS:
-        text = qa_lib.squad_json(family, items[split], code, split)
-        _write(out.qa[code][split], text + "\n")
+    _write_qa(out, family, codes, sizes)
 
   family.save(out.family)
   _write(out.description, family.describe() + "\n")
+  manifest = _manifest(family, codes, sizes, layout)
+  # Written last: its presence marks a complete dataset.
+  _write(out.manifest, json.dumps(manifest, indent=1) + "\n")
+  return out
+
+
+def _write_corpora(
+  out: DatasetPaths,
+  family: Family,
+  code: str,
+  sizes: Sizes,
+  held_out: set[lt.Sentence],
+) -> None:
+  """One language's unlabelled train and dev text, none of it `held_out`."""
+  for split, n in (("train", sizes.corpus_train), ("dev", sizes.corpus_dev)):
+    lines = tasks.corpus_sentences(family, code, n, split, held_out)
+    _write(out.corpora[code][split], "\n".join(lines) + "\n")
+
+
+def _write_tasks(
+  out: DatasetPaths, family: Family, code: str, data: tasks.TaskData
+) -> None:
+  """One language's POS/DP (CoNLL-U), NER and NLI files of every split."""
+  for split in tasks.SPLITS:
+    conllu, iob2 = [], []
+    for i, sentence in enumerate(data.tagging[split]):
+      tokens = family.realize(sentence, code)
+      conllu.append(tasks.conllu_block(tokens, f"{split}-{i}"))
+      iob2.append(tasks.iob2_block(tokens))
+    _write(out.pos[code][split], "".join(conllu))
+    _write(out.ner[code][split], "".join(iob2))
+    nli = [
+      tasks.nli_line(family, item, code, f"{split}-{i}")
+      for i, item in enumerate(data.nli[split])
+    ]
+    _write(out.nli[code][split], "\n".join(nli) + "\n")
+
+
+def _write_qa(
+  out: DatasetPaths, family: Family, codes: Sequence[str], sizes: Sizes
+) -> None:
+  """The QA stories of every split, realised in each language."""
+  items = qa_lib.make_qa_items(family, sizes.task())
+  for code in codes:
+    for split in tasks.SPLITS:
+      text = qa_lib.squad_json(family, items[split], code, split)
+      _write(out.qa[code][split], text + "\n")
+
+
+def _manifest(
+  family: Family,
+  codes: Sequence[str],
+  sizes: Sizes,
+  layout: Mapping[str, Any],
+) -> dict[str, Any]:
+  """manifest.json's content: what was written, and where (`layout`)."""
   source, close, distant = family.transfer_languages(codes)
-  manifest = {
+  return {
     "format": MANIFEST_FORMAT,
     "seed": family.seed,
     "languages": codes,
@@ -308,9 +347,6 @@ def write_dataset(
     },
     "files": layout,
   }
-  # Written last: its presence marks a complete dataset.
-  _write(out.manifest, json.dumps(manifest, indent=1) + "\n")
-  return out
 
 
 def read_dataset(out_dir: str | os.PathLike[str]) -> DatasetPaths:
