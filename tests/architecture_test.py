@@ -71,8 +71,6 @@ KNOWN: set[tuple[str, str, str]] = {
   ("in-function", "model.parser", "losses"),
   ("in-function", "model.parser", "paths"),
   ("in-function", "partitioning", "model.encoder"),
-  ("in-function", "sparse", "checkpoint.hf"),
-  ("in-function", "sparse", "model.encoder"),
   ("in-function", "synthetic.tokenizer", "checkpoint.hf"),
   ("in-function", "synthetic.tokenizer", "data.vocab"),
   ("in-function", "synthetic.tokenizer", "model.encoder"),
@@ -91,11 +89,8 @@ KNOWN: set[tuple[str, str, str]] = {
   ("private", "data.qa", "data.tasks._pad"),
   ("private", "data.qa", "data.tasks._rows"),
   ("private", "model.parser", "model.encoder._classifier_dropout"),
-  ("private", "sparse", "checkpoint.hf._read_json"),
-  ("private", "sparse", "checkpoint.hf._read_safetensors"),
   ("upward", "data.vocab", "checkpoint.hf"),
   ("upward", "partitioning", "model.encoder"),
-  ("upward", "sparse", "checkpoint.hf"),
 }
 
 
