@@ -70,7 +70,6 @@ KNOWN: set[tuple[str, str, str]] = {
   ("in-function", "model.encoder", "model.parser"),
   ("in-function", "model.parser", "losses"),
   ("in-function", "model.parser", "paths"),
-  ("in-function", "partitioning", "model.encoder"),
   ("in-function", "synthetic.tokenizer", "checkpoint.hf"),
   ("in-function", "synthetic.tokenizer", "data.vocab"),
   ("in-function", "synthetic.tokenizer", "model.encoder"),
@@ -90,7 +89,6 @@ KNOWN: set[tuple[str, str, str]] = {
   ("private", "data.qa", "data.tasks._rows"),
   ("private", "model.parser", "model.encoder._classifier_dropout"),
   ("upward", "data.vocab", "checkpoint.hf"),
-  ("upward", "partitioning", "model.encoder"),
 }
 
 

@@ -234,7 +234,7 @@ class SelectTest(parameterized.TestCase):
     # and equals the host result.
     cfg = tiny()
     mesh = partitioning.make_mesh(mesh_shape)
-    shardings = partitioning.param_shardings(cfg, mesh)
+    shardings = partitioning.param_shardings(abstract_params(cfg), mesh)
     p = params()
     rng = np.random.default_rng(3)
     delta = jax.tree.map(

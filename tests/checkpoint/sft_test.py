@@ -11,6 +11,7 @@ from absl.testing import absltest, parameterized
 from bistil_jax import partitioning, sparse
 from bistil_jax.checkpoint import sft as sft_lib
 from bistil_jax.errors import BistilError
+from bistil_jax.model.encoder import abstract_params
 from tests.sparse_test import (
   LABELS,
   assert_trees_equal,
@@ -82,7 +83,7 @@ class SFTTest(parameterized.TestCase):
     cfg, base, sel, trained = sft_case()
     sft = sft_lib.sft_from_params(trained, base, sel, kind="task", config=cfg)
     mesh = partitioning.make_mesh((1, 2, 4))
-    shardings = partitioning.param_shardings(cfg, mesh)
+    shardings = partitioning.param_shardings(abstract_params(cfg), mesh)
     out = sft_lib.apply_sft(jax.device_put(base, shardings), sft)
     for x, s in zip(
       jax.tree.leaves(out), jax.tree.leaves(shardings), strict=True
@@ -157,7 +158,9 @@ class SFTTest(parameterized.TestCase):
       sft_lib.params_fingerprint(one_ulp, vocab_size=cfg.vocab_size), fp
     )
     mesh = partitioning.make_mesh((1, 2, 4))
-    on_device = jax.device_put(base, partitioning.param_shardings(cfg, mesh))
+    on_device = jax.device_put(
+      base, partitioning.param_shardings(abstract_params(cfg), mesh)
+    )
     self.assertEqual(
       sft_lib.params_fingerprint(on_device, vocab_size=cfg.vocab_size), fp
     )
