@@ -38,6 +38,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from bistil_jax import paths
+from bistil_jax.checkpoint import hf, surgery
 from bistil_jax.data import vocab as vocab_lib
 from bistil_jax.errors import BistilError
 from bistil_jax.model.config import ModelConfig
@@ -424,11 +425,7 @@ def measure_dir(
   Raises:
     BistilError: unreadable dirs or bad shapes.
   """
-  from bistil_jax.checkpoint import hf  # noqa: PLC0415
-
   if sft_dirs:
-    from bistil_jax.checkpoint import surgery  # noqa: PLC0415
-
     model, params = surgery.merged_model(model_dir, list(sft_dirs))
   else:
     model, params = hf.load_hf(model_dir)
