@@ -63,7 +63,6 @@ KNOWN: set[tuple[str, str, str]] = {
   ("in-function", "data.dp", "metrics"),
   ("in-function", "data.tasks", "data.dp"),
   ("in-function", "data.tasks", "data.qa"),
-  ("in-function", "data.vocab", "checkpoint.hf"),
   ("in-function", "model.encoder", "model.parser"),
   ("in-function", "model.parser", "losses"),
   ("in-function", "model.parser", "paths"),
@@ -82,7 +81,6 @@ KNOWN: set[tuple[str, str, str]] = {
   ("private", "data.qa", "data.tasks._pad"),
   ("private", "data.qa", "data.tasks._rows"),
   ("private", "model.parser", "model.encoder._classifier_dropout"),
-  ("upward", "data.vocab", "checkpoint.hf"),
 }
 
 

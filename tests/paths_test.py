@@ -162,6 +162,7 @@ CONVERTED = [
   "bistil_jax/checkpoint/student_init.py",
   "bistil_jax/checkpoint/sft.py",
   "bistil_jax/checkpoint/composable.py",
+  "bistil_jax/checkpoint/trim.py",
   "bistil_jax/data/mlm.py",
   "bistil_jax/data/vocab.py",
   "bistil_jax/data/trim_cli.py",
