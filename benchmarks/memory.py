@@ -36,7 +36,9 @@ SLICES = {
 def shard_bytes(cfg, mesh, itemsize: int) -> int:
   """Bytes of one device's shard of Model(cfg)'s params."""
   shapes = jax.tree.leaves(abstract_params(cfg))
-  shardings = jax.tree.leaves(partitioning.param_shardings(cfg, mesh))
+  shardings = jax.tree.leaves(
+    partitioning.param_shardings(abstract_params(cfg), mesh)
+  )
   total = 0
   for x, s in zip(shapes, shardings, strict=True):
     total += math.prod(s.shard_shape(x.shape)) * itemsize

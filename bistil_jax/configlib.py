@@ -51,6 +51,7 @@ from typing import Any
 
 import ml_collections
 
+from bistil_jax import paths
 from bistil_jax.errors import BistilError
 
 ConfigDict = ml_collections.ConfigDict
@@ -430,6 +431,4 @@ def expand(path: str) -> str:
   """`~` expanded on a local path; URLs and specs (`hf:...`) as they are."""
   if not path or not path.startswith("~"):
     return path
-  from bistil_jax import paths  # noqa: PLC0415
-
   return os.fspath(paths.path(path))

@@ -136,11 +136,27 @@ def _has_boxes(tree) -> bool:
   return any(isinstance(x, nn.LogicallyPartitioned) for x in leaves)
 
 
-def param_shardings(config, mesh: Mesh, rules: Rules = DEFAULT_RULES) -> Any:
-  """NamedShardings for the params of `Model(config)` (unboxed structure)."""
-  from bistil_jax.model.encoder import abstract_params
+def param_shardings(
+  abstract: Any, mesh: Mesh, rules: Rules = DEFAULT_RULES
+) -> Any:
+  """NamedShardings for a model's params (unboxed structure).
 
-  return logical_to_sharding(abstract_params(config), mesh, rules)
+  Args:
+    abstract: the boxed abstract params, e.g.
+      `model.encoder.abstract_params(config)` (the caller builds them: the
+      model sits on a floor above this module).
+    mesh: the device mesh.
+    rules: logical axis rules.
+
+  Raises:
+    BistilError: `abstract` carries no logical axes (plain params).
+  """
+  if not _has_boxes(abstract):
+    raise BistilError(
+      "param_shardings needs the boxed abstract params "
+      "(model.encoder.abstract_params(config)), not plain params"
+    )
+  return logical_to_sharding(abstract, mesh, rules)
 
 
 def data_sharding(

@@ -57,21 +57,7 @@ ORDER = (
 )
 
 # Violations still in the tree: (kind, importer, imported or name).
-KNOWN: set[tuple[str, str, str]] = {
-  ("in-function", "configlib", "paths"),
-  ("in-function", "data.vocab", "checkpoint.hf"),
-  ("in-function", "partitioning", "model.encoder"),
-  ("in-function", "sparse", "checkpoint.hf"),
-  ("in-function", "sparse", "model.encoder"),
-  ("in-function", "synthetic.tokenizer", "checkpoint.hf"),
-  ("in-function", "synthetic.tokenizer", "data.vocab"),
-  ("in-function", "synthetic.tokenizer", "model.encoder"),
-  ("private", "sparse", "checkpoint.hf._read_json"),
-  ("private", "sparse", "checkpoint.hf._read_safetensors"),
-  ("upward", "data.vocab", "checkpoint.hf"),
-  ("upward", "partitioning", "model.encoder"),
-  ("upward", "sparse", "checkpoint.hf"),
-}
+KNOWN: set[tuple[str, str, str]] = set()
 
 
 @dataclasses.dataclass(frozen=True)

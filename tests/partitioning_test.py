@@ -1,5 +1,6 @@
 """Meshes, logical rules and sharded forward passes on 8 fake CPU devices."""
 
+import flax.linen as nn
 import jax
 import numpy as np
 from absl.testing import absltest, parameterized
@@ -9,6 +10,7 @@ from jax.sharding import PartitionSpec as P
 from bistil_jax import partitioning
 from bistil_jax.errors import BistilError
 from bistil_jax.model import Model, init_params, preset
+from bistil_jax.model.encoder import abstract_params
 
 MESHES = ((1, 1, 1), (8, 1, 1), (2, 2, 2), (1, 1, 8), (1, 2, 4))
 
@@ -98,10 +100,19 @@ class MeshTest(parameterized.TestCase):
     with self.assertRaisesRegex(BistilError, needle):
       partitioning.mesh_shape(shape, 8)
 
+  def test_param_shardings_needs_the_boxed_abstract_params(self):
+    mesh = partitioning.make_mesh((2, 2, 2))
+    plain = nn.unbox(abstract_params(config("tiny", "mlm")))
+    with self.assertRaisesRegex(BistilError, "boxed abstract params"):
+      partitioning.param_shardings(plain, mesh)
+
   def test_rules_map_params_as_documented(self):
     mesh = partitioning.make_mesh((2, 2, 2))
     shard = flatten_dict(
-      partitioning.param_shardings(config("tiny", "mlm"), mesh), sep="/"
+      partitioning.param_shardings(
+        abstract_params(config("tiny", "mlm")), mesh
+      ),
+      sep="/",
     )
     self.assertEqual(
       shard["embeddings/word_embeddings/embedding"].spec, P("tensor", "fsdp")
@@ -146,7 +157,7 @@ class ShardedForwardTest(parameterized.TestCase):
     single = jax.jit(fwd)(params, ids, mask)
     n = int(np.prod(mesh_shape))
     mesh = partitioning.make_mesh(mesh_shape, devices=jax.devices()[:n])
-    ps = partitioning.param_shardings(cfg, mesh)
+    ps = partitioning.param_shardings(abstract_params(cfg), mesh)
     ds = partitioning.data_sharding(mesh)
     with partitioning.activate(mesh):
       sharded = jax.jit(fwd, in_shardings=(ps, ds, ds))(

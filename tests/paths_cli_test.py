@@ -16,8 +16,9 @@ import jax
 import numpy as np
 import pytest
 
-from bistil_jax import cli, paths, sparse, synthetic
+from bistil_jax import cli, paths, synthetic
 from bistil_jax.checkpoint import hf
+from bistil_jax.checkpoint import sft as sft_lib
 from bistil_jax.model import init_params, preset
 from bistil_jax.synthetic import tasks as synth_tasks
 
@@ -72,8 +73,8 @@ def local(tmp_path_factory):
     lambda x: np.asarray(x) + 0.01 * np.sign(np.asarray(x)), base
   )
   sft = root / "sft"
-  sparse.save_sft(
-    sft, sparse.sft_from_params(trained, base, kind="task", config=cfg)
+  sft_lib.save_sft(
+    sft, sft_lib.sft_from_params(trained, base, kind="task", config=cfg)
   )
   return {"root": root, "synth": synth, "mlm": mlm, "pos": pos, "sft": sft}
 

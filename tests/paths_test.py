@@ -160,6 +160,9 @@ CONVERTED = [
   "bistil_jax/checkpoint/manager.py",
   "bistil_jax/checkpoint/commands.py",
   "bistil_jax/checkpoint/student_init.py",
+  "bistil_jax/checkpoint/sft.py",
+  "bistil_jax/checkpoint/composable.py",
+  "bistil_jax/checkpoint/trim.py",
   "bistil_jax/data/mlm.py",
   "bistil_jax/data/vocab.py",
   "bistil_jax/data/trim_cli.py",
@@ -205,8 +208,8 @@ def test_exports_get_umask_permissions(tmp_path):
   import jax
   import numpy as np
 
-  from bistil_jax import sparse
   from bistil_jax.checkpoint import hf
+  from bistil_jax.checkpoint import sft as sft_lib
   from bistil_jax.model import init_params, preset
 
   cfg = preset("tiny", head="token_classification", num_labels=3)
@@ -215,9 +218,9 @@ def test_exports_get_umask_permissions(tmp_path):
   old = os.umask(0o022)
   try:
     hf.save_hf(tmp_path / "model", cfg, params)
-    sparse.save_sft(
+    sft_lib.save_sft(
       tmp_path / "sft",
-      sparse.sft_from_params(moved, params, kind="task", config=cfg),
+      sft_lib.sft_from_params(moved, params, kind="task", config=cfg),
     )
   finally:
     os.umask(old)

@@ -446,7 +446,8 @@ def params_to_hf(
 
 
 # --------------------------------------------------------------------- files
-def _read_json(path: paths.PathLike) -> dict[str, Any]:
+def read_json(path: paths.PathLike) -> dict[str, Any]:
+  """The JSON in `path`; BistilError if it is missing or unreadable."""
   try:
     return json.loads(paths.path(path).read_bytes())
   except FileNotFoundError:
@@ -455,7 +456,8 @@ def _read_json(path: paths.PathLike) -> dict[str, Any]:
     raise BistilError(f"cannot read {path}: {e}") from None
 
 
-def _read_safetensors(path: paths.PathLike) -> dict[str, np.ndarray]:
+def read_safetensors(path: paths.PathLike) -> dict[str, np.ndarray]:
+  """The tensors of a safetensors file; BistilError if it is corrupt."""
   from safetensors import SafetensorError
   from safetensors.numpy import load_file
 
@@ -561,15 +563,15 @@ def read_weights(path: paths.PathLike) -> tuple[dict[str, np.ndarray], str]:
   """
   d = paths.path(path)
   if (d / SAFETENSORS).is_file():
-    return _read_safetensors(d / SAFETENSORS), "torch"
+    return read_safetensors(d / SAFETENSORS), "torch"
   index = d / SAFETENSORS_INDEX
   if index.is_file():
-    shards = sorted(set(_read_json(index).get("weight_map", {}).values()))
+    shards = sorted(set(read_json(index).get("weight_map", {}).values()))
     if not shards:
       raise BistilError(f"{index} has an empty weight_map")
     state = {}
     for shard in shards:
-      state.update(_read_safetensors(d / shard))
+      state.update(read_safetensors(d / shard))
     return state, "torch"
   if (d / TORCH_BIN).is_file():
     # torch.load wants a local file (and reports errors with its name).
@@ -655,7 +657,7 @@ def load_hf(
   """
   if not paths.path(path).is_dir():
     raise BistilError(f"model dir {path} does not exist")
-  hf = _read_json(paths.path(path) / CONFIG)
+  hf = read_json(paths.path(path) / CONFIG)
   state, fmt = read_weights(path)
   kw = {
     "add_pooler": _has_pooler(state, fmt),
@@ -751,7 +753,7 @@ def read_run_record(path: paths.PathLike) -> dict[str, Any]:
   p = paths.path(path) / RUN_RECORD
   if not p.is_file():
     return {}
-  record = _read_json(p)
+  record = read_json(p)
   if not isinstance(record, dict):
     raise BistilError(f"{p} holds no JSON object")
   return record

@@ -2,14 +2,14 @@
 
 A language SFT is made on the full MMT (`bistil lang-sft`); phase 1's
 teacher is usually a vocabulary-trimmed copy of it. An SFT of ours records
-the fingerprint of its base's body (sparse.params_fingerprint), checked
+the fingerprint of its base's body (sft.params_fingerprint), checked
 whenever it is applied to a model of the same vocabulary; for a trimmed
 teacher, whose word-embedding table is a row subset of the base's, it also
 records the fingerprint of the base without its embeddings and the base's
 vocabulary size: the layers must match bit for bit, and the word-embedding
 diffs are re-indexed through trim-vocab's vocab_map.json (rows the trimmed
 vocabulary dropped are dropped). composable-sft files carry no fingerprint;
-they are mapped by keep_ids as before (sparse.load_sft).
+they are mapped by keep_ids as before (sft.load_sft).
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 
 from bistil_jax import paths, sparse
+from bistil_jax.checkpoint import sft as sft_lib
 from bistil_jax.errors import BistilError
 from bistil_jax.model.config import ModelConfig
 
@@ -33,7 +34,7 @@ def base_identity(params: Any, vocab_size: int) -> dict[str, Any]:
   """The metadata that lets an SFT made on `params` be checked against a
   vocabulary-trimmed copy of them."""
   return {
-    ENCODER_FINGERPRINT: sparse.params_fingerprint(
+    ENCODER_FINGERPRINT: sft_lib.params_fingerprint(
       params, exclude=("embeddings",)
     ),
     BASE_VOCAB: int(vocab_size),
@@ -43,13 +44,13 @@ def base_identity(params: Any, vocab_size: int) -> dict[str, Any]:
 def _is_ours(path: str) -> bool:
   p = paths.path(path)
   if p.is_file():
-    return p.name in (sparse.SFT_WEIGHTS, sparse.SFT_META)
-  return (p / sparse.SFT_WEIGHTS).is_file()
+    return p.name in (sft_lib.SFT_WEIGHTS, sft_lib.SFT_META)
+  return (p / sft_lib.SFT_WEIGHTS).is_file()
 
 
 def trim_sft_vocab(
-  sft: sparse.SFT, keep_ids: np.ndarray, hidden: int
-) -> sparse.SFT:
+  sft: sft_lib.SFT, keep_ids: np.ndarray, hidden: int
+) -> sft_lib.SFT:
   """The SFT's word-embedding diffs re-indexed to the trimmed vocabulary
   (new id i = old id keep_ids[i]); rows outside it dropped. The other
   diffs are kept as they are; the dense tensors are dropped (a language
@@ -69,7 +70,7 @@ def trim_sft_vocab(
     order = np.argsort(new_idx, kind="stable")
     diffs[key] = (new_idx[order].astype(np.int64), val[keep][order])
   meta = dict(sft.meta, vocab_size=int(keep_ids.size), base_fingerprint=None)
-  return sparse.SFT(diffs=diffs, dense={}, meta=meta)
+  return sft_lib.SFT(diffs=diffs, dense={}, meta=meta)
 
 
 def apply_language_sft(
@@ -92,12 +93,12 @@ def apply_language_sft(
     BistilError: the SFT was made for another base model.
   """
   if not _is_ours(path):
-    sft = sparse.load_sft(path, config=cfg, keep_ids=keep_ids)
-    return sparse.apply_sft(params, sft, with_dense=False)
-  sft = sparse.load_sft(path)
+    sft = sft_lib.load_sft(path, config=cfg, keep_ids=keep_ids)
+    return sft_lib.apply_sft(params, sft, with_dense=False)
+  sft = sft_lib.load_sft(path)
   made_for = sft.meta.get("vocab_size")
   if keep_ids is None or made_for == cfg.vocab_size:
-    return sparse.apply_sft(params, sft, with_dense=False)
+    return sft_lib.apply_sft(params, sft, with_dense=False)
   # The teacher is a trimmed copy of the SFT's base: check the layers.
   want = sft.meta.get(ENCODER_FINGERPRINT)
   if not want:
@@ -112,7 +113,7 @@ def apply_language_sft(
       f"SFT {path} was made for a {base_vocab}-token model; the teacher's "
       f"vocab map names ids up to {int(keep_ids.max())}"
     )
-  got = sparse.params_fingerprint(params, exclude=("embeddings",))
+  got = sft_lib.params_fingerprint(params, exclude=("embeddings",))
   if got != want:
     raise BistilError(
       f"SFT {path} was made for base model layers {want[:23]}, this "
@@ -125,6 +126,6 @@ def apply_language_sft(
     keep_ids.size,
   )
   trimmed = trim_sft_vocab(sft, keep_ids, cfg.hidden_size)
-  return sparse.apply_sft(
+  return sft_lib.apply_sft(
     params, trimmed, check_fingerprint=False, with_dense=False
   )

@@ -329,6 +329,84 @@ def _pid_alive(pid: int) -> bool:
   return True
 
 
+def _take_lock(workdir: str, lock: epath.Path, me: Mapping[str, Any]) -> None:
+  """Creates `lock` holding `me`, taking over a dead local run's lock once.
+
+  Raises:
+    BistilError: a live run (or one on another host) holds it.
+  """
+  text = json.dumps(me)
+  for attempt in range(2):
+    if paths.create_exclusive(lock, text):
+      return
+    try:
+      other = json.loads(lock.read_text())
+    except (OSError, ValueError):
+      other = {}
+    same_host = other.get("host") == me["host"]
+    pid = other.get("pid")
+    if (
+      attempt == 0
+      and same_host
+      and isinstance(pid, int)
+      and not _pid_alive(pid)
+    ):
+      log.warning(
+        "taking over the stale lock %s of %s (the process is gone)",
+        lock,
+        _lock_holder(other),
+      )
+      with contextlib.suppress(FileNotFoundError):
+        lock.unlink()
+      continue
+    where = "" if same_host else "; if that run is gone, delete the file"
+    raise BistilError(
+      f"workdir {workdir} is in use by another run ({_lock_holder(other)}; "
+      f"lock {lock}){where}"
+    )
+  # Both tries lost: two runs took the stale lock over at the same time.
+  raise BistilError(  # pragma: no cover
+    f"workdir {workdir}: could not take the lock {lock}"
+  )
+
+
+@contextlib.contextmanager
+def _sigterm_as_exit() -> Iterator[None]:
+  """SIGTERM raises SystemExit in the body, so the lock is released.
+
+  Multi-host: SIGTERM belongs to JAX's preemption service (the loop saves
+  at the agreed step), so it is not taken over there.
+  """
+  old_handler = None
+
+  def on_term(signum, frame):
+    del frame
+    raise SystemExit(128 + signum)
+
+  if jax.process_count() == 1:
+    with contextlib.suppress(ValueError):  # not the main thread
+      old_handler = signal.signal(signal.SIGTERM, on_term)
+  try:
+    yield
+  finally:
+    if old_handler is not None:
+      signal.signal(signal.SIGTERM, old_handler)
+
+
+def _release_lock(
+  lock: epath.Path, pid: int, created: epath.Path | None
+) -> None:
+  """Removes our own lock, and the workdir `created` if it stayed empty."""
+  try:  # release only our own lock (a forced takeover replaced it)
+    if json.loads(lock.read_text()).get("pid") == pid:
+      lock.unlink()
+    # Bad input refused before the workdir was used leaves no trace.
+    if created is not None and created.is_dir() and not list(created.iterdir()):
+      created.rmdir()
+  except (OSError, ValueError):
+    pass
+
+
 @contextlib.contextmanager
 def workdir_lock(workdir: str) -> Iterator[None]:
   """Holds `<workdir>/.lock` for the body: one run per workdir.
@@ -372,62 +450,12 @@ def workdir_lock(workdir: str) -> Iterator[None]:
     "pid": os.getpid(),
     "start": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
   }
-  text = json.dumps(me)
-  for attempt in range(2):
-    if paths.create_exclusive(lock, text):
-      break
-    try:
-      other = json.loads(lock.read_text())
-    except (OSError, ValueError):
-      other = {}
-    same_host = other.get("host") == me["host"]
-    pid = other.get("pid")
-    if (
-      attempt == 0
-      and same_host
-      and isinstance(pid, int)
-      and not _pid_alive(pid)
-    ):
-      log.warning(
-        "taking over the stale lock %s of %s (the process is gone)",
-        lock,
-        _lock_holder(other),
-      )
-      with contextlib.suppress(FileNotFoundError):
-        lock.unlink()
-      continue
-    where = "" if same_host else "; if that run is gone, delete the file"
-    raise BistilError(
-      f"workdir {workdir} is in use by another run ({_lock_holder(other)}; "
-      f"lock {lock}){where}"
-    )
-  else:  # pragma: no cover - two takeovers raced
-    raise BistilError(f"workdir {workdir}: could not take the lock {lock}")
-
-  old_handler = None
-
-  def on_term(signum, frame):
-    del frame
-    raise SystemExit(128 + signum)
-
-  # Multi-host: SIGTERM belongs to JAX's preemption service (the loop
-  # saves at the agreed step), so it is not taken over here.
-  if jax.process_count() == 1:
-    with contextlib.suppress(ValueError):  # not the main thread
-      old_handler = signal.signal(signal.SIGTERM, on_term)
+  _take_lock(workdir, lock, me)
   try:
-    yield
+    with _sigterm_as_exit():
+      yield
   finally:
-    if old_handler is not None:
-      signal.signal(signal.SIGTERM, old_handler)
-    try:  # release only our own lock (a forced takeover replaced it)
-      if json.loads(lock.read_text()).get("pid") == me["pid"]:
-        lock.unlink()
-      # Bad input refused before the workdir was used leaves no trace.
-      if created and wd.is_dir() and not list(wd.iterdir()):
-        wd.rmdir()
-    except (OSError, ValueError):
-      pass
+    _release_lock(lock, me["pid"], wd if created else None)
 
 
 def check_finite_tree(tree: Any, what: str) -> None:

@@ -16,6 +16,7 @@ import numpy as np
 
 from bistil_jax import configlib, paths, sparse
 from bistil_jax.checkpoint import hf, language
+from bistil_jax.checkpoint import sft as sft_lib
 from bistil_jax.data import vocab
 from bistil_jax.errors import BistilError
 from bistil_jax.model.config import ModelConfig
@@ -94,7 +95,7 @@ def with_task_head(
   return out, cfg, new
 
 
-def config_for_sft(cfg: ModelConfig, sft: sparse.SFT) -> ModelConfig:
+def config_for_sft(cfg: ModelConfig, sft: sft_lib.SFT) -> ModelConfig:
   """The model config with the SFT's task head (from its metadata)."""
   meta = sft.meta
   head = meta.get("head")
@@ -116,16 +117,16 @@ def merged_model(
 
   A task SFT's head (and a pooler it stores whole) replaces what the base
   has; missing groups are filled first so the dense tensors have a place,
-  and the base check leaves those groups out (see sparse.apply_sft).
+  and the base check leaves those groups out (see sft.apply_sft).
   """
   model, params = hf.load_hf(model_dir, **({"dtype": dtype} if dtype else {}))
   cfg = model.config
   for path in sft_paths:
-    sft = sparse.load_sft(path, config=cfg)
+    sft = sft_lib.load_sft(path, config=cfg)
     if sft.dense:
       cfg = config_for_sft(cfg, sft)
       params, _ = fill_missing(params, cfg, jax.random.PRNGKey(0))
-    params = sparse.apply_sft(params, sft)
+    params = sft_lib.apply_sft(params, sft)
   return Model(cfg), params
 
 
@@ -211,7 +212,7 @@ def recorded_run(
     the model dir; ({}, "") when none does.
   """
   for d in reversed(list(sft_dirs)):
-    meta = paths.path(d) / sparse.SFT_META  # composable-sft dirs have none
+    meta = paths.path(d) / sft_lib.SFT_META  # composable-sft dirs have none
     if meta.is_file():
       record = json.loads(paths.read_text(meta))
       if record.get("max_seq_len") is not None:

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import argparse
 
-from bistil_jax.data import vocab
+from bistil_jax.checkpoint import trim
 from bistil_jax.errors import BistilError
 
 DEFAULT_THRESHOLD = 1e-6
@@ -125,7 +125,7 @@ def run(args: argparse.Namespace) -> int:
   threshold = args.threshold
   if threshold is None and args.coverage is None:
     threshold = DEFAULT_THRESHOLD
-  report = vocab.trim_model_dir(
+  report = trim.trim_model_dir(
     args.model,
     args.source,
     args.target,

@@ -12,8 +12,9 @@ docs/method.md section 1. The steps, each importable on its own:
    are the compact ranks of the kept ids (WordPiece and Unigram models).
 4. `slice_vocab_params`: the matching rows of every vocabulary-indexed
    parameter, re-padded to the new `padded_vocab_size`.
-5. `trim_model_dir`: all of the above for an HF model dir, written as a new
-   HF model dir with `vocab_map.json` and `trim_report.json`.
+5. `bistil_jax.checkpoint.trim.trim_model_dir`: all of the above for an HF
+   model dir, written as a new HF model dir with `vocab_map.json` and
+   `trim_report.json` (model dirs are read and written there, not here).
 
 New id of a kept token = its rank among the kept ids (order-preserving
 compaction), so `vocab_map.json` ({"old id": new id}) and `keep_ids` (old id
@@ -31,7 +32,7 @@ import logging
 import os
 import sys
 import time
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -39,7 +40,7 @@ import numpy as np
 from tokenizers import Tokenizer
 
 from bistil_jax import paths
-from bistil_jax.data import corpus, tokenize
+from bistil_jax.data import tokenize
 from bistil_jax.errors import BistilError
 from bistil_jax.model.config import ModelConfig
 
@@ -51,7 +52,6 @@ SPECIAL_TOKENS_MAP = "special_tokens_map.json"
 ADDED_TOKENS = "added_tokens.json"
 VOCAB_TXT = "vocab.txt"
 VOCAB_MAP = "vocab_map.json"
-TRIM_REPORT = "trim_report.json"
 SUPPORTED_MODELS = ("WordPiece", "Unigram")
 # Slow-tokenizer files that would still hold the untrimmed vocabulary. We do
 # not rewrite SentencePiece protobufs: they are left out of the output.
@@ -62,9 +62,6 @@ SLOW_TOKENIZER_FILES = (
   "tokenizer.model",
   "sentencepiece.bpe.vocab",
 )
-# Warn when the original tokenizer maps more than this share of a corpus'
-# tokens to its unknown token (wrong script, wrong normaliser, binary data).
-UNK_WARN_RATE = 0.05
 # Vocabulary-indexed leaves of our parameter tree and their vocabulary axis.
 VOCAB_LEAVES = (
   (("embeddings", "word_embeddings", "embedding"), 0),  # [V, d]
@@ -158,7 +155,7 @@ def _unsupported(mtype: Any) -> str:
   )
 
 
-def _check_supported(tok_json: dict[str, Any]) -> str:
+def check_supported(tok_json: dict[str, Any]) -> str:
   mtype = (tok_json.get("model") or {}).get("type")
   if mtype not in SUPPORTED_MODELS:
     raise BistilError(_unsupported(mtype))
@@ -722,7 +719,7 @@ def trim_tokenizer_json(
     BistilError: for an unsupported model type, unsorted keep ids, or a
       dropped unknown / post-processor token.
   """
-  mtype = _check_supported(tok_json)
+  mtype = check_supported(tok_json)
   vocab = _json_vocab(tok_json)
   size = max(vocab.values()) + 1
   keep = _check_keep_ids(keep_ids, size)
@@ -807,54 +804,24 @@ def extra_special_tokens(src_dir: str) -> list[str]:
   return out
 
 
-def write_trimmed_tokenizer(
-  src_dir: str, out_dir: str, keep_ids: Sequence[int] | np.ndarray
-) -> dict[str, Any]:
-  """Writes the trimmed tokenizer files of `src_dir` into `out_dir`.
+def _copy_tokenizer_configs(
+  src: paths.Path,
+  out: paths.Path,
+  present: set[str],
+  removed: Sequence[str],
+  old2new: np.ndarray,
+) -> tuple[list[str], list[str]]:
+  """Copies the transformers tokenizer files with their ids remapped.
 
-  Writes tokenizer.json (and vocab.txt for WordPiece), copies
-  tokenizer_config.json (with `added_tokens_decoder` remapped),
-  special_tokens_map.json and added_tokens.json (remapped). Slow
-  SentencePiece files are NOT copied: they would still hold the untrimmed
-  vocabulary and give wrong ids to any slow-tokenizer load; config keys that
-  name them are removed.
-
-  Args:
-    src_dir: dir with the original tokenizer.json.
-    out_dir: existing dir to write into.
-    keep_ids: sorted old ids to keep.
+  tokenizer_config.json and special_tokens_map.json lose the keys naming
+  `removed` files; `added_tokens_decoder` and added_tokens.json keep the
+  kept ids only, renumbered.
 
   Returns:
-    {"model": "WordPiece" | "Unigram", "written": [files],
-     "removed": [files of src_dir left out], "removed_keys": [...]}.
-
-  Raises:
-    BistilError: as `trim_tokenizer_json`, or for unreadable files.
+    (files written, "file:key" of every key removed).
   """
-  old_tok, tok_json = load_tokenizer_dir(src_dir)
-  mtype = _check_supported(tok_json)
-  old_vocab = old_tok.get_vocab(with_added_tokens=True)
-  size = old_tok.get_vocab_size(with_added_tokens=True)
-  keep = _check_keep_ids(keep_ids, size)
-  old2new = old2new_array(keep, size)
-  new_json = trim_tokenizer_json(tok_json, keep)
-  text = json.dumps(new_json, ensure_ascii=False, indent=2)
-  new_tok = Tokenizer.from_str(text)
-  _check_trimmed(old_vocab, new_tok, old2new)
-
-  src, out = paths.path(src_dir), paths.path(out_dir)
-  written = [TOKENIZER_JSON]
-  paths.write_text(out / TOKENIZER_JSON, text)
-  if mtype == "WordPiece":
-    items = sorted(new_json["model"]["vocab"].items(), key=lambda kv: kv[1])
-    paths.write_text(out / VOCAB_TXT, "".join(t + "\n" for t, _ in items))
-    written.append(VOCAB_TXT)
-  present = {p.name for p in src.iterdir()}
-  removed = [n for n in SLOW_TOKENIZER_FILES if n in present]
-  if mtype == "Unigram" and VOCAB_TXT in present:
-    removed.append(VOCAB_TXT)
-  removed_keys = []
-
+  size = old2new.size
+  written, removed_keys = [], []
   for name in (TOKENIZER_CONFIG, SPECIAL_TOKENS_MAP):
     if name not in present:
       continue
@@ -882,9 +849,61 @@ def write_trimmed_tokenizer(
       out / ADDED_TOKENS, json.dumps(d, ensure_ascii=False, indent=2)
     )
     written.append(ADDED_TOKENS)
+  return written, removed_keys
+
+
+def write_trimmed_tokenizer(
+  src_dir: str, out_dir: str, keep_ids: Sequence[int] | np.ndarray
+) -> dict[str, Any]:
+  """Writes the trimmed tokenizer files of `src_dir` into `out_dir`.
+
+  Writes tokenizer.json (and vocab.txt for WordPiece), copies
+  tokenizer_config.json (with `added_tokens_decoder` remapped),
+  special_tokens_map.json and added_tokens.json (remapped). Slow
+  SentencePiece files are NOT copied: they would still hold the untrimmed
+  vocabulary and give wrong ids to any slow-tokenizer load; config keys that
+  name them are removed.
+
+  Args:
+    src_dir: dir with the original tokenizer.json.
+    out_dir: existing dir to write into.
+    keep_ids: sorted old ids to keep.
+
+  Returns:
+    {"model": "WordPiece" | "Unigram", "written": [files],
+     "removed": [files of src_dir left out], "removed_keys": [...]}.
+
+  Raises:
+    BistilError: as `trim_tokenizer_json`, or for unreadable files.
+  """
+  old_tok, tok_json = load_tokenizer_dir(src_dir)
+  mtype = check_supported(tok_json)
+  old_vocab = old_tok.get_vocab(with_added_tokens=True)
+  size = old_tok.get_vocab_size(with_added_tokens=True)
+  keep = _check_keep_ids(keep_ids, size)
+  old2new = old2new_array(keep, size)
+  new_json = trim_tokenizer_json(tok_json, keep)
+  text = json.dumps(new_json, ensure_ascii=False, indent=2)
+  new_tok = Tokenizer.from_str(text)
+  _check_trimmed(old_vocab, new_tok, old2new)
+
+  src, out = paths.path(src_dir), paths.path(out_dir)
+  written = [TOKENIZER_JSON]
+  paths.write_text(out / TOKENIZER_JSON, text)
+  if mtype == "WordPiece":
+    items = sorted(new_json["model"]["vocab"].items(), key=lambda kv: kv[1])
+    paths.write_text(out / VOCAB_TXT, "".join(t + "\n" for t, _ in items))
+    written.append(VOCAB_TXT)
+  present = {p.name for p in src.iterdir()}
+  removed = [n for n in SLOW_TOKENIZER_FILES if n in present]
+  if mtype == "Unigram" and VOCAB_TXT in present:
+    removed.append(VOCAB_TXT)
+  more, removed_keys = _copy_tokenizer_configs(
+    src, out, present, removed, old2new
+  )
   return {
     "model": mtype,
-    "written": written,
+    "written": written + more,
     "removed": removed,
     "removed_keys": removed_keys,
   }
@@ -993,246 +1012,3 @@ def count_params(params: Mapping[str, Any], config: ModelConfig) -> int:
       pad = leaf.shape[axis] - config.vocab_size
       total -= pad * int(np.prod(leaf.shape)) // leaf.shape[axis]
   return total
-
-
-# ------------------------------------------------------------------ model dir
-def _counted(lines: Iterable[str], stats: dict[str, Any]) -> Iterator[str]:
-  for line in lines:
-    stats["lines"] += 1
-    yield line
-
-
-def _corpus_stats(
-  counts: np.ndarray, old2new: np.ndarray, unk_id: int | None
-) -> dict[str, Any]:
-  total = int(counts.sum())
-  dropped = int(counts[old2new < 0].sum())
-  unk = int(counts[unk_id]) if unk_id is not None else 0
-  return {
-    "tokens": total,
-    "distinct_ids": int(np.count_nonzero(counts)),
-    "unk_rate_original": unk / total,
-    # Share of tokens whose id was dropped: these get re-segmented by the
-    # trimmed tokenizer (into kept pieces or the unknown token).
-    "dropped_token_share": dropped / total,
-  }
-
-
-def format_summary(report: Mapping[str, Any]) -> str:
-  """A few human-readable lines from a trim report."""
-  sel = report["selection"]
-  crit = ", ".join(
-    f"{k}={sel[k]}"
-    for k in ("threshold", "min_count", "coverage")
-    if sel[k] is not None
-  )
-  lines = [
-    f"trimmed {report['model_dir']} -> {report['out_dir']} ({crit})",
-    f"  tokenizer: {report['tokenizer_model']}, vocab "
-    f"{report['vocab_size_before']:,} -> {report['vocab_size_after']:,} "
-    f"({report['vocab_size_after'] / report['vocab_size_before']:.1%})",
-    f"  parameters: {report['parameters_before']:,} -> "
-    f"{report['parameters_after']:,}",
-  ]
-  for name, c in report["corpora"].items():
-    lines.append(
-      f"  {name}: {c['lines'] if c['lines'] is not None else '?'} lines, "
-      f"{c['tokens']:,} tokens, unk (original) {c['unk_rate_original']:.3%}"
-      f", dropped-id tokens {c['dropped_token_share']:.4%}"
-    )
-  if report["removed_tokenizer_files"]:
-    lines.append(
-      "  not carried over (untrimmed slow-tokenizer files): "
-      + ", ".join(report["removed_tokenizer_files"])
-    )
-  return "\n".join(lines)
-
-
-def _check_out_dir(model_dir: str, out_dir: str, overwrite: bool) -> None:
-  from bistil_jax.checkpoint import hf  # noqa: PLC0415 - pulls in jax
-
-  if paths.path(out_dir).is_dir() and paths.path(model_dir).is_dir():
-    if paths.same_path(out_dir, model_dir):
-      raise BistilError(f"output dir {out_dir} is the input model dir")
-  hf.check_out_dir(out_dir, overwrite)
-
-
-def trim_model_dir(
-  model_dir: str,
-  source: str | None,
-  target: str | None,
-  out_dir: str,
-  threshold: float | None = 1e-6,
-  min_count: int | None = None,
-  coverage: float | None = None,
-  counts_in: str | None = None,
-  counts_out: str | None = None,
-  max_lines: int | None = None,
-  overwrite: bool = False,
-  num_threads: int | None = None,
-  progress: bool = False,
-) -> dict[str, Any]:
-  """Trims an HF model dir to the vocabulary of a source and target corpus.
-
-  Counts both corpora with the original tokenizer (or loads `counts_in`),
-  selects the kept ids (`select_keep_ids`), rewrites the tokenizer, slices
-  the model (`slice_vocab_params`) and saves a new HF model dir with
-  `vocab_map.json` and `trim_report.json`. Everything is written in a temp
-  sibling of `out_dir` and renamed at the end: a failure leaves no partial
-  output and an existing `out_dir` untouched.
-
-  Args:
-    model_dir: HF model dir with tokenizer.json (WordPiece or Unigram).
-    source: source CORPUS spec (see `corpus`); ignored with counts_in.
-    target: target CORPUS spec; ignored with counts_in.
-    out_dir: output dir; must not exist or be empty unless `overwrite`.
-    threshold: see `select_keep_ids`.
-    min_count: see `select_keep_ids`.
-    coverage: see `select_keep_ids`.
-    counts_in: .npz from an earlier `counts_out` (same tokenizer): skip
-      counting.
-    counts_out: where to save the counts.
-    max_lines: read at most this many lines of each corpus.
-    overwrite: replace a non-empty `out_dir`.
-    num_threads: encoding threads (see `count_tokens`).
-    progress: progress lines on stderr while counting.
-
-  Returns:
-    The report written to trim_report.json, plus "summary": printable text.
-
-  Raises:
-    BistilError: for any bad input (missing files, unsupported tokenizer,
-      empty corpus, bad selection parameters, non-empty out_dir).
-  """
-  from bistil_jax.checkpoint import hf  # noqa: PLC0415 - pulls in flax
-
-  _check_out_dir(model_dir, out_dir, overwrite)
-  tokenizer, tok_json = load_tokenizer_dir(model_dir)
-  mtype = _check_supported(tok_json)
-  vocab_size = tokenizer.get_vocab_size(with_added_tokens=True)
-  if counts_in is None and (not source or not target):
-    raise BistilError("give both source and target corpora, or counts_in")
-  check_selection_args(threshold, min_count, coverage)  # before counting
-  if max_lines is not None and max_lines < 1:
-    raise BistilError(f"max_lines must be >= 1, got {max_lines}")
-  streams = {}
-  if counts_in is None:  # open both now: a bad target fails before counting
-    for name, spec in (("source", source), ("target", target)):
-      streams[name] = corpus.iter_lines(spec, max_lines=max_lines)
-  model, params = hf.load_hf(model_dir)
-  config = model.config
-  if vocab_size > config.vocab_size:
-    raise BistilError(
-      f"tokenizer has {vocab_size} ids but the model only "
-      f"{config.vocab_size} embedding rows"
-    )
-
-  # ------------------------------------------------------------ counting
-  stats = {"source": {"lines": None}, "target": {"lines": None}}
-  if counts_in is not None:
-    counts, meta = load_counts(counts_in, tokenizer)
-    for name in ("source", "target"):
-      if name not in counts:
-        raise BistilError(f"counts file {counts_in} has no {name!r} counts")
-      stats[name].update(meta.get(name, {}))
-      spec = {"source": source, "target": target}[name]
-      if spec and stats[name].get("spec") not in (None, spec):
-        log.warning(
-          "counts_in %s was made from %s corpus %s, not %s",
-          counts_in,
-          name,
-          stats[name]["spec"],
-          spec,
-        )
-  else:
-    counts = {}
-    for name, spec in (("source", source), ("target", target)):
-      stats[name] = {"spec": spec, "lines": 0, "max_lines": max_lines}
-      counts[name] = count_tokens(
-        tokenizer,
-        _counted(streams[name], stats[name]),
-        num_threads=num_threads,
-        progress=progress,
-        desc=f"counting {name}",
-      )
-  if counts_out is not None:
-    save_counts(counts_out, tokenizer, counts, meta=stats)
-  unk_id = unk_token_id(tokenizer)
-  for name in ("source", "target"):
-    c = counts[name]
-    if unk_id is not None and c.sum():
-      rate = c[unk_id] / c.sum()
-      if rate > UNK_WARN_RATE:
-        log.warning(
-          "%s corpus %s: %.1f%% of its tokens are unknown to the original "
-          "tokenizer (%s)",
-          name,
-          stats[name].get("spec"),
-          100 * rate,
-          model_dir,
-        )
-
-  # ----------------------------------------------------------- selection
-  specials = special_token_ids(tok_json, extra_special_tokens(model_dir))
-  keep = select_keep_ids(
-    counts["source"],
-    counts["target"],
-    specials,
-    threshold,
-    min_count,
-    coverage,
-  )
-  old2new = old2new_array(keep, vocab_size)
-
-  # --------------------------------------------------------------- write
-  with paths.atomic_dir(out_dir) as new_dir:
-    tok_info = write_trimmed_tokenizer(model_dir, new_dir, keep)
-    new_params, new_config = slice_vocab_params(params, config, keep)
-    hf.write_hf(new_dir, new_config, new_params)
-    write_vocab_map(new_dir / VOCAB_MAP, keep)
-    report = {
-      "model_dir": model_dir,
-      "out_dir": out_dir,
-      "tokenizer_model": mtype,
-      "vocab_size_before": int(config.vocab_size),
-      "vocab_size_after": int(keep.size),
-      "tokenizer_vocab_size_before": int(vocab_size),
-      "parameters_before": count_params(params, config),
-      "parameters_after": count_params(new_params, new_config),
-      "selection": {
-        "threshold": threshold,
-        "min_count": min_count,
-        "coverage": coverage,
-        "num_special": int(specials.size),
-      },
-      "corpora": {
-        name: {
-          "spec": stats[name].get("spec"),
-          "lines": stats[name].get("lines"),
-          "max_lines": stats[name].get("max_lines"),
-          **_corpus_stats(counts[name], old2new, unk_id),
-        }
-        for name in ("source", "target")
-      },
-      "counts_in": counts_in,
-      "counts_out": counts_out,
-      "removed_tokenizer_files": tok_info["removed"],
-      "removed_tokenizer_config_keys": tok_info["removed_keys"],
-    }
-    paths.write_text(new_dir / TRIM_REPORT, json.dumps(report, indent=2))
-  log.info(
-    "wrote the trimmed %s (vocab %d -> %d) to %s",
-    new_config.architecture,
-    config.vocab_size,
-    keep.size,
-    out_dir,
-  )
-  if tok_info["removed"]:
-    log.warning(
-      "left out untrimmed slow-tokenizer files %s: load %s with the fast "
-      "tokenizer (tokenizer.json)",
-      tok_info["removed"],
-      out_dir,
-    )
-  report["summary"] = format_summary(report)
-  return report

@@ -13,7 +13,7 @@ The synthetic languages have no pretrained teacher, so the demo makes one:
 
 then pre-trains the teacher with MLM. The tokenizer dir loads with
 `transformers.AutoTokenizer.from_pretrained` (BertTokenizerFast) and can be
-trimmed by `bistil_jax.data.vocab.trim_model_dir` like mBERT's.
+trimmed by `bistil_jax.checkpoint.trim.trim_model_dir` like mBERT's.
 
 Determinism. The `tokenizers` WordPiece trainer is not deterministic: it
 numbers the "##x" continuation pieces in hash-map order and breaks ties
@@ -34,8 +34,9 @@ import json
 import logging
 import os
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+import jax
 from tokenizers import (
   AddedToken,
   Tokenizer,
@@ -48,10 +49,11 @@ from tokenizers import (
 )
 
 from bistil_jax import paths
+from bistil_jax.checkpoint import hf
+from bistil_jax.data import vocab as vocab_lib
 from bistil_jax.errors import BistilError
-
-if TYPE_CHECKING:  # the model package pulls in jax; training does not need it
-  from bistil_jax.model.config import ModelConfig
+from bistil_jax.model import encoder
+from bistil_jax.model.config import ModelConfig
 
 log = logging.getLogger(__name__)
 
@@ -307,8 +309,6 @@ def _commit(
   out_dir: str, overwrite: bool, write: Callable[[paths.Path], None]
 ) -> None:
   """Runs `write(tmp_dir)` in a staging sibling, then moves it to out_dir."""
-  from bistil_jax.checkpoint import hf  # noqa: PLC0415 - pulls in jax
-
   hf.check_out_dir(out_dir, overwrite)
   with paths.atomic_dir(out_dir) as staging:
     write(staging)
@@ -386,8 +386,6 @@ def train_wordpiece(
     raise BistilError(f"min_frequency must be >= 1, got {min_frequency}")
   if model_max_length < 1:
     raise BistilError(f"model_max_length must be >= 1: {model_max_length}")
-  from bistil_jax.checkpoint import hf  # noqa: PLC0415 - pulls in jax
-
   hf.check_out_dir(out_dir, overwrite)  # before the work
   per_file = [_word_counts(f, lowercase) for f in files]
   counts = balanced_counts(per_file, balance, words_per_corpus)
@@ -442,12 +440,6 @@ def init_model_dir(
       uses more token types than the config has, or a non-empty `out_dir`
       without `overwrite`.
   """
-  import jax  # noqa: PLC0415 - importing this module stays jax-free
-
-  from bistil_jax.checkpoint import hf  # noqa: PLC0415
-  from bistil_jax.data import vocab as vocab_lib  # noqa: PLC0415
-  from bistil_jax.model import encoder  # noqa: PLC0415
-
   out_dir, tokenizer_dir = os.fspath(out_dir), os.fspath(tokenizer_dir)
   tok, _ = vocab_lib.load_tokenizer_dir(tokenizer_dir)
   size = tok.get_vocab_size(with_added_tokens=True)

@@ -32,6 +32,7 @@ from bistil_jax.checkpoint import manager as ckpt
 from bistil_jax.data import pipeline
 from bistil_jax.errors import BistilError
 from bistil_jax.model.config import ModelConfig
+from bistil_jax.model.encoder import abstract_params
 from bistil_jax.train import loop, steps
 from bistil_jax.train import state as state_lib
 
@@ -68,7 +69,9 @@ class Context:
   key: jax.Array  # the run's key (folded per step inside the step)
 
   def param_shardings(self, cfg: ModelConfig) -> Any:
-    return partitioning.param_shardings(cfg, self.mesh, self.rules)
+    return partitioning.param_shardings(
+      abstract_params(cfg), self.mesh, self.rules
+    )
 
   def shard(self, params: Any, cfg: ModelConfig) -> Any:
     return partitioning.shard(params, self.param_shardings(cfg))

@@ -14,7 +14,7 @@ optimiser gated by that mask. As the released language SFTs were trained
     densely and is stored whole;
   - L1 toward theta0 over the eligible body in both stages (loss.l1).
 
-The export is an SFT dir of kind "language" (sparse.save_sft) whose body
+The export is an SFT dir of kind "language" (sft.save_sft) whose body
 diffs phase 1 adds to its teacher per language (surgery.language_teachers;
 the stored head is not applied there, docs/method.md 4.6). Its metadata records
 the base body's fingerprint, checked wherever it is applied; and, so the
@@ -39,6 +39,7 @@ from bistil_jax import configlib, losses, partitioning, paths, sparse
 from bistil_jax.checkpoint import hf
 from bistil_jax.checkpoint import language as lang_ckpt
 from bistil_jax.checkpoint import manager as ckpt
+from bistil_jax.checkpoint import sft as sft_lib
 from bistil_jax.data import corpus, pipeline, vocab
 from bistil_jax.errors import BistilError
 from bistil_jax.model.config import ModelConfig
@@ -360,7 +361,7 @@ def _finish(ctx, inp: _Inputs, state, loss_cfg, dev, evaluate) -> str:
   sft = make_sft(config, inp.cfg, inp.base_params, inp.params0, final, mask)
   if dev:
     # As phase 1 applies it: the base (tied, its own head) + body diffs.
-    teacher = sparse.apply_sft(inp.base_params, sft, with_dense=False)
+    teacher = sft_lib.apply_sft(inp.base_params, sft, with_dense=False)
     base_cfg = inp.base.config
     with ctx.activate():
       results["base+diffs"] = evaluator(Model(base_cfg), loss_cfg, dev)(
@@ -373,12 +374,12 @@ def _finish(ctx, inp: _Inputs, state, loss_cfg, dev, evaluate) -> str:
     results_path = paths.path(ctx.workdir) / RESULTS
     results_path.write_text(json.dumps(results, indent=2))
     if config.train.export:
-      sparse.save_sft(out, sft, overwrite=True)
+      sft_lib.save_sft(out, sft, overwrite=True)
       log.info("wrote the language SFT to %s", out)
   return out if config.train.export else ""
 
 
-def make_sft(config, cfg, base_params, params0, final, mask) -> sparse.SFT:
+def make_sft(config, cfg, base_params, params0, final, mask) -> sft_lib.SFT:
   """The language SFT: sparse body diffs + the trained head entries (the
   frozen decoder and LayerNorms are the base's, not stored)."""
   trained_head = {
@@ -392,7 +393,7 @@ def make_sft(config, cfg, base_params, params0, final, mask) -> sparse.SFT:
     return {**tree, "lm_head": head}
 
   as_f32 = functools.partial(jax.tree.map, lambda x: np.asarray(x, np.float32))
-  return sparse.sft_from_params(
+  return sft_lib.sft_from_params(
     exportable(final),
     exportable(as_f32(params0)),
     exportable(mask),

@@ -30,6 +30,7 @@ import numpy as np
 from bistil_jax import configlib, losses, paths, sparse, tasks
 from bistil_jax.checkpoint import hf, surgery
 from bistil_jax.checkpoint import manager as ckpt
+from bistil_jax.checkpoint import sft as sft_lib
 from bistil_jax.data import tasks as task_data
 from bistil_jax.data import vocab
 from bistil_jax.errors import BistilError
@@ -486,7 +487,7 @@ def export(out, config, inp: Inputs, final, mask) -> None:
     hf.save_hf(out, cfg, final, inp.tok_dir, True, record=record)
     log.info("wrote the task model to %s", out)
     return
-  sft = sparse.sft_from_params(
+  sft = sft_lib.sft_from_params(
     final,
     jax.tree.map(lambda x: np.asarray(x, np.float32), inp.params0),
     mask,
@@ -507,5 +508,5 @@ def export(out, config, inp: Inputs, final, mask) -> None:
       **record,
     },
   )
-  sparse.save_sft(out, sft, overwrite=True)
+  sft_lib.save_sft(out, sft, overwrite=True)
   log.info("wrote the task SFT to %s", out)

@@ -12,7 +12,7 @@ import transformers
 from absl.testing import absltest
 from tokenizers import Tokenizer
 
-from bistil_jax.checkpoint import hf
+from bistil_jax.checkpoint import hf, trim
 from bistil_jax.data import vocab
 from bistil_jax.errors import BistilError
 from bistil_jax.model import config as config_lib
@@ -224,7 +224,7 @@ class TrainWordPieceTest(absltest.TestCase):
       )
 
     out = self.path("trimmed")
-    report = vocab.trim_model_dir(
+    report = trim.trim_model_dir(
       model_dir,
       str(self.paths.corpora["a1"]["train"]),
       str(self.paths.corpora["a2"]["train"]),

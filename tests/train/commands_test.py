@@ -10,8 +10,9 @@ import tempfile
 
 from absl.testing import absltest
 
-from bistil_jax import sparse, tasks
+from bistil_jax import tasks
 from bistil_jax.checkpoint import hf, surgery
+from bistil_jax.checkpoint import sft as sft_lib
 from bistil_jax.train import commands
 
 
@@ -102,9 +103,9 @@ class RecordedMaxSeqLenTest(absltest.TestCase):
     model = os.path.join(self.root, "model")
     lang = os.path.join(self.root, "lang")
     task = os.path.join(self.root, "task")
-    write_json(os.path.join(lang, sparse.SFT_META), {"kind": "language"})
+    write_json(os.path.join(lang, sft_lib.SFT_META), {"kind": "language"})
     write_json(
-      os.path.join(task, sparse.SFT_META),
+      os.path.join(task, sft_lib.SFT_META),
       {"kind": "task", "max_seq_len": 64, "doc_stride": 16},
     )
     os.makedirs(model)

@@ -14,9 +14,10 @@ import torch
 import transformers
 from absl.testing import absltest
 
-from bistil_jax import cli, sparse
+from bistil_jax import cli
 from bistil_jax.checkpoint import hf
 from bistil_jax.checkpoint import manager as ckpt
+from bistil_jax.checkpoint import sft as sft_lib
 from bistil_jax.model import init_params, preset
 from bistil_jax.train import loop
 from tests import faults, fixtures
@@ -180,11 +181,11 @@ class DistilCliTest(absltest.TestCase):
     trained = jax.tree.map(np.array, base)
     q = trained["encoder"]["layer"]["0"]["attention"]["self"]["query"]
     q["kernel"][:4, :4] += 0.5
-    sft = sparse.sft_from_params(
+    sft = sft_lib.sft_from_params(
       trained, base, kind="language", vocab_size=cfg.vocab_size
     )
     out = os.path.join(self.root, name)
-    sparse.save_sft(out, sft, overwrite=True)
+    sft_lib.save_sft(out, sft, overwrite=True)
     return out
 
   def test_per_language_teacher_sft(self):

@@ -19,10 +19,11 @@ import torch
 import transformers
 from absl.testing import absltest
 
-from bistil_jax import configlib, sparse, synthetic
+from bistil_jax import configlib, synthetic
 from bistil_jax import tasks as tasks_lib
 from bistil_jax.checkpoint import hf, parser_head
 from bistil_jax.checkpoint import manager as ckpt
+from bistil_jax.checkpoint import sft as sft_lib
 from bistil_jax.data import tasks, vocab
 from bistil_jax.model import preset
 from bistil_jax.tasks import dp as dp_tasks
@@ -223,7 +224,7 @@ class DpCliTest(absltest.TestCase):
         "--config.sparse.epochs=1",
       ]
     )
-    sft = sparse.load_sft(os.path.join(wd, "export"))
+    sft = sft_lib.load_sft(os.path.join(wd, "export"))
     self.assertEqual(
       (sft.meta["task"], sft.meta["head"]), ("dp", dp_tasks.DependencyTask.head)
     )
@@ -251,7 +252,7 @@ class DpCliTest(absltest.TestCase):
     self.assertIn("las", self.sft_res["a2"])
 
   def test_task_sft_applies_in_evaluate_and_export_hf(self):
-    meta = read_json(os.path.join(self.sft, sparse.SFT_META))
+    meta = read_json(os.path.join(self.sft, sft_lib.SFT_META))
     self.assertEqual(
       (meta["kind"], meta["head"]), ("task", dp_tasks.DependencyTask.head)
     )

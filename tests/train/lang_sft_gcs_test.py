@@ -6,7 +6,8 @@ import os
 
 import pytest
 
-from bistil_jax import paths, sparse
+from bistil_jax import paths
+from bistil_jax.checkpoint import sft as sft_lib
 from tests import fixtures
 from tests.paths_cli_test import run
 
@@ -41,7 +42,7 @@ def test_lang_sft_on_gcs(gcs_root, tmp_path, monkeypatch):
   ]  # fmt: skip
   run(*argv)
   run(*argv)  # a finished run resumes from its remote checkpoints
-  sft = sparse.load_sft(f"{wd}/export")
+  sft = sft_lib.load_sft(f"{wd}/export")
   assert sft.meta["kind"] == "language" and sft.nnz > 0
   assert "base" in json.loads(paths.read_text(f"{wd}/results.json"))
   run("distil", "--config", config("distil.py:tiny"), "--workdir",

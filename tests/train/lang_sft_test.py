@@ -17,6 +17,7 @@ from absl.testing import absltest
 
 from bistil_jax import cli, sparse, synthetic
 from bistil_jax.checkpoint import hf, language, surgery
+from bistil_jax.checkpoint import sft as sft_lib
 from bistil_jax.data import pipeline, vocab
 from bistil_jax.errors import BistilError
 from bistil_jax.model import preset
@@ -141,7 +142,7 @@ class LangSftTest(absltest.TestCase):
     )
     self.assertEqual(code, 0, err)
     sft = os.path.join(wd, "export")
-    self.assertEqual(sparse.load_sft(sft).dense, {})
+    self.assertEqual(sft_lib.load_sft(sft).dense, {})
     model, base = hf.load_hf(self.mmt)
     teachers = surgery.language_teachers(
       base, model.config, self.mmt, ([sft], [])
@@ -153,7 +154,7 @@ class LangSftTest(absltest.TestCase):
     )
 
   def test_sft_is_a_sparse_language_diff_of_the_body(self):
-    sft = sparse.load_sft(self.sft_dir)
+    sft = sft_lib.load_sft(self.sft_dir)
     meta = sft.meta
     self.assertEqual(meta["kind"], "language")
     self.assertEqual(meta["base_model"], self.mmt)
@@ -161,7 +162,7 @@ class LangSftTest(absltest.TestCase):
     cfg = hf.load_hf(self.mmt)[0].config
     self.assertEqual(
       meta["base_fingerprint"],
-      sparse.params_fingerprint(base, vocab_size=cfg.vocab_size),
+      sft_lib.params_fingerprint(base, vocab_size=cfg.vocab_size),
     )
     # LayerNorms and the untied decoder frozen: never stored.
     self.assertFalse([k for k in sft.diffs if "LayerNorm" in k])
@@ -210,8 +211,8 @@ class LangSftTest(absltest.TestCase):
     model, base = hf.load_hf(self.mmt)
     cfg = model.config
     keep = np.array([0, 1, 2, 3, 4] + list(range(40, cfg.vocab_size, 3)))
-    full = sparse.apply_sft(
-      base, sparse.load_sft(self.sft_dir), with_dense=False
+    full = sft_lib.apply_sft(
+      base, sft_lib.load_sft(self.sft_dir), with_dense=False
     )
     trimmed, tcfg = vocab.slice_vocab_params(base, cfg, keep)
     got = language.apply_language_sft(trimmed, self.sft_dir, tcfg, keep)
@@ -239,8 +240,8 @@ class LangSftTest(absltest.TestCase):
     code, err = run_cli(self.lang_sft_argv(wd))
     self.assertEqual(code, 0, err)
     self.assertFalse(os.path.exists(os.path.join(wd, "dense")))
-    a = sparse.load_sft(self.sft_dir)
-    b = sparse.load_sft(os.path.join(wd, "export"))
+    a = sft_lib.load_sft(self.sft_dir)
+    b = sft_lib.load_sft(os.path.join(wd, "export"))
     self.assertEqual(sorted(a.diffs), sorted(b.diffs))
     for key, (idx, val) in a.diffs.items():
       np.testing.assert_array_equal(idx, b.diffs[key][0])

@@ -10,7 +10,7 @@ import tempfile
 import numpy as np
 from absl.testing import absltest
 
-from bistil_jax import sparse
+from bistil_jax.checkpoint import sft as sft_lib
 from bistil_jax.data import tasks
 from tests import faults, fixtures
 
@@ -65,8 +65,8 @@ class SparseResumeTest(absltest.TestCase):
       self.assertLen(compiled, 2)  # dense and sparse stage
       for n in compiled:
         self.assertBetween(int(n), 1, len(tasks.bucket_lengths(64)))
-      a = sparse.load_sft(os.path.join(wd, "export"))
-      b = sparse.load_sft(os.path.join(ref, "export"))
+      a = sft_lib.load_sft(os.path.join(wd, "export"))
+      b = sft_lib.load_sft(os.path.join(ref, "export"))
       self.assertEqual(sorted(a.diffs), sorted(b.diffs))
       for k in a.diffs:
         for x, y in zip(a.diffs[k], b.diffs[k], strict=True):

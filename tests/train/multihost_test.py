@@ -21,9 +21,9 @@ import numpy as np
 from absl.testing import absltest
 from flax.traverse_util import flatten_dict
 
-from bistil_jax import sparse
 from bistil_jax.checkpoint import hf
 from bistil_jax.checkpoint import manager as ckpt
+from bistil_jax.checkpoint import sft as sft_lib
 from tests import fixtures
 
 REPO = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
@@ -223,8 +223,8 @@ class TwoProcessTest(absltest.TestCase):
     one, two = (os.path.join(self.root, n) for n in ("ft1", "ft2"))
     finish(launch(["finetune", "--workdir", one, *args], 1, 4))
     finish(launch(["finetune", "--workdir", two, *args], 2, 2))
-    a = sparse.load_sft(os.path.join(one, "export"))
-    b = sparse.load_sft(os.path.join(two, "export"))
+    a = sft_lib.load_sft(os.path.join(one, "export"))
+    b = sft_lib.load_sft(os.path.join(two, "export"))
     swaps, worst = compare_sfts(a, b)
     dense = {k: np.asarray(v) for k, v in a.dense.items()}
     print(

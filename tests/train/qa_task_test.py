@@ -21,9 +21,10 @@ import torch
 import transformers
 from absl.testing import absltest, parameterized
 
-from bistil_jax import sparse, synthetic
+from bistil_jax import synthetic
 from bistil_jax import tasks as tasks_lib
 from bistil_jax.checkpoint import hf, surgery
+from bistil_jax.checkpoint import sft as sft_lib
 from bistil_jax.data import qa as qa_data
 from bistil_jax.data import vocab
 from bistil_jax.model import Model, init_params, preset
@@ -195,7 +196,7 @@ class QATaskCliTest(absltest.TestCase):
       kl = logged(self.sft_wd, f"{stage}/kl")
       self.assertLess(np.mean(kl[-2:]), np.mean(kl[:2]), stage)
     res = read_json(os.path.join(self.sft_wd, "results.json"))
-    sft = sparse.load_sft(self.sft)
+    sft = sft_lib.load_sft(self.sft)
     self.assertEqual(sft.meta["head"], "question_answering")
     self.assertEqual(sft.meta["task"], "qa")
     model, params = surgery.merged_model(self.student, [self.sft])
@@ -207,7 +208,7 @@ class QATaskCliTest(absltest.TestCase):
   def test_evaluate_without_flags_reproduces_results_json(self):
     # The SFT records the run's windows (64 tokens, stride 16) and decoding;
     # evaluate's own fallbacks (256, 128) would not even fit the model.
-    meta = sparse.load_sft(self.sft).meta
+    meta = sft_lib.load_sft(self.sft).meta
     self.assertEqual(
       [meta[k] for k in ("max_seq_len", "doc_stride", "n_best_size")],
       [64, 16, 20],
@@ -301,7 +302,7 @@ class QATaskCliTest(absltest.TestCase):
         "--config.sparse.epochs=1",
       ]
     )
-    sft = sparse.load_sft(os.path.join(wd, "export"))
+    sft = sft_lib.load_sft(os.path.join(wd, "export"))
     self.assertEqual(sft.meta["head"], "question_answering")
     self.assertContainsSubset(
       {"classifier/kernel", "classifier/bias"}, sft.dense

@@ -10,6 +10,7 @@ from bistil_jax import partitioning
 from bistil_jax.checkpoint import student_init
 from bistil_jax.errors import BistilError
 from bistil_jax.model import Model, init_params, preset
+from bistil_jax.model.encoder import abstract_params
 from bistil_jax.train import state as state_lib
 from bistil_jax.train import steps
 
@@ -145,9 +146,9 @@ class DistilStepTest(parameterized.TestCase):
     for shape in ((1, 1, 1), (8, 1, 1), (2, 2, 2), (1, 2, 4)):
       n = int(np.prod(shape))
       mesh = partitioning.make_mesh(shape, devices=jax.devices()[:n])
-      pshard = partitioning.param_shardings(tcfg, mesh)
+      pshard = partitioning.param_shardings(abstract_params(tcfg), mesh)
       scfg = student_init.student_config(tcfg, layer_reduction=2)
-      student_shard = partitioning.param_shardings(scfg, mesh)
+      student_shard = partitioning.param_shardings(abstract_params(scfg), mesh)
       dshard = partitioning.data_sharding(mesh)
       with partitioning.activate(mesh):
         params = partitioning.shard(state0.params, student_shard)

@@ -27,6 +27,7 @@ from bistil_jax import cli, sparse, synthetic
 from bistil_jax import tasks as tasks_lib
 from bistil_jax.checkpoint import hf, surgery
 from bistil_jax.checkpoint import manager as ckpt
+from bistil_jax.checkpoint import sft as sft_lib
 from bistil_jax.data import tasks, vocab
 from bistil_jax.model import Model, preset
 from bistil_jax.train import task
@@ -268,10 +269,10 @@ class PhaseTwoCliTest(absltest.TestCase):
   def test_sft_export_is_a_task_sft_of_density_times_eligible(self):
     self.assertIn(self.sft, self.sft_out)
     self.assertEqual(
-      sorted(os.listdir(self.sft)), [sparse.SFT_META, sparse.SFT_WEIGHTS]
+      sorted(os.listdir(self.sft)), [sft_lib.SFT_META, sft_lib.SFT_WEIGHTS]
     )
-    meta = read_json(os.path.join(self.sft, sparse.SFT_META))
-    sft = sparse.load_sft(self.sft)
+    meta = read_json(os.path.join(self.sft, sft_lib.SFT_META))
+    sft = sft_lib.load_sft(self.sft)
     self.assertEqual(meta["kind"], "task")
     self.assertEqual(meta["head"], "token_classification")
     self.assertEqual(meta["label_names"], list(tasks.UPOS_LABELS))
@@ -290,7 +291,7 @@ class PhaseTwoCliTest(absltest.TestCase):
     _, student = hf.load_hf(self.student)
     self.assertEqual(
       meta["base_fingerprint"],
-      sparse.params_fingerprint(student, vocab_size=model.config.vocab_size),
+      sft_lib.params_fingerprint(student, vocab_size=model.config.vocab_size),
     )
 
   def test_phase_two_improves_on_the_untrained_head(self):
@@ -346,7 +347,7 @@ class PhaseTwoCliTest(absltest.TestCase):
   def test_evaluate_without_flags_reproduces_results_json(self):
     # The SFT records the run's data.max_seq_len (64 in the tiny config;
     # evaluate's own fallback is 256): the same windows, the same numbers.
-    meta = read_json(os.path.join(self.sft, sparse.SFT_META))
+    meta = read_json(os.path.join(self.sft, sft_lib.SFT_META))
     self.assertEqual(meta["max_seq_len"], 64)
     ev, said = self.evaluate_logged(
       "--model", self.student, "--sft", self.sft,
@@ -442,7 +443,7 @@ class PhaseTwoCliTest(absltest.TestCase):
     for k, v in base.items():  # the body it starts from is the student's
       if not sparse.is_head(k):
         np.testing.assert_array_equal(v, student[k], err_msg=k)
-    sft = sparse.load_sft(self.sft)
+    sft = sft_lib.load_sft(self.sft)
     step, state = ckpt.read_state(os.path.join(self.sft_wd, "sparse"))
     trained = flat(state["params"])
     self.assertEqual(sorted(trained), sorted(base))
@@ -466,7 +467,7 @@ class PhaseTwoCliTest(absltest.TestCase):
       self.assertGreater(np.mean(trained[k] != base[k]), 0.99, k)
       np.testing.assert_array_equal(trained[k], sft.dense[k])
     # apply_sft(base, SFT) is the sparse stage's result.
-    applied = flat(sparse.apply_sft(params0, sft))
+    applied = flat(sft_lib.apply_sft(params0, sft))
     for k, x in trained.items():
       np.testing.assert_allclose(applied[k], x, rtol=0, atol=1e-6, err_msg=k)
     # The sparse stage restarted from theta0: the dense stage moved far more.
@@ -579,9 +580,9 @@ class PhaseTwoCliTest(absltest.TestCase):
     export = os.path.join(wd, "export")
     self.assertIn(export, out)
     self.assertEqual(
-      sorted(os.listdir(export)), [sparse.SFT_META, sparse.SFT_WEIGHTS]
+      sorted(os.listdir(export)), [sft_lib.SFT_META, sft_lib.SFT_WEIGHTS]
     )
-    sft = sparse.load_sft(export)
+    sft = sft_lib.load_sft(export)
     self.assertEqual((sft.meta["kind"], sft.meta["task"]), ("task", "nli"))
     self.assertEqual(sft.meta["num_entries"], 2000)
     self.assertBetween(sft.nnz, 1900, 2000)
