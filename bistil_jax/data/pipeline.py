@@ -146,6 +146,25 @@ def encode_and_pack(
     yield from zip(ids, special, strict=True)
 
 
+def checked_mlm_ids(
+  tokenizer: Tokenizer, vocab_size: int, whose: str, hint: str
+) -> tuple[int, int]:
+  """`mlm_token_ids` of a tokenizer known to fit a model of `vocab_size`
+  rows.
+
+  Raises:
+    BistilError: no mask token, or more tokens than rows (naming `whose`
+      vocab_size and the `hint` of what to use instead).
+  """
+  size, mask_id = mlm_token_ids(tokenizer)
+  if size > vocab_size:
+    raise BistilError(
+      f"the tokenizer has {size} tokens but {whose} vocab_size is "
+      f"{vocab_size}: {hint}"
+    )
+  return size, mask_id
+
+
 def mlm_token_ids(tokenizer: Tokenizer) -> tuple[int, int]:
   """(vocab_size, mask_id) for `BilingualBatches` from a tokenizer.
 

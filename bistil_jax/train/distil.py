@@ -130,12 +130,12 @@ def _data(config, tokenizer, model_cfg: ModelConfig, what: str):
 
   Each host reads only the data shards it owns (pipeline.ShardedBatches).
   """
-  size, mask_id = pipeline.mlm_token_ids(tokenizer)
-  if size > model_cfg.vocab_size:
-    raise BistilError(
-      f"the tokenizer has {size} tokens but the {what}'s vocab_size is "
-      f"{model_cfg.vocab_size}: use the tokenizer the teacher was trimmed with"
-    )
+  size, mask_id = pipeline.checked_mlm_ids(
+    tokenizer,
+    model_cfg.vocab_size,
+    f"the {what}'s",
+    "use the tokenizer the teacher was trimmed with",
+  )
   d = config.data
   dev_specs = configlib.parse_named_list(config.eval.sets)
   # Every corpus checked (exists, not empty, UTF-8) before any is counted.

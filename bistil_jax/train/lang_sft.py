@@ -159,12 +159,9 @@ def _model(config):
 # -------------------------------------------------------------------- data
 def _data(config, tokenizer, cfg: ModelConfig):
   """(this host's training batches, {name: fixed dev batches})."""
-  size, mask_id = pipeline.mlm_token_ids(tokenizer)
-  if size > cfg.vocab_size:
-    raise BistilError(
-      f"the tokenizer has {size} tokens but the model's vocab_size is "
-      f"{cfg.vocab_size}: use the model's tokenizer"
-    )
+  size, mask_id = pipeline.checked_mlm_ids(
+    tokenizer, cfg.vocab_size, "the model's", "use the model's tokenizer"
+  )
   d = config.data
   dev_specs = configlib.parse_named_list(config.eval.sets)
   corpus.check_corpora(

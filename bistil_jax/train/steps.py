@@ -111,6 +111,18 @@ def distil_losses(
   return total, terms
 
 
+def apply_training(model: Model, params, input_ids, key, **kwargs):
+  """The model's forward in training: dropout on, drawn from `key` (every
+  phase's student runs through here)."""
+  return model.apply(
+    {"params": params},
+    input_ids,
+    deterministic=False,
+    rngs={"dropout": key},
+    **kwargs,
+  )
+
+
 def _distil_forward(
   params,
   teacher,
@@ -144,11 +156,11 @@ def _distil_forward(
       output_attentions=t_attn,
       **common,
     )
-  s_out = student_model.apply(
-    {"params": params},
+  s_out = apply_training(
+    student_model,
+    params,
     batch["input_ids"],
-    deterministic=False,
-    rngs={"dropout": key},
+    key,
     output_attentions=s_attn,
     **common,
   )

@@ -35,7 +35,7 @@ from bistil_jax.data import tasks as task_data
 from bistil_jax.data import vocab
 from bistil_jax.errors import BistilError
 from bistil_jax.model.encoder import Model
-from bistil_jax.train import driver, lt_sft
+from bistil_jax.train import driver, lt_sft, steps
 from bistil_jax.train.lt_sft import eligible_entries, trainable_count
 
 log = logging.getLogger(__name__)
@@ -93,13 +93,7 @@ def task_losses(
     output_attentions=want_attn,
     **task.model_inputs(batch),
   )
-  out = model.apply(
-    {"params": params},
-    batch["input_ids"],
-    deterministic=False,
-    rngs={"dropout": key},
-    **kw,
-  )
+  out = steps.apply_training(model, params, batch["input_ids"], key, **kw)
   rows = task.loss_rows(batch)
   terms = {}
   if loss_cfg.gold > 0:
