@@ -6,7 +6,7 @@ import random
 import jax
 
 from bistil_jax.checkpoint import hf
-from bistil_jax.data import tasks
+from bistil_jax.data import task_files
 from bistil_jax.model import init_params, preset
 from tests.data.vocab_test import make_lines, make_wordpiece_dir
 
@@ -65,7 +65,7 @@ def write_conllu(path: str, n: int, seed: int) -> str:
     for k, line in enumerate(make_lines("aa", n, seed)):
       f.write(f"# sent_id = {k}\n")
       for i, w in enumerate(line.split(), 1):
-        tag = tasks.UPOS_LABELS[
+        tag = task_files.UPOS_LABELS[
           sum(map(ord, w)) % 5 if rng.random() < 0.9 else 7
         ]
         f.write(f"{i}\t{w}\t{w}\t{tag}\t_\t_\t0\t_\t_\t_\n")

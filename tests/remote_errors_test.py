@@ -22,7 +22,7 @@ import jax
 import pytest
 
 from bistil_jax.checkpoint import hf
-from bistil_jax.data import tasks
+from bistil_jax.data import task_files
 from bistil_jax.model import init_params
 from tests import fixtures, gcs
 
@@ -51,8 +51,8 @@ def inputs(tmp_path_factory):
   mlm = fixtures.make_teacher_dir(str(root), layers=2)
   cfg = hf.load_hf(mlm)[0].config.replace(
     head="token_classification",
-    num_labels=len(tasks.UPOS_LABELS),
-    id2label=tuple(tasks.UPOS_LABELS),
+    num_labels=len(task_files.UPOS_LABELS),
+    id2label=tuple(task_files.UPOS_LABELS),
   )
   pos = str(root / "pos")
   hf.save_hf(

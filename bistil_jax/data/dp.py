@@ -39,18 +39,18 @@ import numpy as np
 from tokenizers import Tokenizer
 
 from bistil_jax import metrics
-from bistil_jax.data import tasks
+from bistil_jax.data import task_files, tasks
 from bistil_jax.data.mlm import IGNORE_LABEL
 from bistil_jax.errors import BistilError
 
 log = logging.getLogger(__name__)
 
-# Relation labels, in head order (see tasks.DP_RELATIONS).
-UD_RELATIONS = tasks.DP_RELATIONS
+# Relation labels, in head order (see task_files.DP_RELATIONS).
+UD_RELATIONS = task_files.DP_RELATIONS
 
 
 @dataclasses.dataclass(frozen=True)
-class DepExample(tasks.TokenExample):
+class DepExample(task_files.TokenExample):
   """One parsed sentence: words, relations (`labels`) and heads.
 
   Attributes:
@@ -151,7 +151,7 @@ def read_conllu_dp(path: str | os.PathLike[str]) -> list[DepExample]:
   """
   path = os.fspath(path)
   examples = []
-  for start, rows in tasks.conllu_sentences(path):
+  for start, rows in task_files.conllu_sentences(path):
     heads = []
     for lineno, cols in rows:
       head, deprel = cols[6].strip(), cols[7].strip()
@@ -173,7 +173,7 @@ def read_conllu_dp(path: str | os.PathLike[str]) -> list[DepExample]:
         heads=tuple(heads),
       )
     )
-  return tasks.nonempty(examples, path, "CoNLL-U")
+  return task_files.nonempty(examples, path, "CoNLL-U")
 
 
 def dataset_rows(
@@ -182,9 +182,11 @@ def dataset_rows(
   """DepExamples from rows with `tokens`, `head` and `deprel` columns."""
   columns = dict(columns or {})
   names = {k: columns.get(k, k) for k in ("tokens", "head", "deprel")}
-  for i, row in tasks.dataset_rows(ds, spec):
+  for i, row in task_files.dataset_rows(ds, spec):
     where = f"{spec} row {i}"
-    words, heads, rels = (tasks.row_column(row, names[k], spec) for k in names)
+    words, heads, rels = (
+      task_files.row_column(row, names[k], spec) for k in names
+    )
     if not all(isinstance(x, list | tuple) for x in (words, heads, rels)):
       raise BistilError(f"{where}: tokens, head and deprel must be lists")
     if not len(words) == len(heads) == len(rels):

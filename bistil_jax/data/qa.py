@@ -6,7 +6,7 @@ released code does it through HF run_qa:
 - Readers: SQuAD v1.1 JSON files (`data[].paragraphs[].{context,
   qas[].{id, question, answers[].{text, answer_start}}}`), and `datasets`
   sources with SQuAD columns (`id`, `title`, `context`, `question`,
-  `answers{text, answer_start}`) through the specs of data/tasks.py
+  `answers{text, answer_start}`) through the specs of data/task_files.py
   (`json:PATH`, `hf:NAME[:CONFIG]:SPLIT`). Every answer's `answer_start`
   must point at its text in the context.
 - Features: `question + context` pairs in the tokenizer's pair template
@@ -33,7 +33,7 @@ from typing import Any
 import numpy as np
 from tokenizers import Tokenizer
 
-from bistil_jax.data import tasks, tokenize
+from bistil_jax.data import task_files, tasks, tokenize
 from bistil_jax.errors import BistilError
 
 # The two outputs of the span head, in head order (its "labels").
@@ -133,7 +133,7 @@ def read_squad(path: str | os.PathLike[str]) -> list[QAExample]:
       its text (named with the file and the question id), or no questions.
   """
   path = os.fspath(path)
-  with tasks.open_task_file(path, "SQuAD") as f:  # noqa: SLF001 - one reader helper
+  with task_files.open_task_file(path, "SQuAD") as f:  # noqa: SLF001 - one reader helper
     text = f.read()
   if not text.strip():
     raise BistilError(f"SQuAD file {path} is empty")
@@ -175,12 +175,12 @@ def read_squad(path: str | os.PathLike[str]) -> list[QAExample]:
 
 def dataset_examples(ds, spec: str) -> Iterator[QAExample]:
   """Examples of a `datasets` split with SQuAD columns."""
-  for i, row in tasks.dataset_rows(ds, spec):
+  for i, row in task_files.dataset_rows(ds, spec):
     where = f"{spec} row {i}"
     if "id" in row:
       where += f" (question {str(row['id'])!r})"
     for col in ("context", "question", "answers"):
-      tasks.row_column(row, col, spec)  # noqa: SLF001 - names the columns
+      task_files.row_column(row, col, spec)  # noqa: SLF001 - names the columns
     context, question = row["context"], row["question"]
     if not isinstance(context, str) or not isinstance(question, str):
       raise BistilError(f"{where}: context and question must be text")

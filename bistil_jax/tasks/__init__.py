@@ -15,16 +15,16 @@ from typing import Any
 
 import numpy as np
 
-from bistil_jax.data import tasks as task_data
+from bistil_jax.data import task_files
 from bistil_jax.errors import BistilError
 from bistil_jax.tasks import base, dp, pair, qa, sentence, token
 from bistil_jax.tasks.base import Task
 
 REGISTRY: dict[str, Task] = {
-  "pos": token.TokenTask("pos", task_data.UPOS_LABELS, "upos"),
-  "ner": token.EntityTask("ner", task_data.NER_LABELS, "ner_tags"),
-  "nli": pair.PairTask("nli", task_data.NLI_LABELS, "label"),
-  "dp": dp.DependencyTask("dp", task_data.DP_RELATIONS, "deprel"),
+  "pos": token.TokenTask("pos", task_files.UPOS_LABELS, "upos"),
+  "ner": token.EntityTask("ner", task_files.NER_LABELS, "ner_tags"),
+  "nli": pair.PairTask("nli", task_files.NLI_LABELS, "label"),
+  "dp": dp.DependencyTask("dp", task_files.DP_RELATIONS, "deprel"),
   "qa": qa.QATask("qa", (), "answers"),
   "sentiment": sentence.TextClassificationTask(
     "sentiment", ("negative", "positive")

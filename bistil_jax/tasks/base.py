@@ -26,6 +26,7 @@ import numpy as np
 from tokenizers import Tokenizer
 
 from bistil_jax import losses, metrics
+from bistil_jax.data import task_files
 from bistil_jax.data import tasks as task_data
 from bistil_jax.errors import BistilError
 
@@ -79,7 +80,7 @@ class Task:
   ) -> list[Any]:
     """The examples of one split: a local file in the kind's own format
     (`read_file`) or rows of a dataset (`dataset_examples`) named by a
-    `BUILDER:PATH` or `hf:` spec (see data/tasks.py).
+    `BUILDER:PATH` or `hf:` spec (see data/task_files.py).
 
     Args:
       spec: the split.
@@ -92,10 +93,10 @@ class Task:
         an empty split.
     """
     names = tuple(label_names or self.default_labels)
-    source = task_data.parse_source(spec)
+    source = task_files.parse_source(spec)
     if source.kind == "file":
       return self.read_file(source.path, names, columns)
-    ds = task_data.load_task_dataset(source, spec)
+    ds = task_files.load_task_dataset(source, spec)
     examples = list(self.dataset_examples(ds, spec, names, columns))
     if not examples:
       raise BistilError(f"task data {spec} holds no examples")

@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 from typing import ClassVar
 
+from bistil_jax.data import task_files
 from bistil_jax.data import tasks as task_data
 from bistil_jax.tasks import base
 
@@ -24,10 +25,10 @@ class PairTask(base.Task):
   counts: ClassVar[tuple[tuple[str, str], ...]] = (("num_examples", "pairs"),)
 
   def read_file(self, path, label_names, columns):
-    return task_data.read_nli(path, label_names, columns)
+    return task_files.read_nli(path, label_names, columns)
 
   def dataset_examples(self, ds, spec, label_names, columns):
-    return task_data.pair_rows(ds, spec, label_names, columns)
+    return task_files.pair_rows(ds, spec, label_names, columns)
 
   def encode(
     self, examples, tokenizer, label_to_id, max_seq_len, *, train, **options

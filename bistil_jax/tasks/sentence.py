@@ -24,6 +24,7 @@ from typing import Any, ClassVar
 import numpy as np
 
 from bistil_jax import metrics
+from bistil_jax.data import task_files
 from bistil_jax.data import tasks as task_data
 from bistil_jax.tasks import base
 
@@ -63,17 +64,17 @@ class TextClassificationTask(base.Task):
     """Labelled texts of a JSON-lines, TSV or CSV file (see the module
     docstring); a text that is not a string or a bad label is an error."""
     path = os.fspath(path)
-    rows = task_data.read_table(path, "text classification", COLUMNS, columns)
+    rows = task_files.read_table(path, "text classification", COLUMNS, columns)
     examples = [_example(values, label_names, where) for values, where in rows]
-    return task_data.nonempty(examples, path, "text classification")
+    return task_files.nonempty(examples, path, "text classification")
 
   def dataset_examples(self, ds, spec, label_names, columns):
     keys = names = None
-    for i, row in task_data.dataset_rows(ds, spec):
+    for i, row in task_files.dataset_rows(ds, spec):
       where = f"{spec} row {i}"
       if keys is None:
-        keys = task_data.find_columns(row, COLUMNS, spec, columns)
-        names = task_data.class_names(ds, keys["label"]) or label_names
+        keys = task_files.find_columns(row, COLUMNS, spec, columns)
+        names = task_files.class_names(ds, keys["label"]) or label_names
       yield _example({f: row[k] for f, k in keys.items()}, names, where)
 
   def encode(
@@ -110,6 +111,6 @@ def macro_f1(pred: np.ndarray, gold: np.ndarray) -> float:
 
 
 def _example(values, label_names, where: str) -> TextExample:
-  text = task_data.text_field(values, "text", where)
-  label = task_data.label_name(values["label"], label_names, where)
+  text = task_files.text_field(values, "text", where)
+  label = task_files.label_name(values["label"], label_names, where)
   return TextExample(text, label, where)

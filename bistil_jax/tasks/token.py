@@ -1,8 +1,8 @@
 """Token labelling (POS, NER): one label per word, on its first sub-word.
 
 Reading: UD CoNLL-U (pos), CoNLL column files (ner) or `tokens` + tag-list
-columns of a dataset; encoding and the readers live in data/tasks.py
-(docs/method.md 4.3, 5.1). The losses and predictions run over the
+columns of a dataset (the readers are in data/task_files.py, the encoder in
+data/tasks.py; docs/method.md 4.3, 5.1). The losses and predictions run over the
 labelled positions; the metric joins an over-long sentence's windows back,
 so every gold word counts once.
 """
@@ -16,6 +16,7 @@ from typing import Any, ClassVar
 import numpy as np
 
 from bistil_jax import metrics
+from bistil_jax.data import task_files
 from bistil_jax.data import tasks as task_data
 from bistil_jax.tasks import base
 
@@ -37,11 +38,11 @@ class TokenTask(base.Task):
 
   def read_file(self, path, label_names, columns):
     if self.file_format == "conllu":
-      return task_data.read_conllu(path)
-    return task_data.read_conll_ner(path)
+      return task_files.read_conllu(path)
+    return task_files.read_conll_ner(path)
 
   def dataset_examples(self, ds, spec, label_names, columns):
-    return task_data.token_rows(
+    return task_files.token_rows(
       ds,
       spec,
       label_names,

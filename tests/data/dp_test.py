@@ -9,7 +9,7 @@ import numpy as np
 from absl.testing import absltest, parameterized
 
 from bistil_jax import tasks as tasks_lib
-from bistil_jax.data import dp, tasks
+from bistil_jax.data import dp, task_files, tasks
 from bistil_jax.errors import BistilError
 from tests.data.tasks_test import CLS, SEP, hand_tokenizer
 
@@ -132,7 +132,7 @@ class DpDataTest(parameterized.TestCase):
   def encode(self, max_len=16, drop_long=False):
     ex = tasks_lib.get("dp").read(self.both())
     labels = tasks_lib.get("dp").label_set(ex)
-    self.assertEqual(labels, tasks.DP_RELATIONS)
+    self.assertEqual(labels, task_files.DP_RELATIONS)
     data = tasks_lib.get("dp").encode(
       ex, HAND, tasks.label_ids(labels), max_len, train=drop_long
     )

@@ -18,7 +18,7 @@ from tokenizers import (
 
 from bistil_jax import synthetic
 from bistil_jax import tasks as tasks_lib
-from bistil_jax.data import tasks
+from bistil_jax.data import task_files, tasks
 from bistil_jax.errors import BistilError
 from bistil_jax.tasks import token as token_kind
 
@@ -104,8 +104,8 @@ class TmpDirTest(parameterized.TestCase):
 class SyntheticRoundTripTest(parameterized.TestCase):
   @parameterized.parameters("train", "dev", "test")
   def test_pos_and_ner_read_the_same_sentences(self, split):
-    pos = tasks.read_conllu(path("pos", split))
-    ner = tasks.read_conll_ner(path("ner", split))
+    pos = task_files.read_conllu(path("pos", split))
+    ner = task_files.read_conll_ner(path("ner", split))
     self.assertLen(pos, SIZES[f"task_{split}"])
     self.assertEqual([e.words for e in pos], [e.words for e in ner])
     for e in pos + ner:
@@ -121,13 +121,13 @@ class SyntheticRoundTripTest(parameterized.TestCase):
     with open(path("pos", "train"), encoding="utf-8") as f:
       block = f.read().split("\n\n")[0].splitlines()
     rows = [line.split("\t") for line in block if not line.startswith("#")]
-    first = tasks.read_conllu(path("pos", "train"))[0]
+    first = task_files.read_conllu(path("pos", "train"))[0]
     self.assertEqual(first.words, tuple(r[1] for r in rows))
     self.assertEqual(first.labels, tuple(r[3] for r in rows))
     self.assertEqual(first.source, path("pos", "train") + ":1")
 
   def test_nli_matches_the_file(self):
-    examples = tasks.read_nli(path("nli", "dev"))
+    examples = task_files.read_nli(path("nli", "dev"))
     with open(path("nli", "dev"), encoding="utf-8") as f:
       rows = [json.loads(line) for line in f]
     self.assertEqual(
@@ -140,7 +140,7 @@ class SyntheticRoundTripTest(parameterized.TestCase):
   def test_read_task_dispatches_on_local_files(self, task):
     examples = tasks_lib.get(task).read(path(task, "test"))
     self.assertLen(examples, SIZES["task_test"])
-    kind = tasks.TokenExample if task != "nli" else tasks.PairExample
+    kind = task_files.TokenExample if task != "nli" else task_files.PairExample
     self.assertIsInstance(examples[0], kind)
 
 
@@ -157,12 +157,12 @@ class ReadersTest(TmpDirTest):
       "\n\n"
       "1\tHi\thi\tINTJ\t_\t_\t0\troot\t_\t_\n",
     )
-    examples = tasks.read_conllu(p)
+    examples = task_files.read_conllu(p)
     self.assertEqual(
       examples,
       [
-        tasks.TokenExample(("do", "n't", "go"), ("AUX", "PART", "VERB")),
-        tasks.TokenExample(("Hi",), ("INTJ",)),
+        task_files.TokenExample(("do", "n't", "go"), ("AUX", "PART", "VERB")),
+        task_files.TokenExample(("Hi",), ("INTJ",)),
       ],
     )
     self.assertEqual(examples[1].source, f"{p}:9")  # After 2 blanks.
@@ -174,12 +174,12 @@ class ReadersTest(TmpDirTest):
       "EU NNP B-NP I-ORG\nrejects VBZ B-VP O\n\n\n"
       "Peter NNP B-NP B-PER\r\nBlackburn NNP I-NP I-PER\n",
     )
-    examples = tasks.read_conll_ner(p)
+    examples = task_files.read_conll_ner(p)
     self.assertEqual(
       examples,
       [
-        tasks.TokenExample(("EU", "rejects"), ("I-ORG", "O")),
-        tasks.TokenExample(("Peter", "Blackburn"), ("B-PER", "I-PER")),
+        task_files.TokenExample(("EU", "rejects"), ("I-ORG", "O")),
+        task_files.TokenExample(("Peter", "Blackburn"), ("B-PER", "I-PER")),
       ],
     )
     self.assertEqual(examples[1].source, f"{p}:7")
@@ -192,12 +192,12 @@ class ReadersTest(TmpDirTest):
       "\n"
       "P2\tH2\t2\taym\n",
     )
-    examples = tasks.read_nli(p)
+    examples = task_files.read_nli(p)
     self.assertEqual(
       examples,
       [
-        tasks.PairExample('A "quoted" man.', "A man.", "entailment"),
-        tasks.PairExample("P2", "H2", "contradiction"),
+        task_files.PairExample('A "quoted" man.', "A man.", "entailment"),
+        task_files.PairExample("P2", "H2", "contradiction"),
       ],
     )
     self.assertEqual(examples[1].source, f"{p}:4")
@@ -207,7 +207,7 @@ class ReadersTest(TmpDirTest):
       "x.csv",
       'sentence1,sentence2,gold_label\n"A, b",c,neutral\nd,e,1\n',
     )
-    examples = tasks.read_nli(p)
+    examples = task_files.read_nli(p)
     self.assertEqual(
       [(e.premise, e.hypothesis, e.label) for e in examples],
       [("A, b", "c", "neutral"), ("d", "e", "neutral")],
@@ -220,7 +220,7 @@ class ReadersTest(TmpDirTest):
       '{"premise": "p", "hypothesis": "h", "label": 0}\n',
     )
     self.assertEqual(
-      [e.label for e in tasks.read_nli(p, label_names=("yes", "no"))],
+      [e.label for e in task_files.read_nli(p, label_names=("yes", "no"))],
       ["no", "yes"],
     )
 
@@ -289,18 +289,18 @@ class ReadersTest(TmpDirTest):
   def test_malformed_lines_name_file_and_line(self, name, text, pattern):
     p = self.write(name, text)
     reader = {
-      ".conllu": tasks.read_conllu,
-      ".txt": tasks.read_conll_ner,
-    }.get(os.path.splitext(p)[1], tasks.read_nli)
+      ".conllu": task_files.read_conllu,
+      ".txt": task_files.read_conll_ner,
+    }.get(os.path.splitext(p)[1], task_files.read_nli)
     with self.assertRaisesRegex(BistilError, "^" + re.escape(p) + pattern):
       reader(p)
 
   @parameterized.parameters(
-    ("x.conllu", "# only a comment\n\n", tasks.read_conllu),
-    ("x.txt", "-DOCSTART- O\n\n\n", tasks.read_conll_ner),
-    ("x.jsonl", "\n", tasks.read_nli),
-    ("x.tsv", "", tasks.read_nli),
-    ("x.tsv", "premise\thypothesis\tlabel\n", tasks.read_nli),
+    ("x.conllu", "# only a comment\n\n", task_files.read_conllu),
+    ("x.txt", "-DOCSTART- O\n\n\n", task_files.read_conll_ner),
+    ("x.jsonl", "\n", task_files.read_nli),
+    ("x.tsv", "", task_files.read_nli),
+    ("x.tsv", "premise\thypothesis\tlabel\n", task_files.read_nli),
   )
   def test_empty_split_names_the_file(self, name, text, reader):
     p = self.write(name, text)
@@ -309,15 +309,15 @@ class ReadersTest(TmpDirTest):
 
   def test_missing_file_bad_extension_and_undecodable(self):
     with self.assertRaisesRegex(BistilError, "file not found: /nope.conllu"):
-      tasks.read_conllu("/nope.conllu")
+      task_files.read_conllu("/nope.conllu")
     p = self.write("x.xml", "<a/>")
     with self.assertRaisesRegex(BistilError, "unknown extension '.xml'"):
-      tasks.read_nli(p)
+      task_files.read_nli(p)
     p = self.write("y.txt", "")
     with open(p, "wb") as f:
       f.write(b"a O\n\xff\xfe O\n")
     with self.assertRaisesRegex(BistilError, f"{p}:2: not valid UTF-8"):
-      tasks.read_conll_ner(p)
+      task_files.read_conll_ner(p)
 
   def test_read_task_rejects_unknown_task_and_bad_specs(self):
     with self.assertRaisesRegex(BistilError, "unknown task 'srl'"):
@@ -344,8 +344,8 @@ class DatasetsSpecTest(TmpDirTest):
     self.assertEqual(
       tasks_lib.get("ner").read(spec),
       [
-        tasks.TokenExample(("Ann", "ran"), ("B-PER", "O")),
-        tasks.TokenExample(("Bo",), ("B-LOC",)),
+        task_files.TokenExample(("Ann", "ran"), ("B-PER", "O")),
+        task_files.TokenExample(("Bo",), ("B-LOC",)),
       ],
     )
 
@@ -382,7 +382,7 @@ class DatasetsSpecTest(TmpDirTest):
       '{"premise": "p", "hypothesis": "h", "label": 2, "idx": 0}\n',
     )
     (ex,) = tasks_lib.get("nli").read(f"json:{p}")
-    self.assertEqual(ex, tasks.PairExample("p", "h", "contradiction"))
+    self.assertEqual(ex, task_files.PairExample("p", "h", "contradiction"))
 
   def test_dataset_errors(self):
     p = self.write("x.jsonl", '{"tokens": ["a"], "tags": ["O"]}\n')
@@ -401,16 +401,20 @@ class DatasetsSpecTest(TmpDirTest):
 
 # ------------------------------------------------------------------ labels
 def tok_ex(labels, source="f.txt:1"):
-  return tasks.TokenExample(tuple("w" * len(labels)), tuple(labels), source)
+  return task_files.TokenExample(
+    tuple("w" * len(labels)), tuple(labels), source
+  )
 
 
 class LabelSetTest(parameterized.TestCase):
   def test_subset_of_default_gives_the_whole_default(self):
-    pos = tasks.read_conllu(path("pos", "train"))
-    self.assertEqual(tasks_lib.get("pos").label_set(pos), tasks.UPOS_LABELS)
-    ner = tasks.read_conll_ner(path("ner", "train"))
-    self.assertEqual(tasks_lib.get("ner").label_set(ner), tasks.NER_LABELS)
-    nli = tasks.read_nli(path("nli", "train"))
+    pos = task_files.read_conllu(path("pos", "train"))
+    self.assertEqual(
+      tasks_lib.get("pos").label_set(pos), task_files.UPOS_LABELS
+    )
+    ner = task_files.read_conll_ner(path("ner", "train"))
+    self.assertEqual(tasks_lib.get("ner").label_set(ner), task_files.NER_LABELS)
+    nli = task_files.read_nli(path("nli", "train"))
     self.assertEqual(
       tasks_lib.get("nli").label_set(nli),
       ("entailment", "neutral", "contradiction"),
@@ -442,7 +446,7 @@ class LabelSetTest(parameterized.TestCase):
       tasks_lib.get("pos").label_set([])
 
   def test_relabel(self):
-    examples = tasks.relabel(
+    examples = task_files.relabel(
       [tok_ex(["B-DATE", "I-DATE", "B-PER"])],
       {"B-DATE": "O", "I-DATE": "O"},
     )
@@ -452,7 +456,9 @@ class LabelSetTest(parameterized.TestCase):
 # ------------------------------------------------------------------ encoding
 class EncodeTokenTest(parameterized.TestCase):
   def test_labels_on_first_sub_words_only(self):
-    ex = tasks.TokenExample(("The", "unbelievable", "cats"), ("D", "A", "N"))
+    ex = task_files.TokenExample(
+      ("The", "unbelievable", "cats"), ("D", "A", "N")
+    )
     data = tasks.encode_token_task([ex], HAND, {"A": 0, "D": 1, "N": 2}, 12)
     # [CLS] the un ##believ ##able cat ##s [SEP] [PAD]*4
     np.testing.assert_array_equal(
@@ -469,7 +475,7 @@ class EncodeTokenTest(parameterized.TestCase):
       self.assertEqual(a.dtype, np.int32)
 
   def test_word_without_sub_words_becomes_unk(self):
-    ex = tasks.TokenExample(("a", "\u200b", "b"), ("X", "Y", "X"))
+    ex = task_files.TokenExample(("a", "\u200b", "b"), ("X", "Y", "X"))
     data = tasks.encode_token_task([ex], HAND, {"X": 0, "Y": 1}, 8)
     np.testing.assert_array_equal(
       data.input_ids[0], [CLS, 12, UNK, 13, SEP, PAD, PAD, PAD]
@@ -478,7 +484,7 @@ class EncodeTokenTest(parameterized.TestCase):
     self.assertEqual(data.num_unk_words, 1)
 
   def test_synthetic_alignment_invariants(self):
-    examples = tasks.read_conll_ner(path("ner", "train"))
+    examples = task_files.read_conll_ner(path("ner", "train"))
     labels = tasks_lib.get("ner").label_set(examples)
     ids = tasks.label_ids(labels)
     data = tasks.encode_token_task(examples, TOK, ids, 128, task="ner")
@@ -509,9 +515,9 @@ class EncodeTokenTest(parameterized.TestCase):
 
   def test_long_examples_are_dropped_or_truncated(self):
     examples = [
-      tasks.TokenExample(("a",), ("X",)),
-      tasks.TokenExample(("the", "unbelievable", "a"), ("X", "X", "X")),
-      tasks.TokenExample(("b", "b"), ("X", "X")),
+      task_files.TokenExample(("a",), ("X",)),
+      task_files.TokenExample(("the", "unbelievable", "a"), ("X", "X", "X")),
+      task_files.TokenExample(("b", "b"), ("X", "X")),
     ]
     # Lengths with specials: 3, 7, 4.
     data = tasks.encode_token_task(examples, HAND, {"X": 0}, 5)
@@ -526,7 +532,7 @@ class EncodeTokenTest(parameterized.TestCase):
       tasks.encode_token_task(examples[1:2], HAND, {"X": 0}, 5, task="pos")
 
   def test_bad_inputs(self):
-    ex = tasks.TokenExample(("a",), ("X",), "f.txt:3")
+    ex = task_files.TokenExample(("a",), ("X",), "f.txt:3")
     with self.assertRaisesRegex(BistilError, "unknown label 'X' at f.txt:3"):
       tasks.encode_token_task([ex], HAND, {"Y": 0}, 8)
     with self.assertRaisesRegex(BistilError, "label ids must be 0..k-1"):
@@ -540,7 +546,7 @@ class EncodeTokenTest(parameterized.TestCase):
     tok = Tokenizer.from_str(HAND.to_str())
     tok.enable_truncation(3)
     tok.enable_padding(pad_id=PAD, length=20)
-    ex = tasks.TokenExample(("the", "cat", "sat"), ("X", "X", "X"))
+    ex = task_files.TokenExample(("the", "cat", "sat"), ("X", "X", "X"))
     data = tasks.encode_token_task([ex], tok, {"X": 0}, 6)
     np.testing.assert_array_equal(data.input_ids[0], [CLS, 5, 6, 7, SEP, PAD])
     self.assertEqual(tok.truncation["max_length"], 3)
@@ -549,10 +555,10 @@ class EncodeTokenTest(parameterized.TestCase):
 class EncodePairTest(parameterized.TestCase):
   def test_segments_labels_and_truncation(self):
     examples = [
-      tasks.PairExample("the cat", "a", "neutral"),
-      tasks.PairExample("the cat sat a b", "a b", "entailment"),
+      task_files.PairExample("the cat", "a", "neutral"),
+      task_files.PairExample("the cat sat a b", "a b", "entailment"),
     ]
-    ids = tasks.label_ids(tasks.NLI_LABELS)
+    ids = tasks.label_ids(task_files.NLI_LABELS)
     data = tasks.encode_sequences(examples, HAND, ids, 8)
     np.testing.assert_array_equal(
       data.input_ids[0], [CLS, 5, 6, SEP, 12, SEP, PAD, PAD]
@@ -592,26 +598,32 @@ class EncodePairTest(parameterized.TestCase):
           "2\ta\ta\tNOUN\t_\t_\t1\tdep\t_\t_\n"
           "3\ta\ta\tXYZ\t_\t_\t1\tdep\t_\t_\n\n"
         )
-      examples = tasks.read_conllu(p)
+      examples = task_files.read_conllu(p)
       with self.assertRaisesRegex(
         BistilError, f"^unknown label 'XYZ' at {re.escape(p)}:4;"
       ):
         tasks.encode_token_task(
-          examples, HAND, tasks.label_ids(tasks.UPOS_LABELS), 16, task="pos"
+          examples,
+          HAND,
+          tasks.label_ids(task_files.UPOS_LABELS),
+          16,
+          task="pos",
         )
 
   def test_unknown_label(self):
-    ex = tasks.PairExample("a", "b", "maybe", "x.tsv:4")
+    ex = task_files.PairExample("a", "b", "maybe", "x.tsv:4")
     with self.assertRaisesRegex(
       BistilError, "unknown label 'maybe' at x.tsv:4"
     ):
-      tasks.encode_sequences([ex], HAND, tasks.label_ids(tasks.NLI_LABELS), 8)
+      tasks.encode_sequences(
+        [ex], HAND, tasks.label_ids(task_files.NLI_LABELS), 8
+      )
 
 
 # ------------------------------------------------------------------ batches
 def small_data(n=10, length=6):
   examples = [
-    tasks.TokenExample(("a",) * (1 + i % 3), ("X",) * (1 + i % 3))
+    task_files.TokenExample(("a",) * (1 + i % 3), ("X",) * (1 + i % 3))
     for i in range(n)
   ]
   data = tasks.encode_token_task(examples, HAND, {"X": 0}, length, task="pos")
@@ -637,9 +649,9 @@ class BatchesTest(parameterized.TestCase):
     self.assertEqual(seen, list(range(10)))
 
   def test_eval_padding_rows_of_pair_task(self):
-    examples = [tasks.PairExample("a", "b", "neutral")] * 3
+    examples = [task_files.PairExample("a", "b", "neutral")] * 3
     data = tasks.encode_sequences(
-      examples, HAND, tasks.label_ids(tasks.NLI_LABELS), 8
+      examples, HAND, tasks.label_ids(task_files.NLI_LABELS), 8
     )
     ((rows, b),) = tasks.eval_batches(data, 4)
     np.testing.assert_array_equal(rows, [0, 1, 2, -1])
@@ -667,7 +679,8 @@ class BatchesTest(parameterized.TestCase):
 
   def test_batches_are_padded_to_a_bucket_and_split_over_hosts(self):
     examples = [
-      tasks.TokenExample(("a",) * n, ("X",) * n) for n in (3, 40, 5, 90, 7, 8)
+      task_files.TokenExample(("a",) * n, ("X",) * n)
+      for n in (3, 40, 5, 90, 7, 8)
     ]
     data = tasks.encode_token_task(examples, HAND, {"X": 0}, 128)
     self.assertEqual(tasks.bucket_lengths(128), (16, 32, 64, 128))
@@ -704,7 +717,7 @@ class WindowTest(parameterized.TestCase):
   def test_every_labelled_sub_word_is_scored_once_with_context(self, length):
     words = ("the", "unbelievable", "cats", "a", "b") * 3
     labels = tuple(f"L{i % 4}" for i in range(len(words)))
-    ex = tasks.TokenExample(words, labels)
+    ex = task_files.TokenExample(words, labels)
     ids = tasks.label_ids(sorted(set(labels)))
     full = tasks.encode_token_task([ex], HAND, ids, 64)
     win = tasks.encode_token_task(
@@ -723,7 +736,7 @@ class WindowTest(parameterized.TestCase):
   def test_windows_join_back_per_example(self):
 
     words = ("a", "b") * 10
-    ex = [tasks.TokenExample(words, ("X", "Y") * 10), tok_ex(["X"])]
+    ex = [task_files.TokenExample(words, ("X", "Y") * 10), tok_ex(["X"])]
     win = tasks.encode_token_task(
       ex, HAND, {"X": 0, "Y": 1}, 6, drop_long=False, window=True
     )

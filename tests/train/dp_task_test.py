@@ -24,7 +24,7 @@ from bistil_jax import tasks as tasks_lib
 from bistil_jax.checkpoint import hf, parser_head
 from bistil_jax.checkpoint import manager as ckpt
 from bistil_jax.checkpoint import sft as sft_lib
-from bistil_jax.data import tasks, vocab
+from bistil_jax.data import task_files, vocab
 from bistil_jax.model import preset
 from bistil_jax.tasks import dp as dp_tasks
 from bistil_jax.train import task
@@ -121,7 +121,7 @@ class DpCliTest(absltest.TestCase):
 
   def untrained(self, model_dir):
     """Dev scores of `model_dir` + the zero-initialised parser."""
-    labels = tasks.DP_RELATIONS
+    labels = task_files.DP_RELATIONS
     model, params = fresh_head_model(model_dir, "dp", labels)
     self.assertEqual(model.config.head, dp_tasks.DependencyTask.head)
     for k, v in flat(params).items():
@@ -161,7 +161,7 @@ class DpCliTest(absltest.TestCase):
     self.assertEqual(before["num_words"], res["num_words"])
     self.assertGreater(res["las"], before["las"] + 0.2)
     self.assertGreater(res["uas"], before["uas"] + 0.2)
-    self.assertEqual(self.teacher_res["labels"], list(tasks.DP_RELATIONS))
+    self.assertEqual(self.teacher_res["labels"], list(task_files.DP_RELATIONS))
     # Every word of the file counted (CoNLL 2018: punctuation included).
     words = sum(
       len(e.words) for e in tasks_lib.get("dp").read(self.files["a1"]["dev"])
@@ -176,7 +176,7 @@ class DpCliTest(absltest.TestCase):
     self.assertEqual(type(pt).__name__, "BertModel")
     model, params = hf.load_hf(export)
     self.assertEqual(model.config.head, dp_tasks.DependencyTask.head)
-    self.assertEqual(model.config.label_names, tasks.DP_RELATIONS)
+    self.assertEqual(model.config.label_names, task_files.DP_RELATIONS)
     # The head read back is the one the run ended with.
     _, state = ckpt.read_state(os.path.join(self.teacher_wd, "dense"))
     trained = flat(state["params"])
@@ -188,7 +188,7 @@ class DpCliTest(absltest.TestCase):
       tasks_lib.get("dp"),
       self.files["a1"]["dev"],
       tok,
-      tasks.DP_RELATIONS,
+      task_files.DP_RELATIONS,
       MAX_LEN,
     )
     ids, mask = data.input_ids[:4], data.attention_mask[:4]
@@ -256,7 +256,7 @@ class DpCliTest(absltest.TestCase):
     self.assertEqual(
       (meta["kind"], meta["head"]), ("task", dp_tasks.DependencyTask.head)
     )
-    self.assertEqual(meta["label_names"], list(tasks.DP_RELATIONS))
+    self.assertEqual(meta["label_names"], list(task_files.DP_RELATIONS))
     got = self.evaluate_cli("sft", "--model", self.student, "--sft", self.sft)
     self.assertEqual(got, self.sft_res["dev"])
     out = self.path("hf_dp")

@@ -11,7 +11,7 @@ from absl.testing import absltest
 
 from bistil_jax import cli, configlib
 from bistil_jax.checkpoint import hf, surgery
-from bistil_jax.data import tasks
+from bistil_jax.data import task_files
 from bistil_jax.model import init_params, preset
 from tests import fixtures
 from tests.data.vocab_test import make_wordpiece_dir
@@ -59,8 +59,8 @@ class NamedPathsTest(absltest.TestCase):
       "tiny",
       head="token_classification",
       vocab_size=tok.get_vocab_size(),
-      num_labels=len(tasks.UPOS_LABELS),
-      id2label=tasks.UPOS_LABELS,
+      num_labels=len(task_files.UPOS_LABELS),
+      id2label=task_files.UPOS_LABELS,
     )
     model = os.path.join(self.root, "model")
     hf.save_hf(

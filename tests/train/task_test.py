@@ -28,7 +28,7 @@ from bistil_jax import tasks as tasks_lib
 from bistil_jax.checkpoint import hf, surgery
 from bistil_jax.checkpoint import manager as ckpt
 from bistil_jax.checkpoint import sft as sft_lib
-from bistil_jax.data import tasks, vocab
+from bistil_jax.data import task_files, vocab
 from bistil_jax.model import Model, preset
 from bistil_jax.train import task
 
@@ -256,13 +256,13 @@ class PhaseTwoCliTest(absltest.TestCase):
     self.assertIn(self.teacher, self.teacher_out)
     model, params = hf.load_hf(self.teacher)
     self.assertEqual(model.config.head, "token_classification")
-    self.assertEqual(model.config.label_names, tasks.UPOS_LABELS)
+    self.assertEqual(model.config.label_names, task_files.UPOS_LABELS)
     self.assertIn("classifier", params)
     self.assertFalse(os.path.exists(os.path.join(self.teacher, "sft.json")))
     res = read_json(os.path.join(self.teacher_wd, "results.json"))
     self.assertEqual(res["phase"], "finetune")
     # Gold-only fine-tuning of a random model still beats its fresh head.
-    fresh, fp = fresh_head_model(self.teacher0, "pos", tasks.UPOS_LABELS)
+    fresh, fp = fresh_head_model(self.teacher0, "pos", task_files.UPOS_LABELS)
     before = evaluate(fresh, fp, self.dev_data(self.teacher0), 16)
     self.assertGreater(res["dev"]["accuracy"], before["accuracy"] + 0.1)
 
@@ -275,7 +275,7 @@ class PhaseTwoCliTest(absltest.TestCase):
     sft = sft_lib.load_sft(self.sft)
     self.assertEqual(meta["kind"], "task")
     self.assertEqual(meta["head"], "token_classification")
-    self.assertEqual(meta["label_names"], list(tasks.UPOS_LABELS))
+    self.assertEqual(meta["label_names"], list(task_files.UPOS_LABELS))
     self.assertEqual(meta["nnz"], sft.nnz)
     # The head is stored whole; the body only as a sparse diff.
     self.assertEqual(
@@ -305,7 +305,9 @@ class PhaseTwoCliTest(absltest.TestCase):
     res = self.results
     self.assertEqual(res["phase"], "sft")
     self.assertEqual(res["task"], "pos")
-    self.assertEqual(self.labels, tasks.UPOS_LABELS)  # the teacher's labels
+    self.assertEqual(
+      self.labels, task_files.UPOS_LABELS
+    )  # the teacher's labels
     for split, lang in (("dev", "a1"), ("a2", "a2")):
       self.assertBetween(res[split]["accuracy"], 0.0, 1.0)
       # Every word of every example is scored once.
@@ -371,7 +373,7 @@ class PhaseTwoCliTest(absltest.TestCase):
     )
     self.assertIn("evaluating at max_seq_len 64", said)
     # A model dir no run of ours wrote: min(256, its max length of 128).
-    plain = self.make_head_teacher("plain_pos", "pos", tasks.UPOS_LABELS)
+    plain = self.make_head_teacher("plain_pos", "pos", task_files.UPOS_LABELS)
     self.assertFalse(os.path.exists(os.path.join(plain, hf.RUN_RECORD)))
     _, said = self.evaluate_logged(
       "--model", plain, "--data", f"a1={self.pos['a1']['dev']}"
@@ -391,7 +393,9 @@ class PhaseTwoCliTest(absltest.TestCase):
     out = self.hf_pos
     pt = transformers.AutoModelForTokenClassification.from_pretrained(out)
     pt.eval()
-    self.assertEqual(pt.config.id2label, dict(enumerate(tasks.UPOS_LABELS)))
+    self.assertEqual(
+      pt.config.id2label, dict(enumerate(task_files.UPOS_LABELS))
+    )
     self.assertEqual(pt.config.num_hidden_layers, 2)
     # The student trained without dropout; transformers users get the
     # teacher's rates (the tiny preset's 0.1).
@@ -542,7 +546,7 @@ class PhaseTwoCliTest(absltest.TestCase):
       ]
     )
     res = read_json(os.path.join(wd, "results.json"))
-    self.assertEqual(tuple(res["labels"]), tasks.NER_LABELS)
+    self.assertEqual(tuple(res["labels"]), task_files.NER_LABELS)
     for split in ("dev", "a2"):
       for key in ("f1", "precision", "recall", "num_gold"):
         self.assertIn(key, res[split])
@@ -550,7 +554,7 @@ class PhaseTwoCliTest(absltest.TestCase):
       self.assertGreater(res[split]["num_gold"], 0)
     model, _ = hf.load_hf(os.path.join(wd, "export"))
     self.assertEqual(model.config.head, "token_classification")
-    self.assertEqual(model.config.label_names, tasks.NER_LABELS)
+    self.assertEqual(model.config.label_names, task_files.NER_LABELS)
 
   def test_nli_lt_sft_on_a_model_without_pooler(self):
     # LT-SFT fine-tuning (K as a count) exports a task SFT that evaluate
@@ -588,7 +592,7 @@ class PhaseTwoCliTest(absltest.TestCase):
     self.assertBetween(sft.nnz, 1900, 2000)
     self.assertEqual(sft.meta["head"], "sequence_classification")
     self.assertTrue(sft.meta["add_pooler"])
-    self.assertEqual(tuple(sft.meta["label_names"]), tasks.NLI_LABELS)
+    self.assertEqual(tuple(sft.meta["label_names"]), task_files.NLI_LABELS)
     self.assertIn("pooler/dense/kernel", sft.dense)
     self.assertIn("classifier/kernel", sft.dense)
     self.assertFalse(any(p.startswith("pooler/") for p in sft.diffs))
@@ -626,7 +630,7 @@ class PhaseTwoCliTest(absltest.TestCase):
     pt = transformers.AutoModelForSequenceClassification.from_pretrained(out)
     pt.eval()
     self.assertIsNotNone(pt.bert.pooler)
-    self.assertEqual(pt.config.id2label, dict(enumerate(tasks.NLI_LABELS)))
+    self.assertEqual(pt.config.id2label, dict(enumerate(task_files.NLI_LABELS)))
     self.assert_logits_match(pt, out, "nli", export)
 
   def test_overwrite_starts_afresh_and_a_rerun_resumes(self):
@@ -705,13 +709,13 @@ class PhaseTwoCliTest(absltest.TestCase):
 
   def test_teacher_whose_head_does_not_fit_the_data(self):
     wd = self.path("bad_teacher")
-    ner = self.make_head_teacher("ner_teacher", "ner", tasks.NER_LABELS)
+    ner = self.make_head_teacher("ner_teacher", "ner", task_files.NER_LABELS)
     self.assert_refused(
       self.sft_args(wd, **{"teacher.model": ner}),
       r"label sets differ.*B-LOC.*unknown pos label",
       wd,
     )
-    nli = self.make_head_teacher("nli_teacher", "nli", tasks.NLI_LABELS)
+    nli = self.make_head_teacher("nli_teacher", "nli", task_files.NLI_LABELS)
     self.assert_refused(
       self.sft_args(wd, **{"teacher.model": nli}),
       "has a sequence_classification head; task pos needs",
@@ -722,7 +726,7 @@ class PhaseTwoCliTest(absltest.TestCase):
       "has a mlm head; task pos needs",
       wd,
     )
-    other_order = ",".join(reversed(tasks.UPOS_LABELS))
+    other_order = ",".join(reversed(task_files.UPOS_LABELS))
     self.assert_refused(
       self.sft_args(wd, **{"data.labels": other_order}),
       r"label sets differ: teacher has \['ADJ'.*the data has \['X'",
