@@ -141,6 +141,22 @@ def _run_predict(args: argparse.Namespace) -> int:
   return 0
 
 
+def _run_measure(args: argparse.Namespace) -> int:
+  from bistil_jax import measure
+  from bistil_jax.deploy import onnx
+
+  shapes = measure.parse_batch_shapes(args.batch_shapes)
+  info = onnx.measure_dir(
+    args.onnx_dir,
+    shapes,
+    warmup=args.warmup,
+    repeats=args.repeats,
+    threads=args.threads,
+  )
+  print(json.dumps(info, indent=2) if args.json else onnx.format_measure(info))
+  return 0
+
+
 def register(sub: argparse._SubParsersAction) -> None:
   p = sub.add_parser(
     "export-onnx",
@@ -199,3 +215,17 @@ def register(sub: argparse._SubParsersAction) -> None:
   p.add_argument("--batch-size", type=int, default=32)
   p.add_argument("--out", help="output JSONL file (default: stdout)")
   p.set_defaults(func=_run_predict)
+
+  p = sub.add_parser(
+    "measure-onnx",
+    help="ONNX Runtime latency of an ONNX dir (fp32, int8) and its size",
+  )
+  p.add_argument("onnx_dir")
+  p.add_argument("--batch-shapes", default="1x128,32x128", help="BxL,...")
+  p.add_argument("--warmup", type=int, default=2)
+  p.add_argument("--repeats", type=int, default=10)
+  p.add_argument(
+    "--threads", type=int, default=0, help="intra-op threads (0: all cores)"
+  )
+  p.add_argument("--json", action="store_true", help="print JSON")
+  p.set_defaults(func=_run_measure)

@@ -26,6 +26,7 @@ import importlib
 import json
 import os
 import tempfile
+import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -159,6 +160,8 @@ def export(
   meta = {
     "head": cfg.head,
     "model_type": cfg.model_type,
+    "vocab_size": cfg.vocab_size,
+    "num_hidden_layers": cfg.num_hidden_layers,
     "labels": list(cfg.label_names),
     "max_seq_len": int(max_seq_len),
     "task": task,
@@ -253,3 +256,95 @@ def model_bytes(onnx_dir: paths.PathLike) -> dict[str, int]:
 
 def labels_of(meta: Mapping[str, Any]) -> Sequence[str]:
   return tuple(meta.get("labels") or ())
+
+
+def synthetic_inputs(
+  batch_size: int, seq_len: int, vocab_size: int, seed: int = 0
+) -> dict[str, np.ndarray]:
+  """Random full-length rows (ids past the usual special ids)."""
+  rng = np.random.default_rng(seed)
+  ids = rng.integers(min(5, vocab_size - 1), vocab_size, (batch_size, seq_len))
+  ids = ids.astype(np.int32)
+  return {
+    "input_ids": ids,
+    "attention_mask": np.ones_like(ids),
+    "token_type_ids": np.zeros_like(ids),
+  }
+
+
+def latency(
+  sess: Any,
+  batch_size: int,
+  seq_len: int,
+  vocab_size: int,
+  *,
+  warmup: int = 2,
+  repeats: int = 10,
+) -> dict[str, Any]:
+  """Wall-clock time of one ONNX Runtime forward pass, as
+  `measure.latency` times the Flax one: `warmup` untimed passes, then the
+  median (and spread) of `repeats` timed ones.
+
+  Raises:
+    BistilError: for a bad shape or counts.
+  """
+  if batch_size < 1 or seq_len < 1:
+    raise BistilError(f"batch shape {batch_size}x{seq_len} must be positive")
+  if warmup < 0 or repeats < 1:
+    raise BistilError(f"warmup {warmup} must be >= 0, repeats {repeats} >= 1")
+  arrays = synthetic_inputs(batch_size, seq_len, vocab_size)
+  for _ in range(warmup):
+    run(sess, arrays)
+  times = np.empty(repeats)
+  for i in range(repeats):
+    start = time.perf_counter()
+    run(sess, arrays)
+    times[i] = 1e3 * (time.perf_counter() - start)
+  median = float(np.median(times))
+  return {
+    "median_ms": median,
+    "p90_ms": float(np.percentile(times, 90)),
+    "min_ms": float(times.min()),
+    "max_ms": float(times.max()),
+    "sequences_per_s": batch_size / (median / 1e3),
+    "repeats": repeats,
+    "warmup": warmup,
+    "batch_size": batch_size,
+    "seq_len": seq_len,
+  }
+
+
+def measure_dir(
+  onnx_dir: paths.PathLike,
+  shapes: Sequence[tuple[int, int]],
+  *,
+  warmup: int = 2,
+  repeats: int = 10,
+  threads: int = 0,
+) -> dict[str, Any]:
+  """Latency of every precision of an ONNX dir at each batch shape, and
+  the bytes of each model file (`bistil measure-onnx`)."""
+  meta = read_meta(onnx_dir)
+  sizes = model_bytes(onnx_dir)
+  rows = []
+  for precision in sorted(meta["files"]):
+    sess, _ = dir_session(onnx_dir, precision, threads)
+    for b, l in shapes:
+      r = latency(
+        sess, b, l, int(meta["vocab_size"]), warmup=warmup, repeats=repeats
+      )
+      rows.append({"precision": precision, **r})
+  return {"path": str(onnx_dir), "bytes": sizes, "latency": rows}
+
+
+def format_measure(info: Mapping[str, Any]) -> str:
+  lines = [f"{info['path']}:"]
+  for k, v in info["bytes"].items():
+    lines.append(f"  {k}: {v / 2**20:.1f} MiB on disk")
+  for r in info["latency"]:
+    lines.append(
+      f"  {r['precision']} {r['batch_size']}x{r['seq_len']}: "
+      f"{r['median_ms']:.2f} ms median ({r['min_ms']:.2f}-{r['max_ms']:.2f}), "
+      f"{r['sequences_per_s']:.1f} seq/s"
+    )
+  return "\n".join(lines)

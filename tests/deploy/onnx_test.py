@@ -261,6 +261,26 @@ class ExportOnnxTest(parameterized.TestCase):
       json.load(open(os.path.join(out, onnx.META_FILE)))["task"], "pos"
     )
 
+  def test_measure_onnx_times_each_precision(self):
+    out = self.exported("sequence")
+    code, stdout, err = run_cli(
+      "measure-onnx", out, "--batch-shapes", "1x16,2x8", "--repeats", 2,
+      "--warmup", 1, "--json",
+    )  # fmt: skip
+    self.assertEqual(code, 0, err)
+    info = json.loads(stdout)
+    self.assertEqual(
+      [
+        (r["precision"], r["batch_size"], r["seq_len"]) for r in info["latency"]
+      ],
+      [("fp32", 1, 16), ("fp32", 2, 8), ("int8", 1, 16), ("int8", 2, 8)],
+    )
+    self.assertTrue(all(r["median_ms"] > 0 for r in info["latency"]))
+    self.assertEqual(sorted(info["bytes"]), ["fp32", "int8"])
+    code, _, err = run_cli("measure-onnx", out, "--batch-shapes", "1y16")
+    self.assertEqual(code, 2)
+    self.assertIn("is not BATCHxLENGTH", err)
+
 
 if __name__ == "__main__":
   absltest.main()
