@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import logging
 import os
 import tempfile
 import time
@@ -123,7 +124,15 @@ def export_torch(module: Any, out_file: str, opset: int = OPSET) -> None:
 def quantize_int8(src: str, dst: str) -> None:
   """Dynamic quantisation: int8 weights, activations quantised per call."""
   quant = require("onnxruntime.quantization")
-  quant.quantize_dynamic(src, dst, weight_type=quant.QuantType.QInt8)
+  # The quantiser logs a line per tensor on the root logger at INFO (and
+  # a pre-processing hint at WARNING): keep them out of the command's log.
+  root = logging.getLogger()
+  level = root.level
+  root.setLevel(logging.ERROR)
+  try:
+    quant.quantize_dynamic(src, dst, weight_type=quant.QuantType.QInt8)
+  finally:
+    root.setLevel(level)
 
 
 def export(
