@@ -196,7 +196,9 @@ def predict_lines(
     for i, ex, row in zip(keep, exs, ids, strict=True):
       records[i] = {
         "words": list(ex.words),
-        "labels": [labels[j] for j in row[: len(ex.words)]],
+        # Every word is labelled (a word without sub-words is encoded as
+        # the unknown token); None would mark one the encoding lost.
+        "labels": [labels[j] if j >= 0 else None for j in row[: len(ex.words)]],
       }
     return records
   for i, j in zip(keep, pred, strict=True):

@@ -44,6 +44,17 @@ HEADS = {
   "qa": dict(
     head="question_answering", num_labels=2, id2label=("start", "end")
   ),
+  # XLM-R: its own sequence head (dense + tanh on <s>, out_proj), positions
+  # counted from the pad id, one token type.
+  "xlmr-sequence": dict(
+    model_type="xlm-roberta",
+    pad_token_id=1,
+    type_vocab_size=1,
+    head="sequence_classification",
+    num_labels=3,
+    id2label=("entailment", "neutral", "contradiction"),
+    max_position_embeddings=130,
+  ),
 }
 
 
@@ -82,7 +93,7 @@ class ExportOnnxTest(parameterized.TestCase):
     cls.vocab = make_wordpiece_dir(cls.tok_dir).get_vocab_size()
     cls.models = {}
     for seed, (name, head) in enumerate(HEADS.items()):
-      cfg = preset("tiny", vocab_size=cls.vocab, **SIZE, **head)
+      cfg = preset("tiny", vocab_size=cls.vocab, **{**SIZE, **head})
       params = init_params(cfg, jax.random.PRNGKey(seed))
       d = os.path.join(cls.root, name)
       hf.save_hf(d, cfg, params, tokenizer_dir=cls.tok_dir)
@@ -103,7 +114,7 @@ class ExportOnnxTest(parameterized.TestCase):
       self.assertEqual(code, 0, err)
     return out
 
-  @parameterized.parameters("token", "sequence", "qa")
+  @parameterized.parameters("token", "sequence", "qa", "xlmr-sequence")
   def test_fp32_logits_match_flax_within_1e_4(self, name):
     _, cfg, params = self.models[name]
     out = self.exported(name)
@@ -112,7 +123,8 @@ class ExportOnnxTest(parameterized.TestCase):
     worst = 0.0
     # Neither shape is the traced (2, 8): the axes are dynamic.
     for b, l in ((3, 13), (1, 40), (5, 128)):
-      arrays = batch(self.vocab, b, l, b, type_ids=name != "token")
+      types = name in ("sequence", "qa")
+      arrays = batch(self.vocab, b, l, b, type_ids=types)
       want = np.asarray(
         model.apply(
           {"params": params},
