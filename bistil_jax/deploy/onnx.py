@@ -28,6 +28,7 @@ import logging
 import os
 import tempfile
 import time
+import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -107,7 +108,12 @@ def export_torch(module: Any, out_file: str, opset: int = OPSET) -> None:
   torch = require("torch")
   ids = torch.ones((2, 8), dtype=torch.long)
   axes = {n: {0: "batch", 1: "sequence"} for n in (*INPUTS, OUTPUT)}
-  with torch.no_grad():
+  with torch.no_grad(), warnings.catch_warnings():
+    # The TorchScript exporter's deprecation notice and the tracer's
+    # warnings about Python branches on shapes (transformers' mask code,
+    # constant for a given padding layout) say nothing the user can act on.
+    warnings.simplefilter("ignore", DeprecationWarning)
+    warnings.simplefilter("ignore", torch.jit.TracerWarning)
     torch.onnx.export(
       module,
       (ids, torch.ones_like(ids), torch.zeros_like(ids)),

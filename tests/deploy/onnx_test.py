@@ -18,6 +18,7 @@ from bistil_jax import cli
 from bistil_jax.checkpoint import hf
 from bistil_jax.data import tasks as task_data
 from bistil_jax.deploy import onnx
+from bistil_jax.errors import BistilError
 from bistil_jax.model import Model, init_params, preset
 from tests.data.vocab_test import make_lines, make_wordpiece_dir
 from tests.fixtures import write_conllu
@@ -292,6 +293,16 @@ class ExportOnnxTest(parameterized.TestCase):
     code, _, err = run_cli("measure-onnx", out, "--batch-shapes", "1y16")
     self.assertEqual(code, 2)
     self.assertIn("is not BATCHxLENGTH", err)
+
+
+class RequireTest(absltest.TestCase):
+  def test_a_missing_extra_is_one_line_naming_it(self):
+    with self.assertRaisesRegex(
+      BistilError,
+      r"^ONNX export and inference need no_such_pkg: pip install "
+      r"'bistil_jax\[onnx\]'$",
+    ):
+      onnx.require("no_such_pkg.sub")
 
 
 if __name__ == "__main__":
