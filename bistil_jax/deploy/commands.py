@@ -141,6 +141,32 @@ def _run_predict(args: argparse.Namespace) -> int:
   return 0
 
 
+def _teacher_rows(args, shapes) -> list[dict]:
+  """fp32 latency of --teacher at each shape: ONNX Runtime for an ONNX
+  dir, the jitted Flax forward (`measure.cpu_latency`) for an HF dir."""
+  from bistil_jax import measure
+  from bistil_jax.checkpoint import hf
+  from bistil_jax.deploy import onnx
+
+  kw = dict(warmup=args.warmup, repeats=args.repeats)
+  if onnx.is_onnx_dir(args.teacher):
+    sess, meta = onnx.dir_session(args.teacher, "fp32", args.threads)
+    vocab = int(meta["vocab_size"])
+    return [
+      {"model": "teacher", "backend": "onnx fp32", **onnx.latency(
+        sess, b, l, vocab, **kw
+      )}
+      for b, l in shapes
+    ]  # fmt: skip
+  model, params = hf.load_hf(args.teacher)
+  return [
+    {"model": "teacher", "backend": "jax fp32", **measure.cpu_latency(
+      model, params, b, l, **kw
+    )}
+    for b, l in shapes
+  ]  # fmt: skip
+
+
 def _run_measure(args: argparse.Namespace) -> int:
   from bistil_jax import measure
   from bistil_jax.deploy import onnx
@@ -153,6 +179,17 @@ def _run_measure(args: argparse.Namespace) -> int:
     repeats=args.repeats,
     threads=args.threads,
   )
+  if args.teacher:
+    # The paper's speed-up: the teacher's fp32 time over the row's, at the
+    # same batch shape.
+    teacher = _teacher_rows(args, shapes)
+    base = {(r["batch_size"], r["seq_len"]): r["median_ms"] for r in teacher}
+    for r in info["latency"]:
+      r["model"], r["backend"] = "student", f"onnx {r['precision']}"
+    info["latency"] = teacher + info["latency"]
+    for r in info["latency"]:
+      r["speedup"] = base[r["batch_size"], r["seq_len"]] / r["median_ms"]
+    info["teacher"] = args.teacher
   print(json.dumps(info, indent=2) if args.json else onnx.format_measure(info))
   return 0
 
@@ -226,6 +263,11 @@ def register(sub: argparse._SubParsersAction) -> None:
   p.add_argument("--repeats", type=int, default=10)
   p.add_argument(
     "--threads", type=int, default=0, help="intra-op threads (0: all cores)"
+  )
+  p.add_argument(
+    "--teacher",
+    help="an ONNX dir or HF model dir timed at fp32 too (ONNX Runtime or "
+    "the Flax model): each row gets its speed-up over it",
   )
   p.add_argument("--json", action="store_true", help="print JSON")
   p.set_defaults(func=_run_measure)

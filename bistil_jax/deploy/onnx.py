@@ -353,13 +353,19 @@ def measure_dir(
 
 
 def format_measure(info: Mapping[str, Any]) -> str:
+  """`measure_dir`'s result (with a speed-up column where the rows have
+  one) as text."""
   lines = [f"{info['path']}:"]
   for k, v in info["bytes"].items():
     lines.append(f"  {k}: {v / 2**20:.1f} MiB on disk")
   for r in info["latency"]:
-    lines.append(
-      f"  {r['precision']} {r['batch_size']}x{r['seq_len']}: "
+    what = f"{r['model']} {r['backend']}" if "model" in r else r["precision"]
+    line = (
+      f"  {what} {r['batch_size']}x{r['seq_len']}: "
       f"{r['median_ms']:.2f} ms median ({r['min_ms']:.2f}-{r['max_ms']:.2f}), "
       f"{r['sequences_per_s']:.1f} seq/s"
     )
+    if "speedup" in r:
+      line += f", speed-up {r['speedup']:.2f}x"
+    lines.append(line)
   return "\n".join(lines)

@@ -290,6 +290,18 @@ class ExportOnnxTest(parameterized.TestCase):
     )
     self.assertTrue(all(r["median_ms"] > 0 for r in info["latency"]))
     self.assertEqual(sorted(info["bytes"]), ["fp32", "int8"])
+    # With a teacher (an HF dir: its Flax model; an ONNX dir: ONNX
+    # Runtime), every row gets its speed-up over the teacher's fp32.
+    for teacher, backend in ((self.models["qa"][0], "jax fp32"), (
+      self.exported("qa"), "onnx fp32"
+    )):  # fmt: skip
+      code, stdout, err = run_cli(
+        "measure-onnx", out, "--batch-shapes", "1x16", "--repeats", 2,
+        "--warmup", 1, "--teacher", teacher,
+      )  # fmt: skip
+      self.assertEqual(code, 0, err)
+      self.assertRegex(stdout, rf"teacher {backend} 1x16: .* speed-up 1\.00x\n")
+      self.assertRegex(stdout, r"student onnx int8 1x16: .* speed-up [\d.]+x")
     code, _, err = run_cli("measure-onnx", out, "--batch-shapes", "1y16")
     self.assertEqual(code, 2)
     self.assertIn("is not BATCHxLENGTH", err)
