@@ -238,7 +238,7 @@ class ExportOnnxTest(parameterized.TestCase):
     self.assertEqual(code, 0, err)
     self.assertEqual([json.loads(x) for x in stdout.splitlines()], jax_out[:3])
 
-  def test_predict_sentiment_and_qa_agree(self):
+  def test_predict_sentiment_nli_and_qa_agree(self):
     texts = make_lines("bb", 30, seed=1)
     jax_out, onnx_out, _ = self.predict_both(
       "sequence", "sentiment", "\n".join(texts) + "\n"
@@ -246,6 +246,22 @@ class ExportOnnxTest(parameterized.TestCase):
     self.assertEqual(jax_out, onnx_out)
     self.assertTrue(
       all(r["label"] in ("negative", "positive") for r in jax_out)
+    )
+    pairs = [f"{a}\t{b}" for a, b in zip(texts, texts[1:], strict=False)]
+    jax_out, onnx_out, _ = self.predict_both(
+      "sequence", "nli", "\n".join(pairs)
+    )
+    self.assertEqual(jax_out, onnx_out)
+    self.assertLen(jax_out, len(pairs))
+    code, _, err = run_cli(
+      "predict", "--model", self.exported("sequence"), "--task", "nli",
+      stdin="no tab here\n",
+    )  # fmt: skip
+    self.assertEqual(code, 2)
+    self.assertEqual(
+      err.strip(),
+      "error: line 1: a premise<TAB>hypothesis line is 2 tab-separated "
+      "fields, got 1",
     )
     lines = [
       f"{a}?\t{b} {a} {c}"
