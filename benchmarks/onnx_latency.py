@@ -32,6 +32,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import common  # noqa: E402
 import jax  # noqa: E402
+import numpy as np  # noqa: E402
 
 from bistil_jax.deploy import onnx, predict  # noqa: E402
 from bistil_jax.model import Model, init_params  # noqa: E402
@@ -71,6 +72,18 @@ def main(argv=None):
       for precision in ("fp32", "int8"):
         sess, _ = onnx.dir_session(out, precision)
         run[name, f"onnx {precision}"] = lambda a, s=sess: onnx.run(s, a)
+    # Parity at these shapes: max |logits - Flax fp32 logits| on one batch.
+    check = onnx.synthetic_inputs(2, args.seq, args.vocab, seed=1)
+    for name in ("teacher", "student"):
+      want = run[name, "jax fp32"](check)
+      for precision in ("fp32", "int8"):
+        diff = float(
+          np.max(np.abs(run[name, f"onnx {precision}"](check) - want))
+        )
+        common.emit(
+          {"what": "parity", "model": name, "precision": precision,
+           "max_abs_diff": diff}
+        )  # fmt: skip
     rows = []
     for b in args.batches:
       arrays = onnx.synthetic_inputs(b, args.seq, args.vocab)
