@@ -41,6 +41,17 @@ EXTRAS = {
   "tpu": ["jax[tpu]==0.10.2"],
   "cuda": ["jax[cuda12]==0.10.2"],
   "torch": ["torch==2.13.0"],
+  # `bistil export-onnx`, `bistil predict` on ONNX dirs (docs/deploy.md):
+  # the HF export goes through transformers' PyTorch class and
+  # torch.onnx's TorchScript exporter; ONNX Runtime runs and quantises it.
+  # (jax2onnx was rejected: it pins orbax-checkpoint<0.11.37.)
+  "onnx": [
+    "torch==2.13.0",
+    "transformers==4.57.6",
+    "onnx==1.23.2",
+    "onnxruntime==1.31.1",
+    "flatbuffers==25.12.19",
+  ],
   "test": [
     "pytest==9.2.0",
     # Two test workers (pyproject.toml addopts): the suite on the 2-core

@@ -22,6 +22,7 @@ COMMAND_MODULES = (
   "bistil_jax.data.trim_cli",
   "bistil_jax.synthetic.cli",
   "bistil_jax.train.commands",
+  "bistil_jax.deploy.commands",
   "bistil_jax.demo",
 )
 

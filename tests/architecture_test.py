@@ -43,7 +43,7 @@ FLOORS = (
   ("data", ("data.", "sparse")),
   ("formats", ("checkpoint.",)),
   ("tasks", ("tasks.",)),
-  ("train", ("train.", "measure", "synthetic.")),
+  ("train", ("train.", "measure", "synthetic.", "deploy.")),
 )
 ORDER = (
   "ground",

@@ -1,0 +1,2 @@
+"""Deployment: ONNX export, int8 quantisation, raw-text prediction
+(docs/deploy.md)."""
