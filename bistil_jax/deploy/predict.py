@@ -23,8 +23,8 @@ import numpy as np
 from tokenizers import Tokenizer
 
 from bistil_jax.data import qa as qa_data
+from bistil_jax.data import task_files, vocab
 from bistil_jax.data import tasks as task_data
-from bistil_jax.data import vocab
 from bistil_jax.deploy import onnx
 from bistil_jax.errors import BistilError
 from bistil_jax.model.encoder import Model
@@ -133,10 +133,10 @@ def examples(task: base.Task, lines: Sequence[str], label: str) -> list[Any]:
     src = f"line {i}"
     if task.kind == "token":
       words = tuple(line.split())
-      out.append(task_data.TokenExample(words, (label,) * len(words), src))
+      out.append(task_files.TokenExample(words, (label,) * len(words), src))
     elif task.kind == "pair":
       p, h = _fields(line, 2, "premise<TAB>hypothesis", i)
-      out.append(task_data.PairExample(p, h, label, src))
+      out.append(task_files.PairExample(p, h, label, src))
     elif task.kind == "qa":
       q, c = _fields(line, 2, "question<TAB>context", i)
       out.append(qa_data.QAExample(str(i), q, c, (), source=src))

@@ -8,7 +8,7 @@ import jax
 
 from bistil_jax import paths
 from bistil_jax.checkpoint import hf
-from bistil_jax.data import tasks as task_data
+from bistil_jax.data import task_files
 from bistil_jax.deploy import onnx
 from bistil_jax.model import init_params, preset
 from tests.data.vocab_test import make_lines, make_wordpiece_dir
@@ -18,7 +18,7 @@ from tests.deploy.onnx_test import SIZE, run_cli
 def test_export_to_gcs_and_predict_from_it(tmp_path, gcs_root):
   tok_dir = os.path.join(tmp_path, "tokenizer")
   vocab = make_wordpiece_dir(tok_dir).get_vocab_size()
-  labels = tuple(task_data.UPOS_LABELS)
+  labels = tuple(task_files.UPOS_LABELS)
   cfg = preset(
     "tiny", vocab_size=vocab, head="token_classification",
     num_labels=len(labels), id2label=labels, **SIZE,

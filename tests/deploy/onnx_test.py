@@ -16,7 +16,7 @@ from absl.testing import absltest, parameterized
 
 from bistil_jax import cli
 from bistil_jax.checkpoint import hf
-from bistil_jax.data import tasks as task_data
+from bistil_jax.data import task_files
 from bistil_jax.deploy import onnx
 from bistil_jax.errors import BistilError
 from bistil_jax.model import Model, init_params, preset
@@ -33,8 +33,8 @@ SIZE = dict(
 HEADS = {
   "token": dict(
     head="token_classification",
-    num_labels=len(task_data.UPOS_LABELS),
-    id2label=tuple(task_data.UPOS_LABELS),
+    num_labels=len(task_files.UPOS_LABELS),
+    id2label=tuple(task_files.UPOS_LABELS),
   ),
   "sequence": dict(
     head="sequence_classification",
@@ -224,7 +224,7 @@ class ExportOnnxTest(parameterized.TestCase):
     for sent, rec in zip(sents, jax_out, strict=True):
       self.assertEqual(rec["words"], sent.split())
       self.assertLen(rec["labels"], len(sent.split()))
-      self.assertLessEqual(set(rec["labels"]), set(task_data.UPOS_LABELS))
+      self.assertLessEqual(set(rec["labels"]), set(task_files.UPOS_LABELS))
     self.assertLen(int8_out, len(sents))
     # stdin works too, with the same answers.
     code, stdout, err = run_cli(
