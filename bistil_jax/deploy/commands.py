@@ -167,7 +167,13 @@ def _teacher_rows(args, shapes) -> list[dict]:
   ]  # fmt: skip
 
 
-def _run_measure(args: argparse.Namespace) -> int:
+# The shapes `bistil measure` of an ONNX dir times by default: the paper's
+# batch 1 and a serving batch.
+MEASURE_SHAPES = "1x128,32x128"
+
+
+def run_measure(args: argparse.Namespace) -> int:
+  """`bistil measure-onnx`, and `bistil measure` of an ONNX dir."""
   from bistil_jax import measure
   from bistil_jax.deploy import onnx
 
@@ -190,6 +196,10 @@ def _run_measure(args: argparse.Namespace) -> int:
     for r in info["latency"]:
       r["speedup"] = base[r["batch_size"], r["seq_len"]] / r["median_ms"]
     info["teacher"] = args.teacher
+  if getattr(args, "out", None):  # `bistil measure --out`
+    from bistil_jax import paths
+
+    paths.write_text(args.out, json.dumps(info, indent=2) + "\n")
   print(json.dumps(info, indent=2) if args.json else onnx.format_measure(info))
   return 0
 
@@ -258,7 +268,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     help="ONNX Runtime latency of an ONNX dir (fp32, int8) and its size",
   )
   p.add_argument("onnx_dir")
-  p.add_argument("--batch-shapes", default="1x128,32x128", help="BxL,...")
+  p.add_argument("--batch-shapes", default=MEASURE_SHAPES, help="BxL,...")
   p.add_argument("--warmup", type=int, default=2)
   p.add_argument("--repeats", type=int, default=10)
   p.add_argument(
@@ -270,4 +280,4 @@ def register(sub: argparse._SubParsersAction) -> None:
     "the Flax model): each row gets its speed-up over it",
   )
   p.add_argument("--json", action="store_true", help="print JSON")
-  p.set_defaults(func=_run_measure)
+  p.set_defaults(func=run_measure)

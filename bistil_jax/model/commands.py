@@ -181,7 +181,17 @@ def _run_init(args: argparse.Namespace) -> int:
 # ----------------------------------------------------------------- measure
 def _run_measure(args: argparse.Namespace) -> int:
   from bistil_jax import measure  # noqa: PLC0415
+  from bistil_jax.deploy import commands as deploy  # noqa: PLC0415
+  from bistil_jax.deploy import onnx  # noqa: PLC0415
 
+  if onnx.is_onnx_dir(args.model_dir):  # an export-onnx dir: ONNX Runtime
+    if args.sft:
+      raise BistilError("--sft: an ONNX dir has its SFTs merged already")
+    args.onnx_dir = args.model_dir
+    args.batch_shapes = args.batch_shapes or deploy.MEASURE_SHAPES
+    return deploy.run_measure(args)
+  if args.teacher:
+    raise BistilError("--teacher is for an ONNX dir (bistil export-onnx)")
   info = measure.measure_dir(
     args.model_dir,
     args.sft,
@@ -249,7 +259,11 @@ def register(sub: argparse._SubParsersAction) -> None:
       "--device), and bytes on disk."
     ),
   )
-  p.add_argument("model_dir", help="HF model dir")
+  p.add_argument(
+    "model_dir",
+    help="HF model dir, or an ONNX dir of `bistil export-onnx` (timed with "
+    "ONNX Runtime at fp32 and int8; see also --teacher)",
+  )
   p.add_argument(
     "--sft",
     action="append",
@@ -280,6 +294,14 @@ def register(sub: argparse._SubParsersAction) -> None:
   )
   p.add_argument(
     "--no-latency", action="store_true", help="sizes and MACs only"
+  )
+  p.add_argument(
+    "--threads", type=int, default=0, help="ONNX dir: intra-op threads (0: all)"
+  )
+  p.add_argument(
+    "--teacher",
+    help="ONNX dir only: an ONNX dir or HF model dir timed at fp32 at the "
+    "same shapes; each row gets its speed-up over it (the paper's column)",
   )
   p.add_argument("--json", action="store_true", help="print JSON")
   p.add_argument("--out", help="also write the JSON to this file")

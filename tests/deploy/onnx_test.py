@@ -322,6 +322,34 @@ class ExportOnnxTest(parameterized.TestCase):
     self.assertEqual(code, 2)
     self.assertIn("is not BATCHxLENGTH", err)
 
+  def test_measure_of_an_onnx_dir_is_the_onnx_runtime_backend(self):
+    out = self.exported("sequence")
+    teacher = self.models["qa"][0]
+    saved = os.path.join(self.root, "measure_onnx.json")
+    code, stdout, err = run_cli(
+      "measure", out, "--batch-shapes", "1x16", "--repeats", 2, "--warmup",
+      1, "--teacher", teacher, "--out", saved,
+    )  # fmt: skip
+    self.assertEqual(code, 0, err)
+    self.assertRegex(stdout, r"teacher jax fp32 1x16: .* speed-up 1\.00x\n")
+    self.assertRegex(stdout, r"student onnx fp32 1x16: .* speed-up [\d.]+x")
+    self.assertRegex(stdout, r"student onnx int8 1x16: .* speed-up [\d.]+x")
+    with open(saved) as f:
+      rows = json.load(f)["latency"]
+    self.assertEqual(
+      [(r["model"], r["backend"]) for r in rows],
+      [("teacher", "jax fp32"), ("student", "onnx fp32"),
+       ("student", "onnx int8")],
+    )  # fmt: skip
+    # An HF dir keeps the Flax measurement; --teacher and --sft are refused
+    # where they do not apply, with one line.
+    code, _, err = run_cli("measure", teacher, "--teacher", out)
+    self.assertEqual(code, 2)
+    self.assertIn("--teacher is for an ONNX dir", err)
+    code, _, err = run_cli("measure", out, "--sft", teacher)
+    self.assertEqual(code, 2)
+    self.assertIn("--sft: an ONNX dir has its SFTs merged already", err)
+
 
 class RequireTest(absltest.TestCase):
   def test_a_missing_extra_is_one_line_naming_it(self):
