@@ -7,9 +7,11 @@ encoded by the kind's `encode` exactly as `bistil evaluate` encodes a test
 set, so a word's label is its first sub-word's, long inputs are windowed
 the same way and QA answers are decoded by the same n-best search.
 
-Input lines, by kind: token tasks a sentence of whitespace-separated words;
-text classification the text; pairs `premise<TAB>hypothesis`; QA
-`question<TAB>context`.
+Input lines are what each task kind's `line_format` says (token tasks a
+sentence of whitespace-separated words; text classification the text;
+pairs `premise<TAB>hypothesis`; QA `question<TAB>context`); the kind turns
+a line into an example (`from_line`) and the logits into a record
+(`records`), so this module knows no kind by name.
 """
 
 from __future__ import annotations
@@ -22,15 +24,11 @@ import jax
 import numpy as np
 from tokenizers import Tokenizer
 
-from bistil_jax.data import qa as qa_data
-from bistil_jax.data import task_files, vocab
 from bistil_jax.data import tasks as task_data
+from bistil_jax.data import vocab
 from bistil_jax.deploy import onnx
-from bistil_jax.errors import BistilError
 from bistil_jax.model.encoder import Model
-from bistil_jax.tasks import base, sentence, token
-
-KINDS = ("token", "text", "sequence", "pair", "qa")
+from bistil_jax.tasks import base
 
 
 @dataclasses.dataclass(frozen=True)
@@ -108,41 +106,16 @@ def onnx_backend(
 
 
 def check_kind(task: base.Task) -> None:
-  if task.kind not in KINDS:
-    raise BistilError(
-      f"bistil predict does not handle {task.name} ({task.kind}) tasks; "
-      f"it handles token, sequence, pair and QA tasks"
-    )
-
-
-def _fields(line: str, n: int, what: str, where: int) -> list[str]:
-  parts = line.split("\t")
-  if len(parts) != n:
-    raise BistilError(
-      f"line {where}: a {what} line is {n} tab-separated fields, got "
-      f"{len(parts)}"
-    )
-  return parts
+  """Raises BistilError for a task `bistil predict` does not handle."""
+  task.check_predict()
 
 
 def examples(task: base.Task, lines: Sequence[str], label: str) -> list[Any]:
   """The kind's examples of input lines, with `label` as a placeholder."""
-  check_kind(task)
-  out = []
-  for i, line in enumerate(lines, 1):
-    src = f"line {i}"
-    if task.kind == "token":
-      words = tuple(line.split())
-      out.append(task_files.TokenExample(words, (label,) * len(words), src))
-    elif task.kind == "pair":
-      p, h = _fields(line, 2, "premise<TAB>hypothesis", i)
-      out.append(task_files.PairExample(p, h, label, src))
-    elif task.kind == "qa":
-      q, c = _fields(line, 2, "question<TAB>context", i)
-      out.append(qa_data.QAExample(str(i), q, c, (), source=src))
-    else:
-      out.append(sentence.TextExample(line, label, src))
-  return out
+  task.check_predict()
+  return [
+    task.from_line(line, label, f"line {i}") for i, line in enumerate(lines, 1)
+  ]
 
 
 def _logits_of(
@@ -168,10 +141,7 @@ def predict_lines(
   check_kind(task)
   lines = [ln.rstrip("\r\n") for ln in lines]
   keep = [i for i, ln in enumerate(lines) if ln.strip()]
-  records: list[dict[str, Any]] = [{} for _ in lines]
-  if task.kind == "token":
-    for r in records:
-      r.update(words=[], labels=[])
+  records = [task.blank_record() for _ in lines]
   if not keep:
     return records
   labels = backend.labels
@@ -185,24 +155,10 @@ def predict_lines(
     **backend.options,
   )
   logits = _logits_of(backend, data, batch_size)
-  if task.kind == "qa":
-    answers = qa_data.decode(data, logits)
-    for i, a in zip(keep, answers, strict=True):
-      records[i] = {"answer": a}
-    return records
-  pred = np.asarray(task.predict(logits))
-  if task.kind == "token":
-    ids, _ = token.per_example(pred, data.labels, data.example_index)
-    for i, ex, row in zip(keep, exs, ids, strict=True):
-      records[i] = {
-        "words": list(ex.words),
-        # Every word is labelled (a word without sub-words is encoded as
-        # the unknown token); None would mark one the encoding lost.
-        "labels": [labels[j] if j >= 0 else None for j in row[: len(ex.words)]],
-      }
-    return records
-  for i, j in zip(keep, pred, strict=True):
-    records[i] = {"label": labels[int(j)]}
+  for i, record in zip(
+    keep, task.records(exs, data, logits, labels), strict=True
+  ):
+    records[i] = record
   return records
 
 

@@ -69,6 +69,9 @@ class Task:
   # Output names of a head whose outputs are not labels of the data (QA's
   # start and end); None: the labels come from the data or the teacher.
   fixed_labels: ClassVar[tuple[str, ...] | None] = None
+  # What one raw input line of `bistil predict` is (`from_line`); None:
+  # the kind is not predicted from raw text.
+  line_format: ClassVar[str | None] = None
 
   # ---------------------------------------------------------------- data
   def read(
@@ -238,6 +241,32 @@ class Task:
     pred, rows = collect(predict, data, batch_size, hosts)
     return self.score(pred, data.labels[rows], data.label_names)
 
+  # ------------------------------------------ raw text (bistil predict)
+  def check_predict(self) -> None:
+    """Raises BistilError for a kind `bistil predict` does not handle."""
+    if self.line_format is None:
+      raise BistilError(
+        f"bistil predict does not handle {self.name} ({self.kind}) tasks"
+      )
+
+  def from_line(self, line: str, label: str, where: str) -> Any:
+    """The kind's example of one raw input line (`label` a placeholder the
+    encoder needs); `where` names the line in messages."""
+    self.check_predict()
+    raise NotImplementedError
+
+  def blank_record(self) -> dict[str, Any]:
+    """The record of a blank input line."""
+    return {}
+
+  def records(
+    self, examples: Sequence[Any], data, logits, label_names: Sequence[str]
+  ) -> list[dict[str, Any]]:
+    """One JSON-ready record per example from the host logits of `data`'s
+    rows: here {"label": name}."""
+    pred = np.asarray(self.predict(logits))  # [n]
+    return [{"label": label_names[int(j)]} for j in pred]
+
   def score(
     self, pred: np.ndarray, gold: np.ndarray, label_names: Sequence[str]
   ) -> dict[str, Any]:
@@ -247,6 +276,21 @@ class Task:
       "accuracy": metrics.accuracy(pred, gold),
       "num_examples": int(np.asarray(gold).size),
     }
+
+
+def split_fields(line: str, fields: Sequence[str], where: str) -> list[str]:
+  """A raw input line's tab-separated fields, exactly `len(fields)`.
+
+  Raises:
+    BistilError: another number of fields (naming the expected layout).
+  """
+  parts = line.split("\t")
+  if len(parts) != len(fields):
+    raise BistilError(
+      f"{where}: a {'<TAB>'.join(fields)} line is {len(fields)} tab-separated "
+      f"fields, got {len(parts)}"
+    )
+  return parts
 
 
 def collect(

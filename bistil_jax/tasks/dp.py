@@ -33,6 +33,8 @@ class DependencyTask(token.TokenTask):
   kind: ClassVar[str] = "dp"
   head: ClassVar[str] = "biaffine_parser"
   headline: ClassVar[str] = "las"
+  # No `bistil predict`: the parser head has no export to predict with.
+  line_format: ClassVar[str | None] = None
   scores: ClassVar[tuple[str, ...]] = ("uas",)
   counts: ClassVar[tuple[tuple[str, str], ...]] = (
     ("num_sentences", "sentences"),

@@ -30,6 +30,15 @@ class PairTask(base.Task):
   def dataset_examples(self, ds, spec, label_names, columns):
     return task_files.pair_rows(ds, spec, label_names, columns)
 
+  line_format: ClassVar[str | None] = "premise<TAB>hypothesis"
+
+  def from_line(self, line, label, where):
+    """`premise<TAB>hypothesis`."""
+    premise, hypothesis = base.split_fields(
+      line, ("premise", "hypothesis"), where
+    )
+    return task_files.PairExample(premise, hypothesis, label, where)
+
   def encode(
     self, examples, tokenizer, label_to_id, max_seq_len, *, train, **options
   ):

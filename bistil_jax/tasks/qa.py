@@ -58,6 +58,17 @@ class QATask(base.Task):
       examples, tokenizer, max_seq_len, train=train, task=self.name, **options
     )
 
+  line_format: ClassVar[str | None] = "question<TAB>context"
+
+  def from_line(self, line, label, where):
+    """`question<TAB>context`."""
+    q, c = base.split_fields(line, ("question", "context"), where)
+    return qa_data.QAExample(where, q, c, (), source=where)
+
+  def records(self, examples, data, logits, label_names):
+    """{"answer": text}, decoded over each question's windows."""
+    return [{"answer": a} for a in qa_data.decode(data, logits)]
+
   def gold_loss(self, logits, batch, rows):
     return gold_loss(logits, batch)
 

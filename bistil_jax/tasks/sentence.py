@@ -77,6 +77,12 @@ class TextClassificationTask(base.Task):
         names = task_files.class_names(ds, keys["label"]) or label_names
       yield _example({f: row[k] for f, k in keys.items()}, names, where)
 
+  line_format: ClassVar[str | None] = "the text"
+
+  def from_line(self, line, label, where):
+    """The text."""
+    return TextExample(line, label, where)
+
   def encode(
     self, examples, tokenizer, label_to_id, max_seq_len, *, train, **options
   ):

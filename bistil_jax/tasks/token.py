@@ -71,6 +71,32 @@ class TokenTask(base.Task):
       task=self.name,
     )
 
+  line_format: ClassVar[str | None] = "words separated by spaces"
+
+  def from_line(self, line, label, where):
+    """A sentence of whitespace-separated words."""
+    words = tuple(line.split())
+    return task_files.TokenExample(words, (label,) * len(words), where)
+
+  def blank_record(self):
+    return {"words": [], "labels": []}
+
+  def records(self, examples, data, logits, label_names):
+    """{"words", "labels"}: each word's label is its first sub-word's (a
+    word the encoding lost would be None; none is, since a word without
+    sub-words is encoded as the unknown token)."""
+    pred = np.asarray(self.predict(logits))
+    ids, _ = per_example(pred, data.labels, data.example_index)
+    return [
+      {
+        "words": list(ex.words),
+        "labels": [
+          label_names[j] if j >= 0 else None for j in row[: len(ex.words)]
+        ],
+      }
+      for ex, row in zip(examples, ids, strict=True)
+    ]
+
   def loss_rows(self, batch):
     """Labelled first sub-words, [b, l]."""
     return batch["labels"] != IGNORE_LABEL
