@@ -120,4 +120,9 @@ def get_config(arg=None):
     )
   else:
     raise ValueError(f"unknown variant {a.variant!r}: tiny, mbert or xlmr")
+  # "" = export the last step; "source+target/loss": evaluate eval.sets
+  # every train.eval_every steps and export the step with the lowest summed
+  # held-out loss, as the paper selects its phase-1 checkpoint (any
+  # SET/METRIC of the dev metrics works; loss terms are better lower).
+  c.train.select_best = ""
   return c

@@ -197,6 +197,12 @@ def eval_sums(
   for name, term in terms.items():
     out[f"{name}/total"] = term.total
     out[f"{name}/count"] = term.count
+  # The weighted loss the step minimises, per batch (averaged over the
+  # fixed dev batches): what `train.select_best=.../loss` selects on.
+  out["loss/total"] = sum(
+    getattr(loss_cfg, name) * term.mean for name, term in terms.items()
+  )
+  out["loss/count"] = jnp.float32(1.0)
   scfg = student_model.config
   if scfg.head != "mlm":
     return out
@@ -237,12 +243,35 @@ def validate(config, pretrain: bool) -> steps.DistilLossConfig:
     raise BistilError(
       f"data.batch_size {d.batch_size} does not split over {num} data shards"
     )
+  names = []
   for name, spec in configlib.parse_named_list(config.eval.sets):
     if name not in LANGS:
       raise BistilError(
         f"eval.sets {name}={spec}: phase-1 dev sets are named source or target"
       )
+    names.append(name)
+  _check_select_best(config, names)
   return loss_config(config, pretrain)
+
+
+def _check_select_best(config, names: list[str]) -> None:
+  """train.select_best: "" or SETS/METRIC over the dev sets, evaluated
+  during training (train.eval_every > 0)."""
+  best = config.train.select_best
+  if not best:
+    return
+  sets, _, metric = best.rpartition("/")
+  if not metric or not sets or any(s not in names for s in sets.split("+")):
+    raise BistilError(
+      f"train.select_best={best!r} must be SET/METRIC or SET+SET/METRIC "
+      f"with SET among eval.sets ({', '.join(names) or 'none given'}), "
+      "e.g. source+target/loss"
+    )
+  if config.train.eval_every <= 0:
+    raise BistilError(
+      f"train.select_best={best!r} needs train.eval_every > 0 (the held-out "
+      "sets are evaluated every eval_every steps)"
+    )
 
 
 def run(
@@ -261,7 +290,11 @@ def run(
   pretrain = phase == "pretrain"
   loss_cfg = validate(config, pretrain)
   with driver.start(
-    config, workdir, phase, overwrite=overwrite, outputs=(STUDENT_CONFIG,)
+    config,
+    workdir,
+    phase,
+    overwrite=overwrite,
+    outputs=(STUDENT_CONFIG, driver.BEST),
   ) as claim:
     student, s_params, teacher, teachers, tok_dir = _models(config, pretrain)
     scfg = student.config
@@ -307,6 +340,7 @@ def run(
       num_steps=config.train.num_steps,
       frozen=lambda batch: frozen[int(batch["lang"])],
       eval_fn=_eval_fn(ctx, jax.jit(sums), dev, frozen) if dev else None,
+      select_best=config.train.select_best or None,
       prefetch=config.data.prefetch,
       batch_shape=(config.data.batch_size, batches.max_seq_len),
     )

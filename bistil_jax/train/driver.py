@@ -269,10 +269,13 @@ class Stage:
     batch_shape: (global rows, padded length) of the largest batch, for
       the memory estimate.
     eval_every: evaluation cadence in steps (None: `train.eval_every`).
-    select_best: an eval_fn key ("dev/accuracy", higher is better), or
-      None: the stage returns the evaluated state that scored best (kept in
-      workdir/.../best, so a resumed stage still knows it) instead of the
-      last one, as the released NER/DP training reloads its best epoch.
+    select_best: "SET/METRIC" of the eval_fn's keys ("dev/accuracy";
+      "source+target/loss" sums the sets' values; a loss term is better
+      lower, any other metric higher), or None: the stage returns the
+      evaluated state that scored best (kept in workdir/.../best, so a
+      resumed stage still knows it) instead of the last one, as the
+      released NER/DP training reloads its best epoch and phase 1 its
+      lowest held-out loss.
   """
 
   name: str
@@ -411,6 +414,33 @@ def _loop_stage(ctx, stage, state, step_fn, start, checkpointer, best):
     writer.close()
 
 
+BEST = "best"  # a stage's best evaluated state, beside its checkpoints
+
+# Metrics that are better lower when a stage keeps its best state: the loss
+# and its terms (every other metric, accuracy or F1, is better higher).
+LOWER_IS_BETTER = (
+  "loss", "kl", "hidden", "attention", "mlm", "gold", "l1"
+)  # fmt: skip
+
+
+def selection_value(values: Mapping[str, float], key: str) -> float:
+  """The value of a `select_best` key: "SET/METRIC", or "A+B/METRIC", the
+  sum of the sets' values.
+
+  Raises:
+    BistilError: a key whose sets are not all evaluated.
+  """
+  sets, _, metric = key.rpartition("/")
+  names = [f"{s}/{metric}" for s in sets.split("+")]
+  missing = [n for n in names if n not in values]
+  if not sets or missing:
+    raise BistilError(
+      f"select_best metric {key!r} is not evaluated; known: "
+      f"{', '.join(sorted(values))}"
+    )
+  return float(sum(float(values[n]) for n in names))
+
+
 class BestState:
   """The best-scoring evaluated state of a stage, on disk beside its
   checkpoints (`DIR/best`: one checkpoint and best.json), so that a
@@ -419,7 +449,9 @@ class BestState:
 
   def __init__(self, directory: str, key: str):
     self.key = key
-    self.root = paths.path(directory) / "best"
+    # Stored and compared as a score, higher is better: a loss negated.
+    self.sign = -1.0 if key.rpartition("/")[2] in LOWER_IS_BETTER else 1.0
+    self.root = paths.path(directory) / BEST
     self.ckpt = ckpt.Checkpointer(
       str(self.root), every=1, keep=1, use_async=False
     )
@@ -428,25 +460,22 @@ class BestState:
     if info.is_file():
       found = json.loads(info.read_text())
       if found.get("metric") == key and found["step"] in self.ckpt.all_steps():
-        self.step, self.value = int(found["step"]), float(found["value"])
+        self.step = int(found["step"])
+        self.value = self.sign * float(found["value"])
 
   def wrap(self, eval_fn):
     def evaluated(state):
       values = eval_fn(state)
-      if self.key not in values:
-        raise BistilError(
-          f"select_best metric {self.key!r} is not evaluated; known: "
-          f"{', '.join(sorted(values))}"
-        )
-      value = float(values[self.key])
-      if value > self.value:
-        self.offer(state, value)
+      score = self.sign * selection_value(values, self.key)
+      if score > self.value:
+        self.offer(state, score)
       return values
 
     return evaluated
 
-  def offer(self, state, value: float) -> None:
+  def offer(self, state, score: float) -> None:
     step = int(jax.device_get(state.step))
+    value = self.sign * score  # the metric itself, as logged
     # keep=1: orbax drops the previous best once this one is written.
     self.ckpt.save(step, state, {"metric": self.key, "value": value})
     self.ckpt.wait()
@@ -454,19 +483,20 @@ class BestState:
       (self.root / "best.json").write_text(
         json.dumps({"metric": self.key, "value": value, "step": step})
       )
-    self.step, self.value = step, value
+    self.step, self.value = step, score
 
   def select(self, state):
     """`state`, or the best state when an earlier one scored higher."""
     final = int(jax.device_get(state.step))
+    value = self.sign * self.value
     if self.step is None or self.step == final:
-      log.info("best %s %.4f: the final step %d", self.key, self.value, final)
+      log.info("best %s %.4f: the final step %d", self.key, value, final)
       return state
     restored, _ = self.ckpt.restore(self.step, ckpt.abstract_like(state))
     log.info(
       "best %s %.4f at step %d: the stage's result (not its last step %d)",
       self.key,
-      self.value,
+      value,
       self.step,
       final,
     )
