@@ -40,4 +40,7 @@ def get_config(arg=None):
     distil.tiny(c)
   elif a.variant != "base":
     raise ValueError(f"unknown variant {a.variant!r}: tiny or base")
+  # "" = export the last step; "source+target/loss": the step with the
+  # lowest summed held-out MLM loss (see configs/distil.py).
+  c.train.select_best = ""
   return c
