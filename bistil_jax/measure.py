@@ -289,13 +289,34 @@ def latency(
   start = time.perf_counter()
   compiled = jax.jit(_forward(_model(model))).lower(params, ids, mask).compile()
   compile_ms = 1e3 * (time.perf_counter() - start)
+  times = timed(
+    lambda: jax.block_until_ready(compiled(params, ids, mask)), warmup, repeats
+  )
+  return {
+    **latency_stats(times, batch_size, seq_len, warmup),
+    "compile_ms": compile_ms,
+    "device": str(device),
+  }
+
+
+def timed(fn, warmup: int, repeats: int) -> np.ndarray:
+  """[repeats] milliseconds per call of `fn` (which must wait for its own
+  result), after `warmup` untimed calls."""
   for _ in range(warmup):
-    jax.block_until_ready(compiled(params, ids, mask))
+    fn()
   times = np.empty(repeats)
   for i in range(repeats):
     start = time.perf_counter()
-    jax.block_until_ready(compiled(params, ids, mask))
+    fn()
     times[i] = 1e3 * (time.perf_counter() - start)
+  return times
+
+
+def latency_stats(
+  times: np.ndarray, batch_size: int, seq_len: int, warmup: int
+) -> dict[str, Any]:
+  """The latency record of timed passes: median, p90, mean, min and max
+  (ms per pass), sequences/s at the median, and the shape and counts."""
   median = float(np.median(times))
   return {
     "median_ms": median,
@@ -304,12 +325,10 @@ def latency(
     "min_ms": float(times.min()),
     "max_ms": float(times.max()),
     "sequences_per_s": batch_size / (median / 1e3),
-    "compile_ms": compile_ms,
-    "repeats": repeats,
+    "repeats": int(times.size),
     "warmup": warmup,
     "batch_size": batch_size,
     "seq_len": seq_len,
-    "device": str(device),
   }
 
 

@@ -27,14 +27,13 @@ import json
 import logging
 import os
 import tempfile
-import time
 import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
 
-from bistil_jax import paths
+from bistil_jax import measure, paths
 from bistil_jax.checkpoint import hf
 from bistil_jax.errors import BistilError
 from bistil_jax.model.encoder import Model
@@ -308,25 +307,8 @@ def latency(
   if warmup < 0 or repeats < 1:
     raise BistilError(f"warmup {warmup} must be >= 0, repeats {repeats} >= 1")
   arrays = synthetic_inputs(batch_size, seq_len, vocab_size)
-  for _ in range(warmup):
-    run(sess, arrays)
-  times = np.empty(repeats)
-  for i in range(repeats):
-    start = time.perf_counter()
-    run(sess, arrays)
-    times[i] = 1e3 * (time.perf_counter() - start)
-  median = float(np.median(times))
-  return {
-    "median_ms": median,
-    "p90_ms": float(np.percentile(times, 90)),
-    "min_ms": float(times.min()),
-    "max_ms": float(times.max()),
-    "sequences_per_s": batch_size / (median / 1e3),
-    "repeats": repeats,
-    "warmup": warmup,
-    "batch_size": batch_size,
-    "seq_len": seq_len,
-  }
+  times = measure.timed(lambda: run(sess, arrays), warmup, repeats)
+  return measure.latency_stats(times, batch_size, seq_len, warmup)
 
 
 def measure_dir(

@@ -248,7 +248,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     help="replace a non-empty dir that bistil init did not write",
   )
   p.set_defaults(func=_run_init)
+  _register_measure(sub)
 
+
+def _register_measure(sub: argparse._SubParsersAction) -> None:
   p = sub.add_parser(
     "measure",
     help="parameters, MACs, latency and size on disk of a model dir",

@@ -34,6 +34,8 @@ from bistil_jax.train import driver, loop, steps
 log = logging.getLogger(__name__)
 
 STUDENT_CONFIG = "student_config.json"
+# What a run writes besides the driver's outputs (removed on --overwrite).
+OUTPUTS = (STUDENT_CONFIG, driver.BEST)
 LANGS = surgery.LANGS
 
 
@@ -290,11 +292,7 @@ def run(
   pretrain = phase == "pretrain"
   loss_cfg = validate(config, pretrain)
   with driver.start(
-    config,
-    workdir,
-    phase,
-    overwrite=overwrite,
-    outputs=(STUDENT_CONFIG, driver.BEST),
+    config, workdir, phase, overwrite=overwrite, outputs=OUTPUTS
   ) as claim:
     student, s_params, teacher, teachers, tok_dir = _models(config, pretrain)
     scfg = student.config
