@@ -129,6 +129,19 @@ def _logits_of(
   return np.concatenate(out)
 
 
+def encode(task: base.Task, backend: Backend, exs: Sequence[Any]):
+  """The examples encoded as `bistil evaluate` encodes a test split, with
+  the backend's tokenizer, labels, window and options."""
+  return task.encode(
+    exs,
+    backend.tokenizer,
+    task_data.label_ids(backend.labels),
+    backend.max_seq_len,
+    train=False,
+    **backend.options,
+  )
+
+
 def predict_lines(
   task: base.Task,
   backend: Backend,
@@ -146,14 +159,7 @@ def predict_lines(
     return records
   labels = backend.labels
   exs = examples(task, [lines[i] for i in keep], labels[0])
-  data = task.encode(
-    exs,
-    backend.tokenizer,
-    task_data.label_ids(labels),
-    backend.max_seq_len,
-    train=False,
-    **backend.options,
-  )
+  data = encode(task, backend, exs)
   logits = _logits_of(backend, data, batch_size)
   for i, record in zip(
     keep, task.records(exs, data, logits, labels), strict=True
@@ -170,14 +176,7 @@ def evaluate(
   check_kind(task)
   labels = backend.labels
   exs = task.read(spec, label_names=labels)
-  data = task.encode(
-    exs,
-    backend.tokenizer,
-    task_data.label_ids(labels),
-    backend.max_seq_len,
-    train=False,
-    **backend.options,
-  )
+  data = encode(task, backend, exs)
   return task.evaluate(
     lambda arrays: np.asarray(task.predict(backend.logits(arrays))),
     data,
