@@ -109,7 +109,7 @@ def _run_predict(args: argparse.Namespace) -> int:
   from bistil_jax.errors import BistilError
 
   task = _task(args.task)
-  predict.check_kind(task)
+  task.check_predict()
   if onnx.is_onnx_dir(args.model):
     if args.sft:
       raise BistilError("--sft applies to HF model dirs; an ONNX dir is merged")
@@ -173,7 +173,9 @@ MEASURE_SHAPES = "1x128,32x128"
 
 
 def run_measure(args: argparse.Namespace) -> int:
-  """`bistil measure-onnx`, and `bistil measure` of an ONNX dir."""
+  """`bistil measure` of an ONNX dir (model/commands.py dispatches here):
+  ONNX Runtime latency of each precision, and with `--teacher` the paper's
+  speed-up column."""
   from bistil_jax import measure
   from bistil_jax.deploy import onnx
 
@@ -262,22 +264,3 @@ def register(sub: argparse._SubParsersAction) -> None:
   p.add_argument("--batch-size", type=int, default=32)
   p.add_argument("--out", help="output JSONL file (default: stdout)")
   p.set_defaults(func=_run_predict)
-
-  p = sub.add_parser(
-    "measure-onnx",
-    help="ONNX Runtime latency of an ONNX dir (fp32, int8) and its size",
-  )
-  p.add_argument("onnx_dir")
-  p.add_argument("--batch-shapes", default=MEASURE_SHAPES, help="BxL,...")
-  p.add_argument("--warmup", type=int, default=2)
-  p.add_argument("--repeats", type=int, default=10)
-  p.add_argument(
-    "--threads", type=int, default=0, help="intra-op threads (0: all cores)"
-  )
-  p.add_argument(
-    "--teacher",
-    help="an ONNX dir or HF model dir timed at fp32 too (ONNX Runtime or "
-    "the Flax model): each row gets its speed-up over it",
-  )
-  p.add_argument("--json", action="store_true", help="print JSON")
-  p.set_defaults(func=run_measure)

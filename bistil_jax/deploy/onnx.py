@@ -25,7 +25,6 @@ from __future__ import annotations
 import importlib
 import json
 import logging
-import os
 import tempfile
 import warnings
 from collections.abc import Mapping, Sequence
@@ -185,16 +184,17 @@ def export(
     "opset": OPSET,
     "files": {"fp32": ONNX_FILE, **({"int8": INT8_FILE} if int8 else {})},
   }
-  with tempfile.TemporaryDirectory(prefix="bistil-onnx-") as work:
-    hf_dir = os.path.join(work, "hf")
+  with tempfile.TemporaryDirectory(prefix="bistil-onnx-") as scratch:
+    work = paths.path(scratch)  # local: torch and ONNX Runtime write here
+    hf_dir = str(work / "hf")
     hf.write_hf(hf_dir, model, params, write_flax=False)
-    fp32 = os.path.join(work, ONNX_FILE)
+    fp32 = str(work / ONNX_FILE)
     export_torch(torch_module(hf_dir, cfg.head), fp32)
     if int8:
-      quantize_int8(fp32, os.path.join(work, INT8_FILE))
+      quantize_int8(fp32, str(work / INT8_FILE))
     with paths.atomic_dir(out) as tmp:
       for name in meta["files"].values():
-        paths.copy_file(os.path.join(work, name), tmp / name)
+        paths.copy_file(work / name, tmp / name)
       if tokenizer_dir is not None:
         hf.copy_tokenizer(tokenizer_dir, tmp)
       paths.write_text(
@@ -320,7 +320,7 @@ def measure_dir(
   threads: int = 0,
 ) -> dict[str, Any]:
   """Latency of every precision of an ONNX dir at each batch shape, and
-  the bytes of each model file (`bistil measure-onnx`)."""
+  the bytes of each model file (`bistil measure` of an ONNX dir)."""
   meta = read_meta(onnx_dir)
   sizes = model_bytes(onnx_dir)
   rows = []

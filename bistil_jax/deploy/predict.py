@@ -105,14 +105,8 @@ def onnx_backend(
   )
 
 
-def check_kind(task: base.Task) -> None:
-  """Raises BistilError for a task `bistil predict` does not handle."""
-  task.check_predict()
-
-
 def examples(task: base.Task, lines: Sequence[str], label: str) -> list[Any]:
   """The kind's examples of input lines, with `label` as a placeholder."""
-  task.check_predict()
   return [
     task.from_line(line, label, f"line {i}") for i, line in enumerate(lines, 1)
   ]
@@ -151,7 +145,7 @@ def predict_lines(
   """One JSON-ready record per input line (see the module docstring):
   token tasks {"words", "labels"}, classification {"label"}, QA
   {"answer"}."""
-  check_kind(task)
+  task.check_predict()
   lines = [ln.rstrip("\r\n") for ln in lines]
   keep = [i for i, ln in enumerate(lines) if ln.strip()]
   records = [task.blank_record() for _ in lines]
@@ -173,7 +167,6 @@ def evaluate(
 ) -> dict[str, Any]:
   """The task's metrics of one labelled split on a backend, computed as
   `bistil evaluate` computes them."""
-  check_kind(task)
   labels = backend.labels
   exs = task.read(spec, label_names=labels)
   data = encode(task, backend, exs)

@@ -290,10 +290,10 @@ class ExportOnnxTest(parameterized.TestCase):
       json.load(open(os.path.join(out, onnx.META_FILE)))["task"], "pos"
     )
 
-  def test_measure_onnx_times_each_precision(self):
+  def test_measure_of_an_onnx_dir_times_each_precision(self):
     out = self.exported("sequence")
     code, stdout, err = run_cli(
-      "measure-onnx", out, "--batch-shapes", "1x16,2x8", "--repeats", 2,
+      "measure", out, "--batch-shapes", "1x16,2x8", "--repeats", 2,
       "--warmup", 1, "--json",
     )  # fmt: skip
     self.assertEqual(code, 0, err)
@@ -312,13 +312,13 @@ class ExportOnnxTest(parameterized.TestCase):
       self.exported("qa"), "onnx fp32"
     )):  # fmt: skip
       code, stdout, err = run_cli(
-        "measure-onnx", out, "--batch-shapes", "1x16", "--repeats", 2,
+        "measure", out, "--batch-shapes", "1x16", "--repeats", 2,
         "--warmup", 1, "--teacher", teacher,
       )  # fmt: skip
       self.assertEqual(code, 0, err)
       self.assertRegex(stdout, rf"teacher {backend} 1x16: .* speed-up 1\.00x\n")
       self.assertRegex(stdout, r"student onnx int8 1x16: .* speed-up [\d.]+x")
-    code, _, err = run_cli("measure-onnx", out, "--batch-shapes", "1y16")
+    code, _, err = run_cli("measure", out, "--batch-shapes", "1y16")
     self.assertEqual(code, 2)
     self.assertIn("is not BATCHxLENGTH", err)
 
