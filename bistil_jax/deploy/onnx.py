@@ -36,11 +36,12 @@ from bistil_jax import measure, paths
 from bistil_jax.checkpoint import hf
 from bistil_jax.errors import BistilError
 from bistil_jax.model.encoder import Model
+from bistil_jax.tasks import base
 
 ONNX_FILE = "model.onnx"
 INT8_FILE = "model.int8.onnx"
 META_FILE = "onnx.json"
-INPUTS = ("input_ids", "attention_mask", "token_type_ids")
+INPUTS = base.INPUT_KEYS  # the graph's inputs are a task batch's arrays
 OUTPUT = "logits"
 OPSET = 17
 # transformers' PyTorch class of each exportable head. The biaffine parser

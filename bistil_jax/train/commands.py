@@ -239,9 +239,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
   from bistil_jax.errors import BistilError
   from bistil_jax.train import task as task_lib
 
-  if args.task not in tasks.REGISTRY:
-    raise BistilError(f"--task must be one of {', '.join(tasks.NAMES)}")
-  task = tasks.get(args.task)
+  task = tasks.get(args.task)  # an unknown name: one line listing the known
   model, params = surgery.merged_model(args.model, args.sft)
   cfg = model.config
   if cfg.head != task.head:

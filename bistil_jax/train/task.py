@@ -41,8 +41,6 @@ from bistil_jax.train.lt_sft import eligible_entries, trainable_count
 log = logging.getLogger(__name__)
 
 RESULTS = "results.json"
-STAGES = ("dense", "sparse")  # LT-SFT stages, each with its checkpoints
-INPUT_KEYS = tasks.base.INPUT_KEYS
 
 
 # ------------------------------------------------------------------ losses
@@ -362,7 +360,7 @@ def run(
   """Runs `bistil sft` (phase="sft") or `bistil finetune` and returns the
   export: an SFT dir (sparse) or an HF model dir (dense)."""
   loss_cfg = validate(config, phase)
-  outputs = STAGES + (RESULTS,)
+  outputs = lt_sft.STAGES + (RESULTS,)
   with driver.start(
     config, workdir, phase, overwrite=overwrite, outputs=outputs
   ) as claim:

@@ -265,7 +265,7 @@ class QATaskCliTest(absltest.TestCase):
     ours, params = surgery.merged_model(self.student, [self.sft])
     ref = transformers.AutoModelForQuestionAnswering.from_pretrained(exported)
     self.assertEqual(type(ref).__name__, "BertForQuestionAnswering")
-    b = {k: getattr(self.dev_data, k)[:8] for k in task.INPUT_KEYS}
+    b = {k: getattr(self.dev_data, k)[:8] for k in tasks_lib.base.INPUT_KEYS}
     mine = np.asarray(
       ours.apply(
         {"params": params},
