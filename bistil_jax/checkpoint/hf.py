@@ -85,7 +85,7 @@ LEGACY_LEAVES = {"gamma": "weight", "beta": "bias"}
 
 _L = "encoder/layer/{i}/"
 _T = "encoder.layer.{i}."
-BODY_RULES = (
+BERT_BODY = (
     Rule("embeddings/word_embeddings", "embeddings.word_embeddings",
          "embeddings/word_embeddings", "embed", vocab=True),
     Rule("embeddings/position_embeddings", "embeddings.position_embeddings",
@@ -113,6 +113,9 @@ BODY_RULES = (
          _L + "output/LayerNorm", "layernorm"),
     Rule("pooler/dense", "pooler.dense", "pooler/dense", "dense"),
 )  # fmt: skip
+
+# Naming family (ModelConfig.family.hf_names) -> the rules of its body.
+BODY_RULES = {"bert": BERT_BODY, "roberta": BERT_BODY}
 
 _BERT_MLM = (
     Rule("lm_head/dense", "cls.predictions.transform.dense",
@@ -217,8 +220,9 @@ HF_HEADS = {
 
 
 def family(config: ModelConfig) -> str:
-  """The HF naming family: "roberta" (RoBERTa, XLM-R) or "bert"."""
-  return "roberta" if config.is_roberta else "bert"
+  """The HF naming family: "roberta" (RoBERTa, XLM-R) or "bert"; also the
+  body prefix of its head classes."""
+  return config.family.hf_names
 
 
 def head_rules(config: ModelConfig) -> tuple[Rule, ...]:
@@ -253,7 +257,7 @@ def _leaf_table(config: ModelConfig) -> list[_Leaf]:
   """All (our, torch, flax) leaf templates for this config, prefixed."""
   prefix = body_prefix(config)
   out = []
-  for rule in BODY_RULES + head_rules(config):
+  for rule in BODY_RULES[family(config)] + head_rules(config):
     tp = f"{prefix}." if (rule.body and prefix) else ""
     fp = f"{prefix}/" if (rule.body and prefix) else ""
     for ours, torch, flax_leaf, transpose in LEAVES[rule.kind]:

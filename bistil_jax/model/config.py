@@ -13,7 +13,32 @@ from typing import Any
 
 from bistil_jax.errors import BistilError
 
-MODEL_TYPES = ("bert", "xlm-roberta", "roberta")
+
+@dataclasses.dataclass(frozen=True)
+class Family:
+  """How one HF `model_type` maps onto this project.
+
+  Attributes:
+    arch_prefix: prefix of its HF class names ("Bert" in BertForMaskedLM).
+    hf_names: its parameter-naming family in checkpoint/hf.py's rule tables,
+      which is also the body prefix of its head classes ("bert." in
+      `bert.encoder.layer.0...`).
+    body: the encoder body that runs it (model/encoder.py `BODIES`).
+  """
+
+  arch_prefix: str
+  hf_names: str
+  body: str
+
+
+# model_type -> family; adding an architecture is one entry here, its body
+# in model/encoder.py and its names in checkpoint/hf.py.
+FAMILIES = {
+  "bert": Family("Bert", "bert", "bert"),
+  "xlm-roberta": Family("XLMRoberta", "roberta", "bert"),
+  "roberta": Family("Roberta", "roberta", "bert"),
+}
+MODEL_TYPES = tuple(FAMILIES)
 # config.json states, in its standard keys, the dropout a user of the model
 # should fine-tune with; where this project trains the model with other
 # rates (a distilled student trains without dropout, docs/method.md 2.2 and
@@ -24,11 +49,6 @@ DROPOUT_KEYS = ("hidden_dropout_prob", "attention_probs_dropout_prob")
 ACTIVATIONS = ("gelu", "gelu_new", "gelu_pytorch_tanh", "relu", "tanh")
 DTYPES = ("float32", "bfloat16", "float16")
 
-_ARCH_PREFIX = {
-  "bert": "Bert",
-  "xlm-roberta": "XLMRoberta",
-  "roberta": "Roberta",
-}
 # Every `config.head`, with the suffix of the HF class it exports as (after
 # the family's prefix). Its module is model/heads.py's, its HF names
 # checkpoint/hf.py's: one entry in each table per head.
@@ -48,9 +68,9 @@ def _architectures() -> dict[str, tuple[str, str]]:
   """HF architecture name -> (model_type family, head); a class name two
   heads export as (*Model) reads back as the first of them ("none")."""
   out: dict[str, tuple[str, str]] = {}
-  for family, prefix in _ARCH_PREFIX.items():
+  for model_type, family in FAMILIES.items():
     for head, suffix in HEAD_ARCH_SUFFIX.items():
-      out.setdefault(prefix + suffix, (family, head))
+      out.setdefault(family.arch_prefix + suffix, (model_type, head))
   return out
 
 
@@ -137,6 +157,11 @@ class ModelConfig:
     return dataclasses.replace(self, **changes)
 
   @property
+  def family(self) -> Family:
+    """Its `FAMILIES` entry: HF class prefix, naming family, body."""
+    return FAMILIES[self.model_type]
+
+  @property
   def is_roberta(self) -> bool:
     return self.model_type in ("xlm-roberta", "roberta")
 
@@ -169,7 +194,7 @@ class ModelConfig:
   @property
   def architecture(self) -> str:
     """The HF class name this config exports as."""
-    return _ARCH_PREFIX[self.model_type] + HEAD_ARCH_SUFFIX[self.head]
+    return self.family.arch_prefix + HEAD_ARCH_SUFFIX[self.head]
 
   @property
   def label_names(self) -> tuple[str, ...]:

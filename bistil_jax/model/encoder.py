@@ -21,6 +21,13 @@ import jax.numpy as jnp
 from bistil_jax.model import bert, heads
 from bistil_jax.model.config import ModelConfig
 
+# ModelConfig.family.body -> the encoder body module (returns
+# layers.BodyOutput).
+BODIES = {"bert": bert.BertBody}
+# Top-level parameter groups of every body, by part of the model (what
+# measure.count_parameters reports).
+PARAM_GROUPS = {**bert.PARAM_GROUPS}
+
 
 @flax.struct.dataclass
 class EncoderOutput:
@@ -81,7 +88,7 @@ class Model(nn.Module):
   def setup(self):
     # Shared scopes: the body's and the head's parameter groups sit at the
     # top of the tree, not under "body" / "head".
-    self.body = bert.BertBody(self.config)
+    self.body = BODIES[self.config.family.body](self.config)
     nn.share_scope(self, self.body)
     head = heads.HEADS[self.config.head].module_for(self.config)
     self.head = None if head is None else head(self.config)
