@@ -41,13 +41,13 @@ from bistil_jax import paths
 from bistil_jax.checkpoint import hf, surgery
 from bistil_jax.data import vocab as vocab_lib
 from bistil_jax.errors import BistilError
-from bistil_jax.model import encoder, heads
+from bistil_jax.model import heads
 from bistil_jax.model.config import ModelConfig
-from bistil_jax.model.encoder import Model
+from bistil_jax.model.encoder import PARAM_GROUPS, Model
 
 # Top-level parameter groups of our tree: the body's, then every head's.
 _GROUPS = {
-  **encoder.PARAM_GROUPS,
+  **PARAM_GROUPS,
   **{h.key: "head" for h in heads.HEADS.values() if h.key is not None},
 }
 
