@@ -8,7 +8,8 @@
   last teacher layer of each block of r; the same pairing the attention loss
   uses.
 - `init_student` with strategy
-  * "teacher_layers": embeddings, mapped layers, pooler and MLM head copied
+  * "teacher_layers": embeddings, mapped layers, the encoder's shared
+    parameters (DeBERTa's relative embeddings), pooler and MLM head copied
     from the teacher (DistilBERT practice; needs the same width);
   * "svd_embeddings": the released code: random layers, word embeddings :=
     first d left-singular vectors of the teacher's word embeddings;
@@ -162,8 +163,13 @@ def init_student(
   mapping = layer_map(teacher.num_hidden_layers, student.num_hidden_layers)
   params["embeddings"] = _copy(teacher_params["embeddings"])
   layers = teacher_params["encoder"]["layer"]
-  params["encoder"]["layer"] = {
-    str(i): _copy(layers[str(t)]) for i, t in enumerate(mapping)
+  # The encoder's own parameters besides its layers (DeBERTa's shared
+  # relative-position embeddings and their LayerNorm) come whole.
+  params["encoder"] = {
+    **{
+      k: _copy(v) for k, v in teacher_params["encoder"].items() if k != "layer"
+    },
+    "layer": {str(i): _copy(layers[str(t)]) for i, t in enumerate(mapping)},
   }
   for group in ("pooler", "lm_head"):
     if group in params and group in teacher_params:
