@@ -54,7 +54,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
   selected = stages.select(args.stages, args.until)
-  config = configlib.build_config(args.config, args.overrides)
+  config = configlib.build_config(args.config, args.overrides, "run")
   execute(config, args.workdir, selected)
   return 0
 
