@@ -24,6 +24,7 @@ COMMAND_MODULES = (
   "bistil_jax.train.commands",
   "bistil_jax.deploy.commands",
   "bistil_jax.demo",
+  "bistil_jax.recipe.commands",
 )
 
 # Multi-process runs (TPU pods, multi-node GPU) set this; see launch/.

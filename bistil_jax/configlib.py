@@ -279,6 +279,7 @@ COMMAND_CONFIGS = {
   "finetune": "finetune.py",
   "sft": "sft.py",
   "lang-sft": "lang_sft.py",
+  "run": "run.py",
 }
 
 

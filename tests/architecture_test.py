@@ -35,6 +35,7 @@ FLOORS = (
       "*.commands",
       "data.trim_cli",
       "synthetic.cli",
+      "recipe.",
     ),
   ),
   ("ground", ("errors", "paths", "configlib", "metrics")),

@@ -1,0 +1,169 @@
+"""Fingerprints, records and the skip / resume / rerun logic of `bistil
+run`, with the stages' work replaced by stubs (no training)."""
+
+import dataclasses
+import json
+import os
+
+import pytest
+
+from bistil_jax import configlib
+from bistil_jax.errors import BistilError
+from bistil_jax.recipe import commands, stages, state
+from tests.recipe.common import CONFIG, bistil
+
+
+def test_fingerprint_is_canonical_and_sensitive():
+  a = state.fingerprint({"x": 1, "y": [1, 2]}, {"up": "f0"})
+  assert a == state.fingerprint({"y": [1, 2], "x": 1}, {"up": "f0"})
+  assert a != state.fingerprint({"x": 2, "y": [1, 2]}, {"up": "f0"})
+  assert a != state.fingerprint({"x": 1, "y": [1, 2]}, {"up": "f1"})
+  assert len(a) == 16
+
+
+def test_plan_reads_the_records(tmp_path):
+  d = str(tmp_path / "sft")
+  s, inputs = {"sft": {"optim": {"learning_rate": 1e-3}}}, {"distil": "d0"}
+  p = state.plan("sft", d, s, inputs)
+  assert (p.action, p.line()) == ("run", "sft: run (new)")
+  state.mark_started(d, p)
+  assert state.plan("sft", d, s, inputs).action == "resume"
+  state.mark_done(d, p, 1.5)
+  assert state.plan("sft", d, s, inputs).line() == "sft: skipped (up to date)"
+  s2 = {"sft": {"optim": {"learning_rate": 2e-3}}}
+  assert state.plan("sft", d, s2, inputs).line() == (
+    "sft: rerun (because sft.optim.learning_rate changed)"
+  )
+  assert state.plan("sft", d, s, {"distil": "d1"}).line() == (
+    "sft: rerun (because its input distil changed)"
+  )
+  # A torn record reads as absent: the stage is unfinished, not done.
+  (tmp_path / "sft" / state.DONE).write_text("{")
+  assert state.plan("sft", d, s, inputs).action == "resume"
+
+
+def test_a_dir_without_records_is_rerun(tmp_path):
+  (tmp_path / "trim").mkdir()
+  p = state.plan("trim", str(tmp_path / "trim"), {}, {})
+  assert p.action == "rerun" and "no record" in p.reason
+
+
+def test_select():
+  assert stages.select(None, None) == stages.NAMES
+  assert stages.select(None, "distil") == ("trim", "lang_sft", "distil")
+  assert stages.select("report,sft", None) == ("sft", "report")
+  for stages_, until in (("sft,bogus", None), (None, "bogus"), (",", None)):
+    with pytest.raises(BistilError, match="unknown stage"):
+      stages.select(stages_, until)
+
+
+@pytest.fixture
+def stubbed(monkeypatch, tmp_path):
+  """Every stage's work replaced by a stub that records that it ran; the
+  tiny config over data that is never read."""
+  ran = []
+
+  def stub(name):
+    def run(c, root):
+      ran.append(name)
+      os.makedirs(os.path.join(root, name), exist_ok=True)
+
+    return run
+
+  for name, st in list(stages.BY_NAME.items()):
+    fake = dataclasses.replace(st, run=stub(name), check=lambda c: None)
+    monkeypatch.setitem(stages.BY_NAME, name, fake)
+
+  def go(*overrides, selected=stages.NAMES):
+    ran.clear()
+    c = configlib.build_config(
+      f"{CONFIG}:tiny,data={tmp_path}/data",
+      dict(o.split("=", 1) for o in overrides),
+    )
+    plan = commands.execute(c, str(tmp_path / "run"), selected)
+    return list(ran), {n: p.action for n, p in plan.items()}
+
+  return go
+
+
+def test_a_changed_setting_reruns_exactly_what_is_downstream(stubbed, capsys):
+  ran, _ = stubbed()
+  assert ran == list(stages.NAMES)
+  assert stubbed()[0] == []  # all up to date
+  ran, _ = stubbed("sft.optim.learning_rate=0.01")
+  assert ran == ["sft", "evaluate", "measure", "export", "report"]
+  out = capsys.readouterr().out
+  assert "sft: rerun (because sft.optim.learning_rate changed)" in out
+  assert "evaluate: rerun (because its input sft changed)" in out
+  assert "task_teacher: skipped (up to date)" in out
+  ran, _ = stubbed("sft.optim.learning_rate=0.01", "measure.repeats=3")
+  assert ran == ["measure", "report"]
+  ran, _ = stubbed("sft.optim.learning_rate=0.01", "measure.repeats=3",
+                   "distil.loss.kl=1.0")  # fmt: skip
+  assert ran == ["distil", "sft", "evaluate", "measure", "export", "report"]
+  ran, _ = stubbed(
+    "sft.optim.learning_rate=0.01", "measure.repeats=3", "distil.loss.kl=1.0",
+    "task.target_tests=b2=elsewhere.conllu",
+  )  # fmt: skip
+  assert ran == ["evaluate", "report"]
+
+
+def test_an_unfinished_stage_resumes(stubbed, tmp_path):
+  stubbed()
+  os.remove(tmp_path / "run" / "distil" / state.DONE)
+  ran, actions = stubbed()
+  assert ran == ["distil"] and actions["distil"] == "resume"
+  assert actions["sft"] == "skip"  # same settings: its inputs are the same
+
+
+def test_stages_and_until_run_a_part(stubbed):
+  ran, _ = stubbed(selected=stages.select(None, "distil"))
+  assert ran == ["trim", "lang_sft", "distil"]
+  with pytest.raises(BistilError, match="stage sft reads task_teacher, which"):
+    stubbed(selected=("sft",))
+  ran, _ = stubbed(selected=("task_teacher", "sft"))
+  assert ran == ["task_teacher", "sft"]
+
+
+def test_a_block_field_the_recipe_fills_is_refused(stubbed, tmp_path):
+  with pytest.raises(BistilError, match="config.distil.data.source is set"):
+    stubbed("distil.data.source=x.txt")
+  with pytest.raises(
+    BistilError, match="config.task_teacher.train.task is 'pos' but task.name"
+  ):
+    stubbed("task.name=ner")
+  assert not (tmp_path / "run").exists()
+
+
+def _records(root):
+  return [p for p, _, files in os.walk(root) if state.DONE in files]
+
+
+def test_bad_input_is_one_line_and_marks_nothing(tmp_path, capsys):
+  """Missing teacher, empty corpus, unknown stage, a config key typo."""
+  data = tmp_path / "data"
+  (data / "corpora").mkdir(parents=True)
+  for lang in ("b1", "b2"):
+    for name in (f"{lang}.txt", f"{lang}.dev.txt"):
+      (data / "corpora" / name).write_text("a sentence\n")
+  base = ["run", "--config", f"{CONFIG}:tiny,data={data}",
+          "--workdir", tmp_path / "run"]  # fmt: skip
+  cases = [
+    ([], "config.teacher .*teacher is not an HF model dir"),
+    (["--stages", "trim,sfft"], "--stages: unknown stage 'sfft'"),
+    (["--config.sft.optim.lr=1"], "unknown config key sft.optim.lr \\(did you"),
+  ]
+  for extra, want in cases:
+    assert bistil(*base, *extra)[0] == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: "), err
+    assert __import__("re").search(want, err[0]), err
+  (data / "teacher").mkdir()
+  (data / "teacher" / "config.json").write_text(json.dumps({}))
+  (data / "corpora" / "b2.txt").write_text("\n\n")
+  assert bistil(*base)[0] == 2
+  err = capsys.readouterr().err.strip()
+  assert (
+    err == f"error: corpus {data}/corpora/b2.txt is empty (no non-empty lines)"
+  )
+  assert _records(tmp_path / "run") == []
