@@ -295,6 +295,25 @@ class DistilBertTest(parameterized.TestCase):
     self.assertEqual(sizes["head"], d * d + d + d * 2 + 2)
     self.assertEqual(sizes["embeddings"], (VOCAB + 40) * d + 2 * d)
 
+  def test_onnx_export_without_token_types(self):
+    from bistil_jax.deploy import onnx  # noqa: PLC0415
+
+    path, ref_model = self.dirs["sequence_classification"]
+    model, params = hf.load_hf(path)
+    out = self.tmp("onnx")
+    onnx.export(out, model, params, tokenizer_dir=None, max_seq_len=16)
+    sess, _ = onnx.dir_session(out)
+    self.assertEqual(
+      [i.name for i in sess.get_inputs()], ["input_ids", "attention_mask"]
+    )
+    ids, mask = batch()
+    types = np.zeros_like(ids)  # a task batch has them: not fed
+    got = onnx.run(
+      sess, {"input_ids": ids, "attention_mask": mask, "token_type_ids": types}
+    )
+    want = torch_forward(ref_model, ids, mask).logits.numpy()
+    self.assertLess(max_diff(got, want), 1e-5)
+
   def test_trim_vocab_of_a_distilbert_dir(self):
     src = self.tmp("src")
     tok = make_wordpiece_dir(src)
@@ -302,10 +321,12 @@ class DistilBertTest(parameterized.TestCase):
     ref = T.DistilBertForMaskedLM(hf_config(vocab_size=tok.get_vocab_size()))
     ref.eval().save_pretrained(src)
     root = os.path.dirname(src)
-    s = write_lines(os.path.join(root, "s.txt"), make_lines("aa", 300, 2))
+    lines = make_lines("aa", 300, 2)
+    s = write_lines(os.path.join(root, "s.txt"), lines)
     t = write_lines(os.path.join(root, "t.txt"), make_lines("bb", 300, 3))
     out = self.tmp("trimmed")
-    report = trim.trim_model_dir(src, s, t, out, threshold=1e-3)
+    # min_count=1 keeps every token of the corpora (test lines among them).
+    report = trim.trim_model_dir(src, s, t, out, threshold=None, min_count=1)
     keep = vocab.keep_ids_from_vocab_map(
       vocab.read_vocab_map(os.path.join(out, vocab.VOCAB_MAP))
     )
@@ -314,8 +335,8 @@ class DistilBertTest(parameterized.TestCase):
     self.assertIsInstance(new, T.DistilBertForMaskedLM)
     new_tok = T.AutoTokenizer.from_pretrained(out)
     old_tok = T.AutoTokenizer.from_pretrained(src)
-    enc_new = new_tok(make_lines("aa", 4, 9), padding=True, return_tensors="np")
-    enc_old = old_tok(make_lines("aa", 4, 9), padding=True, return_tensors="np")
+    enc_new = new_tok(lines[:4], padding=True, return_tensors="np")
+    enc_old = old_tok(lines[:4], padding=True, return_tensors="np")
     np.testing.assert_array_equal(keep[enc_new["input_ids"]],
                                   enc_old["input_ids"])  # fmt: skip
     a = torch_forward(ref, enc_old["input_ids"], enc_old["attention_mask"])
