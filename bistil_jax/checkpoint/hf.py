@@ -79,6 +79,8 @@ LEAVES = {
   "layernorm": (("scale", "weight", "scale", 0), ("bias", "bias", "bias", 0)),
   "embed": (("embedding", "weight", "embedding", 0),),
   "bias": (("bias", "bias", "bias", 0),),
+  # A Linear whose bias another rule names (DistilBERT's vocab_projector).
+  "projection": (("kernel", "weight", "kernel", True),),
 }
 # Old TF-converted checkpoints name LayerNorm leaves gamma/beta.
 LEGACY_LEAVES = {"gamma": "weight", "beta": "bias"}
@@ -114,8 +116,39 @@ BERT_BODY = (
     Rule("pooler/dense", "pooler.dense", "pooler/dense", "dense"),
 )  # fmt: skip
 
+_DL = "transformer/layer/{i}/"
+_DT = "transformer.layer.{i}."
+# DistilBERT on the BERT body: no token types, no pooler.
+DISTILBERT_BODY = (
+    Rule("embeddings/word_embeddings", "embeddings.word_embeddings",
+         "embeddings/word_embeddings", "embed", vocab=True),
+    Rule("embeddings/position_embeddings", "embeddings.position_embeddings",
+         "embeddings/position_embeddings", "embed"),
+    Rule("embeddings/LayerNorm", "embeddings.LayerNorm", "embeddings/LayerNorm",
+         "layernorm"),
+    Rule(_L + "attention/self/query", _DT + "attention.q_lin",
+         _DL + "attention/q_lin", "dense"),
+    Rule(_L + "attention/self/key", _DT + "attention.k_lin",
+         _DL + "attention/k_lin", "dense"),
+    Rule(_L + "attention/self/value", _DT + "attention.v_lin",
+         _DL + "attention/v_lin", "dense"),
+    Rule(_L + "attention/output/dense", _DT + "attention.out_lin",
+         _DL + "attention/out_lin", "dense"),
+    Rule(_L + "attention/output/LayerNorm", _DT + "sa_layer_norm",
+         _DL + "sa_layer_norm", "layernorm"),
+    Rule(_L + "intermediate/dense", _DT + "ffn.lin1", _DL + "ffn/lin1",
+         "dense"),
+    Rule(_L + "output/dense", _DT + "ffn.lin2", _DL + "ffn/lin2", "dense"),
+    Rule(_L + "output/LayerNorm", _DT + "output_layer_norm",
+         _DL + "output_layer_norm", "layernorm"),
+)  # fmt: skip
+
 # Naming family (ModelConfig.family.hf_names) -> the rules of its body.
-BODY_RULES = {"bert": BERT_BODY, "roberta": BERT_BODY}
+BODY_RULES = {
+  "bert": BERT_BODY,
+  "roberta": BERT_BODY,
+  "distilbert": DISTILBERT_BODY,
+}
 
 _BERT_MLM = (
     Rule("lm_head/dense", "cls.predictions.transform.dense",
@@ -136,9 +169,28 @@ _ROBERTA_MLM = (
     Rule("lm_head/decoder", "lm_head.decoder", "lm_head/decoder", "dense",
          vocab=True, body=False, tied=True),
 )  # fmt: skip
+# DistilBERT's MLM head: the decoder's bias is vocab_projector.bias (ours
+# lm_head/bias); its weight is absent when tied to the word embeddings.
+_DISTILBERT_MLM = (
+    Rule("lm_head/dense", "vocab_transform", "vocab_transform", "dense",
+         body=False),
+    Rule("lm_head/layer_norm", "vocab_layer_norm", "vocab_layer_norm",
+         "layernorm", body=False),
+    Rule("lm_head", "vocab_projector", "vocab_projector", "bias", vocab=True,
+         body=False),
+    Rule("lm_head/decoder", "vocab_projector", "vocab_projector",
+         "projection", vocab=True, body=False, tied=True),
+)  # fmt: skip
 _LINEAR_CLS = (
   Rule("classifier", "classifier", "classifier", "dense", body=False),
 )
+# DistilBERT's sequence head: pre_classifier (dense + ReLU), classifier.
+_DISTILBERT_SEQ = (
+    Rule("classifier/dense", "pre_classifier", "pre_classifier", "dense",
+         body=False),
+    Rule("classifier/out_proj", "classifier", "classifier", "dense",
+         body=False),
+)  # fmt: skip
 _ROBERTA_SEQ = (
     Rule("classifier/dense", "classifier.dense", "classifier/dense", "dense",
          body=False),
@@ -177,8 +229,8 @@ class HfHead:
 
   Attributes:
     rules: its rules (BERT's names).
-    by_family: "roberta" -> rules where RoBERTa's HF class names the head
-      differently.
+    by_family: naming family ("roberta", "distilbert") -> rules where that
+      family's HF class names the head differently.
     bare_body: its HF class is the bare *Model: body keys carry no
       "bert."/"roberta." prefix.
     pooled: its HF class holds a pooler.
@@ -203,10 +255,14 @@ class HfHead:
 # config.head -> its HF layout: adding a head is one entry.
 HF_HEADS = {
   "none": HfHead(bare_body=True, pooled=True),
-  "mlm": HfHead(_BERT_MLM, {"roberta": _ROBERTA_MLM}),
+  "mlm": HfHead(
+    _BERT_MLM, {"roberta": _ROBERTA_MLM, "distilbert": _DISTILBERT_MLM}
+  ),
   "token_classification": HfHead(_LINEAR_CLS),
   "sequence_classification": HfHead(
-    _LINEAR_CLS, {"roberta": _ROBERTA_SEQ}, pooled=True
+    _LINEAR_CLS,
+    {"roberta": _ROBERTA_SEQ, "distilbert": _DISTILBERT_SEQ},
+    pooled=True,
   ),
   "biaffine_parser": HfHead(
     side_file=SideFile(
@@ -220,8 +276,8 @@ HF_HEADS = {
 
 
 def family(config: ModelConfig) -> str:
-  """The HF naming family: "roberta" (RoBERTa, XLM-R) or "bert"; also the
-  body prefix of its head classes."""
+  """The HF naming family ("bert", "roberta" for RoBERTa and XLM-R,
+  "distilbert"); also the body prefix of its head classes."""
   return config.family.hf_names
 
 
@@ -231,7 +287,8 @@ def head_rules(config: ModelConfig) -> tuple[Rule, ...]:
 
 
 def body_prefix(config: ModelConfig) -> str:
-  """ "bert"/"roberta" for head classes, "" for the bare *Model classes."""
+  """The naming family ("bert", ...) for head classes, "" for the bare
+  *Model classes."""
   if HF_HEADS[config.head].bare_body:
     return ""
   return family(config)
@@ -412,8 +469,10 @@ def _canonical_torch_state(state, config):
 
 def without_pooler(params: dict[str, Any], config: ModelConfig):
   """`params` less a pooler the HF class of `config` cannot hold (logged
-  once)."""
-  if "pooler" not in params or HF_HEADS[config.head].pooled:
+  once): its head class has none, or its family has none (DistilBERT)."""
+  if "pooler" not in params or (
+    HF_HEADS[config.head].pooled and family_has_pooler(config)
+  ):
     return params
   keys = ["/".join(("pooler", *p)) for p in flatten_dict(params["pooler"])]
   log.info(
@@ -422,6 +481,11 @@ def without_pooler(params: dict[str, Any], config: ModelConfig):
     ", ".join(sorted(keys)),
   )
   return {k: v for k, v in params.items() if k != "pooler"}
+
+
+def family_has_pooler(config: ModelConfig) -> bool:
+  """Whether the HF classes of `config`'s family hold a pooler."""
+  return any(r.ours == "pooler/dense" for r in BODY_RULES[family(config)])
 
 
 def params_to_hf(

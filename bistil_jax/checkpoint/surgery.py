@@ -19,6 +19,7 @@ from bistil_jax.checkpoint import hf, language
 from bistil_jax.checkpoint import sft as sft_lib
 from bistil_jax.data import vocab
 from bistil_jax.errors import BistilError
+from bistil_jax.model import heads
 from bistil_jax.model.config import ModelConfig
 from bistil_jax.model.encoder import Model, init_params
 
@@ -81,9 +82,7 @@ def with_task_head(
   one a task kind names) with `labels` as its outputs. Returns (params,
   config, fresh top-level groups: the head, and a pooler where one is
   created)."""
-  pooler = config.add_pooler or (
-    head == "sequence_classification" and not config.is_roberta
-  )
+  pooler = config.add_pooler or heads.uses_pooler(config, head)
   cfg = config.replace(
     head=head,
     num_labels=len(labels),

@@ -40,7 +40,7 @@ import numpy as np
 from tokenizers import Tokenizer
 
 from bistil_jax import paths
-from bistil_jax.data import tokenize
+from bistil_jax.data import spm, tokenize
 from bistil_jax.errors import BistilError
 from bistil_jax.model.config import ModelConfig
 
@@ -89,6 +89,10 @@ def no_tokenizer_json(model_dir: str) -> BistilError:
 def load_tokenizer_dir(model_dir: str) -> tuple[Tokenizer, dict[str, Any]]:
   """Loads `tokenizer.json` from a model dir.
 
+  A dir without one but with XLM-R's `sentencepiece.bpe.model` gets the
+  tokenizer built from that file (`spm.xlmr_tokenizer`), with the ids
+  transformers' conversion gives.
+
   Args:
     model_dir: an HF model or tokenizer dir.
 
@@ -96,13 +100,15 @@ def load_tokenizer_dir(model_dir: str) -> tuple[Tokenizer, dict[str, Any]]:
     (the tokenizer, its parsed JSON).
 
   Raises:
-    BistilError: if the dir or its tokenizer.json is missing or unreadable.
+    BistilError: if the dir or its tokenizer.json is missing or unreadable
+      (and no SentencePiece model stands in for it).
   """
   if not paths.path(model_dir).is_dir():
     raise BistilError(f"model dir {model_dir} does not exist")
   path = paths.path(model_dir) / TOKENIZER_JSON
   if not path.is_file():
-    raise no_tokenizer_json(model_dir)
+    tokenizer = _sentencepiece_tokenizer(model_dir)
+    return tokenizer, json.loads(tokenizer.to_str())
   try:
     text = paths.read_text(path)
     tok_json = json.loads(text)
@@ -110,6 +116,43 @@ def load_tokenizer_dir(model_dir: str) -> tuple[Tokenizer, dict[str, Any]]:
   except Exception as e:  # noqa: BLE001 - OSError, JSON and Rust errors
     raise BistilError(f"cannot load {path}: {e}") from None
   return tokenizer, tok_json
+
+
+def named_tokenizer_class(model_dir: str) -> str | None:
+  """The tokenizer class a dir names: tokenizer_config.json's, else
+  config.json's `tokenizer_class`, else XLM-R's for an xlm-roberta
+  config.json; None when nothing names one."""
+  d = paths.path(model_dir)
+  for name in (TOKENIZER_CONFIG, "config.json"):
+    if (d / name).is_file():
+      conf = _read_json_file(d / name)
+      if isinstance(conf, dict) and conf.get("tokenizer_class"):
+        return str(conf["tokenizer_class"])
+  if (d / "config.json").is_file():
+    conf = _read_json_file(d / "config.json")
+    if isinstance(conf, dict) and conf.get("model_type") == "xlm-roberta":
+      return spm.XLMR_CLASSES[0]
+  return None
+
+
+def _sentencepiece_tokenizer(model_dir: str) -> Tokenizer:
+  """The tokenizer of a dir holding XLM-R's SentencePiece model and no
+  tokenizer.json; `no_tokenizer_json` for any other dir."""
+  path = paths.path(model_dir) / spm.XLMR_MODEL_FILE
+  if not path.is_file():
+    raise no_tokenizer_json(model_dir)
+  cls = named_tokenizer_class(model_dir)
+  if cls not in spm.XLMR_CLASSES:
+    raise BistilError(
+      f"{model_dir} has {spm.XLMR_MODEL_FILE} but no {TOKENIZER_JSON}, and "
+      f"its tokenizer class {cls!r} is not XLM-R's (the one layout bistil "
+      f"converts); {no_tokenizer_json(model_dir)}"
+    )
+  tokenizer = spm.xlmr_tokenizer(spm.read_model_file(path), str(path))
+  log.info("built the XLM-R tokenizer of %s from %s", model_dir, path.name)
+  # Once through JSON, as transformers' copy and any tokenizer.json written
+  # from it are: the JSON float parser may move a score by one ulp.
+  return Tokenizer.from_str(tokenizer.to_str())
 
 
 def tokenizer_fingerprint(tokenizer: Tokenizer) -> str:

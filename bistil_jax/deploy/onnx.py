@@ -23,6 +23,7 @@ imported when first needed, so the package works without them.
 from __future__ import annotations
 
 import importlib
+import inspect
 import json
 import logging
 import tempfile
@@ -82,6 +83,9 @@ def torch_module(hf_dir: str, head: str) -> Any:
   # Eager attention: a plain MatMul/Softmax graph that every ONNX Runtime
   # version runs and fuses, not the exporter's rendering of SDPA.
   inner = cls.from_pretrained(hf_dir, attn_implementation="eager").eval()
+  # DistilBERT's classes take no token types: the exporter then leaves
+  # the unused input out of the graph (and `run` feeds what it has).
+  with_types = "token_type_ids" in inspect.signature(inner.forward).parameters
 
   class Logits(torch.nn.Module):
     def __init__(self):
@@ -89,11 +93,12 @@ def torch_module(hf_dir: str, head: str) -> Any:
       self.inner = inner
 
     def forward(self, input_ids, attention_mask, token_type_ids):
+      types = {"token_type_ids": token_type_ids} if with_types else {}
       out = self.inner(
         input_ids=input_ids,
         attention_mask=attention_mask,
-        token_type_ids=token_type_ids,
         return_dict=True,
+        **types,
       )
       if head == "question_answering":
         return torch.stack([out.start_logits, out.end_logits], dim=-1)
@@ -255,8 +260,13 @@ def dir_session(
 
 
 def run(sess: Any, arrays: Mapping[str, np.ndarray]) -> np.ndarray:
-  """The logits of one batch (int inputs [b, l]; ONNX wants int64)."""
-  feed = {k: np.asarray(arrays[k], np.int64) for k in INPUTS}
+  """The logits of one batch (int inputs [b, l]; ONNX wants int64).
+
+  Only the graph's inputs are fed: a model without token types
+  (DistilBERT) has no token_type_ids input.
+  """
+  names = {i.name for i in sess.get_inputs()}
+  feed = {k: np.asarray(arrays[k], np.int64) for k in INPUTS if k in names}
   return sess.run([OUTPUT], feed)[0]
 
 

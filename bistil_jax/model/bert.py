@@ -1,4 +1,5 @@
-"""The BERT (mBERT) and RoBERTa (XLM-R) encoder body.
+"""The BERT (mBERT) and RoBERTa (XLM-R) encoder body, which also runs
+DistilBERT (the same post-LN layers without token types or pooler).
 
 Submodule names mirror the PyTorch/HF-Flax names (`embeddings/word_embeddings`,
 `encoder/layer/3/attention/self/query`, `LayerNorm`), so conversion is renames
@@ -41,7 +42,11 @@ def position_ids_for(config: ModelConfig, input_ids: jax.Array) -> jax.Array:
 
 
 class Embeddings(nn.Module):
-  """Word + position + token-type embeddings, then LayerNorm and dropout."""
+  """Word + position + token-type embeddings, then LayerNorm and dropout.
+
+  With `type_vocab_size` 0 (DistilBERT) there is no token-type table and
+  `token_type_ids` are ignored, so every caller may pass them.
+  """
 
   config: ModelConfig
 
@@ -64,9 +69,10 @@ class Embeddings(nn.Module):
     x = x + embed(
       cfg.max_position_embeddings, ("position", "embed"), "position_embeddings"
     )(position_ids)
-    x = x + embed(
-      cfg.type_vocab_size, ("token_type", "embed"), "token_type_embeddings"
-    )(token_type_ids)
+    if cfg.type_vocab_size:  # 0: no token types (DistilBERT); ids ignored
+      x = x + embed(
+        cfg.type_vocab_size, ("token_type", "embed"), "token_type_embeddings"
+      )(token_type_ids)
     x = layers.layer_norm(cfg, "LayerNorm")(x)
     x = nn.Dropout(cfg.hidden_dropout_prob)(x, deterministic=deterministic)
     return layers.constrain(x, ("batch", "length", "act_embed"))

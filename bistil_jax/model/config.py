@@ -37,6 +37,9 @@ FAMILIES = {
   "bert": Family("Bert", "bert", "bert"),
   "xlm-roberta": Family("XLMRoberta", "roberta", "bert"),
   "roberta": Family("Roberta", "roberta", "bert"),
+  # DistilBERT runs on the BERT body without token types (type_vocab_size 0)
+  # or pooler; its config.json has keys of its own (DISTILBERT_KEYS).
+  "distilbert": Family("DistilBert", "distilbert", "bert"),
 }
 MODEL_TYPES = tuple(FAMILIES)
 # config.json states, in its standard keys, the dropout a user of the model
@@ -84,7 +87,7 @@ class ModelConfig:
   Attributes mirror HF `config.json` names where one exists.
   """
 
-  model_type: str = "bert"  # bert | xlm-roberta | roberta
+  model_type: str = "bert"  # a FAMILIES key
   vocab_size: int = 119547  # real rows; params hold `padded_vocab_size`
   hidden_size: int = 768
   num_hidden_layers: int = 12
@@ -111,6 +114,14 @@ class ModelConfig:
   # rates, so that fine-tuning it in transformers regularises as the
   # teacher did (see TRAINING_DROPOUT_KEY). None: the training rates.
   export_dropout: tuple[float, float] | None = None
+  # DistilBERT only (None elsewhere): the dropout of its sequence head
+  # (after pre_classifier) and of its span head (before qa_outputs).
+  seq_classif_dropout: float | None = None
+  qa_dropout: float | None = None
+  # config.json's `tokenizer_class`, kept so AutoTokenizer picks the same
+  # class on an exported dir (a BERT body with XLM-R's tokenizer names
+  # XLMRobertaTokenizer). None: not written.
+  tokenizer_class: str | None = None
   # Embedding rows are padded to a multiple of this so the vocab axis shards
   # evenly; padded logits are masked (see layers.vocab_logits_mask).
   vocab_pad_multiple: int = 128
@@ -143,6 +154,9 @@ class ModelConfig:
       bad(f"a question_answering head has 2 outputs, not {self.num_labels}")
     if self.id2label and len(self.id2label) != self.num_labels:
       bad(f"{len(self.id2label)} label names for num_labels={self.num_labels}")
+    if self.type_vocab_size < 0:
+      bad("type_vocab_size must be >= 0 (0: no token-type embeddings)")
+    self._check_distilbert_fields(bad)
     if self.max_position_embeddings <= self.position_offset:
       bad("max_position_embeddings too small for the position offset")
     if self.export_dropout is not None:
@@ -152,6 +166,30 @@ class ModelConfig:
           f"export_dropout {self.export_dropout!r} is not two rates in [0, 1)"
         )
       object.__setattr__(self, "export_dropout", tuple(map(float, rates)))
+
+  def _check_distilbert_fields(self, bad) -> None:
+    """DistilBERT's own dropouts exist there only (unset: HF's defaults);
+    it has no token types, and its heads take no `classifier_dropout`
+    (HF's DistilBERT classes ignore that key)."""
+    own = ("seq_classif_dropout", "qa_dropout")
+    if self.model_type != "distilbert":
+      named = [k for k in own if getattr(self, k) is not None]
+      if named:
+        bad(f"{', '.join(named)} are DistilBERT options, not {self.model_type}")
+      return
+    if self.type_vocab_size:
+      bad("DistilBERT has no token types: type_vocab_size must be 0")
+    if self.classifier_dropout is not None:
+      bad(
+        "DistilBERT heads take no classifier_dropout (they use dropout, "
+        "seq_classif_dropout and qa_dropout)"
+      )
+    for k in own:
+      v = getattr(self, k)
+      if v is None:
+        object.__setattr__(self, k, DISTILBERT_DEFAULTS[k])
+      elif not 0.0 <= float(v) < 1.0:
+        bad(f"{k} {v!r} is not in [0, 1)")
 
   def replace(self, **changes: Any) -> ModelConfig:
     return dataclasses.replace(self, **changes)
@@ -229,6 +267,8 @@ class ModelConfig:
       raise BistilError(
         f"unsupported model_type {model_type!r}; supported: {MODEL_TYPES}"
       )
+    if model_type in HF_DIALECTS:  # config.json keys of its own
+      d = HF_DIALECTS[model_type][0](d)
     if d.get("position_embedding_type", "absolute") != "absolute":
       raise BistilError(
         "only absolute position embeddings are supported, got "
@@ -308,13 +348,91 @@ class ModelConfig:
       names = self.label_names
       d["id2label"] = {str(i): n for i, n in enumerate(names)}
       d["label2id"] = {n: i for i, n in enumerate(names)}
+    if self.tokenizer_class is not None:
+      d["tokenizer_class"] = self.tokenizer_class
+    if self.model_type in HF_DIALECTS:
+      d = HF_DIALECTS[self.model_type][1](d, self)
     return d
 
 
+# ------------------------------------------------------- config.json dialects
+# DistilBERT's config.json name -> ours (HF DistilBertConfig).
+DISTILBERT_KEYS = {
+  "dim": "hidden_size",
+  "n_layers": "num_hidden_layers",
+  "n_heads": "num_attention_heads",
+  "hidden_dim": "intermediate_size",
+  "activation": "hidden_act",
+  "dropout": "hidden_dropout_prob",
+  "attention_dropout": "attention_probs_dropout_prob",
+}
+# HF DistilBertConfig's defaults for what config.json may omit, and what its
+# modelling code fixes (LayerNorm eps 1e-12, no token types).
+DISTILBERT_FIXED = {"type_vocab_size": 0, "layer_norm_eps": 1e-12}
+DISTILBERT_DEFAULTS = {
+  "hidden_size": 768,
+  "num_hidden_layers": 6,
+  "num_attention_heads": 12,
+  "intermediate_size": 3072,
+  "hidden_act": "gelu",
+  "hidden_dropout_prob": 0.1,
+  "attention_probs_dropout_prob": 0.1,
+  "max_position_embeddings": 512,
+  "pad_token_id": 0,
+  "seq_classif_dropout": 0.2,
+  "qa_dropout": 0.1,
+}
+
+
+def _distilbert_from_hf(d: dict[str, Any]) -> dict[str, Any]:
+  """A DistilBERT config.json dict in BERT's key names.
+
+  Raises:
+    BistilError: sinusoidal position embeddings (HF freezes that table and
+      its Flax classes hold no parameter for it; ours would train it).
+  """
+  if d.get("sinusoidal_pos_embds"):
+    raise BistilError(
+      "DistilBERT with sinusoidal_pos_embds=true is not supported: "
+      "transformers keeps that position table frozen (and out of its Flax "
+      "parameters), ours would train it"
+    )
+  out = {k: v for k, v in d.items() if k not in DISTILBERT_KEYS}
+  out.update({ours: d[k] for k, ours in DISTILBERT_KEYS.items() if k in d})
+  for k, v in DISTILBERT_DEFAULTS.items():
+    out.setdefault(k, v)
+  out.update(DISTILBERT_FIXED)
+  # Keys DistilBERT's classes ignore, so ours do too.
+  for k in ("classifier_dropout", "position_embedding_type"):
+    out.pop(k, None)
+  return out
+
+
+def _distilbert_to_hf(d: dict[str, Any], config: ModelConfig) -> dict[str, Any]:
+  """BERT-named config.json dict `d` of `config` in DistilBERT's keys."""
+  ours_to_theirs = {ours: k for k, ours in DISTILBERT_KEYS.items()}
+  drop = (*DISTILBERT_FIXED, "position_embedding_type")
+  out = {ours_to_theirs.get(k, k): v for k, v in d.items() if k not in drop}
+  out["sinusoidal_pos_embds"] = False
+  out["seq_classif_dropout"] = config.seq_classif_dropout
+  out["qa_dropout"] = config.qa_dropout
+  return out
+
+
+# model_type -> (config.json dict -> BERT-named dict, its inverse), for the
+# families whose config.json names keys differently.
+HF_DIALECTS = {"distilbert": (_distilbert_from_hf, _distilbert_to_hf)}
+
+
 def preset(name: str, **overrides: Any) -> ModelConfig:
-  """Named sizes: "mbert", "xlmr-base", "tiny" (tests), "tiny-xlmr"."""
+  """Named sizes: "mbert", "distilmbert", "xlmr-base", "tiny" (tests),
+  "tiny-xlmr"."""
   presets = {
     "mbert": ModelConfig(),
+    # DistilmBERT (distilbert-base-multilingual-cased): 6 layers, 135M.
+    "distilmbert": ModelConfig(
+      model_type="distilbert", num_hidden_layers=6, type_vocab_size=0
+    ),
     "xlmr-base": ModelConfig(
       model_type="xlm-roberta",
       vocab_size=250002,

@@ -7,8 +7,8 @@ arc_heads=...)` and returns the logits that `EncoderOutput.logits` holds.
 
 Model shares its scope with the head (nn.share_scope), so a head names its
 own top-level parameter group: `lm_head/{dense,layer_norm,bias[,decoder]}`
-(MLM) or `classifier/...` (task heads; XLM-R's sequence head is
-`classifier/{dense,out_proj}`). checkpoint/hf.py maps these to each family's
+(MLM) or `classifier/...` (task heads; XLM-R's and DistilBERT's sequence
+heads are `classifier/{dense,out_proj}`). checkpoint/hf.py maps these to each family's
 HF names. `HEADS` is the table of heads by `config.head`: adding a head is a
 module here and one entry there.
 
@@ -111,6 +111,28 @@ class RobertaClassifier(nn.Module):
     x = drop(hidden[:, 0], deterministic=deterministic)
     x = layers.dense(cfg, cfg.hidden_size, ("embed", "embed_out"), "dense")(x)
     x = drop(jnp.tanh(x), deterministic=deterministic)
+    return layers.dense(
+      cfg, cfg.num_labels, ("embed_out", "classes"), "out_proj"
+    )(x)
+
+
+class DistilBertClassifier(nn.Module):
+  """DistilBERT sequence head: dense (HF `pre_classifier`) + ReLU on the
+  first token, dropout `seq_classif_dropout`, then out_proj (HF
+  `classifier`); no dropout before the dense, as in HF."""
+
+  config: ModelConfig
+
+  @nn.compact
+  def __call__(self, hidden, deterministic):
+    """hidden [b, l, d] -> logits [b, labels]."""
+    cfg = self.config
+    x = layers.dense(cfg, cfg.hidden_size, ("embed", "embed_out"), "dense")(
+      hidden[:, 0]
+    )  # [b, d]
+    x = nn.Dropout(cfg.seq_classif_dropout)(
+      nn.relu(x), deterministic=deterministic
+    )
     return layers.dense(
       cfg, cfg.num_labels, ("embed_out", "classes"), "out_proj"
     )(x)
@@ -233,6 +255,39 @@ class FirstTokenClassification(nn.Module):
     )  # [b, labels]
 
 
+class DistilBertFirstTokenClassification(nn.Module):
+  """Sequence logits [b, labels] of DistilBERT's layout
+  (`classifier/{dense,out_proj}`, HF `pre_classifier` and `classifier`)."""
+
+  config: ModelConfig
+
+  @nn.compact
+  def __call__(self, body: BodyOutput, *, deterministic, positions, arc_heads):
+    del positions, arc_heads
+    return DistilBertClassifier(self.config, name="classifier")(
+      body.last_hidden_state, deterministic
+    )  # [b, labels]
+
+
+class DistilBertSpanClassification(nn.Module):
+  """Span logits [b, l, 2] float32 of DistilBERT's QA class: dropout
+  `qa_dropout` on the hidden states, then `qa_outputs` (ours
+  `classifier`)."""
+
+  config: ModelConfig
+
+  @nn.compact
+  def __call__(self, body: BodyOutput, *, deterministic, positions, arc_heads):
+    del positions, arc_heads
+    cfg = self.config
+    x = nn.Dropout(cfg.qa_dropout)(
+      body.last_hidden_state, deterministic=deterministic
+    )  # [b, l, d]
+    return layers.dense(
+      cfg, cfg.num_labels, ("embed", "classes"), "classifier"
+    )(x).astype(jnp.float32)  # [b, l, 2]
+
+
 class SpanClassification(nn.Module):
   """Span logits [b, l, 2] float32: start at [..., 0], end at [..., 1]."""
 
@@ -316,10 +371,22 @@ HEADS: dict[str, Head] = {
     by_model_type={
       "xlm-roberta": FirstTokenClassification,
       "roberta": FirstTokenClassification,
+      "distilbert": DistilBertFirstTokenClassification,
     },
   ),
   # The parser's and the span head's matmuls have never been counted
   # (measure.analytic_macs documents the heads it counts).
   "biaffine_parser": Head(DependencyParsing, "classifier", _no_macs),
-  "question_answering": Head(SpanClassification, "classifier", _no_macs),
+  "question_answering": Head(
+    SpanClassification,
+    "classifier",
+    _no_macs,
+    by_model_type={"distilbert": DistilBertSpanClassification},
+  ),
 }
+
+
+def uses_pooler(config: ModelConfig, head: str) -> bool:
+  """Whether `head` on `config`'s family reads the body's pooled output
+  (BERT's sequence head; RoBERTa's and DistilBERT's read the first token)."""
+  return HEADS[head].module_for(config) is PooledClassification

@@ -195,9 +195,10 @@ class ConfigTest(parameterized.TestCase):
   def test_every_architecture_names_its_family_and_head(self):
     from bistil_jax.model import config
 
-    self.assertLen(config.ARCHITECTURES, 15)  # 3 families x 5 HF classes
+    self.assertLen(config.ARCHITECTURES, 20)  # 4 families x 5 HF classes
     for arch, (family, head) in config.ARCHITECTURES.items():
-      cfg = ModelConfig(model_type=family, head=head, num_labels=2)
+      types = {"type_vocab_size": 0} if family == "distilbert" else {}
+      cfg = ModelConfig(model_type=family, head=head, num_labels=2, **types)
       self.assertEqual(cfg.architecture, arch)
     # The parser has no HF class: its dir is the bare encoder's.
     parser = ModelConfig(model_type="xlm-roberta", head="biaffine_parser")
