@@ -114,18 +114,24 @@ def merged_model(
 ) -> tuple[Model, dict[str, Any]]:
   """Base HF dir + SFTs (composed in order), head from the last task SFT.
 
+  Each SFT must have been made for the base with the SFTs before it, or
+  for the bare base (a language SFT and a task SFT, each trained on the
+  MMT, compose as LT-SFT composes them).
+
   A task SFT's head (and a pooler it stores whole) replaces what the base
   has; missing groups are filled first so the dense tensors have a place,
   and the base check leaves those groups out (see sft.apply_sft).
   """
   model, params = hf.load_hf(model_dir, **({"dtype": dtype} if dtype else {}))
-  cfg = model.config
+  cfg, base = model.config, params
   for path in sft_paths:
     sft = sft_lib.load_sft(path, config=cfg)
     if sft.dense:
       cfg = config_for_sft(cfg, sft)
       params, _ = fill_missing(params, cfg, jax.random.PRNGKey(0))
-    params = sft_lib.apply_sft(params, sft)
+    # Each SFT is checked against the model it was made for: the base with
+    # the SFTs before it (a stack) or the bare base (LT-SFT composition).
+    params = sft_lib.apply_sft(params, sft, base=base)
   return Model(cfg), params
 
 

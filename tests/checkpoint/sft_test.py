@@ -125,6 +125,33 @@ class SFTTest(parameterized.TestCase):
         np.testing.assert_array_equal(x[one], y[one], err_msg=path)
     assert_trees_equal(self, comp["classifier"], trained_b["classifier"])
 
+  def test_two_sfts_of_the_bare_base_compose_and_a_stranger_is_refused(self):
+    # LT-SFT composition: a language SFT and a task SFT, each made for the
+    # bare base, applied one after the other.
+    cfg, base, sel_a, trained_a = sft_case(seed=0)
+    lang = sft_lib.sft_from_params(trained_a, base, sel_a, kind="language")
+    _, _, sel_b, trained_b = sft_case(seed=7)
+    task = sft_lib.sft_from_params(trained_b, base, sel_b, kind="task")
+    mid = sft_lib.apply_sft(base, lang)
+    with self.assertRaisesRegex(BistilError, "SFT was made for base model"):
+      sft_lib.apply_sft(mid, task)  # without the base: not its model
+    both = sft_lib.apply_sft(mid, task, base=base)
+    want = jax.tree.map(
+      lambda b, x, y: b + (x - b) + (y - b), base, trained_a, trained_b
+    )
+    want["classifier"] = trained_b["classifier"]
+    for path, x in leaves_with_paths(both).items():
+      np.testing.assert_allclose(
+        x, leaves_with_paths(want)[path], atol=1e-6, err_msg=path
+      )
+    stranger = params(seed=4)
+    with self.assertRaisesRegex(BistilError, "SFT was made for base model"):
+      sft_lib.apply_sft(
+        sft_lib.apply_sft(stranger, lang, check_fingerprint=False),
+        task,
+        base=stranger,
+      )
+
   def test_densify_matches_apply_without_dense(self):
     cfg, base, sel, trained = sft_case()
     sft = sft_lib.sft_from_params(trained, base, sel, kind="language")
