@@ -57,6 +57,8 @@ TOKENIZER_FILES = (
 KNOWN_UNUSED = (
   re.compile(r"^cls\.seq_relationship\."),
   re.compile(r"(^|\.)embeddings\.position_ids$"),
+  # DeBERTa-v3's replaced-token-detection head (transformers ignores it too).
+  re.compile(r"^mask_predictions\."),
 )
 
 
@@ -114,8 +116,41 @@ BERT_BODY = (
     Rule("pooler/dense", "pooler.dense", "pooler/dense", "dense"),
 )  # fmt: skip
 
+_A = _L + "attention/self/"
+_AT = _T + "attention.self."
+DEBERTA_BODY = (
+    Rule("embeddings/word_embeddings", "embeddings.word_embeddings",
+         "embeddings/word_embeddings", "embed", vocab=True),
+    Rule("embeddings/position_embeddings", "embeddings.position_embeddings",
+         "embeddings/position_embeddings", "embed"),
+    Rule("embeddings/token_type_embeddings",
+         "embeddings.token_type_embeddings",
+         "embeddings/token_type_embeddings", "embed"),
+    Rule("embeddings/LayerNorm", "embeddings.LayerNorm", "embeddings/LayerNorm",
+         "layernorm"),
+    Rule(_A + "query_proj", _AT + "query_proj", _A + "query_proj", "dense"),
+    Rule(_A + "key_proj", _AT + "key_proj", _A + "key_proj", "dense"),
+    Rule(_A + "value_proj", _AT + "value_proj", _A + "value_proj", "dense"),
+    Rule(_A + "pos_key_proj", _AT + "pos_key_proj", _A + "pos_key_proj",
+         "dense"),
+    Rule(_A + "pos_query_proj", _AT + "pos_query_proj", _A + "pos_query_proj",
+         "dense"),
+    *(r for r in BERT_BODY if "attention/self/" not in r.ours
+      and r.ours.startswith("encoder/")),  # attention output, FFN: BERT's
+    Rule("encoder/rel_embeddings", "encoder.rel_embeddings",
+         "encoder/rel_embeddings", "embed"),
+    Rule("encoder/LayerNorm", "encoder.LayerNorm", "encoder/LayerNorm",
+         "layernorm"),
+    # The ContextPooler lives in HF's sequence-classification class, beside
+    # (not under) the "deberta." body.
+    Rule("pooler/dense", "pooler.dense", "pooler/dense", "dense", body=False),
+)  # fmt: skip
+
 # Naming family (ModelConfig.family.hf_names) -> the rules of its body.
-BODY_RULES = {"bert": BERT_BODY, "roberta": BERT_BODY}
+BODY_RULES = {"bert": BERT_BODY, "roberta": BERT_BODY, "deberta": DEBERTA_BODY}
+# Naming families transformers has no Flax classes for: their model dirs
+# get no flax_model.msgpack.
+NO_FLAX_CLASSES = frozenset({"deberta"})
 
 _BERT_MLM = (
     Rule("lm_head/dense", "cls.predictions.transform.dense",
@@ -136,6 +171,18 @@ _ROBERTA_MLM = (
     Rule("lm_head/decoder", "lm_head.decoder", "lm_head/decoder", "dense",
          vocab=True, body=False, tied=True),
 )  # fmt: skip
+# DebertaV2ForMaskedLM with legacy=false (config.json): the decoder is
+# always the word-embedding matrix, the head has no decoder of its own.
+_DEBERTA_LM = (
+    Rule("lm_head/dense", "lm_predictions.lm_head.dense",
+         "lm_predictions/lm_head/dense", "dense", body=False),
+    Rule("lm_head/layer_norm", "lm_predictions.lm_head.LayerNorm",
+         "lm_predictions/lm_head/LayerNorm", "layernorm", body=False),
+    Rule("lm_head", "lm_predictions.lm_head", "lm_predictions/lm_head", "bias",
+         vocab=True, body=False),
+)  # fmt: skip
+# HF_HEADS' by_family key of that layout (see head_family).
+DEBERTA_LM = "deberta-lm"
 _LINEAR_CLS = (
   Rule("classifier", "classifier", "classifier", "dense", body=False),
 )
@@ -192,9 +239,15 @@ class HfHead:
   bare_body: bool = False
   pooled: bool = False
   side_file: SideFile | None = None
+  # Naming family -> whether its class holds a pooler, where it differs
+  # from `pooled` (DebertaV2Model has none).
+  pooled_by_family: Mapping[str, bool] = dataclasses.field(default_factory=dict)
 
   def rules_for(self, family: str) -> tuple[Rule, ...]:
     return self.by_family.get(family, self.rules)
+
+  def holds_pooler(self, family: str) -> bool:
+    return self.pooled_by_family.get(family, self.pooled)
 
   def all_rules(self) -> tuple[Rule, ...]:
     return self.rules + sum(self.by_family.values(), ())
@@ -202,8 +255,11 @@ class HfHead:
 
 # config.head -> its HF layout: adding a head is one entry.
 HF_HEADS = {
-  "none": HfHead(bare_body=True, pooled=True),
-  "mlm": HfHead(_BERT_MLM, {"roberta": _ROBERTA_MLM}),
+  "none": HfHead(
+    bare_body=True, pooled=True, pooled_by_family={"deberta": False}
+  ),
+  # DeBERTa's legacy (default) MLM head has BERT's names.
+  "mlm": HfHead(_BERT_MLM, {"roberta": _ROBERTA_MLM, DEBERTA_LM: _DEBERTA_LM}),
   "token_classification": HfHead(_LINEAR_CLS),
   "sequence_classification": HfHead(
     _LINEAR_CLS, {"roberta": _ROBERTA_SEQ}, pooled=True
@@ -225,9 +281,18 @@ def family(config: ModelConfig) -> str:
   return config.family.hf_names
 
 
+def head_family(config: ModelConfig) -> str:
+  """The key of HF_HEADS' `by_family` for this config: its naming family,
+  or DEBERTA_LM for a DeBERTa whose config.json says legacy=false (its MLM
+  head is `lm_predictions.lm_head`, not `cls.predictions`)."""
+  if family(config) == "deberta" and not config.legacy:
+    return DEBERTA_LM
+  return family(config)
+
+
 def head_rules(config: ModelConfig) -> tuple[Rule, ...]:
   """The head's rules for this family."""
-  return HF_HEADS[config.head].rules_for(family(config))
+  return HF_HEADS[config.head].rules_for(head_family(config))
 
 
 def body_prefix(config: ModelConfig) -> str:
@@ -413,7 +478,9 @@ def _canonical_torch_state(state, config):
 def without_pooler(params: dict[str, Any], config: ModelConfig):
   """`params` less a pooler the HF class of `config` cannot hold (logged
   once)."""
-  if "pooler" not in params or HF_HEADS[config.head].pooled:
+  if "pooler" not in params or HF_HEADS[config.head].holds_pooler(
+    family(config)
+  ):
     return params
   keys = ["/".join(("pooler", *p)) for p in flatten_dict(params["pooler"])]
   log.info(
@@ -615,6 +682,12 @@ def _has_pooler(state: dict[str, Any], fmt: str) -> bool:
   )
 
 
+def _has_deberta_lm(state: dict[str, Any], fmt: str) -> bool:
+  """The checkpoint names its MLM head as DeBERTa-v3 files do."""
+  sep = "." if fmt == "torch" else "/"
+  return any(k.startswith(f"lm_predictions{sep}") for k in state)
+
+
 def _infer_head(state: dict[str, Any], fmt: str) -> str:
   """The head whose rules claim some of the checkpoint's head keys."""
   sep = "." if fmt == "torch" else "/"
@@ -670,6 +743,9 @@ def load_hf(
   }
   if not hf.get("architectures"):
     kw["head"] = _infer_head(state, fmt)
+  if "legacy" not in hf and _has_deberta_lm(state, fmt):
+    # A DeBERTa-v3 file: lm_predictions names, decoder = word embeddings.
+    kw.update(legacy=False, tie_word_embeddings=True)
   kw.update(overrides)
   config = ModelConfig.from_hf_dict(hf, **kw)
   params = params_from_hf(state, config, fmt)
@@ -789,7 +865,7 @@ def write_hf(
     tmp / SAFETENSORS,
     save(params_to_hf(params, config, "torch"), metadata={"format": "pt"}),
   )
-  if write_flax:
+  if write_flax and family(config) not in NO_FLAX_CLASSES:
     flat = params_to_hf(params, config, "flax")
     tree = unflatten_dict({tuple(k.split("/")): v for k, v in flat.items()})
     paths.write_bytes(
