@@ -226,7 +226,8 @@ def register(sub: argparse._SubParsersAction) -> None:
   )
   src = p.add_mutually_exclusive_group(required=True)
   src.add_argument(
-    "--preset", help="size preset: tiny, tiny-xlmr, mbert, xlmr-base"
+    "--preset",
+    help="size preset: tiny, tiny-xlmr, tiny-deberta, mbert, xlmr-base",
   )
   src.add_argument(
     "--config",

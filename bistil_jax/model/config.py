@@ -1,8 +1,8 @@
 """Frozen model configuration, HF config.json mapping and size presets.
 
-One `ModelConfig` is passed whole to every module. It covers BERT (mBERT) and
-RoBERTa (XLM-R) encoders with an optional head. Derive variants with
-`config.replace(...)`.
+One `ModelConfig` is passed whole to every module. It covers BERT (mBERT),
+RoBERTa (XLM-R) and DeBERTa-v2/v3 (mDeBERTa) encoders with an optional head.
+Derive variants with `config.replace(...)`.
 """
 
 from __future__ import annotations
@@ -470,7 +470,8 @@ def _deberta_from_hf(d: dict[str, Any]) -> dict[str, Any]:
 
 
 def preset(name: str, **overrides: Any) -> ModelConfig:
-  """Named sizes: "mbert", "xlmr-base", "tiny" (tests), "tiny-xlmr"."""
+  """Named sizes: "mbert", "xlmr-base", "tiny" (tests), "tiny-xlmr",
+  "tiny-deberta"."""
   presets = {
     "mbert": ModelConfig(),
     "xlmr-base": ModelConfig(
@@ -506,6 +507,18 @@ def preset(name: str, **overrides: Any) -> ModelConfig:
       eos_token_id=2,
     ),
   }
+  # mDeBERTa-v3's layout at the tiny size (log buckets from distance 8).
+  presets["tiny-deberta"] = presets["tiny"].replace(
+    model_type="deberta-v2",
+    type_vocab_size=0,
+    layer_norm_eps=1e-7,
+    relative_attention=True,
+    position_buckets=16,
+    pos_att_type=("p2c", "c2p"),
+    share_att_key=True,
+    norm_rel_ebd="layer_norm",
+    position_biased_input=False,
+  )
   if name not in presets:
     raise BistilError(f"unknown model preset {name!r}; have {sorted(presets)}")
   return presets[name].replace(**overrides)

@@ -17,7 +17,7 @@ from transformers.models.deberta_v2 import modeling_deberta_v2 as hf_deberta
 from bistil_jax import measure, partitioning
 from bistil_jax.checkpoint import commands, hf
 from bistil_jax.errors import BistilError
-from bistil_jax.model import Model, ModelConfig, deberta
+from bistil_jax.model import Model, ModelConfig, deberta, preset
 from bistil_jax.model.encoder import abstract_params, init_params
 
 VOCAB = 99
@@ -346,6 +346,22 @@ class ShardingTest(parameterized.TestCase):
       np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5)
 
 
+class PresetTest(absltest.TestCase):
+  def test_tiny_deberta_exports_and_matches_transformers(self):
+    cfg = preset("tiny-deberta", vocab_size=VOCAB)
+    params = init_params(cfg, jax.random.PRNGKey(0))
+    out_dir = os.path.join(tempfile.mkdtemp(), "tiny")
+    hf.save_hf(out_dir, cfg, params)
+    ref, info = T.DebertaV2ForMaskedLM.from_pretrained(
+      out_dir, output_loading_info=True
+    )
+    self.assertEmpty(info["missing_keys"] + info["unexpected_keys"])
+    ids, mask, types = batch("v3")
+    theirs = torch_forward(ref.eval(), ids, mask, types).logits.numpy()
+    ours = ours_forward(Model(cfg), params, ids, mask, types).logits
+    self.assertLess(max_diff(ours[..., :VOCAB], theirs), 1e-5)
+
+
 class InspectTest(absltest.TestCase):
   def test_inspect_counts_match_transformers(self):
     path, ref_model = make_hf_dir("v3", "question_answering")
@@ -354,6 +370,11 @@ class InspectTest(absltest.TestCase):
     self.assertEqual(info["model_type"], "deberta-v2")
     n_torch = sum(p.numel() for p in ref_model.parameters())
     self.assertEqual(info["parameters"]["total"], n_torch)
+    groups = info["parameters"]["groups"]
+    self.assertEqual(groups["encoder.rel_embeddings"], 2 * 16 * 32)
+    self.assertIn("head.qa_outputs", groups)
+    self.assertIn("embeddings.word_embeddings", groups)
+    self.assertIn("rel_embeddings", commands.format_inspect(info))
 
 
 if __name__ == "__main__":
