@@ -8,8 +8,9 @@
   last teacher layer of each block of r; the same pairing the attention loss
   uses.
 - `init_student` with strategy
-  * "teacher_layers": embeddings, mapped layers, pooler and MLM head copied
-    from the teacher (DistilBERT practice; needs the same width);
+  * "teacher_layers": embeddings, mapped layers (and DeBERTa's relative
+    table), pooler and MLM head copied from the teacher (DistilBERT
+    practice; needs the same width);
   * "svd_embeddings": the released code: random layers, word embeddings :=
     first d left-singular vectors of the teacher's word embeddings;
   * "random": HF-style random init everywhere.
@@ -162,6 +163,11 @@ def init_student(
   mapping = layer_map(teacher.num_hidden_layers, student.num_hidden_layers)
   params["embeddings"] = _copy(teacher_params["embeddings"])
   layers = teacher_params["encoder"]["layer"]
+  # What the encoder holds beside its layers (DeBERTa's relative table and
+  # its LayerNorm, which every layer reads) comes from the teacher too.
+  params["encoder"] = {
+    k: _copy(v) for k, v in teacher_params["encoder"].items() if k != "layer"
+  }
   params["encoder"]["layer"] = {
     str(i): _copy(layers[str(t)]) for i, t in enumerate(mapping)
   }

@@ -15,7 +15,7 @@ from safetensors.numpy import load_file, save_file
 from transformers.models.deberta_v2 import modeling_deberta_v2 as hf_deberta
 
 from bistil_jax import measure, partitioning
-from bistil_jax.checkpoint import commands, hf
+from bistil_jax.checkpoint import commands, hf, student_init
 from bistil_jax.errors import BistilError
 from bistil_jax.model import Model, ModelConfig, deberta, preset
 from bistil_jax.model.encoder import abstract_params, init_params
@@ -360,6 +360,27 @@ class PresetTest(absltest.TestCase):
     theirs = torch_forward(ref.eval(), ids, mask, types).logits.numpy()
     ours = ours_forward(Model(cfg), params, ids, mask, types).logits
     self.assertLess(max_diff(ours[..., :VOCAB], theirs), 1e-5)
+
+  def test_student_from_teacher_layers_keeps_the_relative_table(self):
+    teacher = preset("tiny-deberta", num_hidden_layers=4)
+    params = init_params(teacher, jax.random.PRNGKey(0))
+    student = student_init.student_config(teacher, layer_reduction=2)
+    got = student_init.init_student(
+      params, teacher, student, "teacher_layers", jax.random.PRNGKey(1)
+    )
+    for name in ("rel_embeddings", "LayerNorm"):
+      a, b = (
+        flatten_dict(got["encoder"][name]),
+        flatten_dict(params["encoder"][name]),
+      )
+      for k in a:
+        np.testing.assert_array_equal(a[k], b[k])
+    np.testing.assert_array_equal(
+      got["encoder"]["layer"]["0"]["attention"]["self"]["query_proj"]["kernel"],
+      params["encoder"]["layer"]["1"]["attention"]["self"]["query_proj"][
+        "kernel"
+      ],
+    )
 
 
 class InspectTest(absltest.TestCase):
