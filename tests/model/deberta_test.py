@@ -203,6 +203,24 @@ class ParityTest(parameterized.TestCase):
     self.assertFalse(model2.config.legacy)
     self.assert_exports_into_transformers(model, params, ref_model, "mlm")
 
+  def test_bf16_compute_within_stated_tolerance(self):
+    """bf16 compute vs the fp32 reference: |diff| <= 0.05 * (1 + |ref|)."""
+    path, ref_model = make_hf_dir("v3", "token_classification")
+    model, params = hf.load_hf(path, dtype="bfloat16")
+    ids, mask, types = batch("v3")
+    ref = torch_forward(ref_model, ids, mask, types)
+    out = model.apply(
+      {"params": params},
+      jnp.asarray(ids),
+      attention_mask=jnp.asarray(mask),
+      output_attentions=[1],
+    )
+    self.assertEqual(out.hidden_states[-1].dtype, jnp.bfloat16)
+    self.assertIsNone(out.attentions[0])  # only the requested layer
+    self.assertLess(max_diff(out.attentions[1], ref.attentions[1]), 0.05)
+    got, want = np.asarray(out.logits, np.float32), ref.logits.numpy()
+    self.assertTrue(np.all(np.abs(got - want) <= 0.05 * (1 + np.abs(want))))
+
   def test_relative_buckets_match_transformers(self):
     for buckets, max_pos in ((16, 64), (256, 512), (8, 24), (32, 100)):
       ids = np.arange(2 * max_pos)
