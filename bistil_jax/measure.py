@@ -43,7 +43,7 @@ from bistil_jax.data import vocab as vocab_lib
 from bistil_jax.errors import BistilError
 from bistil_jax.model import heads
 from bistil_jax.model.config import ModelConfig
-from bistil_jax.model.encoder import PARAM_GROUPS, Model
+from bistil_jax.model.encoder import EXTRA_MACS, PARAM_GROUPS, Model
 
 # Top-level parameter groups of our tree: the body's, then every head's.
 _GROUPS = {
@@ -115,8 +115,12 @@ def analytic_macs(
   V that the program computes (fvcore on the exported PyTorch model would
   count `vocab_size` columns); token classification l·d·labels; sequence
   classification d² + d·labels (pooler or RoBERTa dense, on one token);
-  the pooler of a model without a sequence head d². Embedding lookups,
-  LayerNorm and element-wise ops count nothing.
+  the pooler of a model without a sequence head d². A body with more
+  than BERT's matmuls adds its own term (`encoder.EXTRA_MACS`: DeBERTa's
+  relative attention, per layer and term of `pos_att_type` 2s·d² for
+  projecting the [2s, d] relative table, once per batch, and l·2s·d per
+  sequence for scoring against it; deberta.relative_macs). Embedding
+  lookups, gathers, LayerNorm and element-wise ops count nothing.
 
   Args:
     config: the model config.
@@ -130,15 +134,18 @@ def analytic_macs(
   b, l = batch_size, seq_len
   d, f = config.hidden_size, config.intermediate_size
   layer = 4 * l * d * d + 2 * l * l * d + 2 * l * d * f
-  encoder = config.num_hidden_layers * layer
+  encoder = b * config.num_hidden_layers * layer
+  extra = EXTRA_MACS.get(config.family.body)
+  if extra is not None:
+    encoder += extra(config, b, l)
   spec = heads.HEADS[config.head]
   head = spec.macs(config, l)
   if config.add_pooler and not spec.macs_cover_pooler:
     head += d * d
   return {
-    "encoder": b * encoder,
+    "encoder": encoder,
     "head": b * head,
-    "total": b * (encoder + head),
+    "total": encoder + b * head,
   }
 
 

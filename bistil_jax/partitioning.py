@@ -39,6 +39,7 @@ DEFAULT_RULES: tuple[tuple[str, Any], ...] = (
   ("embed_out", None),
   ("position", None),
   ("token_type", None),
+  ("rel_position", None),  # rows of DeBERTa's relative-position table
   ("act_embed", None),
   ("act_heads", "tensor"),
   ("act_mlp", "tensor"),

@@ -14,23 +14,30 @@ import numpy as np
 from bistil_jax import paths
 from bistil_jax.checkpoint import hf, parser_head
 from bistil_jax.errors import BistilError
+from bistil_jax.model.config import FAMILIES
+
+# The body prefixes of head classes' names ("bert.", "deberta.", ...).
+BODY_PREFIXES = frozenset(f.hf_names for f in FAMILIES.values())
 
 
 def parameter_groups(state: dict[str, np.ndarray]) -> dict[str, int]:
   """Parameter counts by group from HF (PyTorch-named) tensors.
 
   Groups: word/position/type embeddings, embedding LayerNorm, one entry per
-  encoder layer, pooler, head. The word embeddings count real rows only.
+  encoder layer, other encoder tensors (DeBERTa's relative table), pooler,
+  head. The word embeddings count real rows only.
   """
   groups: dict[str, int] = defaultdict(int)
   for key, x in state.items():
     parts = key.split(".")
-    if parts[0] in ("bert", "roberta"):
+    if parts[0] in BODY_PREFIXES:
       parts = parts[1:]
     if parts[0] == "embeddings":
       name = f"embeddings.{parts[1]}"
-    elif parts[0] == "encoder":
+    elif parts[0] == "encoder" and parts[1] == "layer":
       name = f"encoder.layer.{int(parts[2]):02d}"
+    elif parts[0] == "encoder":  # DeBERTa's relative table and its norm
+      name = f"encoder.{parts[1]}"
     elif parts[0] == "pooler":
       name = "pooler"
     else:
@@ -53,7 +60,7 @@ def inspect_dir(path: str) -> dict[str, Any]:
   else:
     state = hf.params_to_hf(params, cfg, "torch")
   groups = parameter_groups(state)
-  layers = sum(v for k, v in groups.items() if k.startswith("encoder."))
+  layers = sum(v for k, v in groups.items() if k.startswith("encoder.layer."))
   total = sum(groups.values())
   return {
     "path": path,
@@ -98,7 +105,7 @@ def format_inspect(info: dict[str, Any]) -> str:
     f"encoder {p['encoder_layers']:,} = {p['per_layer']:,} per layer)",
   ]
   for name, n in p["groups"].items():
-    if not name.startswith("encoder."):
+    if not name.startswith("encoder.layer."):
       lines.append(f"    {name:<36} {n:>14,}")
   if info["labels"]:
     lines.append(f"  labels {info['labels']}")

@@ -57,6 +57,8 @@ TOKENIZER_FILES = (
 KNOWN_UNUSED = (
   re.compile(r"^cls\.seq_relationship\."),
   re.compile(r"(^|\.)embeddings\.position_ids$"),
+  # DeBERTa-v3's replaced-token-detection head (transformers ignores it too).
+  re.compile(r"^mask_predictions\."),
 )
 
 
@@ -143,12 +145,46 @@ DISTILBERT_BODY = (
          _DL + "output_layer_norm", "layernorm"),
 )  # fmt: skip
 
+_A = _L + "attention/self/"
+_AT = _T + "attention.self."
+DEBERTA_BODY = (
+    Rule("embeddings/word_embeddings", "embeddings.word_embeddings",
+         "embeddings/word_embeddings", "embed", vocab=True),
+    Rule("embeddings/position_embeddings", "embeddings.position_embeddings",
+         "embeddings/position_embeddings", "embed"),
+    Rule("embeddings/token_type_embeddings",
+         "embeddings.token_type_embeddings",
+         "embeddings/token_type_embeddings", "embed"),
+    Rule("embeddings/LayerNorm", "embeddings.LayerNorm", "embeddings/LayerNorm",
+         "layernorm"),
+    Rule(_A + "query_proj", _AT + "query_proj", _A + "query_proj", "dense"),
+    Rule(_A + "key_proj", _AT + "key_proj", _A + "key_proj", "dense"),
+    Rule(_A + "value_proj", _AT + "value_proj", _A + "value_proj", "dense"),
+    Rule(_A + "pos_key_proj", _AT + "pos_key_proj", _A + "pos_key_proj",
+         "dense"),
+    Rule(_A + "pos_query_proj", _AT + "pos_query_proj", _A + "pos_query_proj",
+         "dense"),
+    *(r for r in BERT_BODY if "attention/self/" not in r.ours
+      and r.ours.startswith("encoder/")),  # attention output, FFN: BERT's
+    Rule("encoder/rel_embeddings", "encoder.rel_embeddings",
+         "encoder/rel_embeddings", "embed"),
+    Rule("encoder/LayerNorm", "encoder.LayerNorm", "encoder/LayerNorm",
+         "layernorm"),
+    # The ContextPooler lives in HF's sequence-classification class, beside
+    # (not under) the "deberta." body.
+    Rule("pooler/dense", "pooler.dense", "pooler/dense", "dense", body=False),
+)  # fmt: skip
+
 # Naming family (ModelConfig.family.hf_names) -> the rules of its body.
 BODY_RULES = {
   "bert": BERT_BODY,
   "roberta": BERT_BODY,
   "distilbert": DISTILBERT_BODY,
+  "deberta": DEBERTA_BODY,
 }
+# Naming families transformers has no Flax classes for: their model dirs
+# get no flax_model.msgpack.
+NO_FLAX_CLASSES = frozenset({"deberta"})
 
 _BERT_MLM = (
     Rule("lm_head/dense", "cls.predictions.transform.dense",
@@ -181,6 +217,18 @@ _DISTILBERT_MLM = (
     Rule("lm_head/decoder", "vocab_projector", "vocab_projector",
          "projection", vocab=True, body=False, tied=True),
 )  # fmt: skip
+# DebertaV2ForMaskedLM with legacy=false (config.json): the decoder is
+# always the word-embedding matrix, the head has no decoder of its own.
+_DEBERTA_LM = (
+    Rule("lm_head/dense", "lm_predictions.lm_head.dense",
+         "lm_predictions/lm_head/dense", "dense", body=False),
+    Rule("lm_head/layer_norm", "lm_predictions.lm_head.LayerNorm",
+         "lm_predictions/lm_head/LayerNorm", "layernorm", body=False),
+    Rule("lm_head", "lm_predictions.lm_head", "lm_predictions/lm_head", "bias",
+         vocab=True, body=False),
+)  # fmt: skip
+# HF_HEADS' by_family key of that layout (see head_family).
+DEBERTA_LM = "deberta-lm"
 _LINEAR_CLS = (
   Rule("classifier", "classifier", "classifier", "dense", body=False),
 )
@@ -244,9 +292,15 @@ class HfHead:
   bare_body: bool = False
   pooled: bool = False
   side_file: SideFile | None = None
+  # Naming family -> whether its class holds a pooler, where it differs
+  # from `pooled` (DebertaV2Model has none).
+  pooled_by_family: Mapping[str, bool] = dataclasses.field(default_factory=dict)
 
   def rules_for(self, family: str) -> tuple[Rule, ...]:
     return self.by_family.get(family, self.rules)
+
+  def holds_pooler(self, family: str) -> bool:
+    return self.pooled_by_family.get(family, self.pooled)
 
   def all_rules(self) -> tuple[Rule, ...]:
     return self.rules + sum(self.by_family.values(), ())
@@ -254,9 +308,17 @@ class HfHead:
 
 # config.head -> its HF layout: adding a head is one entry.
 HF_HEADS = {
-  "none": HfHead(bare_body=True, pooled=True),
+  "none": HfHead(
+    bare_body=True, pooled=True, pooled_by_family={"deberta": False}
+  ),
+  # DeBERTa's legacy (default) MLM head has BERT's names.
   "mlm": HfHead(
-    _BERT_MLM, {"roberta": _ROBERTA_MLM, "distilbert": _DISTILBERT_MLM}
+    _BERT_MLM,
+    {
+      "roberta": _ROBERTA_MLM,
+      "distilbert": _DISTILBERT_MLM,
+      DEBERTA_LM: _DEBERTA_LM,
+    },
   ),
   "token_classification": HfHead(_LINEAR_CLS),
   "sequence_classification": HfHead(
@@ -281,9 +343,18 @@ def family(config: ModelConfig) -> str:
   return config.family.hf_names
 
 
+def head_family(config: ModelConfig) -> str:
+  """The key of HF_HEADS' `by_family` for this config: its naming family,
+  or DEBERTA_LM for a DeBERTa whose config.json says legacy=false (its MLM
+  head is `lm_predictions.lm_head`, not `cls.predictions`)."""
+  if family(config) == "deberta" and not config.legacy:
+    return DEBERTA_LM
+  return family(config)
+
+
 def head_rules(config: ModelConfig) -> tuple[Rule, ...]:
   """The head's rules for this family."""
-  return HF_HEADS[config.head].rules_for(family(config))
+  return HF_HEADS[config.head].rules_for(head_family(config))
 
 
 def body_prefix(config: ModelConfig) -> str:
@@ -471,7 +542,8 @@ def without_pooler(params: dict[str, Any], config: ModelConfig):
   """`params` less a pooler the HF class of `config` cannot hold (logged
   once): its head class has none, or its family has none (DistilBERT)."""
   if "pooler" not in params or (
-    HF_HEADS[config.head].pooled and family_has_pooler(config)
+    HF_HEADS[config.head].holds_pooler(family(config))
+    and family_has_pooler(config)
   ):
     return params
   keys = ["/".join(("pooler", *p)) for p in flatten_dict(params["pooler"])]
@@ -679,6 +751,12 @@ def _has_pooler(state: dict[str, Any], fmt: str) -> bool:
   )
 
 
+def _has_deberta_lm(state: dict[str, Any], fmt: str) -> bool:
+  """The checkpoint names its MLM head as DeBERTa-v3 files do."""
+  sep = "." if fmt == "torch" else "/"
+  return any(k.startswith(f"lm_predictions{sep}") for k in state)
+
+
 def _infer_head(state: dict[str, Any], fmt: str) -> str:
   """The head whose rules claim some of the checkpoint's head keys."""
   sep = "." if fmt == "torch" else "/"
@@ -734,6 +812,9 @@ def load_hf(
   }
   if not hf.get("architectures"):
     kw["head"] = _infer_head(state, fmt)
+  if "legacy" not in hf and _has_deberta_lm(state, fmt):
+    # A DeBERTa-v3 file: lm_predictions names, decoder = word embeddings.
+    kw.update(legacy=False, tie_word_embeddings=True)
   kw.update(overrides)
   config = ModelConfig.from_hf_dict(hf, **kw)
   params = params_from_hf(state, config, fmt)
@@ -853,7 +934,7 @@ def write_hf(
     tmp / SAFETENSORS,
     save(params_to_hf(params, config, "torch"), metadata={"format": "pt"}),
   )
-  if write_flax:
+  if write_flax and family(config) not in NO_FLAX_CLASSES:
     flat = params_to_hf(params, config, "flax")
     tree = unflatten_dict({tuple(k.split("/")): v for k, v in flat.items()})
     paths.write_bytes(

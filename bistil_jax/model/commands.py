@@ -227,7 +227,7 @@ def register(sub: argparse._SubParsersAction) -> None:
   src = p.add_mutually_exclusive_group(required=True)
   src.add_argument(
     "--preset",
-    help="size preset: tiny, tiny-xlmr, mbert, distilmbert, xlmr-base",
+    help="size preset: tiny, tiny-xlmr, tiny-deberta, mbert, distilmbert, xlmr-base",
   )
   src.add_argument(
     "--config",

@@ -1,8 +1,8 @@
 """Frozen model configuration, HF config.json mapping and size presets.
 
-One `ModelConfig` is passed whole to every module. It covers BERT (mBERT) and
-RoBERTa (XLM-R) encoders with an optional head. Derive variants with
-`config.replace(...)`.
+One `ModelConfig` is passed whole to every module. It covers BERT (mBERT),
+RoBERTa (XLM-R) and DeBERTa-v2/v3 (mDeBERTa) encoders with an optional head.
+Derive variants with `config.replace(...)`.
 """
 
 from __future__ import annotations
@@ -29,6 +29,12 @@ class Family:
   arch_prefix: str
   hf_names: str
   body: str
+  # config.json keys (ModelConfig fields) that only this family reads and
+  # writes; other families neither read nor write them.
+  hf_keys: tuple[str, ...] = ()
+  # Values of ModelConfig fields that this family's config.json omits when
+  # they are transformers' defaults and ours differ.
+  hf_defaults: tuple[tuple[str, Any], ...] = ()
 
 
 # model_type -> family; adding an architecture is one entry here, its body
@@ -40,6 +46,28 @@ FAMILIES = {
   # DistilBERT runs on the BERT body without token types (type_vocab_size 0)
   # or pooler; its config.json has keys of its own (DISTILBERT_KEYS).
   "distilbert": Family("DistilBert", "distilbert", "bert"),
+  "deberta-v2": Family(
+    "DebertaV2",
+    "deberta",
+    "deberta",
+    hf_keys=(
+      "relative_attention",
+      "max_relative_positions",
+      "position_buckets",
+      "pos_att_type",
+      "share_att_key",
+      "norm_rel_ebd",
+      "position_biased_input",
+      "pooler_hidden_act",
+      "pooler_dropout",
+      "legacy",
+    ),
+    hf_defaults=(
+      ("layer_norm_eps", 1e-7),
+      ("pad_token_id", 0),
+      ("type_vocab_size", 0),
+    ),
+  ),
 }
 MODEL_TYPES = tuple(FAMILIES)
 # config.json states, in its standard keys, the dropout a user of the model
@@ -50,6 +78,9 @@ MODEL_TYPES = tuple(FAMILIES)
 TRAINING_DROPOUT_KEY = "bistil_training_dropout"
 DROPOUT_KEYS = ("hidden_dropout_prob", "attention_probs_dropout_prob")
 ACTIVATIONS = ("gelu", "gelu_new", "gelu_pytorch_tanh", "relu", "tanh")
+# DeBERTa's relative-attention terms (`pos_att_type`): content->position
+# and position->content.
+POS_ATT_TYPES = ("c2p", "p2c")
 DTYPES = ("float32", "bfloat16", "float16")
 
 # Every `config.head`, with the suffix of the HF class it exports as (after
@@ -82,12 +113,12 @@ ARCHITECTURES = _architectures()
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
-  """Architecture of a BERT/RoBERTa encoder and its head.
+  """Architecture of a BERT/RoBERTa/DeBERTa-v2 encoder and its head.
 
   Attributes mirror HF `config.json` names where one exists.
   """
 
-  model_type: str = "bert"  # a FAMILIES key
+  model_type: str = "bert"  # a FAMILIES key: bert | xlm-roberta | ...
   vocab_size: int = 119547  # real rows; params hold `padded_vocab_size`
   hidden_size: int = 768
   num_hidden_layers: int = 12
@@ -127,6 +158,19 @@ class ModelConfig:
   vocab_pad_multiple: int = 128
   dtype: str = "float32"  # compute dtype
   param_dtype: str = "float32"
+  # DeBERTa-v2/v3 only (model_type "deberta-v2"; config.json names and
+  # transformers' defaults; model/deberta.py). Other families leave them.
+  relative_attention: bool = False  # disentangled attention, rel table
+  max_relative_positions: int = -1  # < 1: max_position_embeddings
+  position_buckets: int = -1  # > 0: log-bucketed relative positions
+  pos_att_type: tuple[str, ...] = ()  # of POS_ATT_TYPES
+  share_att_key: bool = False  # positions projected by query/key_proj
+  norm_rel_ebd: str = "none"  # "layer_norm": LayerNorm on the rel table
+  position_biased_input: bool = True  # absolute position embeddings
+  pooler_hidden_act: str = "gelu"  # ContextPooler activation
+  pooler_dropout: float = 0.0  # ContextPooler dropout
+  legacy: bool = True  # MLM head names: cls.predictions (True) or
+  # lm_predictions.lm_head (False)
 
   def __post_init__(self):
     def bad(msg):
@@ -159,6 +203,7 @@ class ModelConfig:
     self._check_distilbert_fields(bad)
     if self.max_position_embeddings <= self.position_offset:
       bad("max_position_embeddings too small for the position offset")
+    self._check_deberta(bad)
     if self.export_dropout is not None:
       rates = tuple(self.export_dropout)
       if len(rates) != 2 or not all(0.0 <= float(r) < 1.0 for r in rates):
@@ -190,6 +235,56 @@ class ModelConfig:
         object.__setattr__(self, k, DISTILBERT_DEFAULTS[k])
       elif not 0.0 <= float(v) < 1.0:
         bad(f"{k} {v!r} is not in [0, 1)")
+
+  def _check_deberta(self, bad) -> None:
+    """Validates the DeBERTa fields; other families must keep defaults."""
+    object.__setattr__(self, "pos_att_type", tuple(self.pos_att_type))
+    object.__setattr__(self, "pooler_dropout", float(self.pooler_dropout))
+    if self.model_type != "deberta-v2":
+      return
+    if self.pooler_hidden_act not in ACTIVATIONS:
+      bad(f"pooler_hidden_act {self.pooler_hidden_act!r} not in {ACTIVATIONS}")
+    if not 0.0 <= float(self.pooler_dropout) < 1.0:
+      bad(f"pooler_dropout {self.pooler_dropout!r} not in [0, 1)")
+    unknown = [t for t in self.pos_att_type if t not in POS_ATT_TYPES]
+    if unknown or len(set(self.pos_att_type)) != len(self.pos_att_type):
+      bad(
+        f"pos_att_type {list(self.pos_att_type)} is not a set of "
+        f"{POS_ATT_TYPES}"
+      )
+    if self.pos_att_type and not self.relative_attention:
+      bad(
+        f"pos_att_type {list(self.pos_att_type)} needs relative_attention "
+        "true (transformers would scale the scores for terms it never adds)"
+      )
+    norms = {x.strip() for x in self.norm_rel_ebd.lower().split("|")}
+    if not norms <= {"none", "layer_norm"}:
+      bad(f"norm_rel_ebd {self.norm_rel_ebd!r}: only layer_norm or none")
+    if self.relative_attention and self.rel_span < 1:
+      bad("the relative position span must be positive")
+    if self.position_buckets > 0 and self.position_buckets < 4:
+      bad(f"position_buckets {self.position_buckets} < 4 (or -1 for none)")
+    if not self.tie_word_embeddings and not self.legacy:
+      bad(
+        "DeBERTa's lm_predictions MLM head (legacy false) always ties the "
+        "decoder to the word embeddings: tie_word_embeddings must be true"
+      )
+
+  @property
+  def rel_max_positions(self) -> int:
+    """DeBERTa's maximum relative distance (`max_relative_positions`, or
+    max_position_embeddings where config.json says < 1)."""
+    if self.max_relative_positions < 1:
+      return self.max_position_embeddings
+    return self.max_relative_positions
+
+  @property
+  def rel_span(self) -> int:
+    """DeBERTa's attention span s: relative positions index rows
+    [0, 2s) of `encoder/rel_embeddings` (buckets, else max distance)."""
+    if self.position_buckets > 0:
+      return self.position_buckets
+    return self.rel_max_positions
 
   def replace(self, **changes: Any) -> ModelConfig:
     return dataclasses.replace(self, **changes)
@@ -282,7 +377,13 @@ class ModelConfig:
       labels = tuple(id2label[i] for i in range(len(id2label)))
     fields = {f.name for f in dataclasses.fields(cls)}
     own = ("id2label", "export_dropout")  # not config.json keys
-    kw = {k: d[k] for k in fields if k in d and k not in own}
+    # Keys one family owns are read for that family alone.
+    others = {
+      k for t, fam in FAMILIES.items() if t != model_type for k in fam.hf_keys
+    } - set(FAMILIES[model_type].hf_keys)
+    kw = {k: d[k] for k in fields if k in d and k not in own + tuple(others)}
+    if model_type == "deberta-v2":
+      kw.update(_deberta_from_hf(d))
     training = d.get(TRAINING_DROPOUT_KEY)
     if training is not None:
       if not isinstance(training, dict) or set(training) != set(DROPOUT_KEYS):
@@ -302,6 +403,8 @@ class ModelConfig:
       kw["id2label"] = labels
       kw["num_labels"] = len(labels)
     # Default values that differ between families when config.json omits them.
+    for k, v in FAMILIES[model_type].hf_defaults:
+      kw.setdefault(k, v)
     if model_type != "bert":
       kw.setdefault("layer_norm_eps", 1e-5)
       kw.setdefault("pad_token_id", 1)
@@ -343,6 +446,9 @@ class ModelConfig:
         "hidden_dropout_prob": self.hidden_dropout_prob,
         "attention_probs_dropout_prob": self.attention_probs_dropout_prob,
       }
+    if self.model_type == "deberta-v2":
+      del d["position_embedding_type"]  # not a DebertaV2Config key
+      d.update(self._deberta_hf_dict())
     # Label names are kept even for heads that do not use them (nothing lost).
     if self.id2label or self.head.endswith("classification"):
       names = self.label_names
@@ -353,6 +459,58 @@ class ModelConfig:
     if self.model_type in HF_DIALECTS:
       d = HF_DIALECTS[self.model_type][1](d, self)
     return d
+
+  def _deberta_hf_dict(self) -> dict[str, Any]:
+    """DeBERTa's own config.json keys (`Family.hf_keys`) and its names for
+    the shared ones."""
+    d = {k: getattr(self, k) for k in self.family.hf_keys}
+    d["pos_att_type"] = list(self.pos_att_type)
+    d["pooler_hidden_size"] = self.hidden_size
+    d["pooler_dropout"] = float(self.pooler_dropout)
+    if self.classifier_dropout is not None:
+      d["cls_dropout"] = self.classifier_dropout
+    if not self.legacy:
+      # The lm_predictions head always decodes with the word embeddings;
+      # transformers 4.57 ties them to its lm_head.dense when
+      # tie_word_embeddings is true, which breaks its forward pass, so the
+      # file says false (from_hf_dict reads this layout as tied).
+      d["tie_word_embeddings"] = False
+    return d
+
+
+def _deberta_from_hf(d: dict[str, Any]) -> dict[str, Any]:
+  """ModelConfig fields from a DeBERTa-v2 config.json's own keys.
+
+  Raises:
+    BistilError: for what model/deberta.py does not implement.
+  """
+  hidden = d.get("hidden_size", ModelConfig.hidden_size)
+  heads = d.get("num_attention_heads", ModelConfig.num_attention_heads)
+  if int(d.get("conv_kernel_size") or 0) > 0:
+    raise BistilError(
+      "DeBERTa's ConvLayer (conv_kernel_size > 0, as in deberta-v2-xlarge) "
+      "is not implemented"
+    )
+  for key, want in (
+    ("embedding_size", hidden),
+    ("pooler_hidden_size", hidden),
+    ("attention_head_size", hidden // max(int(heads), 1)),
+  ):
+    if d.get(key) is not None and d[key] != want:
+      raise BistilError(
+        f"DeBERTa with {key}={d[key]} (not {want}) is not implemented"
+      )
+  kw: dict[str, Any] = {}
+  pos = d.get("pos_att_type")
+  if isinstance(pos, str):  # transformers' older "p2c|c2p" form
+    pos = [x.strip() for x in pos.lower().split("|") if x.strip()]
+  if "pos_att_type" in d:
+    kw["pos_att_type"] = tuple(pos or ())
+  if d.get("legacy") is False:  # lm_predictions: tied, whatever it says
+    kw["tie_word_embeddings"] = True
+  if d.get("cls_dropout") is not None and d.get("classifier_dropout") is None:
+    kw["classifier_dropout"] = d["cls_dropout"]
+  return kw
 
 
 # ------------------------------------------------------- config.json dialects
@@ -426,7 +584,7 @@ HF_DIALECTS = {"distilbert": (_distilbert_from_hf, _distilbert_to_hf)}
 
 def preset(name: str, **overrides: Any) -> ModelConfig:
   """Named sizes: "mbert", "distilmbert", "xlmr-base", "tiny" (tests),
-  "tiny-xlmr"."""
+  "tiny-xlmr", "tiny-deberta"."""
   presets = {
     "mbert": ModelConfig(),
     # DistilmBERT (distilbert-base-multilingual-cased): 6 layers, 135M.
@@ -466,6 +624,18 @@ def preset(name: str, **overrides: Any) -> ModelConfig:
       eos_token_id=2,
     ),
   }
+  # mDeBERTa-v3's layout at the tiny size (log buckets from distance 8).
+  presets["tiny-deberta"] = presets["tiny"].replace(
+    model_type="deberta-v2",
+    type_vocab_size=0,
+    layer_norm_eps=1e-7,
+    relative_attention=True,
+    position_buckets=16,
+    pos_att_type=("p2c", "c2p"),
+    share_att_key=True,
+    norm_rel_ebd="layer_norm",
+    position_biased_input=False,
+  )
   if name not in presets:
     raise BistilError(f"unknown model preset {name!r}; have {sorted(presets)}")
   return presets[name].replace(**overrides)

@@ -1,6 +1,7 @@
 """The model: an encoder body plus the head named by `config.head`.
 
-The body (model/bert.py: BERT/mBERT and RoBERTa/XLM-R) and the head
+The body (model/bert.py: BERT/mBERT and RoBERTa/XLM-R; model/deberta.py:
+DeBERTa-v2/v3) and the head
 (model/heads.py, chosen through `heads.HEADS`) share the model's parameter
 scope, so the tree reads `embeddings/...`, `encoder/layer/N/...`,
 `pooler/...`, `lm_head/...` or `classifier/...`, as HF conversion
@@ -18,15 +19,18 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
-from bistil_jax.model import bert, heads
+from bistil_jax.model import bert, deberta, heads
 from bistil_jax.model.config import ModelConfig
 
 # ModelConfig.family.body -> the encoder body module (returns
 # layers.BodyOutput).
-BODIES = {"bert": bert.BertBody}
+BODIES = {"bert": bert.BertBody, "deberta": deberta.DebertaBody}
 # Top-level parameter groups of every body, by part of the model (what
 # measure.count_parameters reports).
-PARAM_GROUPS = {**bert.PARAM_GROUPS}
+PARAM_GROUPS = {**bert.PARAM_GROUPS, **deberta.PARAM_GROUPS}
+# Body -> matmul MACs (config, batch, seq_len) of one forward pass beyond
+# the BERT-shaped layers every body has (measure.analytic_macs).
+EXTRA_MACS = {"deberta": deberta.relative_macs}
 
 
 @flax.struct.dataclass

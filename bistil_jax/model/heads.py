@@ -232,7 +232,9 @@ class PooledClassification(nn.Module):
     del positions, arc_heads
     cfg = self.config
     if body.pooled is None:
-      raise ValueError("BERT sequence classification needs add_pooler=True")
+      raise ValueError(
+        "sequence classification on the pooled output needs add_pooler=True"
+      )
     x = nn.Dropout(layers.classifier_dropout(cfg))(
       body.pooled, deterministic=deterministic
     )
