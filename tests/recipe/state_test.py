@@ -1,16 +1,14 @@
 """Fingerprints, records and the skip / resume / rerun logic of `bistil
 run`, with the stages' work replaced by stubs (no training)."""
 
-import dataclasses
 import json
 import os
 
 import pytest
 
-from bistil_jax import configlib
 from bistil_jax.errors import BistilError
-from bistil_jax.recipe import commands, stages, state
-from tests.recipe.common import CONFIG, bistil
+from bistil_jax.recipe import stages, state
+from tests.recipe.common import CONFIG, bistil, stub_stages
 
 
 def test_fingerprint_is_canonical_and_sensitive():
@@ -61,29 +59,7 @@ def test_select():
 def stubbed(monkeypatch, tmp_path):
   """Every stage's work replaced by a stub that records that it ran; the
   tiny config over data that is never read."""
-  ran = []
-
-  def stub(name):
-    def run(c, root):
-      ran.append(name)
-      os.makedirs(os.path.join(root, name), exist_ok=True)
-
-    return run
-
-  for name, st in list(stages.BY_NAME.items()):
-    fake = dataclasses.replace(st, run=stub(name), check=lambda c: None)
-    monkeypatch.setitem(stages.BY_NAME, name, fake)
-
-  def go(*overrides, selected=stages.NAMES):
-    ran.clear()
-    c = configlib.build_config(
-      f"{CONFIG}:tiny,data={tmp_path}/data",
-      dict(o.split("=", 1) for o in overrides),
-    )
-    plan = commands.execute(c, str(tmp_path / "run"), selected)
-    return list(ran), {n: p.action for n, p in plan.items()}
-
-  return go
+  return stub_stages(monkeypatch, f"{tmp_path}/data", str(tmp_path / "run"))
 
 
 def test_a_changed_setting_reruns_exactly_what_is_downstream(stubbed, capsys):
