@@ -98,6 +98,8 @@ def execute(config, root: str, selected: tuple[str, ...]) -> dict:
     stage name -> the Plan it followed.
   """
   stages.validate(config)
+  if paths.path(root).is_file():
+    raise BistilError(f"--workdir {root} is a file, not a directory")
   plan = plans(config, root)
   todo = [n for n in selected if plan[n].action != state.SKIP]
   check_inputs(todo, selected, plan)
@@ -111,7 +113,7 @@ def execute(config, root: str, selected: tuple[str, ...]) -> dict:
       continue
     stage_dir = layout.join(root, name)
     if p.action == state.RERUN:
-      paths.rmtree(stage_dir)
+      state.clear(stage_dir, name)
     state.mark_started(stage_dir, p)
     start = time.perf_counter()
     stages.BY_NAME[name].run(config, root)

@@ -12,6 +12,7 @@ import pytest
 
 from bistil_jax import paths
 from bistil_jax.checkpoint import hf
+from bistil_jax.errors import BistilError
 from bistil_jax.recipe import stages, state
 from tests.recipe.common import (
   bistil,
@@ -41,8 +42,14 @@ def test_records_and_plans_on_gcs(gcs_root, monkeypatch, tmp_path):
   assert state.plan("sft", d, s, inputs).action == "resume"
   other = f"{gcs_root}/records/trim"
   paths.write_text(f"{other}/model/config.json", "{}")
+  with pytest.raises(BistilError, match="holds files but no record"):
+    state.plan("trim", other, {}, {})  # not this run's: never removed
+  paths.write_text(f"{other}/{state.STARTED}", "")  # ours, torn
   p = state.plan("trim", other, {}, {})
-  assert p.action == "rerun" and "no record" in p.reason
+  assert p.action == "rerun" and "unreadable" in p.reason
+  state.clear(other, "trim")
+  assert [c.name for c in paths.path(other).iterdir()] == [state.STARTED]
+  assert state.plan("trim", other, {}, {}).action == "rerun"
 
   # The runner over stubbed stages: run all, skip all, rerun downstream.
   go = stub_stages(monkeypatch, f"{gcs_root}/data", f"{gcs_root}/run")
