@@ -241,3 +241,18 @@ def test_a_rerun_stopped_while_removing_is_cleared_again(
   ran, actions = stubbed()
   assert actions["sft"] == "rerun" and ran[0] == "sft"
   assert stubbed()[0] == []
+
+
+def test_one_run_at_a_time_per_dir(stubbed, tmp_path):
+  run = tmp_path / "run"
+  run.mkdir()
+  other = {"host": "elsewhere", "pid": 1, "start": "2026-01-01T00:00:00"}
+  (run / ".lock").write_text(json.dumps(other))
+  with pytest.raises(
+    BistilError, match="in use by another run .host elsewhere"
+  ):
+    stubbed()
+  assert _records(run) == []
+  (run / ".lock").unlink()
+  assert stubbed()[0] == list(stages.NAMES)
+  assert not (run / ".lock").exists()  # released
