@@ -389,10 +389,14 @@ def create_exclusive(p: PathLike, data: str) -> bool:
       f.write(data)
     return True
   if s.startswith("gs://"):
-    import fsspec  # noqa: PLC0415 - only for gs:// paths
+    from etils.epath import backend  # noqa: PLC0415 - only for gs:// paths
 
+    # NOTE: epath's own gcsfs instance, whose listings this write then
+    # invalidates; another instance's write left them stale (a lock made
+    # again after a delete read as missing).
+    fs = backend.fsspec_backend.fs(s)
     try:
-      fsspec.filesystem("gs").pipe_file(s, data.encode(), mode="create")
+      fs.pipe_file(s, data.encode(), mode="create")
     except FileExistsError:
       return False
     return True

@@ -1,7 +1,8 @@
-"""Every `bistil ...` command a config docstring or the README shows parses
-with the real CLI parser and, for training commands, builds its config
-with the given overrides (up to config validation: the models and corpora
-they name are the user's)."""
+"""Every `bistil ...` command a config docstring, the README or a user doc
+(DOCS) shows parses with the real CLI parser and, for the commands that take
+a config, builds that command's config with the given overrides; a `bistil
+run` config also passes the recipe's validation, which reads no file (the
+models and corpora they name are the user's)."""
 
 import glob
 import os
@@ -11,8 +12,12 @@ import shlex
 from absl.testing import absltest
 
 from bistil_jax import cli, configlib
+from bistil_jax.errors import BistilError
+from bistil_jax.recipe import stages
 
 REPO = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
+# Markdown docs whose commands run from the repository root, like README's.
+DOCS = ("README.md", "docs/recipe.md")
 
 
 def commands(text: str, markdown: bool = False) -> list[str]:
@@ -34,8 +39,9 @@ def sources():
   for path in sorted(glob.glob(os.path.join(REPO, "configs", "*.py"))):
     with open(path) as f:
       yield path, f.read()
-  with open(os.path.join(REPO, "README.md")) as f:
-    yield "README.md", f.read()
+  for doc in DOCS:
+    with open(os.path.join(REPO, doc)) as f:
+      yield doc, f.read()
 
 
 class DocCommandsTest(absltest.TestCase):
@@ -55,9 +61,15 @@ class DocCommandsTest(absltest.TestCase):
             continue
           overrides = configlib.parse_override_args(rest)
           old = os.getcwd()
-          os.chdir(REPO if where == "README.md" else os.path.dirname(REPO))
+          os.chdir(REPO if where in DOCS else os.path.dirname(REPO))
           try:
-            configlib.build_config(args.config, overrides)
+            config = configlib.build_config(
+              args.config, overrides, args.command
+            )
+            if args.command == "run":
+              stages.validate(config)
+          except BistilError as e:
+            self.fail(f"{where}: `bistil {cmd}`: {e}")
           finally:
             os.chdir(old)
           seen += 1

@@ -241,6 +241,14 @@ def test_create_exclusive_makes_a_file_once(where, tmp_path, request):
   assert paths.create_exclusive(f, "first")
   assert not paths.create_exclusive(f, "second")
   assert paths.read_text(f) == "first"
+  # Made again after a delete and a listing, as a workdir lock is by a
+  # second run in the same process: the path layer reads the new file
+  # (on gs://: no stale listing of the dir).
+  paths.rmtree(f)
+  paths.write_text(f"{root}/run/other", "x")
+  assert [p.name for p in paths.path(f"{root}/run").iterdir()] == ["other"]
+  assert paths.create_exclusive(f, "third")
+  assert paths.path(f).exists() and paths.read_text(f) == "third"
 
 
 def _client_errors():

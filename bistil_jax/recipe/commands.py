@@ -91,33 +91,44 @@ def execute(config, root: str, selected: tuple[str, ...]) -> dict:
   """Validates, checks every input, then runs the selected stages.
 
   Nothing runs (and no stage is marked) when the config or an input is
-  bad. Prints one line per selected stage: skipped / resumed / run /
+  bad. One run at a time per DIR: DIR/.lock is held from the planning on
+  (checkpoint/manager.py `workdir_lock`: a second run is refused in one
+  line). Prints one line per selected stage: skipped / resumed / run /
   rerun, with the reason.
 
   Returns:
     stage name -> the Plan it followed.
   """
+  from bistil_jax.checkpoint import manager  # noqa: PLC0415 - loads JAX
+
   stages.validate(config)
-  plan = plans(config, root)
-  todo = [n for n in selected if plan[n].action != state.SKIP]
-  check_inputs(todo, selected, plan)
-  for name in todo:
-    stages.BY_NAME[name].check(config)
-  paths.mkdirs(root)
-  for name in selected:
-    p = plan[name]
-    print(p.line(), flush=True)
-    if p.action == state.SKIP:
-      continue
-    stage_dir = layout.join(root, name)
-    if p.action == state.RERUN:
-      paths.rmtree(stage_dir)
-    state.mark_started(stage_dir, p)
-    start = time.perf_counter()
-    stages.BY_NAME[name].run(config, root)
-    seconds = time.perf_counter() - start
-    state.mark_done(stage_dir, p, seconds)
-    log.info("stage %s done in %.1f s", name, seconds)
+  if paths.path(root).is_file():
+    raise BistilError(f"--workdir {root} is a file, not a directory")
+  with manager.workdir_lock(root):
+    plan = plans(config, root)
+    todo = [n for n in selected if plan[n].action != state.SKIP]
+    check_inputs(todo, selected, plan)
+    for name in todo:
+      stages.BY_NAME[name].check(config)
+    for name in selected:
+      run_stage(config, root, plan[name])
   if "report" in selected:
     print(f"report: {layout.join(root, 'report', 'report.md')}")
   return {n: plan[n] for n in selected}
+
+
+def run_stage(config, root: str, p: state.Plan) -> None:
+  """Prints the stage's line, then skips it or (re)runs it between its
+  STARTED and DONE records."""
+  print(p.line(), flush=True)
+  if p.action == state.SKIP:
+    return
+  stage_dir = layout.join(root, p.stage)
+  if p.action == state.RERUN:
+    state.clear(stage_dir, p.stage)
+  state.mark_started(stage_dir, p)
+  start = time.perf_counter()
+  stages.BY_NAME[p.stage].run(config, root)
+  seconds = time.perf_counter() - start
+  state.mark_done(stage_dir, p, seconds)
+  log.info("stage %s done in %.1f s", p.stage, seconds)

@@ -342,11 +342,12 @@ BY_NAME = {s.name: s for s in STAGES}
 
 
 def select(stages: str | None, until: str | None) -> tuple[str, ...]:
-  """The stages to run, in pipeline order: all, those of `stages`
-  (comma-separated) or those up to and including `until`.
+  """The stages to run, each once and in pipeline order (whatever order
+  `stages` names them in): all, those of `stages` (comma-separated), those
+  up to and including `until`, or those of `stages` up to `until`.
 
   Raises:
-    BistilError: an unknown stage name.
+    BistilError: an unknown stage name, or none selected.
   """
   names = list(NAMES)
   if until:
@@ -364,6 +365,11 @@ def select(stages: str | None, until: str | None) -> tuple[str, ...]:
         f"stages: {', '.join(NAMES)}"
       )
     names = [n for n in names if n in asked]
+    if not names:
+      raise BistilError(
+        f"--stages {stages} --until {until} selects no stage: none of "
+        f"them is {until} or before it (stages: {', '.join(NAMES)})"
+      )
   return tuple(names)
 
 

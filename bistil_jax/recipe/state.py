@@ -11,7 +11,9 @@ records live in its sub-workdir DIR/<stage>/:
                        without it is unfinished.
 
 Both hold {"stage", "fingerprint", "settings", "inputs"}, so a changed
-setting is reported by name.
+setting is reported by name. A stage directory holding anything else (no
+record of ours, or the record of another stage) is not this run's: it is
+refused, never removed.
 """
 
 from __future__ import annotations
@@ -23,12 +25,17 @@ from collections.abc import Mapping
 from typing import Any
 
 from bistil_jax import configlib, paths
+from bistil_jax.errors import BistilError
 
 DONE = "stage.json"
 STARTED = "stage.started.json"
 
 # What a rerun does with a stage.
 SKIP, RESUME, RUN, RERUN = "skip", "resume", "run", "rerun"
+# STARTED's fingerprint while a rerun removes the stage's old outputs: it
+# matches no settings, so a rerun killed part-way is cleared again, never
+# resumed.
+REMOVING = "removing"
 
 
 def fingerprint(settings: Mapping[str, Any], inputs: Mapping[str, str]) -> str:
@@ -96,8 +103,47 @@ def changes(record: Mapping[str, Any], settings, inputs) -> str:
   return ", ".join(what) or "its record differs"
 
 
+def _record_file(name: str) -> bool:
+  """A record, or the temporary file of a record's interrupted write."""
+  tmp = (f".{DONE}.", f".{STARTED}.")
+  return name in (DONE, STARTED) or name.startswith(tmp)
+
+
+def _ours(stage_dir: str, stage: str, records) -> None:
+  """Refuses a stage dir that another stage or another program wrote.
+
+  Raises:
+    BistilError: a record names another stage, or the dir holds files but
+      no record (readable or not, nor the temporary file of one), or it is
+      a file.
+  """
+  for rec in records:
+    if rec is not None and rec.get("stage") != stage:
+      raise BistilError(
+        f"{stage_dir} holds the record of stage {rec.get('stage')!r}, not "
+        f"{stage}: it is not this run's; move it away or pick another "
+        "--workdir"
+      )
+  p = paths.path(stage_dir)
+  if not p.exists():
+    return
+  if not p.is_dir():
+    raise BistilError(f"{stage_dir} is a file, not a stage's directory")
+  names = [c.name for c in p.iterdir()]
+  if DONE in names or STARTED in names or all(map(_record_file, names)):
+    return
+  raise BistilError(
+    f"{stage_dir} holds files but no record of a `bistil run` stage: not "
+    "removing them; move them away or pick another --workdir"
+  )
+
+
 def plan(stage: str, stage_dir: str, settings, inputs) -> Plan:
-  """Compares the stage's records in `stage_dir` with what it is now."""
+  """Compares the stage's records in `stage_dir` with what it is now.
+
+  Raises:
+    BistilError: the dir is not this run's (see `_ours`).
+  """
   settings = json.loads(json.dumps(settings))  # tuples -> lists, as stored
   fp = fingerprint(settings, inputs)
 
@@ -105,20 +151,42 @@ def plan(stage: str, stage_dir: str, settings, inputs) -> Plan:
     return Plan(stage, action, reason, fp, settings, dict(inputs))
 
   done = read_record(stage_dir, DONE)
+  started = read_record(stage_dir, STARTED)
+  _ours(stage_dir, stage, (done, started))
   if done is not None:
     if done["fingerprint"] == fp:
       return make(SKIP, "up to date")
     return make(RERUN, "because " + changes(done, settings, inputs))
-  started = read_record(stage_dir, STARTED)
   if started is not None:
     if started["fingerprint"] == fp:
       return make(RESUME, "unfinished: continuing its work")
+    if started["fingerprint"] == REMOVING:
+      return make(RERUN, "an earlier rerun stopped removing its old outputs")
     return make(
       RERUN, "unfinished, and because " + changes(started, settings, inputs)
     )
   if paths.path(stage_dir).exists():
-    return make(RERUN, "its directory holds no record of a run")
+    return make(
+      RERUN, "its directory holds no record of a run, or an unreadable one"
+    )
   return make(RUN, "new")
+
+
+def clear(stage_dir: str, stage: str) -> None:
+  """Removes a stage's old outputs before it runs again.
+
+  STARTED first says REMOVING, then DONE goes, then everything else: a
+  kill part-way leaves a stage that the next run clears again.
+  """
+  p = paths.path(stage_dir)
+  if not p.exists():
+    return
+  rec = {"stage": stage, "fingerprint": REMOVING, "settings": {}, "inputs": {}}
+  paths.write_text(p / STARTED, json.dumps(rec))
+  paths.rmtree(p / DONE)
+  for child in p.iterdir():
+    if child.name != STARTED:
+      paths.rmtree(child)
 
 
 def done_fingerprint(stage_dir: str) -> str | None:

@@ -1,10 +1,12 @@
 """A tiny MMT and synthetic data for `bistil run` tests (built, not shipped)."""
 
 import contextlib
+import dataclasses
 import io
 import os
 
-from bistil_jax import cli, paths
+from bistil_jax import cli, configlib, paths
+from bistil_jax.recipe import commands, stages
 
 REPO = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
 CONFIG = os.path.join(REPO, "configs", "run.py")
@@ -67,3 +69,32 @@ def stage_lines(stdout: str) -> dict[str, str]:
     if sep and rest.split(" ")[0] in ("skipped", "resumed", "run", "rerun"):
       out[name] = rest.split(" ")[0]
   return out
+
+
+def stub_stages(monkeypatch, data: str, root: str):
+  """Every stage's work replaced by a stub that records that it ran and
+  writes DIR/<stage>/out.txt (through the path layer: root may be gs://);
+  returns go(*overrides, selected=...) -> (stages run, name -> action) of
+  `commands.execute` on the tiny config over `data` (never read)."""
+  ran = []
+
+  def stub(name):
+    def run(c, root):
+      ran.append(name)
+      paths.write_text(f"{root}/{name}/out.txt", name)
+
+    return run
+
+  for name, st in list(stages.BY_NAME.items()):
+    fake = dataclasses.replace(st, run=stub(name), check=lambda c: None)
+    monkeypatch.setitem(stages.BY_NAME, name, fake)
+
+  def go(*overrides, selected=None):
+    ran.clear()
+    c = configlib.build_config(
+      f"{CONFIG}:tiny,data={data}", dict(o.split("=", 1) for o in overrides)
+    )
+    plan = commands.execute(c, root, selected or stages.NAMES)
+    return list(ran), {n: p.action for n, p in plan.items()}
+
+  return go

@@ -7,10 +7,10 @@ import os
 
 import pytest
 
-from bistil_jax import configlib
+from bistil_jax import paths
 from bistil_jax.errors import BistilError
-from bistil_jax.recipe import commands, stages, state
-from tests.recipe.common import CONFIG, bistil
+from bistil_jax.recipe import stages, state
+from tests.recipe.common import CONFIG, bistil, stage_lines, stub_stages
 
 
 def test_fingerprint_is_canonical_and_sensitive():
@@ -43,15 +43,36 @@ def test_plan_reads_the_records(tmp_path):
 
 
 def test_a_dir_without_records_is_rerun(tmp_path):
-  (tmp_path / "trim").mkdir()
+  (tmp_path / "trim").mkdir()  # killed before its first record was written
   p = state.plan("trim", str(tmp_path / "trim"), {}, {})
   assert p.action == "rerun" and "no record" in p.reason
+  (tmp_path / "trim" / ".stage.started.json.tmp-0a1b2c3d").write_text("{")
+  assert state.plan("trim", str(tmp_path / "trim"), {}, {}).action == "rerun"
+
+
+def test_torn_records_read_as_unfinished(tmp_path):
+  d = str(tmp_path / "sft")
+  p = state.plan("sft", d, {"x": 1}, {})
+  state.mark_started(d, p)
+  (tmp_path / "sft" / "out.txt").write_text("partial")
+  (tmp_path / "sft" / state.DONE).write_text('{"stage": "sft", "finger')
+  assert state.plan("sft", d, {"x": 1}, {}).action == "resume"
+  (tmp_path / "sft" / state.STARTED).write_text("")  # both torn: redo
+  p = state.plan("sft", d, {"x": 1}, {})
+  assert p.action == "rerun" and "unreadable" in p.reason
+  (tmp_path / "sft" / state.DONE).write_text('["no", "fingerprint"]')
+  assert state.plan("sft", d, {"x": 1}, {}).action == "rerun"
 
 
 def test_select():
   assert stages.select(None, None) == stages.NAMES
   assert stages.select(None, "distil") == ("trim", "lang_sft", "distil")
   assert stages.select("report,sft", None) == ("sft", "report")
+  # Named twice, out of order, spaced: each once, in pipeline order.
+  assert stages.select(" sft,trim , sft,", None) == ("trim", "sft")
+  assert stages.select("report,trim,distil", "distil") == ("trim", "distil")
+  with pytest.raises(BistilError, match="--until distil selects no stage"):
+    stages.select("sft,report", "distil")
   for stages_, until in (("sft,bogus", None), (None, "bogus"), (",", None)):
     with pytest.raises(BistilError, match="unknown stage"):
       stages.select(stages_, until)
@@ -61,29 +82,7 @@ def test_select():
 def stubbed(monkeypatch, tmp_path):
   """Every stage's work replaced by a stub that records that it ran; the
   tiny config over data that is never read."""
-  ran = []
-
-  def stub(name):
-    def run(c, root):
-      ran.append(name)
-      os.makedirs(os.path.join(root, name), exist_ok=True)
-
-    return run
-
-  for name, st in list(stages.BY_NAME.items()):
-    fake = dataclasses.replace(st, run=stub(name), check=lambda c: None)
-    monkeypatch.setitem(stages.BY_NAME, name, fake)
-
-  def go(*overrides, selected=stages.NAMES):
-    ran.clear()
-    c = configlib.build_config(
-      f"{CONFIG}:tiny,data={tmp_path}/data",
-      dict(o.split("=", 1) for o in overrides),
-    )
-    plan = commands.execute(c, str(tmp_path / "run"), selected)
-    return list(ran), {n: p.action for n, p in plan.items()}
-
-  return go
+  return stub_stages(monkeypatch, f"{tmp_path}/data", str(tmp_path / "run"))
 
 
 def test_a_changed_setting_reruns_exactly_what_is_downstream(stubbed, capsys):
@@ -167,3 +166,93 @@ def test_bad_input_is_one_line_and_marks_nothing(tmp_path, capsys):
     err == f"error: corpus {data}/corpora/b2.txt is empty (no non-empty lines)"
   )
   assert _records(tmp_path / "run") == []
+
+
+def test_a_directory_of_another_run_is_refused_not_removed(stubbed, tmp_path):
+  """A record of another stage, files without any record, a file where a
+  stage dir goes: one error before any stage runs, nothing removed."""
+  run = tmp_path / "run"
+  (run / "sft").mkdir(parents=True)
+  (run / "sft" / state.DONE).write_text(
+    json.dumps({"stage": "distil", "fingerprint": "0" * 16})
+  )
+  with pytest.raises(BistilError, match="holds the record of stage 'distil', "):
+    stubbed()
+  (run / "sft" / state.DONE).unlink()
+  (run / "sft" / "mine.txt").write_text("a user's file")
+  with pytest.raises(BistilError, match="sft holds files but no record"):
+    stubbed()
+  assert (run / "sft" / "mine.txt").read_text() == "a user's file"
+  os.remove(run / "sft" / "mine.txt")
+  (run / "sft").rmdir()
+  (run / "report").write_text("a file")
+  with pytest.raises(BistilError, match="report is a file, not a stage's"):
+    stubbed()
+  assert _records(run) == [] and not (run / "trim").exists()
+
+
+def test_an_interrupt_leaves_the_stage_started_never_done(
+  stubbed, tmp_path, monkeypatch
+):
+  """Ctrl-C inside a stage: `bistil run` exits 130 with its STARTED record
+  and no DONE one; the next run resumes it and runs what follows."""
+
+  def interrupted(c, root):
+    (tmp_path / "run" / "distil" / "part.txt").write_text("half")
+    raise KeyboardInterrupt
+
+  real = stages.BY_NAME["distil"]
+  monkeypatch.setitem(
+    stages.BY_NAME, "distil", dataclasses.replace(real, run=interrupted)
+  )
+  args = ["run", "--config", f"{CONFIG}:tiny,data={tmp_path}/data",
+          "--workdir", tmp_path / "run"]  # fmt: skip
+  code, out = bistil(*args)
+  assert code == 130 and stage_lines(out)["distil"] == "run"
+  d = tmp_path / "run" / "distil"
+  assert (d / state.STARTED).is_file() and not (d / state.DONE).exists()
+  assert not (tmp_path / "run" / "sft").exists()
+  monkeypatch.setitem(stages.BY_NAME, "distil", real)
+  ran, actions = stubbed()
+  assert actions["trim"] == "skip" and actions["distil"] == "resume"
+  assert ran == list(stages.NAMES[2:])
+  assert (d / "part.txt").is_file()  # resumed on its work, not cleared
+
+
+def test_a_rerun_stopped_while_removing_is_cleared_again(
+  stubbed, tmp_path, monkeypatch
+):
+  stubbed()
+  real, calls = paths.rmtree, []
+
+  def stop_at_second(p, missing_ok=True):
+    calls.append(p)
+    if len(calls) == 2:
+      raise KeyboardInterrupt
+    real(p, missing_ok)
+
+  monkeypatch.setattr(paths, "rmtree", stop_at_second)
+  with pytest.raises(KeyboardInterrupt):
+    stubbed("sft.optim.learning_rate=0.01")
+  monkeypatch.setattr(paths, "rmtree", real)
+  d = tmp_path / "run" / "sft"
+  assert (d / "out.txt").exists() and not (d / state.DONE).exists()
+  # Back to the old settings: its old outputs are half gone, so not resumed.
+  ran, actions = stubbed()
+  assert actions["sft"] == "rerun" and ran[0] == "sft"
+  assert stubbed()[0] == []
+
+
+def test_one_run_at_a_time_per_dir(stubbed, tmp_path):
+  run = tmp_path / "run"
+  run.mkdir()
+  other = {"host": "elsewhere", "pid": 1, "start": "2026-01-01T00:00:00"}
+  (run / ".lock").write_text(json.dumps(other))
+  with pytest.raises(
+    BistilError, match="in use by another run .host elsewhere"
+  ):
+    stubbed()
+  assert _records(run) == []
+  (run / ".lock").unlink()
+  assert stubbed()[0] == list(stages.NAMES)
+  assert not (run / ".lock").exists()  # released
