@@ -382,8 +382,6 @@ class ModelConfig:
       k for t, fam in FAMILIES.items() if t != model_type for k in fam.hf_keys
     } - set(FAMILIES[model_type].hf_keys)
     kw = {k: d[k] for k in fields if k in d and k not in own + tuple(others)}
-    if model_type == "deberta-v2":
-      kw.update(_deberta_from_hf(d))
     training = d.get(TRAINING_DROPOUT_KEY)
     if training is not None:
       if not isinstance(training, dict) or set(training) != set(DROPOUT_KEYS):
@@ -446,9 +444,6 @@ class ModelConfig:
         "hidden_dropout_prob": self.hidden_dropout_prob,
         "attention_probs_dropout_prob": self.attention_probs_dropout_prob,
       }
-    if self.model_type == "deberta-v2":
-      del d["position_embedding_type"]  # not a DebertaV2Config key
-      d.update(self._deberta_hf_dict())
     # Label names are kept even for heads that do not use them (nothing lost).
     if self.id2label or self.head.endswith("classification"):
       names = self.label_names
@@ -460,26 +455,9 @@ class ModelConfig:
       d = HF_DIALECTS[self.model_type][1](d, self)
     return d
 
-  def _deberta_hf_dict(self) -> dict[str, Any]:
-    """DeBERTa's own config.json keys (`Family.hf_keys`) and its names for
-    the shared ones."""
-    d = {k: getattr(self, k) for k in self.family.hf_keys}
-    d["pos_att_type"] = list(self.pos_att_type)
-    d["pooler_hidden_size"] = self.hidden_size
-    d["pooler_dropout"] = float(self.pooler_dropout)
-    if self.classifier_dropout is not None:
-      d["cls_dropout"] = self.classifier_dropout
-    if not self.legacy:
-      # The lm_predictions head always decodes with the word embeddings;
-      # transformers 4.57 ties them to its lm_head.dense when
-      # tie_word_embeddings is true, which breaks its forward pass, so the
-      # file says false (from_hf_dict reads this layout as tied).
-      d["tie_word_embeddings"] = False
-    return d
-
 
 def _deberta_from_hf(d: dict[str, Any]) -> dict[str, Any]:
-  """ModelConfig fields from a DeBERTa-v2 config.json's own keys.
+  """A DeBERTa-v2 config.json dict with its own keys in our terms.
 
   Raises:
     BistilError: for what model/deberta.py does not implement.
@@ -500,17 +478,36 @@ def _deberta_from_hf(d: dict[str, Any]) -> dict[str, Any]:
       raise BistilError(
         f"DeBERTa with {key}={d[key]} (not {want}) is not implemented"
       )
-  kw: dict[str, Any] = {}
+  out = dict(d)
   pos = d.get("pos_att_type")
   if isinstance(pos, str):  # transformers' older "p2c|c2p" form
     pos = [x.strip() for x in pos.lower().split("|") if x.strip()]
   if "pos_att_type" in d:
-    kw["pos_att_type"] = tuple(pos or ())
+    out["pos_att_type"] = tuple(pos or ())
   if d.get("legacy") is False:  # lm_predictions: tied, whatever it says
-    kw["tie_word_embeddings"] = True
+    out["tie_word_embeddings"] = True
   if d.get("cls_dropout") is not None and d.get("classifier_dropout") is None:
-    kw["classifier_dropout"] = d["cls_dropout"]
-  return kw
+    out["classifier_dropout"] = d["cls_dropout"]
+  return out
+
+
+def _deberta_to_hf(d: dict[str, Any], config: ModelConfig) -> dict[str, Any]:
+  """BERT-named config.json dict `d` of `config` with DeBERTa's own keys
+  (`Family.hf_keys`) and its names for the shared ones."""
+  d = {k: v for k, v in d.items() if k != "position_embedding_type"}
+  d.update({k: getattr(config, k) for k in config.family.hf_keys})
+  d["pos_att_type"] = list(config.pos_att_type)
+  d["pooler_hidden_size"] = config.hidden_size
+  d["pooler_dropout"] = float(config.pooler_dropout)
+  if config.classifier_dropout is not None:
+    d["cls_dropout"] = config.classifier_dropout
+  if not config.legacy:
+    # The lm_predictions head always decodes with the word embeddings;
+    # transformers 4.57 ties them to its lm_head.dense when
+    # tie_word_embeddings is true, which breaks its forward pass, so the
+    # file says false (_deberta_from_hf reads this layout as tied).
+    d["tie_word_embeddings"] = False
+  return d
 
 
 # ------------------------------------------------------- config.json dialects
@@ -578,8 +575,11 @@ def _distilbert_to_hf(d: dict[str, Any], config: ModelConfig) -> dict[str, Any]:
 
 
 # model_type -> (config.json dict -> BERT-named dict, its inverse), for the
-# families whose config.json names keys differently.
-HF_DIALECTS = {"distilbert": (_distilbert_from_hf, _distilbert_to_hf)}
+# families whose config.json names keys differently or has keys of its own.
+HF_DIALECTS = {
+  "distilbert": (_distilbert_from_hf, _distilbert_to_hf),
+  "deberta-v2": (_deberta_from_hf, _deberta_to_hf),
+}
 
 
 def preset(name: str, **overrides: Any) -> ModelConfig:
