@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import statistics
 import time
 from collections.abc import Callable
@@ -57,6 +58,25 @@ def spread(ts: list[float]) -> dict[str, float]:
 
 def sync(x):
   return jax.block_until_ready(x)
+
+
+def cpu_threads() -> int:
+  """Cores this process may run on: the size of XLA's CPU thread pool, and
+  what the PyTorch references get (`torch.set_num_threads`)."""
+  try:
+    return len(os.sched_getaffinity(0))
+  except AttributeError:  # not Linux
+    return os.cpu_count() or 1
+
+
+def emit_load(when: str) -> tuple[float, float, float]:
+  """Emits (and returns) the 1/5/15-minute load average: on a shared
+  machine every figure is read against it."""
+  load = os.getloadavg()
+  emit(
+    {"what": "load_average", "when": when, "load": [round(x, 2) for x in load]}
+  )
+  return load
 
 
 # ------------------------------------------------------------------ peak
@@ -133,9 +153,57 @@ def synthetic_batch(b: int, l: int, vocab: int, seed: int = 0):
   }
 
 
-def jax_phase1(b, l, vocab, *, kl=False, dtype="float32", dropout=0.1):
-  """The jitted, donating train_step with the phase-1 loss."""
-  tcfg, scfg = configs(vocab, dtype, dropout=dropout)
+# mDeBERTa-v3-base's layout (config.json of microsoft/mdeberta-v3-base):
+# relative attention over 256 log buckets, max_relative_positions -1 (the
+# 512 positions), shared position keys, p2c + c2p, LayerNormed relative
+# table, no absolute positions, no token types; vocabulary 251,000 rows.
+MDEBERTA_VOCAB = 251000
+
+
+def deberta_config(
+  vocab: int,
+  layers: int = 12,
+  hidden: int = 768,
+  heads: int = 12,
+  *,
+  head: str = "mlm",
+  dtype: str = "float32",
+  dropout: float = 0.1,
+):
+  """An mDeBERTa-v3-shaped ModelConfig (defaults: the base size)."""
+  return preset(
+    "tiny-deberta",
+    head=head,
+    vocab_size=vocab,
+    hidden_size=hidden,
+    num_hidden_layers=layers,
+    num_attention_heads=heads,
+    intermediate_size=4 * hidden,
+    max_position_embeddings=512,
+    max_relative_positions=-1,
+    position_buckets=256,
+    dtype=dtype,
+    hidden_dropout_prob=dropout,
+    attention_probs_dropout_prob=dropout,
+  )
+
+
+def deberta_configs(vocab, layers, hidden, heads, dtype="float32", dropout=0.1):
+  """(teacher, LRF-2 student) configs of an mDeBERTa-v3-shaped pair."""
+  tcfg = deberta_config(
+    vocab, layers, hidden, heads, dtype=dtype, dropout=dropout
+  )
+  return tcfg, student_init.student_config(tcfg, 2)
+
+
+def jax_phase1(
+  b, l, vocab, *, kl=False, dtype="float32", dropout=0.1, cfgs=None
+):
+  """The jitted, donating train_step with the phase-1 loss.
+
+  cfgs: (teacher, student) configs; default the mBERT pair (`configs`).
+  """
+  tcfg, scfg = cfgs or configs(vocab, dtype, dropout=dropout)
   tparams = jax.tree.map(np.asarray, init_params(tcfg, jax.random.PRNGKey(0)))
   sparams = student_init.init_student(
     tparams, tcfg, scfg, "teacher_layers", jax.random.PRNGKey(1)
@@ -178,6 +246,8 @@ def jax_phase1(b, l, vocab, *, kl=False, dtype="float32", dropout=0.1):
     "tx": tx,
     "loss_cfg": loss_cfg,
     "step": step,
+    "tparams": tparams,
+    "sparams": sparams,
     "logits_rows": batch["masked_lm_positions"].shape[1] if kl else None,
   }
 
@@ -298,6 +368,93 @@ def torch_phase1(
         for s, t in attn_pairs
       ) / (len(attn_pairs) * km.sum() * 12 * l)
       loss = loss + att
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
+    opt.step()
+    if device != "cpu":
+      torch.cuda.synchronize()
+    return float(loss.detach())
+
+  return {"step": step, "teacher": teacher, "student": student}
+
+
+def torch_phase1_deberta(setup, b, l, *, device="cpu", dtype="float32"):
+  """A PyTorch phase-1 step for a DeBERTa pair, released mix.
+
+  transformers' DebertaV2Model (eager attention; hidden states and
+  attention probabilities of every layer) loaded from the JAX setup's own
+  teacher and teacher_layers-initialised student (`jax_phase1(cfgs=...)`,
+  written by checkpoint.hf.save_hf), so the two steps start from the same
+  weights and their first losses agree. The student's dropout is its
+  config's (0: a student trains without dropout, as in the JAX step;
+  config.json states the teacher's rates for later fine-tuning), the
+  teacher runs in eval mode. Hidden + attention MSE over the same layer
+  pairs and with the same reductions as steps.distil_losses, AdamW (lr
+  1e-4, no weight decay) with clip_grad_norm_ 1.0.
+  """
+  import tempfile
+
+  import torch
+  import transformers
+
+  from bistil_jax.checkpoint import hf
+
+  _torch_matmul_setup(device)
+  torch.manual_seed(0)
+  tdt = getattr(torch, dtype)
+  tcfg, scfg = setup["tcfg"], setup["scfg"]
+  models = {}
+  with tempfile.TemporaryDirectory() as d:
+    for name, cfg, params in (
+      ("teacher", tcfg, setup["tparams"]),
+      ("student", scfg, setup["sparams"]),
+    ):
+      path = os.path.join(d, name)
+      hf.save_hf(path, cfg, jax.tree.map(np.asarray, params), write_flax=False)
+      models[name] = transformers.DebertaV2Model.from_pretrained(
+        path,
+        attn_implementation="eager",
+        hidden_dropout_prob=cfg.hidden_dropout_prob,
+        attention_probs_dropout_prob=cfg.attention_probs_dropout_prob,
+      )
+  teacher = models["teacher"].to(device, tdt).eval()
+  student = models["student"].to(device).train()
+  for p in teacher.parameters():
+    p.requires_grad_(False)
+  opt = torch.optim.AdamW(student.parameters(), lr=1e-4, weight_decay=0.0)
+  data = setup["batch"]
+  ids = torch.as_tensor(np.array(data["input_ids"])).long().to(device)
+  mask = torch.as_tensor(np.array(data["attention_mask"])).long().to(device)
+  real = mask.bool()
+  hidden_pairs, attn_pairs = losses.layer_maps(
+    tcfg.num_hidden_layers, scfg.num_hidden_layers
+  )
+  d_s, heads = scfg.hidden_size, scfg.num_attention_heads
+  autocast = dtype != "float32"
+  kw = dict(attention_mask=mask, output_hidden_states=True)
+
+  def step():
+    with torch.no_grad(), torch.autocast(device, tdt, enabled=autocast):
+      t_out = teacher(ids, output_attentions=True, **kw)
+    with torch.autocast(device, tdt, enabled=autocast):
+      s_out = student(ids, output_attentions=True, **kw)
+    m = real[..., None].float()
+    hid = sum(
+      (
+        ((s_out.hidden_states[s].float() - t_out.hidden_states[t].float()) * m)
+        ** 2
+      ).sum()
+      for s, t in hidden_pairs
+    ) / (len(hidden_pairs) * m.sum() * d_s)
+    km = real[:, None, None, :].float()
+    att = sum(
+      (
+        ((s_out.attentions[s].float() - t_out.attentions[t].float()) * km) ** 2
+      ).sum()
+      for s, t in attn_pairs
+    ) / (len(attn_pairs) * km.sum() * heads * l)
+    loss = hid + att
     opt.zero_grad(set_to_none=True)
     loss.backward()
     torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)

@@ -1,18 +1,26 @@
 """DeBERTa-v3 body forward: Flax (bistil_jax) against transformers PyTorch.
 
-One mDeBERTa-v3-shaped body at a small size (default 6 layers, width 384,
-6 heads, FFN 1536; position buckets 256, shared position keys, p2c + c2p,
-no absolute positions), random weights written once by bistil_jax and
-loaded by both (so the outputs are compared too), batch 8 x 128 real
-tokens, fp32, no dropout, no head. JAX: a jitted forward returning the last
-hidden state (the disentangled scores are always materialised, no fused
-attention). PyTorch: `DebertaV2Model` in eval mode under `torch.no_grad`,
-`torch.set_num_threads(--threads)`. Both warmed up; rounds alternate the
-two so they see the same machine load; figures are medians of the rounds
-(min/max spread), each round the mean of --iters calls.
+One mDeBERTa-v3-shaped body (default the base body: 12 layers, width
+768, 12 heads, FFN 3072; position buckets 256, max_relative_positions -1,
+shared position keys, p2c + c2p, LayerNormed relative table, no absolute
+positions; common.deberta_config), vocabulary --vocab rows (the forward's
+cost does not depend on it: the embedding is a lookup), random weights
+written once by bistil_jax and loaded by both (so the outputs are compared
+too), batch 8 x 128 real tokens, fp32, no dropout, no head. JAX: a jitted
+forward returning the last hidden state (the disentangled scores are
+always materialised, no fused attention). PyTorch: `DebertaV2Model`
+(eager attention) in eval mode under `torch.no_grad`, with
+`torch.set_num_threads` = the cores JAX's CPU thread pool uses (this
+process's CPU affinity; --threads to override). Both warmed up (3 calls);
+rounds alternate the two, the order swapping every round, so they see the
+same machine load; figures are medians of the rounds (min/max spread),
+each round the mean of --iters calls. The load average is emitted at the
+start and the end.
 
   PYTHONPATH=. python benchmarks/deberta_forward.py --quick
   PYTHONPATH=. python benchmarks/deberta_forward.py --rounds 7
+  PYTHONPATH=. python benchmarks/deberta_forward.py --layers 6 --hidden 384 \
+    --heads 6                                    # the small body
 """
 
 from __future__ import annotations
@@ -32,20 +40,12 @@ import numpy as np  # noqa: E402
 
 from bistil_jax import measure  # noqa: E402
 from bistil_jax.checkpoint import hf  # noqa: E402
-from bistil_jax.model import Model, init_params, preset  # noqa: E402
+from bistil_jax.model import Model, init_params  # noqa: E402
 
 
 def config(args):
-  return preset(
-    "tiny-deberta",
-    head="none",
-    vocab_size=args.vocab,
-    hidden_size=args.hidden,
-    num_hidden_layers=args.layers,
-    num_attention_heads=args.heads,
-    intermediate_size=4 * args.hidden,
-    max_position_embeddings=512,
-    position_buckets=256,
+  return common.deberta_config(
+    args.vocab, args.layers, args.hidden, args.heads, head="none"
   )
 
 
@@ -60,13 +60,18 @@ def main(argv=None):
   p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   p.add_argument("--batch", type=int, default=8)
   p.add_argument("--seq", type=int, default=128)
-  p.add_argument("--layers", type=int, default=6)
-  p.add_argument("--hidden", type=int, default=384)
-  p.add_argument("--heads", type=int, default=6)
+  p.add_argument("--layers", type=int, default=12)
+  p.add_argument("--hidden", type=int, default=768)
+  p.add_argument("--heads", type=int, default=12)
   p.add_argument("--vocab", type=int, default=30000)
   p.add_argument("--rounds", type=int, default=5)
   p.add_argument("--iters", type=int, default=5)
-  p.add_argument("--threads", type=int, default=2)
+  p.add_argument(
+    "--threads",
+    type=int,
+    default=0,
+    help="PyTorch threads; default: JAX's (this process's cores)",
+  )
   p.add_argument("--quick", action="store_true", help="3 rounds of 3")
   args = p.parse_args(argv)
   if args.quick:
@@ -75,7 +80,9 @@ def main(argv=None):
   import torch
   import transformers as T
 
-  torch.set_num_threads(args.threads)
+  threads = args.threads or common.cpu_threads()
+  torch.set_num_threads(threads)
+  common.emit_load("start")
   cfg = config(args)
   params = init_params(cfg, jax.random.PRNGKey(0))
   with tempfile.TemporaryDirectory() as d:
@@ -105,11 +112,14 @@ def main(argv=None):
 
   ours, theirs = np.asarray(run_jax()), run_torch().numpy()  # warm-up
   diff = float(np.max(np.abs(ours - theirs)))
-  run_jax(), run_torch()
+  for _ in range(2):
+    run_jax(), run_torch()
   times = {"jax": [], "torch": []}
-  for _ in range(args.rounds):
-    times["jax"].append(timed_mean(run_jax, args.iters))
-    times["torch"].append(timed_mean(run_torch, args.iters))
+  runs = {"jax": run_jax, "torch": run_torch}
+  for r in range(args.rounds):
+    for name in ("jax", "torch") if r % 2 == 0 else ("torch", "jax"):
+      times[name].append(timed_mean(runs[name], args.iters))
+  load = common.emit_load("end")
   macs = measure.analytic_macs(cfg, args.batch, args.seq)["total"]
   rows = []
   for name, ts in times.items():
@@ -121,6 +131,8 @@ def main(argv=None):
       "seq": args.seq,
       "layers": args.layers,
       "hidden": args.hidden,
+      "heads": args.heads,
+      "threads": threads if name == "torch" else common.cpu_threads(),
       "ms_median": 1e3 * s["median_s"],
       "ms_min": 1e3 * s["min_s"],
       "ms_max": 1e3 * s["max_s"],
@@ -131,7 +143,19 @@ def main(argv=None):
     rows.append(row)
   ratio = rows[1]["ms_median"] / rows[0]["ms_median"]
   common.emit(
-    {"what": "deberta_forward_ratio", "torch_over_jax": ratio, "max_diff": diff}
+    {
+      "what": "deberta_forward_ratio",
+      "torch_over_jax": ratio,
+      "max_diff": diff,
+      "load_end": [round(x, 2) for x in load],
+    }
+  )
+  print()
+  print(
+    f"DeBERTa body {args.layers} layers x {args.hidden} x {args.heads} heads, "
+    f"batch {args.batch} x {args.seq}, fp32, {threads} threads, "
+    f"{macs / 1e9:.1f} GMACs; load average at the end "
+    f"{load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f}"
   )
   print(
     common.table(

@@ -13,8 +13,20 @@ common.train_flops_per_token) x tokens/s / the peak (on CPU a jitted fp32
 2048^2 matmul measured in every round, median over the rounds, so it sees
 the same load as the steps; on GPU --peak-tflops).
 
+With `--family deberta` the teacher is mDeBERTa-v3-shaped (relative
+attention over 256 log buckets, shared position keys, p2c + c2p, no
+absolute positions; --layers/--hidden/--heads, FFN 4 x width, default
+6 x 384 x 6 so that it runs in minutes on 2 CPU cores) and the student its
+LRF-2 teacher_layers copy; released mix only. The PyTorch reference is
+transformers' DebertaV2Model (eager attention, hidden states and attention
+probabilities) loaded from the JAX step's own initial weights
+(common.torch_phase1_deberta), so the first losses of the two are
+compared too; FLOPs count DeBERTa's relative terms
+(measure.analytic_macs).
+
   python benchmarks/phase1.py --quick          # seq 128, 3 rounds
   python benchmarks/phase1.py                  # seq 128 and 256, 5 rounds
+  python benchmarks/phase1.py --family deberta --quick
 """
 
 from __future__ import annotations
@@ -56,13 +68,29 @@ def main(argv=None):
   )
   p.add_argument("--no-torch", action="store_true")
   p.add_argument("--quick", action="store_true", help="seq 128 only, 3 rounds")
+  p.add_argument(
+    "--family",
+    choices=("bert", "deberta"),
+    default="bert",
+    help="bert: the mBERT-base pair; deberta: an mDeBERTa-v3-shaped pair "
+    "(--layers/--hidden/--heads), released mix",
+  )
+  p.add_argument("--layers", type=int, default=6, help="DeBERTa teacher")
+  p.add_argument("--hidden", type=int, default=384, help="DeBERTa teacher")
+  p.add_argument("--heads", type=int, default=6, help="DeBERTa teacher")
   args = p.parse_args(argv)
   if args.quick:
     args.seq, args.rounds = [128], 3
+  if args.family == "deberta":
+    if "--mix" not in (argv if argv is not None else sys.argv[1:]):
+      args.mix = ["released"]
+    if args.mix != ["released"]:
+      p.error("--family deberta runs the released mix only")
   import torch
 
+  common.emit_load("start")
   if jax.default_backend() == "cpu":
-    torch.set_num_threads(os.cpu_count())
+    torch.set_num_threads(common.cpu_threads())
   device = "cuda" if jax.default_backend() == "gpu" else "cpu"
   peak = args.peak_tflops or common.cpu_matmul_peak(dtype=args.dtype)
   peak_src = "given" if args.peak_tflops else "measured_matmul"
@@ -89,8 +117,24 @@ def main(argv=None):
           js["tcfg"], js["scfg"], b, l, l
         )
       else:
+        cfgs = None
+        if args.family == "deberta":
+          cfgs = common.deberta_configs(
+            args.vocab,
+            args.layers,
+            args.hidden,
+            args.heads,
+            dtype=args.dtype,
+            dropout=args.dropout,
+          )
         js = common.jax_phase1(
-          b, l, args.vocab, kl=kl, dtype=args.dtype, dropout=args.dropout
+          b,
+          l,
+          args.vocab,
+          kl=kl,
+          dtype=args.dtype,
+          dropout=args.dropout,
+          cfgs=cfgs,
         )
         jrun = common.jax_runner(js)
         fpt = common.train_flops_per_token(
@@ -100,11 +144,26 @@ def main(argv=None):
           js["tcfg"], js["scfg"], b, l, l if kl else None
         )
       t0 = time.perf_counter()
-      common.sync(jrun())  # compile
+      first_jax = float(common.sync(jrun()))  # compile
       compile_s = time.perf_counter() - t0
       common.sync(jrun())
       trun = None
-      if not args.no_torch:
+      if not args.no_torch and args.family == "deberta":
+        trun = common.torch_phase1_deberta(
+          js, b, l, device=device, dtype=args.dtype
+        )["step"]
+        first_torch = trun()
+        common.emit(
+          {
+            "what": "phase1_first_loss",
+            "family": args.family,
+            "seq": l,
+            "jax": first_jax,
+            "torch": first_torch,
+            "rel_diff": abs(first_jax - first_torch) / abs(first_torch),
+          }
+        )
+      elif not args.no_torch:
         make = (
           common.torch_phase2
           if mix == "phase2"
@@ -142,6 +201,7 @@ def main(argv=None):
         tps = tokens / s["median_s"]
         row = {
           "what": "phase1_step",
+          "family": args.family,
           "impl": who,
           "mix": mix,
           "seq": l,
@@ -181,10 +241,18 @@ def main(argv=None):
         )
       del js, jrun, trun
       gc.collect()
+  load = common.emit_load("end")
   print()
+  shape = "mBERT-base pair"
+  if args.family == "deberta":
+    shape = (
+      f"DeBERTa teacher {args.layers} x {args.hidden} x {args.heads} heads, "
+      f"student {args.layers // 2} layers, vocab {args.vocab}"
+    )
   print(
     f"device {jax.devices()[0].device_kind}, peak {peak:.3f} TFLOP/s "
-    f"({peak_src}), batch {args.batch}, {args.dtype}"
+    f"({peak_src}), batch {args.batch}, {args.dtype}, {shape}, "
+    f"load average at the end {load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f}"
   )
   print(
     common.table(
