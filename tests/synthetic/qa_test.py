@@ -44,6 +44,58 @@ def all_bytes(root):
   }
 
 
+def _words(text, offset=0):
+  """(word, start, end) of each space-separated word, final punctuation
+  cut off."""
+  out, pos = [], offset
+  for w in text.split(" "):
+    core = w.rstrip(".?,")
+    out.append((core, pos, pos + len(core)))
+    pos += len(w) + 1
+  return out
+
+
+def _past_match(forms, pattern):
+  """Index just past the leftmost in-order match of `pattern` in `forms`
+  (0 for an empty pattern), or None."""
+  if not pattern:
+    return 0
+  i = 0
+  for k, form in enumerate(forms):
+    if form == pattern[i]:
+      i += 1
+      if i == len(pattern):
+        return k + 1
+  return None
+
+
+def read_answer(context, question, wh):
+  """A rule-based reader of the generator's grammar, on the surface only:
+  the question is a story sentence without its PPs and with the asked
+  argument replaced by a question word (one of `wh`). Finds the story
+  sentences holding the question's words before and after that gap, in
+  order, with room between them; returns [(start, end)] of each such gap
+  (character offsets in `context`)."""
+  q = [w for w, _, _ in _words(question)]
+  gap = next(i for i, w in enumerate(q) if w in wh)
+  left, right = q[:gap], q[gap + 1 :]
+  gaps, pos = [], 0
+  for sentence in context.split(". "):
+    words = _words(sentence, pos)
+    pos += len(sentence) + 2
+    forms = [w for w, _, _ in words]
+    a = _past_match(forms, left)
+    if a is None:
+      continue
+    from_end = _past_match(forms[a:][::-1], right[::-1])
+    if from_end is None:
+      continue
+    b = len(forms) - from_end  # the first word of the right part
+    if b > a:
+      gaps.append((words[a][1], words[b - 1][2]))
+  return gaps
+
+
 class QaTest(absltest.TestCase):
   @classmethod
   def setUpClass(cls):
@@ -110,6 +162,31 @@ class QaTest(absltest.TestCase):
         )
     both = {i.slot for s in items.values() for i in s}
     self.assertEqual(both, {"subject", "object"})
+
+  def test_a_surface_reader_finds_every_answer(self):
+    # The labels agree with the surface: one story sentence holds the
+    # question's words around its gap, and the answer lies in that gap, so
+    # a model can learn to read the answer off the text (issue 24).
+    for lang in LANGS:
+      wh = set(qa._wh_forms(self.family, lang))
+      for split in SIZES.task():
+        for context, q in questions(load(self.data.qa[lang][split])):
+          a = q["answers"][0]
+          start, end = a["answer_start"], a["answer_start"] + len(a["text"])
+          gaps = read_answer(context, q["question"], wh)
+          self.assertLen(gaps, 1, msg=(lang, q["id"]))
+          lo, hi = gaps[0]
+          self.assertTrue(lo <= start < end <= hi, msg=(lang, q["id"]))
+    # It can fail: a story holding the question's sentence twice has two
+    # gaps, and a question with a word the story lacks has none.
+    context, q = questions(load(self.data.qa["b1"]["dev"]))[0]
+    wh = set(qa._wh_forms(self.family, "b1"))
+    ((lo, hi),) = read_answer(context, q["question"], wh)
+    begin = context.rfind(". ", 0, lo) + 2 if ". " in context[:lo] else 0
+    sentence = context[begin : context.index(".", hi) + 1]
+    twice = read_answer(context + " " + sentence, q["question"], wh)
+    self.assertLen(twice, 2)
+    self.assertEmpty(read_answer(context, "Zzz " + q["question"], wh))
 
   def test_the_same_structure_in_every_language(self):
     for split in SIZES.task():
