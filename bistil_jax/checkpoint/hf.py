@@ -49,7 +49,8 @@ TOKENIZER_FILES = (
   "special_tokens_map.json",
   "added_tokens.json",
   "vocab.txt",
-  "sentencepiece.bpe.model",
+  "sentencepiece.bpe.model",  # XLM-R's SentencePiece model
+  "spm.model",  # DeBERTa-v3's
 )
 
 # Keys in published checkpoints that no supported class uses (BERT's NSP

@@ -57,6 +57,7 @@ SUPPORTED_MODELS = ("WordPiece", "Unigram")
 # not rewrite SentencePiece protobufs: they are left out of the output.
 SLOW_TOKENIZER_FILES = (
   "sentencepiece.bpe.model",
+  "spm.model",
   "sentencepiece.model",
   "spiece.model",
   "tokenizer.model",

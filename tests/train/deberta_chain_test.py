@@ -62,6 +62,8 @@ def write_deberta_tokenizer(lines, out: str) -> Tokenizer:
   )
   os.makedirs(out, exist_ok=True)
   tok.save(os.path.join(out, "tokenizer.json"))
+  with open(os.path.join(out, "spm.model"), "wb") as f:
+    f.write(b"\x0a\x05stale")  # stands for the untrimmed protobuf
   specials = dict(
     bos_token="[CLS]",
     eos_token="[SEP]",
@@ -204,6 +206,9 @@ class DebertaChainTest(absltest.TestCase):
     self.assertFalse(model.config.position_biased_input)
     report = read_json(os.path.join(self.trimmed, "trim_report.json"))
     self.assertLess(report["vocab_size_after"], report["vocab_size_before"])
+    # The SentencePiece file would still hold the untrimmed vocabulary.
+    self.assertTrue(os.path.exists(os.path.join(self.mmt, "spm.model")))
+    self.assertFalse(os.path.exists(os.path.join(self.trimmed, "spm.model")))
     self.assertEqual(model.config.vocab_size, report["vocab_size_after"])
     old, _ = vocab.load_tokenizer_dir(self.mmt)
     new, _ = vocab.load_tokenizer_dir(self.trimmed)
