@@ -119,16 +119,14 @@ BERT_BODY = (
     Rule("pooler/dense", "pooler.dense", "pooler/dense", "dense"),
 )  # fmt: skip
 
+# The embedding rules every family's body shares (DistilBERT less its token
+# types).
+_EMBEDDINGS = tuple(r for r in BERT_BODY if r.ours.startswith("embeddings/"))
 _DL = "transformer/layer/{i}/"
 _DT = "transformer.layer.{i}."
 # DistilBERT on the BERT body: no token types, no pooler.
 DISTILBERT_BODY = (
-    Rule("embeddings/word_embeddings", "embeddings.word_embeddings",
-         "embeddings/word_embeddings", "embed", vocab=True),
-    Rule("embeddings/position_embeddings", "embeddings.position_embeddings",
-         "embeddings/position_embeddings", "embed"),
-    Rule("embeddings/LayerNorm", "embeddings.LayerNorm", "embeddings/LayerNorm",
-         "layernorm"),
+    *(r for r in _EMBEDDINGS if r.ours != "embeddings/token_type_embeddings"),
     Rule(_L + "attention/self/query", _DT + "attention.q_lin",
          _DL + "attention/q_lin", "dense"),
     Rule(_L + "attention/self/key", _DT + "attention.k_lin",
@@ -149,15 +147,7 @@ DISTILBERT_BODY = (
 _A = _L + "attention/self/"
 _AT = _T + "attention.self."
 DEBERTA_BODY = (
-    Rule("embeddings/word_embeddings", "embeddings.word_embeddings",
-         "embeddings/word_embeddings", "embed", vocab=True),
-    Rule("embeddings/position_embeddings", "embeddings.position_embeddings",
-         "embeddings/position_embeddings", "embed"),
-    Rule("embeddings/token_type_embeddings",
-         "embeddings.token_type_embeddings",
-         "embeddings/token_type_embeddings", "embed"),
-    Rule("embeddings/LayerNorm", "embeddings.LayerNorm", "embeddings/LayerNorm",
-         "layernorm"),
+    *_EMBEDDINGS,
     Rule(_A + "query_proj", _AT + "query_proj", _A + "query_proj", "dense"),
     Rule(_A + "key_proj", _AT + "key_proj", _A + "key_proj", "dense"),
     Rule(_A + "value_proj", _AT + "value_proj", _A + "value_proj", "dense"),
