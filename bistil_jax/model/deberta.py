@@ -169,6 +169,28 @@ class Embeddings(nn.Module):
     return layers.constrain(x, ("batch", "length", "act_embed"))
 
 
+def is_linear(rel_idx) -> bool:
+  """Whether (c2p, p2c) [l, l] are the plain offsets c2p[q, k] = q - k + l
+  - 1 and p2c[k, q] = q - k + l - 1 into 2l - 1 rows: no bucketing or
+  clipping within these positions (mDeBERTa up to 128 tokens)."""
+  c2p, p2c = (np.asarray(x) for x in rel_idx)
+  l = c2p.shape[0]
+  offsets = np.arange(l)[:, None] - np.arange(l)[None, :] + l - 1
+  return np.array_equal(c2p, offsets) and np.array_equal(p2c, offsets.T)
+
+
+def skew(x: jax.Array) -> jax.Array:
+  """y[..., a, b] = x[..., a, b - a + l - 1] for x [..., l, 2l - 1] and
+  y [..., l, l], by reshapes alone (no gather).
+
+  Flattened, y[a, b] sits at l - 1 + a (2l - 2) + b = a (2l - 1) + (b - a +
+  l - 1), which is row a, column b - a + l - 1 of x.
+  """
+  *lead, l, w = x.shape
+  flat = x.reshape(*lead, l * w)[..., l - 1 : l - 1 + l * (w - 1)]
+  return flat.reshape(*lead, l, w - 1)[..., :l]
+
+
 def relative_scores(q, k, pk, pq, rel_idx):
   """The unscaled c2p + p2c terms, [b, h, l, l].
 
@@ -176,22 +198,30 @@ def relative_scores(q, k, pk, pq, rel_idx):
     q, k: [b, l, h, dh] queries and keys.
     pk, pq: [r, h, dh] the relative table's rows as keys (c2p) and as
       queries (p2c); None leaves that term out.
-    rel_idx: (c2p, p2c) [l, l] int32 rows of pk / pq (`used_rows`).
+    rel_idx: (c2p, p2c) [l, l] int32 numpy rows of pk / pq (`used_rows`),
+      trace-time constants.
   """
   b, l, h, _ = q.shape
   shape = (b, h, l, l)
-  c2p_idx, p2c_idx = rel_idx
+  linear = is_linear(rel_idx)
+  c2p_idx, p2c_idx = (jnp.asarray(x) for x in rel_idx)
   out = jnp.zeros(shape, q.dtype)
   if pk is not None:
     c2p = jnp.einsum("bqhd,rhd->bhqr", q, pk)  # [b, h, l, r]
     # c2p[b, h, q, k] = Q_q . Pk[c2p_idx[q, k]]
-    out = out + jnp.take_along_axis(
-      c2p, jnp.broadcast_to(c2p_idx, shape), axis=-1
-    )
+    if linear:  # c2p_idx[q, k] = q - k + l - 1: reversed, a skew
+      out = out + skew(c2p[..., ::-1])
+    else:
+      out = out + jnp.take_along_axis(
+        c2p, jnp.broadcast_to(c2p_idx, shape), axis=-1
+      )
   if pq is not None:
     p2c = jnp.einsum("bkhd,rhd->bhkr", k, pq)  # [b, h, l, r]
     # p2c[b, h, k, q] = K_k . Pq[p2c_idx[k, q]], then [b, h, q, k]
-    p2c = jnp.take_along_axis(p2c, jnp.broadcast_to(p2c_idx, shape), axis=-1)
+    if linear:  # p2c_idx[k, q] = q - k + l - 1: a skew
+      p2c = skew(p2c)
+    else:
+      p2c = jnp.take_along_axis(p2c, jnp.broadcast_to(p2c_idx, shape), axis=-1)
     out = out + jnp.swapaxes(p2c, -1, -2)
   return out
 
@@ -337,7 +367,6 @@ class Encoder(nn.Module):
       # slicing after it changes nothing).
       rows, rel_idx = used_rows(cfg, x.shape[1])
       rel = rel[rows]  # [r, d]
-      rel_idx = tuple(map(jnp.asarray, rel_idx))
     return LayerCollection(cfg, self.prob_layers, name="layer")(
       x, mask, rel, rel_idx, deterministic
     )

@@ -162,6 +162,10 @@ class ParityTest(parameterized.TestCase):
     ("v2", {"pos_att_type": ["p2c"]}),
     ("v2", {"relative_attention": False, "pos_att_type": None}),
     ("v3", {"norm_rel_ebd": "none", "hidden_act": "gelu_new"}),
+    # Exact offsets (no bucket or clip within 48 tokens): the skew path.
+    ("v3", {"position_buckets": 128}),
+    ("v2", {"max_relative_positions": 64}),
+    ("v2", {"max_relative_positions": 64, "pos_att_type": ["p2c"]}),
   )
   def test_variants(self, style, kw):
     path, ref_model = make_hf_dir(style, "sequence_classification", **kw)
@@ -174,6 +178,28 @@ class ParityTest(parameterized.TestCase):
     self.assertLess(max_diff(out.logits, ref.logits.numpy()), 1e-5)
     self.assert_exports_into_transformers(
       model, params, ref_model, "sequence_classification"
+    )
+
+  def test_both_paths_of_the_relative_scores_are_exercised(self):
+    def linear(style, **kw):
+      cfg = ModelConfig.from_hf_dict(hf_config(style, **kw).to_dict())
+      return deberta.is_linear(deberta.used_rows(cfg, LENGTH)[1])
+
+    self.assertFalse(linear("v3"))  # 16 buckets: gathers
+    self.assertFalse(linear("v2"))  # clipped at 24: gathers
+    self.assertTrue(linear("v3", position_buckets=128))  # skew
+    self.assertTrue(linear("v2", max_relative_positions=64))  # skew
+
+  def test_skew_is_the_gather_of_plain_offsets(self):
+    l = 7
+    x = np.random.default_rng(0).normal(size=(2, 3, l, 2 * l - 1))
+    x = x.astype(np.float32)
+    offsets = np.arange(l)[:, None] - np.arange(l)[None, :] + l - 1
+    want = np.take_along_axis(
+      x, np.broadcast_to(offsets.T, x.shape[:-1] + (l,)), -1
+    )
+    np.testing.assert_array_equal(
+      np.asarray(deberta.skew(jnp.asarray(x))), want
     )
 
   def test_v3_mlm_head_with_lm_predictions_names(self):
