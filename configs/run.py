@@ -37,8 +37,8 @@ HEADLINE = {"pos": "accuracy", "ner": "f1", "dp": "las", "nli": "accuracy",
             "qa": "f1"}  # fmt: skip
 
 # The paper's teacher per task (HF hub names; download them to the dirs the
-# preset names, models/NAME). bistil_jax has no DeBERTa body: for qa pass
-# another teacher (--config.teacher=models/xlmr).
+# preset names, models/NAME). mDeBERTa-v3's hub dir ships spm.model without
+# tokenizer.json: write one first (docs/recipe.md).
 PAPER_TEACHERS = {"ner": ("models/mbert", "bert-base-multilingual-cased"),
                   "dp": ("models/mbert", "bert-base-multilingual-cased"),
                   "nli": ("models/xlmr", "xlm-roberta-base"),
