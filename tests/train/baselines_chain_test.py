@@ -31,9 +31,9 @@ CONFIGS = os.path.join(REPO, "configs")
 SIZES = {
   "corpus_train": 400,
   "corpus_dev": 60,
-  "task_train": 160,
-  "task_dev": 40,
-  "task_test": 40,
+  "task_train": 96,
+  "task_dev": 24,
+  "task_test": 24,
 }
 
 

@@ -121,7 +121,7 @@ class DebertaChainTest(absltest.TestCase):
     root = cls.root = cls._tmp.name
     cls.train = os.path.join(root, "train.json")
     cls.dev = os.path.join(root, "dev.json")
-    docs = {cls.train: make_squad(192, 1), cls.dev: make_squad(64, 2)}
+    docs = {cls.train: make_squad(96, 1), cls.dev: make_squad(32, 2)}
     lines = []
     for path, doc in docs.items():
       with open(path, "w", encoding="utf-8") as f:
@@ -156,9 +156,9 @@ class DebertaChainTest(absltest.TestCase):
           f"--config.data.source={cls.src}",
           f"--config.data.target={cls.tgt}",
           f"--config.student.layer_reduction={r}",
-          "--config.train.num_steps=6",
-          "--config.train.log_every=2",
-          "--config.data.max_seq_len=64",
+          "--config.train.num_steps=3",
+          "--config.train.log_every=1",
+          "--config.data.max_seq_len=32",
         ]
       )
       cls.students[r] = os.path.join(wd, "export")
@@ -173,7 +173,7 @@ class DebertaChainTest(absltest.TestCase):
         f"--config.student.model={cls.trimmed}",
         f"--config.data.train={cls.train}",
         f"--config.eval.sets=dev={cls.dev}",
-        "--config.train.epochs=4",
+        "--config.train.epochs=3",
         "--config.train.log_every=8",
       ]
     )
