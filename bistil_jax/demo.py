@@ -28,7 +28,8 @@ import statistics
 import time
 from typing import Any, NamedTuple
 
-from bistil_jax import cli, configlib, paths
+from bistil_jax import cli, configlib, paths, synthetic
+from bistil_jax import tasks as tasks_lib
 from bistil_jax.errors import BistilError
 
 log = logging.getLogger(__name__)
@@ -381,9 +382,7 @@ def majority_scores(data, src: str, langs) -> dict[str, float]:
   frequent tag: the floor a transferring model must clear."""
   import collections
 
-  from bistil_jax import tasks
-
-  pos = tasks.get("pos")
+  pos = tasks_lib.get("pos")
   train = pos.read(str(data.pos[src]["train"]))
   counts = collections.Counter(t for ex in train for t in ex.labels)
   top = counts.most_common(1)[0][0]
@@ -403,7 +402,6 @@ def family_size(b: Budget) -> int:
 
 def _family(b: Budget):
   """The demo's synthetic family (seed 0; seeds vary training only)."""
-  from bistil_jax import synthetic
 
   return synthetic.make_family(0, num_languages=family_size(b))
 
@@ -579,7 +577,6 @@ def _data_stage(
 ) -> _SeedData:
   """Data, tokenizer and the teacher's init (a fixed family; the seed
   varies training only). Each piece is made only if missing."""
-  from bistil_jax import synthetic
 
   family = _family(b)
   src, close, distant = transfer_languages(family, b)
@@ -852,7 +849,6 @@ def run_ablation(out: str, seed: int, b: Budget) -> list[dict[str, Any]]:
   Reuses the seed's teacher, trimmed vocabulary and task teacher; each
   variant gets the same phase-1 budget and the same phase 2.
   """
-  from bistil_jax import synthetic
 
   root = _join(out, f"seed{seed}")
   data = synthetic.read_dataset(_join(root, "data"))
@@ -1090,7 +1086,10 @@ def plots(out: str, all_results, table, tables=None) -> list[str]:
   except ImportError:  # pragma: no cover - a runtime dependency
     log.warning("matplotlib missing: no plots")
     return []
-  from bistil_jax.train import loop
+
+  # train.loop loads orbax, which sets up logging on import: deferred to
+  # after cli.main has (demo is a command module, imported for --help).
+  from bistil_jax.train import loop  # noqa: PLC0415
 
   written = []
   seed = all_results[0]["seed"]

@@ -283,15 +283,9 @@ class HfHead:
   bare_body: bool = False
   pooled: bool = False
   side_file: SideFile | None = None
-  # Naming family -> whether its class holds a pooler, where it differs
-  # from `pooled` (DebertaV2Model has none).
-  pooled_by_family: Mapping[str, bool] = dataclasses.field(default_factory=dict)
 
   def rules_for(self, family: str) -> tuple[Rule, ...]:
     return self.by_family.get(family, self.rules)
-
-  def holds_pooler(self, family: str) -> bool:
-    return self.pooled_by_family.get(family, self.pooled)
 
   def all_rules(self) -> tuple[Rule, ...]:
     return self.rules + sum(self.by_family.values(), ())
@@ -299,9 +293,7 @@ class HfHead:
 
 # config.head -> its HF layout: adding a head is one entry.
 HF_HEADS = {
-  "none": HfHead(
-    bare_body=True, pooled=True, pooled_by_family={"deberta": False}
-  ),
+  "none": HfHead(bare_body=True, pooled=True),
   # DeBERTa's legacy (default) MLM head has BERT's names.
   "mlm": HfHead(
     _BERT_MLM,
@@ -531,11 +523,8 @@ def _canonical_torch_state(state, config):
 
 def without_pooler(params: dict[str, Any], config: ModelConfig):
   """`params` less a pooler the HF class of `config` cannot hold (logged
-  once): its head class has none, or its family has none (DistilBERT)."""
-  if "pooler" not in params or (
-    HF_HEADS[config.head].holds_pooler(family(config))
-    and family_has_pooler(config)
-  ):
+  once)."""
+  if "pooler" not in params or holds_pooler(config):
     return params
   keys = ["/".join(("pooler", *p)) for p in flatten_dict(params["pooler"])]
   log.info(
@@ -546,9 +535,15 @@ def without_pooler(params: dict[str, Any], config: ModelConfig):
   return {k: v for k, v in params.items() if k != "pooler"}
 
 
-def family_has_pooler(config: ModelConfig) -> bool:
-  """Whether the HF classes of `config`'s family hold a pooler."""
-  return any(r.ours == "pooler/dense" for r in BODY_RULES[family(config)])
+def holds_pooler(config: ModelConfig) -> bool:
+  """Whether the HF class of `config` holds a pooler, from the tables: its
+  head's class has one (`HfHead.pooled`), its family's body rules name one
+  (DistilBERT's do not), and the pooler is in the body or the class is a
+  head class (DeBERTa's ContextPooler sits in its sequence head's class,
+  outside the bare DebertaV2Model)."""
+  head = HF_HEADS[config.head]
+  rules = [r for r in BODY_RULES[family(config)] if r.ours == "pooler/dense"]
+  return head.pooled and any(r.body or not head.bare_body for r in rules)
 
 
 def params_to_hf(

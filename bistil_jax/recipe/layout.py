@@ -19,6 +19,9 @@ from bistil_jax import configlib, paths
 from bistil_jax.errors import BistilError
 
 SIDES = ("source", "target")
+# The stages in the order they run (recipe/stages.py `STAGES` runs them).
+STAGE_NAMES = ("trim", "lang_sft", "distil", "task_teacher", "sft",
+               "evaluate", "measure", "export", "report")  # fmt: skip
 
 
 def join(base: str, *names: str) -> str:

@@ -13,8 +13,10 @@ import logging
 from typing import Any
 
 from bistil_jax import paths
+from bistil_jax import tasks as tasks_lib
 from bistil_jax.recipe import state
 from bistil_jax.recipe.layout import eval_sets, join, merged, workdir
+from bistil_jax.train import loop
 
 log = logging.getLogger(__name__)
 
@@ -41,9 +43,8 @@ def _ratio(a: float, b: float) -> float | None:
 def results(c, root: str, names=()) -> dict[str, Any]:
   """results.json's content: scores per model and set, sizes, speed-up
   over the teacher, the paper's row and the records of stages `names`."""
-  from bistil_jax import tasks  # noqa: PLC0415
 
-  headline = tasks.get(c.task.name).headline
+  headline = tasks_lib.get(c.task.name).headline
   sets = [name for name, _ in eval_sets(c)]
   scores, size = {}, {}
   for who in WHO:
@@ -148,8 +149,6 @@ def plot(res: dict[str, Any], root: str, out: str) -> None:
 
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # noqa: PLC0415
-
-  from bistil_jax.train import loop  # noqa: PLC0415
 
   m = res["metric"]
   fig, (ax, ax2) = plt.subplots(1, 2, figsize=(11, 3.8))

@@ -18,6 +18,8 @@ from collections.abc import Callable
 from typing import Any
 
 from bistil_jax import cli, configlib, paths
+from bistil_jax import tasks as tasks_lib
+from bistil_jax.data import corpus
 from bistil_jax.errors import BistilError
 from bistil_jax.recipe import report
 from bistil_jax.recipe.layout import (
@@ -34,6 +36,7 @@ from bistil_jax.recipe.layout import (
   trimmed,
   workdir,
 )
+from bistil_jax.train import distil, lang_sft, task
 
 log = logging.getLogger(__name__)
 
@@ -176,7 +179,6 @@ def _check_model_dir(path: str, what: str) -> None:
 
 
 def _check_teacher(c) -> None:
-  from bistil_jax.data import corpus  # noqa: PLC0415
 
   _check_model_dir(c.teacher, "config.teacher")
   corpus.check_corpora([c[k.split(".")[0]][k.split(".")[1]] for k in CORPORA])
@@ -214,7 +216,6 @@ def _run_lang_sft(c, root: str) -> None:
   if c.lang_sft.mode != "train":
     log.info("lang_sft: mode %s, nothing to train", c.lang_sft.mode)
     return
-  from bistil_jax.train import lang_sft  # noqa: PLC0415
 
   for side in SIDES:
     dev = c[side].dev
@@ -229,7 +230,6 @@ def _run_lang_sft(c, root: str) -> None:
 
 
 def _run_distil(c, root: str) -> None:
-  from bistil_jax.train import distil  # noqa: PLC0415
 
   distil.run(filled(c, root, "distil"), workdir(root, "distil"))
 
@@ -257,14 +257,12 @@ def _run_task_teacher(c, root: str) -> None:
   if c.task_teacher.model:
     log.info("task_teacher: given, %s", c.task_teacher.model)
     return
-  from bistil_jax.train import task  # noqa: PLC0415
 
   cfg = filled(c, root, "task_teacher.train")
   task.run(cfg, workdir(root, "task_teacher"), phase="finetune")
 
 
 def _run_sft(c, root: str) -> None:
-  from bistil_jax.train import task  # noqa: PLC0415
 
   task.run(filled(c, root, "sft"), workdir(root, "sft"), phase="sft")
 
@@ -395,9 +393,8 @@ def validate(c) -> None:
     )
   if c.lang_sft.mode == "given":
     configlib.check_keys_set(c, ("lang_sft.source", "lang_sft.target"))
-  from bistil_jax import tasks  # noqa: PLC0415
 
-  tasks.get(c.task.name)  # an unknown name: one line listing the known
+  tasks_lib.get(c.task.name)  # an unknown name: one line listing the known
   if c.distil.train.select_best and not (c.source.dev and c.target.dev):
     raise BistilError(
       f"config.distil.train.select_best={c.distil.train.select_best!r} "

@@ -6,7 +6,7 @@ import io
 import os
 
 from bistil_jax import cli, configlib, paths
-from bistil_jax.recipe import commands, stages
+from bistil_jax.recipe import runner, stages
 
 REPO = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
 CONFIG = os.path.join(REPO, "configs", "run.py")
@@ -75,7 +75,7 @@ def stub_stages(monkeypatch, data: str, root: str):
   """Every stage's work replaced by a stub that records that it ran and
   writes DIR/<stage>/out.txt (through the path layer: root may be gs://);
   returns go(*overrides, selected=...) -> (stages run, name -> action) of
-  `commands.execute` on the tiny config over `data` (never read)."""
+  `runner.execute` on the tiny config over `data` (never read)."""
   ran = []
 
   def stub(name):
@@ -94,7 +94,7 @@ def stub_stages(monkeypatch, data: str, root: str):
     c = configlib.build_config(
       f"{CONFIG}:tiny,data={data}", dict(o.split("=", 1) for o in overrides)
     )
-    plan = commands.execute(c, root, selected or stages.NAMES)
+    plan = runner.execute(c, root, selected or stages.NAMES)
     return list(ran), {n: p.action for n, p in plan.items()}
 
   return go

@@ -4,7 +4,7 @@ import pytest
 
 from bistil_jax import configlib
 from bistil_jax.errors import BistilError
-from bistil_jax.recipe import stages
+from bistil_jax.recipe import layout, stages
 from tests.recipe.common import CONFIG
 
 PAPER = [
@@ -39,3 +39,8 @@ def test_the_tiny_preset_validates_for_every_task():
 def test_the_paper_has_no_row_for_an_unknown_target():
   with pytest.raises(BistilError, match="no ner row for 'xx'"):
     configlib.build_config(f"{CONFIG}:paper,task=ner,tgt=xx")
+
+
+def test_the_help_lists_the_stages_in_the_order_they_run():
+  # `bistil run --help` reads layout's names without loading the stages.
+  assert stages.NAMES == layout.STAGE_NAMES
