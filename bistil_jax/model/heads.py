@@ -271,25 +271,6 @@ class DistilBertFirstTokenClassification(nn.Module):
     )  # [b, labels]
 
 
-class DistilBertSpanClassification(nn.Module):
-  """Span logits [b, l, 2] float32 of DistilBERT's QA class: dropout
-  `qa_dropout` on the hidden states, then `qa_outputs` (ours
-  `classifier`)."""
-
-  config: ModelConfig
-
-  @nn.compact
-  def __call__(self, body: BodyOutput, *, deterministic, positions, arc_heads):
-    del positions, arc_heads
-    cfg = self.config
-    x = nn.Dropout(cfg.qa_dropout)(
-      body.last_hidden_state, deterministic=deterministic
-    )  # [b, l, d]
-    return layers.dense(
-      cfg, cfg.num_labels, ("embed", "classes"), "classifier"
-    )(x).astype(jnp.float32)  # [b, l, 2]
-
-
 class SpanClassification(nn.Module):
   """Span logits [b, l, 2] float32: start at [..., 0], end at [..., 1]."""
 
@@ -297,12 +278,16 @@ class SpanClassification(nn.Module):
 
   @nn.compact
   def __call__(self, body: BodyOutput, *, deterministic, positions, arc_heads):
-    del deterministic, positions, arc_heads
+    del positions, arc_heads
     cfg = self.config
-    # HF's qa_outputs: one dense layer to (start, end), no dropout.
+    # HF's qa_outputs: one dense layer to (start, end); dropout before it
+    # only in DistilBERT's class (`qa_dropout`, None in other families).
+    x = nn.Dropout(cfg.qa_dropout or 0.0)(
+      body.last_hidden_state, deterministic=deterministic
+    )  # [b, l, d]
     return layers.dense(
       cfg, cfg.num_labels, ("embed", "classes"), "classifier"
-    )(body.last_hidden_state).astype(jnp.float32)  # [b, l, 2]
+    )(x).astype(jnp.float32)  # [b, l, 2]
 
 
 class DependencyParsing(nn.Module):
@@ -379,12 +364,7 @@ HEADS: dict[str, Head] = {
   # The parser's and the span head's matmuls have never been counted
   # (measure.analytic_macs documents the heads it counts).
   "biaffine_parser": Head(DependencyParsing, "classifier", _no_macs),
-  "question_answering": Head(
-    SpanClassification,
-    "classifier",
-    _no_macs,
-    by_model_type={"distilbert": DistilBertSpanClassification},
-  ),
+  "question_answering": Head(SpanClassification, "classifier", _no_macs),
 }
 
 
