@@ -124,15 +124,15 @@ def named_tokenizer_class(model_dir: str) -> str | None:
   config.json's `tokenizer_class`, else XLM-R's for an xlm-roberta
   config.json; None when nothing names one."""
   d = paths.path(model_dir)
+  conf: Any = {}
   for name in (TOKENIZER_CONFIG, "config.json"):
     if (d / name).is_file():
       conf = _read_json_file(d / name)
       if isinstance(conf, dict) and conf.get("tokenizer_class"):
         return str(conf["tokenizer_class"])
-  if (d / "config.json").is_file():
-    conf = _read_json_file(d / "config.json")
-    if isinstance(conf, dict) and conf.get("model_type") == "xlm-roberta":
-      return spm.XLMR_CLASSES[0]
+  # `conf` is config.json's here when the dir has one.
+  if isinstance(conf, dict) and conf.get("model_type") == "xlm-roberta":
+    return spm.XLMR_CLASSES[0]
   return None
 
 
