@@ -402,7 +402,6 @@ def family_size(b: Budget) -> int:
 
 def _family(b: Budget):
   """The demo's synthetic family (seed 0; seeds vary training only)."""
-
   return synthetic.make_family(0, num_languages=family_size(b))
 
 

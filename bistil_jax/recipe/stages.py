@@ -179,7 +179,6 @@ def _check_model_dir(path: str, what: str) -> None:
 
 
 def _check_teacher(c) -> None:
-
   _check_model_dir(c.teacher, "config.teacher")
   corpus.check_corpora([c[k.split(".")[0]][k.split(".")[1]] for k in CORPORA])
 
@@ -230,7 +229,6 @@ def _run_lang_sft(c, root: str) -> None:
 
 
 def _run_distil(c, root: str) -> None:
-
   distil.run(filled(c, root, "distil"), workdir(root, "distil"))
 
 
@@ -263,7 +261,6 @@ def _run_task_teacher(c, root: str) -> None:
 
 
 def _run_sft(c, root: str) -> None:
-
   task.run(filled(c, root, "sft"), workdir(root, "sft"), phase="sft")
 
 
