@@ -133,6 +133,38 @@ class MeshTest(parameterized.TestCase):
     )
 
 
+def sharded_and_single(cfg, mesh_shape, length, pad_from):
+  """(sharded outputs, single-device outputs, param shardings, params) of
+  a forward pass returning logits, hidden states and attentions, on 8
+  rows of `length` tokens; row 3 is padded from `pad_from`, row 5 from 2."""
+  params = init_params(cfg, jax.random.PRNGKey(0))
+  rng = np.random.RandomState(0)
+  ids = rng.randint(3, cfg.vocab_size, (8, length))
+  mask = np.ones_like(ids)
+  mask[3, pad_from:] = 0
+  mask[5, 2:] = 0
+  model = Model(cfg)
+
+  def fwd(p, ids, mask):
+    out = model.apply(
+      {"params": p}, ids, attention_mask=mask, output_attentions=True
+    )
+    return out.logits, out.hidden_states, out.attentions
+
+  single = jax.jit(fwd)(params, ids, mask)
+  n = int(np.prod(mesh_shape))
+  mesh = partitioning.make_mesh(mesh_shape, devices=jax.devices()[:n])
+  ps = partitioning.param_shardings(abstract_params(cfg), mesh)
+  ds = partitioning.data_sharding(mesh)
+  with partitioning.activate(mesh):
+    sharded = jax.jit(fwd, in_shardings=(ps, ds, ds))(
+      partitioning.shard(params, ps),
+      partitioning.shard(ids, ds),
+      partitioning.shard(mask, ds),
+    )
+  return sharded, single, ps, params
+
+
 class ShardedForwardTest(parameterized.TestCase):
   @parameterized.product(
     mesh_shape=MESHES,
@@ -140,31 +172,7 @@ class ShardedForwardTest(parameterized.TestCase):
   )
   def test_sharded_forward_equals_single_device(self, mesh_shape, case):
     cfg = config(*case)
-    params = init_params(cfg, jax.random.PRNGKey(0))
-    rng = np.random.RandomState(0)
-    ids = rng.randint(3, cfg.vocab_size, (8, 16))
-    mask = np.ones_like(ids)
-    mask[3, 10:] = 0
-    mask[5, 2:] = 0
-    model = Model(cfg)
-
-    def fwd(p, ids, mask):
-      out = model.apply(
-        {"params": p}, ids, attention_mask=mask, output_attentions=True
-      )
-      return out.logits, out.hidden_states, out.attentions
-
-    single = jax.jit(fwd)(params, ids, mask)
-    n = int(np.prod(mesh_shape))
-    mesh = partitioning.make_mesh(mesh_shape, devices=jax.devices()[:n])
-    ps = partitioning.param_shardings(abstract_params(cfg), mesh)
-    ds = partitioning.data_sharding(mesh)
-    with partitioning.activate(mesh):
-      sharded = jax.jit(fwd, in_shardings=(ps, ds, ds))(
-        partitioning.shard(params, ps),
-        partitioning.shard(ids, ds),
-        partitioning.shard(mask, ds),
-      )
+    sharded, single, ps, params = sharded_and_single(cfg, mesh_shape, 16, 10)
     placed = partitioning.shard(params, ps)
     q = placed["encoder"]["layer"]["0"]["attention"]["self"]["query"]["kernel"]
     self.assertEqual(q.sharding, ps["encoder"]["layer"]["0"]["attention"][

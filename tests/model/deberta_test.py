@@ -14,11 +14,12 @@ from flax.traverse_util import flatten_dict
 from safetensors.numpy import load_file, save_file
 from transformers.models.deberta_v2 import modeling_deberta_v2 as hf_deberta
 
-from bistil_jax import measure, partitioning
+from bistil_jax import measure
 from bistil_jax.checkpoint import commands, hf, student_init
 from bistil_jax.errors import BistilError
 from bistil_jax.model import Model, ModelConfig, deberta, preset
-from bistil_jax.model.encoder import abstract_params, init_params
+from bistil_jax.model.encoder import init_params
+from tests.partitioning_test import sharded_and_single
 
 VOCAB = 99
 HF_CLASSES = {
@@ -365,31 +366,7 @@ class ShardingTest(parameterized.TestCase):
       head=head,
       add_pooler=head != "mlm",
     )
-    params = init_params(cfg, jax.random.PRNGKey(0))
-    rng = np.random.RandomState(0)
-    ids = rng.randint(3, cfg.vocab_size, (8, 40))
-    mask = np.ones_like(ids)
-    mask[3, 30:] = 0
-    mask[5, 2:] = 0
-    model = Model(cfg)
-
-    def fwd(p, ids, mask):
-      out = model.apply(
-        {"params": p}, ids, attention_mask=mask, output_attentions=True
-      )
-      return out.logits, out.hidden_states, out.attentions
-
-    single = jax.jit(fwd)(params, ids, mask)
-    n = int(np.prod(mesh_shape))
-    mesh = partitioning.make_mesh(mesh_shape, devices=jax.devices()[:n])
-    ps = partitioning.param_shardings(abstract_params(cfg), mesh)
-    ds = partitioning.data_sharding(mesh)
-    with partitioning.activate(mesh):
-      sharded = jax.jit(fwd, in_shardings=(ps, ds, ds))(
-        partitioning.shard(params, ps),
-        partitioning.shard(ids, ds),
-        partitioning.shard(mask, ds),
-      )
+    sharded, single, _, _ = sharded_and_single(cfg, mesh_shape, 40, 30)
     for a, b in zip(
       jax.tree.leaves(sharded), jax.tree.leaves(single), strict=True
     ):
