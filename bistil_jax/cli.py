@@ -31,6 +31,17 @@ COMMAND_MODULES = (
 DISTRIBUTED_ENV = "BISTIL_DISTRIBUTED"
 
 
+def add_sft_argument(p: argparse.ArgumentParser) -> None:
+  """The `--sft` option of every command that reads a model with SFTs."""
+  p.add_argument(
+    "--sft",
+    action="append",
+    default=[],
+    help="SFT dir merged into the model, in order (repeatable; a task SFT "
+    "brings its head)",
+  )
+
+
 def build_parser() -> argparse.ArgumentParser:
   parser = argparse.ArgumentParser(
     prog="bistil",

@@ -11,7 +11,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from bistil_jax import paths
+from bistil_jax import cli, paths
 from bistil_jax.checkpoint import hf, parser_head
 from bistil_jax.errors import BistilError
 from bistil_jax.model.config import FAMILIES
@@ -261,12 +261,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     help="a training workdir: export its latest (or --step) checkpoint",
   )
   p.add_argument("--step", type=int, help="checkpoint step for --workdir")
-  p.add_argument(
-    "--sft",
-    action="append",
-    default=[],
-    help="SFT dir(s) merged into --model (a task SFT brings its head)",
-  )
+  cli.add_sft_argument(p)
   p.add_argument("--tokenizer", help="tokenizer dir (default: --model)")
   p.add_argument("--out", required=True, help="output dir")
   p.add_argument("--overwrite", action="store_true")

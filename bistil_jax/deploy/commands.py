@@ -6,6 +6,8 @@ import argparse
 import json
 import sys
 
+from bistil_jax import cli
+
 # What a window is when neither a flag nor the task run says: BERT's usual
 # inference length, and the benchmark's.
 DEFAULT_MAX_SEQ_LEN = 128
@@ -212,12 +214,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     help="write a task model (an SFT merged) as ONNX, optionally int8",
   )
   p.add_argument("--model", required=True, help="input HF model dir")
-  p.add_argument(
-    "--sft",
-    action="append",
-    default=[],
-    help="SFT dir(s) merged into --model (a task SFT brings its head)",
-  )
+  cli.add_sft_argument(p)
   p.add_argument("--out", required=True, help="output ONNX dir")
   p.add_argument(
     "--int8",
@@ -255,7 +252,7 @@ def register(sub: argparse._SubParsersAction) -> None:
   p.add_argument(
     "--model", required=True, help="an HF model dir or an ONNX dir"
   )
-  p.add_argument("--sft", action="append", default=[], help="SFT dir(s)")
+  cli.add_sft_argument(p)
   p.add_argument("--task", required=True, help="the task name")
   p.add_argument(
     "--int8", action="store_true", help="the ONNX dir's int8 model"

@@ -22,7 +22,7 @@ import json
 import logging
 from typing import Any
 
-from bistil_jax import paths
+from bistil_jax import cli, paths
 from bistil_jax.errors import BistilError
 from bistil_jax.model.config import ModelConfig, preset
 
@@ -268,12 +268,7 @@ def _register_measure(sub: argparse._SubParsersAction) -> None:
     help="HF model dir, or an ONNX dir of `bistil export-onnx` (timed with "
     "ONNX Runtime at fp32 and int8; see also --teacher)",
   )
-  p.add_argument(
-    "--sft",
-    action="append",
-    default=[],
-    help="SFT dir merged into the model first (repeatable)",
-  )
+  cli.add_sft_argument(p)
   p.add_argument(
     "--seq-len",
     type=int,

@@ -6,7 +6,7 @@ import argparse
 import functools
 import logging
 
-from bistil_jax import configlib
+from bistil_jax import cli, configlib
 
 log = logging.getLogger(__name__)
 
@@ -139,7 +139,7 @@ def register_evaluate(subparsers: argparse._SubParsersAction) -> None:
     ),
   )
   p.add_argument("--model", required=True, help="HF model dir")
-  p.add_argument("--sft", action="append", default=[], help="SFT dir(s)")
+  cli.add_sft_argument(p)
   p.add_argument(
     "--task",
     required=True,
