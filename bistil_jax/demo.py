@@ -145,7 +145,9 @@ class Budget:
   dp_finetune_epochs: float = 6.0
   dp_dense_epochs: float = 3.0
   dp_sparse_epochs: float = 4.0
-  qa_finetune_epochs: float = 5.0
+  # The QA teacher learns the answer phrase's extent slowly: 5 epochs gave
+  # source dev F1 0.57, 10 gave 0.65 (seed 0, docs/synthetic.md).
+  qa_finetune_epochs: float = 10.0
   qa_dense_epochs: float = 3.0
   qa_sparse_epochs: float = 3.0
   # Transfer languages of family 0. b1 and b2 share about two thirds of

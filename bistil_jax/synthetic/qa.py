@@ -1,21 +1,30 @@
 """Extractive QA on the synthetic languages, written as SQuAD v1.1 JSON.
 
 A context is a short story of single-clause sentences in which entities
-stand in relations (transitive verbs); a question names one relation (the
-verb) and one of its arguments and asks for the other one:
+stand in relations (transitive verbs); a question asks which thing or
+person fills one argument of one relation, naming its noun:
 
-  ask the subject: "WH saw the old dog?"   answer: who saw it in the story
-  ask the object:  "Lena Moro saw WH?"     answer: what Lena Moro saw
+  ask the subject: "WH dog saw Lena Moro?"    answer: "the old dog"
+  ask the object:  "WH dogs Lena Moro saw?"   answer: "the two black dogs"
 
-(in each language's own word order, case marking and lexicon, WH being a
-question word of the language). The story always holds two distractors:
-the known argument in another relation, and the relation with another
-argument, so the answer is found by relation, not by string match, and
-the answer text never occurs in the question. Items are latent (concepts,
-not words), drawn from the family's shared grammar and realised per
-language, so every language has the same questions about the same
-stories (ids agree); related languages share the question word's stem
-(a cognate, like the rest of their lexicon).
+The question word and the bare noun come first in every language (a
+fronted "which" phrase); the rest of the question is the story sentence
+without its PPs, in the language's own word order, case marking and
+lexicon. The asked noun occurs once in the story, so the answer is found
+in one step: the phrase around the question's noun, with its determiner,
+adjectives and number in the language's phrase order (the answer text
+never occurs in the question). The story also holds the known argument
+in another relation and the relation with another argument. Items are
+latent (concepts, not words), drawn from the family's shared grammar and
+realised per language, so every language has the same questions about
+the same stories (ids agree); related languages share the question word's
+stem (a cognate, like the rest of their lexicon).
+
+An earlier design asked for the argument without naming its noun ("who
+saw Lena Moro?"), which takes two steps (find the sentence by the
+question's words, then take the neighbouring phrase); the demo's 4-layer,
+width-64 teacher did not learn that step (source dev F1 0.18, an
+untrained head 0.13), and learns this one (docs/synthetic.md).
 """
 
 from __future__ import annotations
@@ -36,7 +45,7 @@ from bistil_jax.synthetic.languages import (
 SPLITS = ("train", "dev", "test")
 SLOTS = ("subject", "object")
 _ARG_KINDS = ("noun", "name")  # pronouns and coordinations left out
-_FILLERS = (1, 3)  # extra sentences per story, inclusive range
+_FILLERS = (0, 2)  # extra sentences per story, inclusive range
 _ATTACHED = {",", ".", "?"}
 
 
@@ -61,10 +70,11 @@ class QaItem:
 
   @property
   def question(self) -> lt.Clause:
-    """The target clause with the asked argument replaced by a
-    placeholder pronoun (realised as the question word) and no PPs."""
+    """The target clause without PPs, the asked argument cut to its noun
+    (number and plural kept, so the noun's form is the story's) with a
+    placeholder determiner, realised as the question word."""
     c = self.clauses[self.target]
-    wh = lt.PronNP(0)
+    wh = self.answer_np._replace(det=lt.DEF, adjectives=(), number=0)
     if self.slot == "subject":
       return c._replace(subject=wh, pps=())
     return c._replace(obj=wh, pps=())
@@ -97,11 +107,17 @@ def _verbs_for(sampler: lt.Sampler, obj_class: str, subj_class: str):
   ]
 
 
-def make_item(sampler: lt.Sampler, rng: lt.Rng) -> QaItem:
-  """A story with its question (see the module docstring)."""
+def make_item(sampler: lt.Sampler, rng: lt.Rng) -> QaItem | None:
+  """A story with its question (see the module docstring), or None (the
+  drawn clauses do not fit; draw again)."""
   o = sampler.ontology
   target = _clause(sampler, rng)
   slot = SLOTS[rng.below(2)]
+  asked = target.subject if slot == "subject" else target.obj
+  # "Which NOUN ...?": the asked argument is a common noun with a
+  # determiner (the question's determiner is replaced by the WH word).
+  if asked.kind != "noun" or asked.det < 0:
+    return None
   known = target.obj if slot == "subject" else target.subject
   # Distractor 1: the known argument in another relation.
   cls_s = sampler.subject_class(target.subject)
@@ -134,20 +150,27 @@ def make_item(sampler: lt.Sampler, rng: lt.Rng) -> QaItem:
 
 def is_unique(item: QaItem) -> bool:
   """Whether only the target clause fits the question (the relation with
-  the known argument, whatever the tense) and the answer differs from it."""
+  the known argument, whatever the tense), the answer differs from the
+  known argument, and the asked noun occurs nowhere else in the story."""
   t = item.clauses[item.target]
 
   def key(c):
     return (c.verb, c.obj if item.slot == "subject" else c.subject)
 
   hits = [c for c in item.clauses if key(c) == key(t)]
-  return len(hits) == 1 and t.subject != t.obj
+  noun = item.answer_np.noun
+  mentions = sum(
+    np.kind == "noun" and np.noun == noun
+    for c in item.clauses
+    for np in (c.subject, c.obj, *(pp.np for pp in c.pps))
+  )
+  return len(hits) == 1 and t.subject != t.obj and mentions == 1
 
 
 # --------------------------------------------------------------- surface
-def _question_word(family: Family, code: str, attempt: int) -> str:
-  """The language's question word: a proto stem of its group, with the
-  language's sound changes (cognates within a group)."""
+def _wh_candidate(family: Family, code: str, attempt: int) -> str:
+  """A proto stem of the language's group with the language's sound
+  changes (cognates within a group)."""
   lang = family.language(code)
   group = next(g for g in family.groups if g.name == lang.group)
   rng = lt.Rng(family.seed, "qa-wh", group.name, attempt)
@@ -155,23 +178,14 @@ def _question_word(family: Family, code: str, attempt: int) -> str:
 
 
 @functools.cache
-def _wh_forms(family: Family, code: str) -> tuple[str, str]:
-  """(nominative, accusative) forms of the question word, unlike any
-  other word of the language."""
-  lang = family.language(code)
-  taken = {form for form, _, _ in lang.forms.all_forms()}
-  m = lang.morphology
+def question_word(family: Family, code: str) -> str:
+  """The language's question word ("which"), unlike any other word of
+  the language."""
+  taken = {form for form, _, _ in family.language(code).forms.all_forms()}
   for attempt in range(100):
-    wh = _question_word(family, code, attempt)
-    acc = wh
-    if m.accusative:
-      acc = (
-        m.accusative + wh
-        if m.accusative_position == "prefix"
-        else (wh + m.accusative)
-      )
-    if wh not in taken and acc not in taken:
-      return wh, acc
+    wh = _wh_candidate(family, code, attempt)
+    if wh not in taken:
+      return wh
   raise RuntimeError("no free question word; this is a bug")
 
 
@@ -224,15 +238,14 @@ def realize_item(family: Family, item: QaItem, code: str):
     context += text
   answer = context[start:end]
   q_tokens = family.realize(lt.Sentence((item.question,), -1), code)
-  nom, acc = _wh_forms(family, code)
-  forms = []
-  for t in q_tokens:
-    if t.upos == "PRON":
-      forms.append(nom if item.slot == "subject" else acc)
-    elif t.deprel == "punct" and t.form == ".":
-      forms.append("?")
-    else:
-      forms.append(t.form)
+  a, b = _argument_span(q_tokens, rel)
+  phrase = [t.form for t in q_tokens[a : b + 1] if t.upos != "DET"]
+  rest = []
+  for i, t in enumerate(q_tokens):
+    if a <= i <= b:
+      continue
+    rest.append("?" if t.deprel == "punct" and t.form == "." else t.form)
+  forms = [question_word(family, code), *phrase, *rest]
   question = _join([Token(f, f, "X") for f in forms])[0]
   return context, question, answer, start
 
@@ -253,7 +266,7 @@ def make_qa_items(
     items: list[QaItem] = []
     while len(items) < sizes[split]:
       item = make_item(sampler, rng)
-      if item in seen or not is_unique(item):
+      if item is None or item in seen or not is_unique(item):
         continue
       if any(
         a in q

@@ -55,45 +55,24 @@ def _words(text, offset=0):
   return out
 
 
-def _past_match(forms, pattern):
-  """Index just past the leftmost in-order match of `pattern` in `forms`
-  (0 for an empty pattern), or None."""
-  if not pattern:
-    return 0
-  i = 0
-  for k, form in enumerate(forms):
-    if form == pattern[i]:
-      i += 1
-      if i == len(pattern):
-        return k + 1
-  return None
-
-
 def read_answer(context, question, wh):
-  """A rule-based reader of the generator's grammar, on the surface only:
-  the question is a story sentence without its PPs and with the asked
-  argument replaced by a question word (one of `wh`). Finds the story
-  sentences holding the question's words before and after that gap, in
-  order, with room between them; returns [(start, end)] of each such gap
-  (character offsets in `context`)."""
+  """A rule reader of the generator's grammar, on the surface only: the
+  question is the question word `wh`, the asked noun, then the rest of one
+  story sentence. Returns [(start, end)] (character offsets in `context`)
+  of each story sentence that holds the asked noun and every other word of
+  the question."""
   q = [w for w, _, _ in _words(question)]
-  gap = next(i for i, w in enumerate(q) if w in wh)
-  left, right = q[:gap], q[gap + 1 :]
-  gaps, pos = [], 0
+  if q[0] != wh:
+    return []
+  noun, rest = q[1], q[2:]
+  found, pos = [], 0
   for sentence in context.split(". "):
     words = _words(sentence, pos)
     pos += len(sentence) + 2
     forms = [w for w, _, _ in words]
-    a = _past_match(forms, left)
-    if a is None:
-      continue
-    from_end = _past_match(forms[a:][::-1], right[::-1])
-    if from_end is None:
-      continue
-    b = len(forms) - from_end  # the first word of the right part
-    if b > a:
-      gaps.append((words[a][1], words[b - 1][2]))
-  return gaps
+    if noun in forms and all(w in forms for w in rest):
+      found.append((words[0][1], words[-1][2]))
+  return found
 
 
 class QaTest(absltest.TestCase):
@@ -136,7 +115,7 @@ class QaTest(absltest.TestCase):
             start = a["answer_start"]
             self.assertTrue(a["text"])
             self.assertEqual(context[start : start + len(a["text"])], a["text"])
-            # The answer is found by relation, not by string match.
+            # The question names the noun, never the whole answer.
             self.assertNotIn(a["text"], q["question"])
 
   def test_answers_need_the_context(self):
@@ -147,6 +126,15 @@ class QaTest(absltest.TestCase):
         t = item.clauses[item.target]
         self.assertTrue(qa.is_unique(item))
         known = t.obj if item.slot == "subject" else t.subject
+        asked = item.answer_np
+        self.assertEqual((asked.kind, asked.det >= 0), ("noun", True))
+        nouns = [
+          np.noun
+          for c in item.clauses
+          for np in (c.subject, c.obj, *(pp.np for pp in c.pps))
+          if np.kind == "noun"
+        ]
+        self.assertEqual(nouns.count(asked.noun), 1)
 
         def known_of(c, slot=item.slot):
           return c.obj if slot == "subject" else c.subject
@@ -164,29 +152,32 @@ class QaTest(absltest.TestCase):
     self.assertEqual(both, {"subject", "object"})
 
   def test_a_surface_reader_finds_every_answer(self):
-    # The labels agree with the surface: one story sentence holds the
-    # question's words around its gap, and the answer lies in that gap, so
-    # a model can learn to read the answer off the text (issue 24).
+    # The labels agree with the surface: exactly one story sentence holds
+    # the question's noun and its other words, and the answer is the
+    # phrase of that sentence around the noun, so a model can learn to
+    # read it off the text (issue 24).
     for lang in LANGS:
-      wh = set(qa._wh_forms(self.family, lang))
+      wh = qa.question_word(self.family, lang)
       for split in SIZES.task():
         for context, q in questions(load(self.data.qa[lang][split])):
           a = q["answers"][0]
           start, end = a["answer_start"], a["answer_start"] + len(a["text"])
-          gaps = read_answer(context, q["question"], wh)
-          self.assertLen(gaps, 1, msg=(lang, q["id"]))
-          lo, hi = gaps[0]
+          found = read_answer(context, q["question"], wh)
+          self.assertLen(found, 1, msg=(lang, q["id"]))
+          lo, hi = found[0]
           self.assertTrue(lo <= start < end <= hi, msg=(lang, q["id"]))
-    # It can fail: a story holding the question's sentence twice has two
-    # gaps, and a question with a word the story lacks has none.
+          noun = _words(q["question"])[1][0]
+          self.assertIn(noun, [w for w, _, _ in _words(a["text"])])
+          story = [w for w, _, _ in _words(context)]
+          self.assertEqual(story.count(noun), 1, msg=(lang, q["id"]))
+    # It can fail: a story holding the answer's sentence twice has two
+    # hits, and a question with a word the story lacks has none.
     context, q = questions(load(self.data.qa["b1"]["dev"]))[0]
-    wh = set(qa._wh_forms(self.family, "b1"))
+    wh = qa.question_word(self.family, "b1")
     ((lo, hi),) = read_answer(context, q["question"], wh)
-    begin = context.rfind(". ", 0, lo) + 2 if ". " in context[:lo] else 0
-    sentence = context[begin : context.index(".", hi) + 1]
-    twice = read_answer(context + " " + sentence, q["question"], wh)
+    twice = read_answer(context + " " + context[lo : hi + 1], q["question"], wh)
     self.assertLen(twice, 2)
-    self.assertEmpty(read_answer(context, "Zzz " + q["question"], wh))
+    self.assertEmpty(read_answer(context, q["question"][:-1] + " Zzz?", wh))
 
   def test_the_same_structure_in_every_language(self):
     for split in SIZES.task():
@@ -211,7 +202,7 @@ class QaTest(absltest.TestCase):
         self.assertLen(shape, 1)
         self.assertLessEqual(len(names), 1)
     # Related languages share the question word's stem; distant ones not.
-    wh = {lang: qa._wh_forms(self.family, lang)[0] for lang in LANGS}
+    wh = {lang: qa.question_word(self.family, lang) for lang in LANGS}
     self.assertNotEqual(wh["a1"], wh["b1"])
 
   def test_deterministic_and_other_outputs_unchanged(self):

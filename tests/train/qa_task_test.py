@@ -21,7 +21,7 @@ import torch
 import transformers
 from absl.testing import absltest, parameterized
 
-from bistil_jax import synthetic
+from bistil_jax import configlib, synthetic
 from bistil_jax import tasks as tasks_lib
 from bistil_jax.checkpoint import hf, surgery
 from bistil_jax.checkpoint import sft as sft_lib
@@ -157,8 +157,14 @@ class QATaskCliTest(absltest.TestCase):
     cls.sft = os.path.join(cls.sft_wd, "export")
     tokenizer, _ = vocab.load_tokenizer_dir(cls.mmt)
     examples = tasks_lib.get("qa").read(cls.dev)
+    tiny = configlib.load_config(f"{SFT}:qa,variant=tiny").data
     cls.dev_data = qa_data.encode_qa(
-      examples, tokenizer, 64, train=False, doc_stride=16
+      examples,
+      tokenizer,
+      tiny.max_seq_len,
+      train=False,
+      doc_stride=tiny.doc_stride,
+      max_answer_length=tiny.max_answer_length,
     )
 
   @classmethod
