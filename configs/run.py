@@ -111,6 +111,9 @@ def base(task: str, variant: str) -> ml_collections.ConfigDict:
     raise ValueError(f"unknown task {task!r}; choose from {sorted(HEADLINE)}")
   c = ml_collections.ConfigDict()
   c.teacher = ""  # HF model dir of the MMT (local or gs://)
+  # A phase-1 student to use (HF dir, e.g. another task's run's
+  # distil/workdir/export); "" = trim, lang_sft and distil make one here.
+  c.student = ""
   for side in ("source", "target"):
     c[side] = ml_collections.ConfigDict()
     c[side].lang = ""  # language code (names the test set and the report)
@@ -154,7 +157,8 @@ def base(task: str, variant: str) -> ml_collections.ConfigDict:
   c.evaluate.batch_size = 32
   c.measure = ml_collections.ConfigDict()  # `bistil measure` of both models
   c.measure.seq_len = 128  # tokens per sequence (MACs and latency)
-  c.measure.repeats = 10  # timed batch-1 passes on the CPU
+  c.measure.batch = 1  # sequences per timed pass
+  c.measure.repeats = 10  # timed passes on the CPU
   c.measure.device = "cpu"  # the paper's speed column: CPU, batch 1
 
   # The paper's row for this task and target ({} when it has none).

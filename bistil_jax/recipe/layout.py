@@ -56,8 +56,9 @@ def workdir(root: str, stage: str) -> str:
   return join(root, stage, "workdir")
 
 
-def student(root: str) -> str:
-  return join(workdir(root, "distil"), "export")
+def student(c, root: str) -> str:
+  """The phase-1 student: the given dir (config.student), else distil's."""
+  return c.student or join(workdir(root, "distil"), "export")
 
 
 def task_sft(root: str) -> str:

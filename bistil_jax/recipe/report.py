@@ -28,7 +28,7 @@ def _json(path: str) -> dict[str, Any]:
 
 
 def _size(measured: dict[str, Any]) -> dict[str, float]:
-  """params, MACs per sequence and batch-1 median latency (ms)."""
+  """params, MACs per sequence and median latency (ms) at measure.batch."""
   return {
     "params": measured["parameters"]["total"],
     "macs": measured["macs_per_sequence"]["analytic"],
@@ -69,7 +69,8 @@ def results(c, root: str, names=()) -> dict[str, Any]:
     "sets": sets,
     "scores": scores,
     "size": size,
-    "speedup_cpu_batch1": _ratio(t["latency_ms"], s["latency_ms"]),
+    "latency_batch": c.measure.batch,
+    "speedup_cpu": _ratio(t["latency_ms"], s["latency_ms"]),
     "params_vs_teacher": _ratio(s["params"], t["params"]),
     "macs_vs_teacher": _ratio(s["macs"], t["macs"]),
     "paper": paper,
@@ -100,7 +101,7 @@ def markdown(res: dict[str, Any]) -> str:
     md.append(f"| {name} | {t:.4f} | {s:.4f} | {ratio} |")
   md += [
     "",
-    "| model | params | MACs/seq | CPU ms (batch 1) |",
+    f"| model | params | MACs/seq | CPU ms (batch {res['latency_batch']}) |",
     "|---|---:|---:|---:|",
   ]
   for who in WHO:
@@ -109,10 +110,10 @@ def markdown(res: dict[str, Any]) -> str:
       f"| {who} | {z['params'] / 1e6:.2f}M | {z['macs'] / 1e6:.1f}M | "
       f"{z['latency_ms']:.2f} |"
     )
-  speed = res["speedup_cpu_batch1"]
+  speed = res["speedup_cpu"]
   md += [
     "",
-    f"Speed-up over the teacher (CPU, batch 1): "
+    f"Speed-up over the teacher (CPU, batch {res['latency_batch']}): "
     f"{'–' if speed is None else f'{speed:.2f}x'}; parameters "
     f"{100 * (res['params_vs_teacher'] or 0):.0f}% of the teacher's.",
     "",
@@ -171,10 +172,13 @@ def plot(res: dict[str, Any], root: str, out: str) -> None:
     if key.startswith("eval/"):
       pts = [(r["step"], r[key]) for r in rows if key in r]
       ax2.plot(*zip(*pts, strict=True), marker="o", label=key)
+  if not rows:
+    ax2.text(0.5, 0.5, "phase 1: no held-out loss here", ha="center")
   ax2.set_xlabel("phase-1 step")
   ax2.set_ylabel("held-out loss")
   ax2.set_title("phase 1 (the lowest summed loss is kept)")
-  ax2.legend(fontsize=7)
+  if ax2.get_legend_handles_labels()[0]:
+    ax2.legend(fontsize=7)
   fig.tight_layout()
   buf = io.BytesIO()
   fig.savefig(buf, format="png", dpi=90)

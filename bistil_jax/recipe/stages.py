@@ -87,7 +87,7 @@ def derived(c, root: str) -> dict[str, dict[str, str]]:
     },
     "sft": {
       "task": c.task.name,
-      "student.model": student(root),
+      "student.model": student(c, root),
       "teacher.model": t_model,
       "teacher.sfts": ",".join(escape(d) for d in t_sfts),
       "data.train": c.task.train,
@@ -183,7 +183,30 @@ def _check_teacher(c) -> None:
   corpus.check_corpora([c[k.split(".")[0]][k.split(".")[1]] for k in CORPORA])
 
 
+def _given(c) -> tuple[str, ...]:
+  """("student",) when the student is given: a key of the phase-1 stages'
+  fingerprints only then, so that runs recorded before it existed keep
+  theirs."""
+  return ("student",) if c.student else ()
+
+
+def _given_student(c, stage: str) -> bool:
+  """Whether config.student names the phase-1 student (the stage idles)."""
+  if c.student:
+    log.info("%s: the student is given, %s", stage, c.student)
+  return bool(c.student)
+
+
+def _check_trim(c) -> None:
+  if c.student:
+    _check_model_dir(c.student, "config.student")
+  else:
+    _check_teacher(c)
+
+
 def _run_trim(c, root: str) -> None:
+  if _given_student(c, "trim"):
+    return
   argv = ["trim-vocab", "--model", c.teacher, "--source", c.source.corpus]
   argv += ["--target", c.target.corpus, "--out", trimmed(root)]
   argv += ["--threshold", c.trim.threshold if c.trim.threshold > 0 else "none"]
@@ -194,10 +217,12 @@ def _run_trim(c, root: str) -> None:
 
 def _lang_sft_keys(c) -> tuple[str, ...]:
   if c.lang_sft.mode == "given":
-    return ("lang_sft.mode", "lang_sft.source", "lang_sft.target")
-  if c.lang_sft.mode == "train":
-    return ("lang_sft.mode", "lang_sft.train", *CORPORA)
-  return ("lang_sft.mode",)
+    keys = ("lang_sft.mode", "lang_sft.source", "lang_sft.target")
+  elif c.lang_sft.mode == "train":
+    keys = ("lang_sft.mode", "lang_sft.train", *CORPORA)
+  else:
+    keys = ("lang_sft.mode",)
+  return (*_given(c), *keys)
 
 
 def _check_lang_sft(c) -> None:
@@ -212,7 +237,7 @@ def _check_lang_sft(c) -> None:
 
 def _run_lang_sft(c, root: str) -> None:
   """`bistil lang-sft` of the trimmed teacher on each language's corpus."""
-  if c.lang_sft.mode != "train":
+  if c.student or c.lang_sft.mode != "train":
     log.info("lang_sft: mode %s, nothing to train", c.lang_sft.mode)
     return
 
@@ -229,6 +254,8 @@ def _run_lang_sft(c, root: str) -> None:
 
 
 def _run_distil(c, root: str) -> None:
+  if _given_student(c, "distil"):
+    return
   distil.run(filled(c, root, "distil"), workdir(root, "distil"))
 
 
@@ -267,7 +294,7 @@ def _run_sft(c, root: str) -> None:
 def models(c, root: str) -> dict[str, tuple[str, list[str]]]:
   """ "student" and "teacher" -> (model dir, SFT dirs): what is compared."""
   return {
-    "student": (student(root), [task_sft(root)]),
+    "student": (student(c, root), [task_sft(root)]),
     "teacher": task_teacher(c, root),
   }
 
@@ -286,11 +313,12 @@ def _run_evaluate(c, root: str) -> None:
 
 
 def _run_measure(c, root: str) -> None:
-  """`bistil measure` of both at batch 1 (the paper's CPU speed column)."""
+  """`bistil measure` of both, at batch 1 by default (the paper's CPU speed
+  column)."""
   m = c.measure
   for who, (model, sfts) in models(c, root).items():
     argv = ["measure", model, "--seq-len", m.seq_len, "--repeats", m.repeats]
-    argv += ["--batch-shapes", f"1x{m.seq_len}", "--device", m.device]
+    argv += ["--batch-shapes", f"{m.batch}x{m.seq_len}", "--device", m.device]
     argv += ["--out", join(root, "measure", f"{who}.json")]
     for sft in sfts:
       argv += ["--sft", sft]
@@ -298,7 +326,7 @@ def _run_measure(c, root: str) -> None:
 
 
 def _run_export(c, root: str) -> None:
-  argv = ["export-hf", "--model", student(root), "--sft", task_sft(root)]
+  argv = ["export-hf", "--model", student(c, root), "--sft", task_sft(root)]
   run_command([*argv, "--out", merged(root), "--overwrite"])
 
 
@@ -307,13 +335,13 @@ def _run_report(c, root: str) -> None:
 
 
 STAGES: tuple[Stage, ...] = (
-  Stage("trim", (), lambda c: ("teacher", "source.corpus", "target.corpus",
-        "trim"), _run_trim, _check_teacher,
+  Stage("trim", (), lambda c: (*_given(c), "teacher", "source.corpus",
+        "target.corpus", "trim"), _run_trim, _check_trim,
         "trim-vocab: the teacher with the pair's vocabulary"),
   Stage("lang_sft", ("trim",), _lang_sft_keys, _run_lang_sft, _check_lang_sft,
         "lang-sft: a language SFT per language (or given, or none)"),
-  Stage("distil", ("trim", "lang_sft"), lambda c: ("distil", *CORPORA),
-        _run_distil, _check_teacher,
+  Stage("distil", ("trim", "lang_sft"),
+        lambda c: (*_given(c), "distil", *CORPORA), _run_distil, _check_trim,
         "distil: phase 1, the lowest held-out-loss step"),
   Stage("task_teacher", (), _task_teacher_keys, _run_task_teacher,
         _check_task_teacher, "finetune: the task teacher (or given)"),
@@ -378,9 +406,11 @@ def validate(c) -> None:
   """
   configlib.check_keys_set(
     c,
-    ("teacher", "source.lang", "target.lang", "source.corpus",
-     "target.corpus", "task.name", "task.train", "task.target_tests"),
+    ("teacher", "source.lang", "target.lang", "task.name", "task.train",
+     "task.target_tests"),
   )  # fmt: skip
+  if not c.student:  # phase 1 runs here: its corpora
+    configlib.check_keys_set(c, ("source.corpus", "target.corpus"))
   if c.source.lang == c.target.lang:
     raise BistilError(f"source.lang and target.lang are both {c.source.lang}")
   if c.lang_sft.mode not in LANG_SFT_MODES:
@@ -392,7 +422,8 @@ def validate(c) -> None:
     configlib.check_keys_set(c, ("lang_sft.source", "lang_sft.target"))
 
   tasks_lib.get(c.task.name)  # an unknown name: one line listing the known
-  if c.distil.train.select_best and not (c.source.dev and c.target.dev):
+  selects = c.distil.train.select_best and not c.student
+  if selects and not (c.source.dev and c.target.dev):
     raise BistilError(
       f"config.distil.train.select_best={c.distil.train.select_best!r} "
       "selects phase 1's step on held-out corpora: set source.dev and "

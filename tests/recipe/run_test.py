@@ -41,7 +41,7 @@ def test_one_command_from_mmt_to_export_and_report(data, tmp_path):
   assert res["sets"] == ["b1", "b2"]
   assert 0 <= res["scores"]["student"]["b2"]["accuracy"] <= 1
   assert res["size"]["student"]["params"] < res["size"]["teacher"]["params"]
-  assert res["speedup_cpu_batch1"] > 0
+  assert res["speedup_cpu"] > 0
   report = open(os.path.join(root, "report", "report.md")).read()
   assert "| b2 |" in report and "Speed-up over the teacher" in report
   # The merged student is a plain HF dir that transformers' pipeline loads.
@@ -53,6 +53,27 @@ def test_one_command_from_mmt_to_export_and_report(data, tmp_path):
   assert tagger("a b c") is not None
   code, out = bistil(*run_args(data, root))  # all done: nothing runs
   assert code == 0 and set(stage_lines(out).values()) == {"skipped"}
+
+  # The same student and task teacher, given to a second run (as for a
+  # second task): phase 1 is not redone, phase 2 reads the given student.
+  student = os.path.join(root, "distil", "workdir", "export")
+  again = str(tmp_path / "given")
+  given = [f"--config.student={student}", "--config.measure.batch=2",
+           "--config.task_teacher.model="
+           + os.path.join(root, "task_teacher", "workdir", "export")]  # fmt: skip
+  code, out = bistil(*run_args(data, again, *given))
+  assert code == 0
+  assert not os.path.exists(os.path.join(again, "trim", "model"))
+  assert not os.path.exists(os.path.join(again, "distil", "workdir"))
+  with open(os.path.join(again, "sft", "workdir", "run.json")) as f:
+    assert json.load(f)["config"]["student"]["model"] == student
+  with open(os.path.join(again, "report", "results.json")) as f:
+    res2 = json.load(f)
+  assert res2["size"]["student"]["params"] == res["size"]["student"]["params"]
+  assert res2["scores"]["teacher"] == res["scores"]["teacher"]
+  assert res2["latency_batch"] == 2
+  with open(os.path.join(again, "measure", "student.json")) as f:
+    assert json.load(f)["latency"][0]["batch_size"] == 2
 
 
 @pytest.mark.slow
