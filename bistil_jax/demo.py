@@ -5,9 +5,11 @@ WordPiece tokenizer on all of them, MLM-pretrain a small multilingual
 teacher, task-tune it on the source language, and for two targets (one
 close to the source, one distant) build and compare, on the same budget:
 
-  bistil      trimmed bilingual vocabulary -> phase 1 (per-language
-              teachers: the MMT plus each language's SFT, `bistil
-              lang-sft`) -> phase 2 (LT-SFT)
+  bistil      `bistil run` (bistil_jax/recipe): trimmed bilingual
+              vocabulary -> phase 1 (per-language teachers: the MMT plus
+              each language's SFT, `bistil lang-sft`) -> phase 2 (LT-SFT)
+              -> evaluate, measure, export, report; one run per target
+              and task, the later tasks reusing the first's student
   scratch     a bilingual model of the student's size, trimmed vocabulary,
               MLM from scratch -> the same phase 2
   multi       a multilingually distilled student (phase 1 on all
@@ -304,7 +306,12 @@ def _measure(
   if sft:
     argv += ["--sft", sft]
   _run(argv)
-  res = json.loads(paths.read_text(out))
+  return _size_of(out)
+
+
+def _size_of(measured: str) -> dict[str, float]:
+  """The size columns from a `bistil measure --out` file."""
+  res = json.loads(paths.read_text(measured))
   return {
     "params": res["parameters"]["total"],
     "macs": res["macs_per_sequence"]["analytic"],
@@ -533,8 +540,9 @@ def run_seed(
 
   t = time.perf_counter()
   teacher = _teacher_stage(root, seed, b, d)
-  task_teachers = {
-    task: _task_teacher(root, seed, b, task, teacher, d) for task in tasks
+  task_teachers = {  # POS first: its run measures the students' sizes
+    task: _task_teacher(root, seed, b, task, teacher, d)
+    for task in sorted(tasks, key=lambda x: x != "pos")
   }
   timings["teacher"] = time.perf_counter() - t
   t = time.perf_counter()
@@ -542,18 +550,30 @@ def run_seed(
   if sfts:
     timings["lang_sfts"] = time.perf_counter() - t
 
-  # --- phase 1 of every student, shared by the tasks
+  sizes = _SizeColumns(_join(root, "eval"), b)
+  # --- phase 1 of every student, shared by the tasks; the BiStil students
+  # through `bistil run` (phase 1 to the report, each task), the
+  # baselines' phase 2 in _task_stage
   t = time.perf_counter()
   students = [_multi_student(root, seed, b, teacher, d)]
   timings["multi"] = time.perf_counter() - t
+  runs: dict[str, dict[str, str]] = {}
   for kind, tgt in (("close", d.close), ("distant", d.distant)):
     t = time.perf_counter()
-    students += _bilingual_students(root, seed, b, kind, tgt, teacher, d, sfts)
+    runs[kind], student = _bistil_runs(
+      root, seed, b, kind, tgt, teacher, task_teachers, d, sfts
+    )
+    first = runs[kind][next(iter(runs[kind]))]
+    sizes.given(f"bistil_{kind}", _join(first, "measure", "student.json"))
+    corpora = (d.data.corpora[d.src]["train"], d.data.corpora[tgt]["train"])
+    scratch = _scratch_student(root, seed, b, kind, student, corpora)
+    students.append(
+      _Student(f"scratch_{kind}", scratch, f"scratch_{kind}", [d.src, tgt])
+    )
     timings[kind] = time.perf_counter() - t
 
   # --- per task: phase 2 of each student against that task's teacher,
   # then test scores
-  sizes = _SizeColumns(_join(root, "eval"), b)
   results: dict[str, Any] = {
     "languages": {"source": d.src, "close": d.close, "distant": d.distant},
     "tasks": {},
@@ -561,13 +581,17 @@ def run_seed(
   for task in sorted(tasks, key=lambda x: x != "pos"):  # POS measures first
     t = time.perf_counter()
     models = _task_stage(
-      root, seed, b, task, d, teacher, task_teachers[task], students, sizes
-    )
+      root, seed, b, task, d, teacher, task_teachers[task], students, sizes,
+      {kind: (runs[kind][task], tgt)
+       for kind, tgt in (("close", d.close), ("distant", d.distant))},
+    )  # fmt: skip
     results["tasks"][task] = {"metric": TASK_METRICS[task][0], "models": models}
     timings[f"task_{task}"] = time.perf_counter() - t
   if "pos" in results["tasks"]:
     # The POS entries where they were before --tasks (report, older tools).
     results["models"] = results["tasks"]["pos"]["models"]
+  # The BiStil students' `bistil run` dirs (kind -> task -> DIR).
+  results["runs"] = runs
   results["timings_s"] = timings
   results["total_s"] = time.perf_counter() - t0
   return results
@@ -695,47 +719,92 @@ def _multi_student(
   return _Student("multi", model_dir, "multi", d.transfer)
 
 
-def _bilingual_students(
-  root: str,
-  seed: int,
-  b: Budget,
-  kind: str,
-  tgt: str,
-  teacher: str,
-  d: _SeedData,
-  sfts: dict[str, str],
-) -> list[_Student]:
-  """The BiStil student of one target (trimmed vocabulary, phase 1) and
-  its scratch twin, both scored on the source and that target."""
-  data = d.data
-  trimmed = _join(root, f"trimmed_{kind}")
-  if not paths.path(_join(trimmed, "config.json")).is_file():
-    _run(
-      [
-        "trim-vocab",
-        "--model",
-        teacher,
-        "--source",
-        data.corpora[d.src]["train"],
-        "--target",
-        data.corpora[tgt]["train"],
-        "--out",
-        trimmed,
-        "--quiet",
-        "--overwrite",
-      ]
+def recipe_config(
+  b: Budget, seed: int, task: str, d: _SeedData, tgt: str, teacher: str,
+  task_teacher: str, sfts: dict[str, str], student: str = "",
+):  # fmt: skip
+  """The `bistil run` config of one BiStil student and task
+  (configs/run.py), with the demo's budget: phase 1 from the trimmed
+  teacher with the language SFTs given (trained once per language, shared
+  by both targets), its last step kept (no held-out corpora), the task
+  teacher given (trained once per task), size and latency at batch 8.
+  `student`: the first task's phase-1 student, which the other tasks'
+  runs reuse."""
+  data, fs = d.data, d.files[task]
+  c = configlib.load_config(_cfg(f"run.py:tiny,task={task},tgt={tgt}"))
+  c.teacher = teacher
+  c.student = student
+  for side, lang in (("source", d.src), ("target", tgt)):
+    c[side].lang = lang
+    c[side].corpus = str(data.corpora[lang]["train"])
+    c[side].dev = ""
+  c.task.train, c.task.dev, c.task.source_test = (
+    str(fs[d.src][split]) for split in ("train", "dev", "test")
+  )
+  c.task.target_tests = f"{tgt}={str(fs[tgt]['test'])}"
+  c.lang_sft.mode = "given" if sfts else "none"
+  if sfts:
+    c.lang_sft.source, c.lang_sft.target = sfts[d.src], sfts[tgt]
+  c.distil = configlib.load_config(_cfg("distil.py:tiny"))
+  _budget(c.distil, b, b.distil_steps, seed)
+  c.distil.student.init = b.student_init
+  c.distil.train.select_best = ""
+  c.task_teacher.model = task_teacher
+  c.sft = configlib.load_config(_cfg(f"sft.py:{task},variant=tiny"))
+  _budget(c.sft, b, None, seed)
+  _, c.sft.train.epochs, c.sft.sparse.epochs = task_epochs(b, task)
+  c.sft.sparse.num_entries = b.sparse_entries
+  # Each stage keeps its best epoch on source dev (released NER/DP).
+  c.sft.train.select_best = f"dev/{TASK_METRICS[task][0]}"
+  c.measure.seq_len, c.measure.batch, c.measure.repeats = b.seq_len, 8, 10
+  return c
+
+
+def _budget(block, b: Budget, steps: int | None, seed: int) -> None:
+  """The budget's seed, batch and (training stages) step settings in a
+  stage's config block: what _train_over / _task_over pass as flags."""
+  block.seed = seed
+  block.data.batch_size = b.batch
+  block.data.max_seq_len = b.seq_len
+  block.train.async_checkpoints = False
+  if steps is not None:
+    block.train.num_steps = steps
+    block.train.log_every = max(steps // 10, 1)
+    block.train.checkpoint_every = steps
+
+
+def _bistil_runs(
+  root: str, seed: int, b: Budget, kind: str, tgt: str, teacher: str,
+  task_teachers: dict[str, str], d: _SeedData, sfts: dict[str, str],
+) -> tuple[dict[str, str], str]:  # fmt: skip
+  """`bistil run` of the BiStil student of one target, once per task
+  (POS first): the first run trims, distils and measures; the others
+  reuse its student. (task -> the run's DIR, the phase-1 student)."""
+  from bistil_jax.recipe import layout, runner, stages  # noqa: PLC0415
+
+  runs: dict[str, str] = {}
+  student = ""
+  for task in task_teachers:
+    run_root = _join(root, f"bistil_{kind}_{task}")
+    c = recipe_config(
+      b, seed, task, d, tgt, teacher, task_teachers[task], sfts, student
     )
-  corpora = (data.corpora[d.src]["train"], data.corpora[tgt]["train"])
-  student = _mlm_stage(
-    "distil", _join(root, f"distil_{kind}"), b, b.distil_steps,
-    seed, trimmed, *corpora, f"--config.student.init={b.student_init}",
-    *_teacher_sfts(sfts, d.src, tgt),
-  )  # fmt: skip
-  scratch = _scratch_student(root, seed, b, kind, student, corpora)
-  return [
-    _Student(f"bistil_{kind}", student, kind, [d.src, tgt]),
-    _Student(f"scratch_{kind}", scratch, f"scratch_{kind}", [d.src, tgt]),
-  ]
+    log.info("$ bistil run (BiStil %s, %s) --workdir %s", kind, task, run_root)
+    runner.execute(c, run_root, stages.NAMES)
+    student = student or layout.student(c, run_root)
+    runs[task] = run_root
+  return runs, student
+
+
+def _recipe_scores(run_root: str, task: str, langs) -> dict[str, Any]:
+  """A table entry's scores from a recipe run's evaluate/student.json."""
+  res = json.loads(paths.read_text(_join(run_root, "evaluate", "student.json")))
+  head, others = TASK_METRICS[task]
+  metrics = {lang: {k: res[lang][k] for k in (head, *others)} for lang in langs}
+  entry: dict[str, Any] = {"scores": {k: m[head] for k, m in metrics.items()}}
+  if others:
+    entry["metrics"] = metrics
+  return entry
 
 
 def _scratch_student(
@@ -776,6 +845,11 @@ class _SizeColumns:
     self._b = b
     self._sizes: dict[str, dict[str, float]] = {}
 
+  def given(self, key: str, measured: str) -> None:
+    """The columns of `key` from a measure file (once, like a measure)."""
+    if key not in self._sizes:
+      self._sizes[key] = _size_of(measured)
+
   def __call__(
     self, key: str, model_dir: str, sft: str | None
   ) -> dict[str, float]:
@@ -795,10 +869,13 @@ def _task_stage(
   task_teacher: str,
   students: list[_Student],
   size: _SizeColumns,
+  bistil: dict[str, tuple[str, str]],
 ) -> dict[str, Any]:
-  """One task's models: the teacher's test scores, then each student's
-  phase 2 against `task_teacher` and its test scores. Size and latency
-  come with the POS SFT when POS runs, else without an SFT."""
+  """One task's models: the teacher's test scores, the BiStil students'
+  from their `bistil run` (`bistil`: kind -> (the run's DIR, target)),
+  then each baseline student's phase 2 against `task_teacher` and its test
+  scores. Size and latency come with the POS SFT when POS runs, else
+  without an SFT (the BiStil students': the first task's run)."""
   ev_dir = _join(root, "eval")
   pre = _suffix(task)
   fs = d.files[task]
@@ -815,6 +892,12 @@ def _task_stage(
     _join(ev_dir, f"{pre}teacher.json"), task, b,
     size("teacher", task_teacher if task == "pos" else teacher, None),
   )  # fmt: skip
+  for kind, (run_root, tgt) in bistil.items():
+    key = f"bistil_{kind}"
+    models[key] = {
+      **_recipe_scores(run_root, task, [d.src, tgt]),
+      **size(key, "", None),
+    }
   for key, model_dir, sft_name, score_langs in students:
     sft = _phase2(
       _join(root, f"sft_{pre}{sft_name}"), model_dir, task_teacher, b, seed,
@@ -854,7 +937,7 @@ def run_ablation(out: str, seed: int, b: Budget) -> list[dict[str, Any]]:
   root = _join(out, f"seed{seed}")
   data = synthetic.read_dataset(_join(root, "data"))
   src, close, _ = transfer_languages(_family(b), b)
-  trimmed = _join(root, "trimmed_close")
+  trimmed = _join(root, "bistil_close_pos", "trim", "model")  # its run's
   teacher_pos = _join(root, "teacher_pos", "export")
   sfts = (
     {lang: _join(root, f"lang_sft_{lang}", "export") for lang in (src, close)}
@@ -1095,19 +1178,23 @@ def plots(out: str, all_results, table, tables=None) -> list[str]:
   written = []
   seed = all_results[0]["seed"]
   root = _join(out, f"seed{seed}")
+  close_runs = all_results[0].get("runs", {}).get("close", {})
+  phase1 = (  # the close target's first `bistil run` distilled its student
+    _join(next(iter(close_runs.values())), "distil", "workdir")
+    if close_runs
+    else _join(root, "distil_close")
+  )
   curves = (
-    ("teacher_mlm", "train/mlm", "teacher", "teacher: MLM pre-training",
-     "MLM loss"),
-    ("distil_close", "train/loss", "bistil", "BiStil phase 1 (close target)",
+    (_join(root, "teacher_mlm"), "train/mlm", "teacher",
+     "teacher: MLM pre-training", "MLM loss"),
+    (phase1, "train/loss", "bistil", "BiStil phase 1 (close target)",
      "distillation loss"),
-    ("scratch_close", "train/mlm", "scratch", "scratch bilingual (close)",
-     "MLM loss"),
+    (_join(root, "scratch_close"), "train/mlm", "scratch",
+     "scratch bilingual (close)", "MLM loss"),
   )  # fmt: skip
   fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
   for ax, (run, key, model, title, ylabel) in zip(axes, curves, strict=True):
-    rows_ = [
-      r for r in loop.read_metrics(_join(root, run, "metrics")) if key in r
-    ]
+    rows_ = [r for r in loop.read_metrics(_join(run, "metrics")) if key in r]
     ax.plot(
       [r["step"] for r in rows_], [r[key] for r in rows_],
       color=COLOURS[model],

@@ -343,6 +343,52 @@ class MmtCorpusTest(absltest.TestCase):
     self.assertEqual(demo._teacher_sfts({}, "b1", "b2"), [])
 
 
+class RecipeConfigTest(absltest.TestCase):
+  def test_the_bistil_students_run_config_has_the_demos_budget(self):
+    import types
+
+    from bistil_jax.recipe import stages
+
+    files = {
+      lang: {s: f"/d/pos/{lang}/{s}.conllu" for s in ("train", "dev", "test")}
+      for lang in ("b1", "b2")
+    }
+    corpora = {lang: {"train": f"/d/{lang}.txt"} for lang in ("b1", "b2")}
+    d = types.SimpleNamespace(
+      data=types.SimpleNamespace(corpora=corpora), files={"dp": files},
+      src="b1",
+    )  # fmt: skip
+    b = demo.Budget()
+    sfts = {"b1": "/s/b1", "b2": "/s/b2"}
+    c = demo.recipe_config(b, 2, "dp", d, "b2", "/t", "/t_dp", sfts)
+    stages.validate(c)  # a valid `bistil run` config
+    self.assertEqual(
+      (c.source.corpus, c.target.corpus), ("/d/b1.txt", "/d/b2.txt")
+    )
+    self.assertEqual((c.source.dev, c.distil.train.select_best), ("", ""))
+    self.assertEqual(c.task.target_tests, "b2=/d/pos/b2/test.conllu")
+    self.assertEqual((c.lang_sft.mode, c.lang_sft.target), ("given", "/s/b2"))
+    self.assertEqual(c.distil.train.num_steps, b.distil_steps)
+    self.assertEqual(c.distil.student.init, b.student_init)
+    self.assertEqual((c.distil.seed, c.sft.seed), (2, 2))
+    self.assertEqual(
+      (c.sft.train.epochs, c.sft.sparse.epochs),
+      demo.task_epochs(b, "dp")[1:],
+    )
+    self.assertEqual(c.sft.sparse.num_entries, b.sparse_entries)
+    self.assertEqual(c.sft.train.select_best, "dev/las")
+    self.assertEqual(c.task_teacher.model, "/t_dp")
+    self.assertEqual((c.measure.batch, c.measure.seq_len), (8, b.seq_len))
+    filled = stages.filled(c, "/run", "distil")
+    self.assertEqual(filled.teacher.sfts, "source=/s/b1,target=/s/b2")
+    self.assertEqual(filled.eval.sets, "")  # no held-out corpora
+    # A later task's run: the first run's student, no phase 1.
+    c2 = demo.recipe_config(b, 2, "dp", d, "b2", "/t", "/t_dp", {}, "/st")
+    stages.validate(c2)
+    self.assertEqual((c2.student, c2.lang_sft.mode), ("/st", "none"))
+    self.assertEqual(stages.filled(c2, "/run", "sft").student.model, "/st")
+
+
 class MeasureColumnsTest(absltest.TestCase):
   def test_size_and_latency_columns_come_from_bistil_measure(self):
     import jax
