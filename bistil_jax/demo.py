@@ -1286,6 +1286,21 @@ def write_report(out: str, all_results, budget: Budget, quick: bool) -> str:
     ]
     md += section
     printed.append("\n".join(section).rstrip())
+  run_reports = [
+    f"seed{res['seed']}/{paths.path(root).name}/report/report.md"
+    for res in all_results
+    for by_task in res.get("runs", {}).values()
+    for root in by_task.values()
+  ]
+  if run_reports:
+    md += [
+      "The BiStil rows come from `bistil run`, one per seed, target and "
+      "task; each run's own report (teacher vs student on its pair, "
+      "sizes, speed-up): "
+      + ", ".join(run_reports[:4])
+      + (f" and {len(run_reports) - 4} more." if len(run_reports) > 4 else "."),
+      "",
+    ]
   md += [
     f"Budget: {json.dumps(dataclasses.asdict(budget))}",
     "",

@@ -63,6 +63,16 @@ class ReportTest(absltest.TestCase):
     self.assertAlmostEqual(table[("distant", "teacher")]["vs_teacher"], 1.0)
     self.assertAlmostEqual(table[("distant", "multi")]["target_score"][0], 0.4)
 
+  def test_report_points_to_each_bistil_run(self):
+    runs = {"close": {"pos": "/o/seed0/bistil_close_pos"},
+            "distant": {"pos": "/o/seed0/bistil_distant_pos"}}  # fmt: skip
+    one = [{**fake_seed(0, 0.0), "runs": runs}]
+    demo.write_report(self.out, one, demo.QUICK, quick=True)
+    with open(os.path.join(self.out, "report.md")) as f:
+      text = f.read()
+    for kind in ("close", "distant"):
+      self.assertIn(f"seed0/bistil_{kind}_pos/report/report.md", text)
+
   def test_one_seed_shows_no_spread(self):
     one = [fake_seed(0, 0.0)]
     table = demo.rows(one)
