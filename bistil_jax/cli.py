@@ -23,7 +23,6 @@ COMMAND_MODULES = (
   "bistil_jax.synthetic.cli",
   "bistil_jax.train.commands",
   "bistil_jax.deploy.commands",
-  "bistil_jax.demo",
   "bistil_jax.recipe.commands",
 )
 

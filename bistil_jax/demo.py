@@ -30,9 +30,13 @@ import statistics
 import time
 from typing import Any, NamedTuple
 
+import jax
+
 from bistil_jax import cli, configlib, paths, synthetic
 from bistil_jax import tasks as tasks_lib
 from bistil_jax.errors import BistilError
+from bistil_jax.recipe import layout, runner, stages
+from bistil_jax.train import loop
 
 log = logging.getLogger(__name__)
 
@@ -780,8 +784,6 @@ def _bistil_runs(
   """`bistil run` of the BiStil student of one target, once per task
   (POS first): the first run trims, distils and measures; the others
   reuse its student. (task -> the run's DIR, the phase-1 student)."""
-  from bistil_jax.recipe import layout, runner, stages  # noqa: PLC0415
-
   runs: dict[str, str] = {}
   student = ""
   for task in task_teachers:
@@ -1171,10 +1173,6 @@ def plots(out: str, all_results, table, tables=None) -> list[str]:
     log.warning("matplotlib missing: no plots")
     return []
 
-  # train.loop loads orbax, which sets up logging on import: deferred to
-  # after cli.main has (demo is a command module, imported for --help).
-  from bistil_jax.train import loop  # noqa: PLC0415
-
   written = []
   seed = all_results[0]["seed"]
   root = _join(out, f"seed{seed}")
@@ -1417,33 +1415,8 @@ def check_report(out: str, tasks: tuple[str, ...] | None = None) -> None:
 
 
 # ------------------------------------------------------------------ cli
-def register(subparsers: argparse._SubParsersAction) -> None:
-  p = subparsers.add_parser(
-    "demo",
-    help="the whole pipeline on synthetic languages, with a results table",
-    description=__doc__.split("\n\n")[0],
-  )
-  p.add_argument("--out", default="bistil_demo", help="output dir")
-  p.add_argument("--quick", action="store_true", help="~4 minute version")
-  p.add_argument("--seeds", default="0", help="comma-separated seeds")
-  p.add_argument(
-    "--tasks",
-    default="pos",
-    help=f"comma-separated tasks, of {', '.join(TASKS)} (default pos): each "
-    "gets its task teacher, every student's phase 2 and a report table",
-  )
-  p.add_argument(
-    "--ablation",
-    action="store_true",
-    help="also compare student inits x phase-1 loss mixes (close target, "
-    "every seed of --seeds)",
-  )
-  p.set_defaults(func=run)
-
-
 def run(args: argparse.Namespace) -> int:
-  import jax
-
+  """`bistil demo` (its options: recipe/commands.py)."""
   budget = QUICK if args.quick else Budget()
   seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
   if not seeds:

@@ -1,5 +1,6 @@
 """`bistil run`: one config, one command, MMT + language pair -> an
-evaluated, deployable student (docs/recipe.md).
+evaluated, deployable student (docs/recipe.md); and `bistil demo`, which
+runs it on synthetic languages beside the baselines (bistil_jax/demo.py).
 
 Stages, in order: trim -> lang_sft -> distil -> task_teacher -> sft ->
 evaluate -> measure -> export -> report, each in DIR/<stage>/ with a
@@ -20,6 +21,7 @@ DEFAULT_CONFIG = "configs/run.py:tiny"
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
+  _register_demo(subparsers)
   p = subparsers.add_parser(
     "run",
     help="the whole recipe: MMT + language pair -> evaluated, exported student",
@@ -50,11 +52,44 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-  # The stages load orbax, which sets up logging on import: only once
-  # cli.main has set it up (as every command module defers its work).
+  # The stages (and the demo) load orbax, which sets up logging on import:
+  # only once cli.main has set it up (as every command module defers its
+  # work).
   from bistil_jax.recipe import runner, stages  # noqa: PLC0415
 
   selected = stages.select(args.stages, args.until)
   config = configlib.build_config(args.config, args.overrides, "run")
   runner.execute(config, args.workdir, selected)
   return 0
+
+
+def _register_demo(subparsers: argparse._SubParsersAction) -> None:
+  p = subparsers.add_parser(
+    "demo",
+    help="the whole pipeline on synthetic languages, with a results table",
+    description="`bistil demo`: the whole BiStil pipeline on synthetic "
+    "languages, on a CPU: `bistil synth`, a small MMT, and per target "
+    "language `bistil run` beside a scratch and a multilingual student.",
+  )
+  p.add_argument("--out", default="bistil_demo", help="output dir")
+  p.add_argument("--quick", action="store_true", help="~4 minute version")
+  p.add_argument("--seeds", default="0", help="comma-separated seeds")
+  p.add_argument(
+    "--tasks",
+    default="pos",
+    help="comma-separated tasks, of pos, dp, qa (default pos): each gets "
+    "its task teacher, every student's phase 2 and a report table",
+  )
+  p.add_argument(
+    "--ablation",
+    action="store_true",
+    help="also compare student inits x phase-1 loss mixes (close target, "
+    "every seed of --seeds)",
+  )
+  p.set_defaults(func=_demo)
+
+
+def _demo(args: argparse.Namespace) -> int:
+  from bistil_jax import demo  # noqa: PLC0415 - loads orbax, as run does
+
+  return demo.run(args)
