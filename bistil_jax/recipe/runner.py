@@ -64,7 +64,7 @@ def execute(config, root: str, selected: tuple[str, ...]) -> dict:
     todo = [n for n in selected if plan[n].action != state.SKIP]
     check_inputs(todo, selected, plan)
     for name in todo:
-      stages.BY_NAME[name].check(config)
+      stages.check(config, name)
     for name in selected:
       run_stage(config, root, plan[name])
   if "report" in selected:
@@ -83,7 +83,12 @@ def run_stage(config, root: str, p: state.Plan) -> None:
     state.clear(stage_dir, p.stage)
   state.mark_started(stage_dir, p)
   start = time.perf_counter()
-  stages.BY_NAME[p.stage].run(config, root)
+  st = stages.BY_NAME[p.stage]
+  given = st.given_dir(config)
+  if given:
+    log.info("%s: given (config.%s), %s", p.stage, st.given, given)
+  else:
+    st.run(config, root)
   seconds = time.perf_counter() - start
   state.mark_done(stage_dir, p, seconds)
   log.info("stage %s done in %.1f s", p.stage, seconds)

@@ -145,7 +145,9 @@ def check_derived(c) -> None:
 class Stage:
   """One stage: the stages it reads, the config fields that determine it
   (dotted keys; the fingerprint hashes their values), an input check made
-  before any stage runs, and its run function (config, DIR)."""
+  before any stage runs, its run function (config, DIR), and the config
+  field naming a model dir that, when set, replaces the stage's work (the
+  stage then only checks that dir)."""
 
   name: str
   needs: tuple[str, ...]
@@ -153,6 +155,21 @@ class Stage:
   run: Callable[[Any, str], None]
   check: Callable[[Any], None] = lambda c: None
   help: str = ""
+  given: str = ""
+
+  def given_dir(self, c) -> str:
+    """The dir that replaces the stage's work ("" when it runs)."""
+    return _get(c, self.given) if self.given else ""
+
+
+def check(c, name: str) -> None:
+  """Stage `name`'s input check: its given dir's, or its own."""
+  st = BY_NAME[name]
+  given = st.given_dir(c)
+  if given:
+    _check_model_dir(given, f"config.{st.given}")
+  else:
+    st.check(c)
 
 
 def settings(c, keys) -> dict[str, Any]:
@@ -190,23 +207,7 @@ def _given(c) -> tuple[str, ...]:
   return ("student",) if c.student else ()
 
 
-def _given_student(c, stage: str) -> bool:
-  """Whether config.student names the phase-1 student (the stage idles)."""
-  if c.student:
-    log.info("%s: the student is given, %s", stage, c.student)
-  return bool(c.student)
-
-
-def _check_trim(c) -> None:
-  if c.student:
-    _check_model_dir(c.student, "config.student")
-  else:
-    _check_teacher(c)
-
-
 def _run_trim(c, root: str) -> None:
-  if _given_student(c, "trim"):
-    return
   argv = ["trim-vocab", "--model", c.teacher, "--source", c.source.corpus]
   argv += ["--target", c.target.corpus, "--out", trimmed(root)]
   argv += ["--threshold", c.trim.threshold if c.trim.threshold > 0 else "none"]
@@ -237,7 +238,7 @@ def _check_lang_sft(c) -> None:
 
 def _run_lang_sft(c, root: str) -> None:
   """`bistil lang-sft` of the trimmed teacher on each language's corpus."""
-  if c.student or c.lang_sft.mode != "train":
+  if c.lang_sft.mode != "train":
     log.info("lang_sft: mode %s, nothing to train", c.lang_sft.mode)
     return
 
@@ -254,8 +255,6 @@ def _run_lang_sft(c, root: str) -> None:
 
 
 def _run_distil(c, root: str) -> None:
-  if _given_student(c, "distil"):
-    return
   distil.run(filled(c, root, "distil"), workdir(root, "distil"))
 
 
@@ -272,17 +271,10 @@ def _task_teacher_keys(c) -> tuple[str, ...]:
 
 
 def _check_task_teacher(c) -> None:
-  if c.task_teacher.model:
-    _check_model_dir(c.task_teacher.model, "config.task_teacher.model")
-  else:
-    _check_model_dir(c.teacher, "config.teacher")
+  _check_model_dir(c.teacher, "config.teacher")
 
 
 def _run_task_teacher(c, root: str) -> None:
-  if c.task_teacher.model:
-    log.info("task_teacher: given, %s", c.task_teacher.model)
-    return
-
   cfg = filled(c, root, "task_teacher.train")
   task.run(cfg, workdir(root, "task_teacher"), phase="finetune")
 
@@ -336,15 +328,19 @@ def _run_report(c, root: str) -> None:
 
 STAGES: tuple[Stage, ...] = (
   Stage("trim", (), lambda c: (*_given(c), "teacher", "source.corpus",
-        "target.corpus", "trim"), _run_trim, _check_trim,
-        "trim-vocab: the teacher with the pair's vocabulary"),
+        "target.corpus", "trim"), _run_trim, _check_teacher,
+        "trim-vocab: the teacher with the pair's vocabulary",
+        given="student"),
   Stage("lang_sft", ("trim",), _lang_sft_keys, _run_lang_sft, _check_lang_sft,
-        "lang-sft: a language SFT per language (or given, or none)"),
+        "lang-sft: a language SFT per language (or given, or none)",
+        given="student"),
   Stage("distil", ("trim", "lang_sft"),
-        lambda c: (*_given(c), "distil", *CORPORA), _run_distil, _check_trim,
-        "distil: phase 1, the lowest held-out-loss step"),
+        lambda c: (*_given(c), "distil", *CORPORA), _run_distil,
+        _check_teacher, "distil: phase 1, the lowest held-out-loss step",
+        given="student"),
   Stage("task_teacher", (), _task_teacher_keys, _run_task_teacher,
-        _check_task_teacher, "finetune: the task teacher (or given)"),
+        _check_task_teacher, "finetune: the task teacher (or given)",
+        given="task_teacher.model"),
   Stage("sft", ("distil", "task_teacher"),
         lambda c: ("sft", "task.name", "task.train", "task.dev"), _run_sft,
         help="sft: phase 2, the student's task SFT"),

@@ -151,6 +151,7 @@ def test_bad_input_is_one_line_and_marks_nothing(tmp_path, capsys):
     ([], "config.teacher .*teacher is not an HF model dir"),
     (["--stages", "trim,sfft"], "--stages: unknown stage 'sfft'"),
     (["--config.sft.optim.lr=1"], "unknown config key sft.optim.lr \\(did you"),
+    ([f"--config.student={data}"], "config.student .*data is not an HF model"),
   ]
   for extra, want in cases:
     assert bistil(*base, *extra)[0] == 2
