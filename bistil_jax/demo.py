@@ -32,7 +32,7 @@ from typing import Any, NamedTuple
 
 import jax
 
-from bistil_jax import cli, configlib, paths, synthetic
+from bistil_jax import configlib, paths, synthetic
 from bistil_jax import tasks as tasks_lib
 from bistil_jax.errors import BistilError
 from bistil_jax.recipe import layout, runner, stages
@@ -219,18 +219,9 @@ def _suffix(task: str) -> str:
   return "" if task == "pos" else f"{task}_"
 
 
-def _run(argv: list[str]) -> None:
-  """One public CLI command; a failure stops the demo with its message."""
-  argv = [str(a) for a in argv]
-  log.info("$ bistil %s", " ".join(argv))
-  code = cli.main(argv)
-  if code != 0:
-    raise BistilError(f"demo stage failed (exit {code}): bistil {argv[0]}")
-
-
-def _join(base: str, *names: str) -> str:
-  """`base/names...` through the path layer (a local dir or gs://...)."""
-  return str(paths.path(base).joinpath(*names))
+# One public CLI command, logged; a failure stops the demo with its message.
+_run = stages.run_command
+_join = layout.join
 
 
 def _savefig(fig, path: str) -> None:
